@@ -1,0 +1,96 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmm",
+    version,
+    about = "A KVM machine whose main memory is non-volatile (a file), running a persistent kernel"
+)]
+pub struct Cli {
+    /// Print less (errors only); RUST_LOG overrides.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Print more (debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, conflicts_with = "quiet")]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    pub fn log_level(&self) -> &'static str {
+        match (self.quiet, self.verbose) {
+            (true, _) => "error",
+            (_, true) => "debug",
+            _ => "info",
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot the machine on an NVM image (created when missing).
+    Boot(BootArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BootArgs {
+    /// The NVM image: guest RAM, kept in this file. Created sparse when missing.
+    #[arg(long, value_name = "IMG")]
+    pub nvram: PathBuf,
+    /// RAM size of a new image (e.g. 256M, 1G); an existing image keeps its size.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub mem: Option<u64>,
+    /// Kernel command line (e.g. "poweroff").
+    #[arg(long, value_name = "STR", default_value = "")]
+    pub cmdline: String,
+    /// Write the guest console to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub console: Option<PathBuf>,
+    /// Boot this PVH ELF kernel instead of the bundled one.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Discard the image's contents and start it afresh.
+    #[arg(long)]
+    pub reformat: bool,
+    /// The KVM device.
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
+    pub kvm_device: PathBuf,
+}
+
+/// Parses a byte size: a number with an optional K, M or G suffix (powers of 1024;
+/// "KiB", "MB" and friends are read the same way).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, suffix) = text.split_at(digits_end);
+    let number: u64 = digits.parse().map_err(|_| format!("\"{text}\" is not a size (try 256M or 1G)"))?;
+    let shift = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        other => return Err(format!("unknown size unit \"{other}\" (use K, M or G)")),
+    };
+    number.checked_mul(1 << shift).ok_or_else(|| format!("\"{text}\" is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999999G").is_err());
+    }
+}

@@ -1,0 +1,89 @@
+//! `vmm boot`: build the machine, run it, say how it ended.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use devices::GuestExit;
+use nvram::exit::ExitCode as GuestCode;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use vmm::{ConsoleOutput, KernelSource, Machine, RunOutcome, VmConfig};
+
+use crate::args::BootArgs;
+
+/// Exit status when the VMM itself fails (bad arguments, image, KVM).
+pub const EXIT_VMM_ERROR: u8 = 1;
+/// Exit status when the guest kernel panicked.
+pub const EXIT_GUEST_PANIC: u8 = 3;
+/// Exit status when the guest faulted (exception or triple fault).
+pub const EXIT_GUEST_FAULT: u8 = 4;
+/// Exit status when the guest refused the image (foreign or corrupt).
+pub const EXIT_IMAGE_REFUSED: u8 = 5;
+/// Exit status when the guest wrote an unknown value to the exit port.
+pub const EXIT_GUEST_UNKNOWN: u8 = 6;
+/// Exit status when a signal stopped the machine (128 + SIGINT, as shells report it).
+pub const EXIT_SIGNAL: u8 = 130;
+
+impl From<BootArgs> for VmConfig {
+    fn from(args: BootArgs) -> Self {
+        let mut config = VmConfig::new(args.nvram);
+        config.mem_size = args.mem;
+        config.reformat = args.reformat;
+        config.kernel = args.kernel.map_or(KernelSource::Bundled, KernelSource::File);
+        config.cmdline = args.cmdline;
+        config.console = args.console.map_or(ConsoleOutput::Stdout, ConsoleOutput::File);
+        config.kvm_device = args.kvm_device;
+        config
+    }
+}
+
+pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
+    let config = VmConfig::from(args);
+    let mut machine = Machine::build(&config)?;
+
+    let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install the Ctrl-C handler")?;
+    let signal_handle = signals.handle();
+    let stopper = machine.stopper();
+    let signal_thread = std::thread::spawn(move || {
+        let signal = signals.forever().next();
+        if signal.is_some() {
+            stopper.stop();
+        }
+        signal
+    });
+
+    let outcome = machine.run();
+    signal_handle.close();
+    let signal = signal_thread.join().ok().flatten();
+
+    let (code, message) = match outcome {
+        Ok(RunOutcome::Guest(GuestExit::Code(GuestCode::PowerOff))) => (0, "the guest powered off".to_string()),
+        Ok(RunOutcome::Guest(GuestExit::Code(GuestCode::Panic))) => {
+            (EXIT_GUEST_PANIC, "the guest kernel panicked (its console shows why)".to_string())
+        }
+        Ok(RunOutcome::Guest(GuestExit::Code(GuestCode::Exception))) => {
+            (EXIT_GUEST_FAULT, "the guest kernel stopped on a CPU exception (its console shows the registers)".to_string())
+        }
+        Ok(RunOutcome::Guest(GuestExit::Code(GuestCode::BadImage))) => (
+            EXIT_IMAGE_REFUSED,
+            format!(
+                "the guest kernel refused the image {} (its console says why); `vmm boot --reformat` starts it afresh, discarding its contents",
+                config.image.display()
+            ),
+        ),
+        Ok(RunOutcome::Guest(GuestExit::Unknown(value))) => {
+            (EXIT_GUEST_UNKNOWN, format!("the guest stopped the machine with unknown exit value {value:#x}"))
+        }
+        Ok(RunOutcome::Stopped) => {
+            let name = match signal {
+                Some(SIGTERM) => "SIGTERM",
+                _ => "Ctrl-C",
+            };
+            (EXIT_SIGNAL, format!("stopped by {name}; the image holds the guest's memory as of the stop"))
+        }
+        Err(vmm::Error::Guest(fault)) => (EXIT_GUEST_FAULT, format!("{fault}")),
+        Err(e) => return Err(e.into()),
+    };
+    eprintln!("vmm: {message}");
+    Ok(ExitCode::from(code))
+}

@@ -1,0 +1,52 @@
+//! Values the guest writes to the exit port ([`crate::ports::EXIT`]).
+//!
+//! QEMU's `isa-debug-exit` turns a value `v` into the process exit status `(v << 1) | 1`,
+//! so under QEMU a power-off exits with status 1, a panic with 3, and so on. Our VMM
+//! decodes the value and reports it in words.
+
+/// Why the guest stopped the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ExitCode {
+    /// A requested power-off: the normal end.
+    PowerOff = 0,
+    /// The kernel panicked.
+    Panic = 1,
+    /// A CPU exception the kernel could not handle.
+    Exception = 2,
+    /// The image holds state this kernel must not use (another format or build); the
+    /// kernel said why on the console. `vmm boot --reformat` starts the image afresh.
+    BadImage = 3,
+}
+
+impl ExitCode {
+    /// Decodes a value written to the exit port; `None` for a value no kernel of ours writes.
+    pub fn from_raw(value: u32) -> Option<Self> {
+        match value {
+            0 => Some(Self::PowerOff),
+            1 => Some(Self::Panic),
+            2 => Some(Self::Exception),
+            3 => Some(Self::BadImage),
+            _ => None,
+        }
+    }
+
+    /// The value to write to the exit port.
+    pub const fn raw(self) -> u32 {
+        self as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_values_round_trip() {
+        for code in [ExitCode::PowerOff, ExitCode::Panic, ExitCode::Exception, ExitCode::BadImage] {
+            assert_eq!(ExitCode::from_raw(code.raw()), Some(code));
+        }
+        assert_eq!(ExitCode::from_raw(4), None);
+        assert_eq!(ExitCode::from_raw(u32::MAX), None);
+    }
+}

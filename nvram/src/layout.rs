@@ -1,0 +1,53 @@
+//! Guest-physical layout of the NVM image.
+//!
+//! Guest RAM *is* the image file: guest-physical address `a` is byte `a` of the file.
+//! The VMM (and QEMU) rewrite the low boot area and the kernel image at every boot, so
+//! nothing lasting may live there; everything that must outlive a boot starts at
+//! [`ROOT_HEADER`].
+//!
+//! ```text
+//!   0x0000_0000 +--------------------------------+
+//!               | boot area, rewritten each boot |  PVH start_info, memory map, command line
+//!   0x0010_0000 +--------------------------------+
+//!               | kernel image (ELF segments),   |  loaded at every boot; its .data/.bss,
+//!               | scratch for one boot           |  stack and boot page tables are scratch
+//!   0x0080_0000 +--------------------------------+
+//!               | root header (one page)         |  magic, version, shutdown flag, roots
+//!   0x0080_1000 +--------------------------------+
+//!               | persistent area                |  NVM tables, frames, save areas
+//!               |            ...                 |
+//!     mem size  +--------------------------------+
+//! ```
+
+/// Size of a page and of the smallest unit of guest RAM.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Where the VMM writes the PVH `hvm_start_info`.
+pub const START_INFO: u64 = 0x6000;
+/// Where the VMM writes the PVH memory map (`hvm_memmap_table_entry` array).
+pub const MEMMAP: u64 = 0x7000;
+/// Most memory-map entries the VMM writes.
+pub const MEMMAP_MAX_ENTRIES: u64 = 16;
+/// Where the VMM writes the kernel command line (NUL-terminated).
+pub const CMDLINE: u64 = 0x2_0000;
+/// Longest command line accepted, terminating NUL included.
+pub const CMDLINE_MAX: u64 = 4096;
+
+/// End of the legacy low-memory RAM (the VGA/BIOS hole follows, as on a PC).
+pub const LOW_RAM_END: u64 = 0xa_0000;
+/// Where the kernel image is linked and loaded (1 MiB, the PVH convention).
+pub const KERNEL_START: u64 = 0x10_0000;
+/// The kernel image, its stack and its boot page tables end below this address.
+pub const KERNEL_LIMIT: u64 = 0x80_0000;
+
+/// Physical address of the root header: the first byte that outlives a boot.
+pub const ROOT_HEADER: u64 = KERNEL_LIMIT;
+/// First byte of the persistent area managed by the guest kernel.
+pub const PERSISTENT_BASE: u64 = ROOT_HEADER + PAGE_SIZE;
+
+/// Smallest RAM our kernel accepts: the fixed areas above plus room to work.
+pub const MIN_RAM: u64 = 16 << 20;
+/// Largest RAM: guest RAM is one slot below the 32-bit MMIO hole (LAPIC, IOAPIC, TSS).
+pub const MAX_RAM: u64 = 3 << 30;
+/// Default size of a new image.
+pub const DEFAULT_RAM: u64 = 256 << 20;

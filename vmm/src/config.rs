@@ -1,0 +1,51 @@
+//! The machine's configuration: everything the CLI (or a test) decides, validated once.
+
+use std::path::PathBuf;
+
+/// Where the guest kernel comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelSource {
+    /// The kernel built with this VMM and embedded in it.
+    Bundled,
+    /// A PVH ELF file.
+    File(PathBuf),
+}
+
+/// Where the guest's console (COM1) goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleOutput {
+    Stdout,
+    /// A file, created or truncated at boot.
+    File(PathBuf),
+}
+
+/// Everything needed to build and boot a machine.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// The NVM image: guest RAM.
+    pub image: PathBuf,
+    /// RAM size for a new image; for an existing one, must match its size when given.
+    pub mem_size: Option<u64>,
+    /// Start the image afresh: its contents are discarded.
+    pub reformat: bool,
+    pub kernel: KernelSource,
+    pub cmdline: String,
+    pub console: ConsoleOutput,
+    /// The KVM device node (tests point it elsewhere to check the error).
+    pub kvm_device: PathBuf,
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the image.
+    pub fn new(image: impl Into<PathBuf>) -> Self {
+        Self {
+            image: image.into(),
+            mem_size: None,
+            reformat: false,
+            kernel: KernelSource::Bundled,
+            cmdline: String::new(),
+            console: ConsoleOutput::Stdout,
+            kvm_device: PathBuf::from("/dev/kvm"),
+        }
+    }
+}

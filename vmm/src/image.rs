@@ -1,0 +1,209 @@
+//! The NVM image file: created sparse, sized, locked, and checked before it becomes RAM.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nvram::layout::{MAX_RAM, MIN_RAM, PAGE_SIZE};
+
+/// Why the image cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path} is a directory; give the path of an image file (it is created when missing)")]
+    IsDirectory { path: PathBuf },
+    #[error("cannot open {path} for reading and writing: {source}; the VMM needs both to use it as guest RAM")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot create {path}: {source}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is in use by another VMM (it holds the image's lock); stop that VMM first")]
+    Locked { path: PathBuf },
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} holds {actual} bytes of RAM but --mem asks for {requested}; drop --mem to use the image as it is, or use another image")]
+    SizeMismatch { path: PathBuf, actual: u64, requested: u64 },
+    #[error("{what} of {size} bytes is not a multiple of 4 KiB")]
+    Unaligned { what: &'static str, size: u64 },
+    #[error("{what} of {size} bytes is too small: the kernel needs at least {min} bytes ({} MiB)", min >> 20)]
+    TooSmall { what: &'static str, size: u64, min: u64 },
+    #[error("{what} of {size} bytes is too large: at most {max} bytes ({} GiB) of RAM fit below the 32-bit MMIO hole", max >> 30)]
+    TooLarge { what: &'static str, size: u64, max: u64 },
+    #[error("cannot size {path}: {source}")]
+    Resize {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// An open, locked image. The lock lasts as long as the value.
+#[derive(Debug)]
+pub struct NvmImage {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    created: bool,
+}
+
+/// Checks that `size` can be the RAM of the machine.
+pub fn check_size(what: &'static str, size: u64) -> Result<(), ImageError> {
+    if !size.is_multiple_of(PAGE_SIZE) {
+        return Err(ImageError::Unaligned { what, size });
+    }
+    if size < MIN_RAM {
+        return Err(ImageError::TooSmall { what, size, min: MIN_RAM });
+    }
+    if size > MAX_RAM {
+        return Err(ImageError::TooLarge { what, size, max: MAX_RAM });
+    }
+    Ok(())
+}
+
+impl NvmImage {
+    /// Opens `path`, or creates it as a sparse file of `requested` bytes (default
+    /// [`nvram::layout::DEFAULT_RAM`]), and locks it. With `reformat`, the image's
+    /// contents are discarded (the file is emptied and re-extended: sparse zeros again).
+    pub fn open(path: &Path, requested: Option<u64>, reformat: bool) -> Result<Self, ImageError> {
+        if let Some(size) = requested {
+            check_size("--mem", size)?;
+        }
+        if path.is_dir() {
+            return Err(ImageError::IsDirectory { path: path.into() });
+        }
+        let (file, created) = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(file) => (file, false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .map_err(|source| ImageError::Create { path: path.into(), source })?;
+                (file, true)
+            }
+            Err(source) => return Err(ImageError::Open { path: path.into(), source }),
+        };
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(ImageError::Locked { path: path.into() }),
+            Err(TryLockError::Error(source)) => return Err(ImageError::Lock { path: path.into(), source }),
+        }
+        let resize = |file: &File, len: u64| {
+            file.set_len(len).map_err(|source| ImageError::Resize { path: path.into(), source })
+        };
+        let actual = file.metadata().map_err(|source| ImageError::Open { path: path.into(), source })?.len();
+        let size = if actual == 0 {
+            // A new (or empty) file: nothing to lose, give it its size. `set_len` leaves a
+            // sparse file: the zeros cost neither disk nor guest time.
+            let size = requested.unwrap_or(nvram::layout::DEFAULT_RAM);
+            resize(&file, size)?;
+            size
+        } else {
+            if let Some(requested) = requested.filter(|&r| r != actual) {
+                return Err(ImageError::SizeMismatch { path: path.into(), actual, requested });
+            }
+            check_size("the image", actual)?;
+            if reformat {
+                resize(&file, 0)?;
+                resize(&file, actual)?;
+            }
+            actual
+        };
+        Ok(Self { file, path: path.into(), size, created: created || actual == 0 })
+    }
+
+    /// The image's size: the guest's RAM size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether this open created the image (or gave an empty file its size).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_path(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("nvm-image-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        dir
+    }
+
+    #[test]
+    fn creates_sparse_and_reopens_with_its_size() {
+        let path = temp_path("create");
+        let image = NvmImage::open(&path, Some(32 << 20), false).unwrap();
+        assert!(image.created());
+        assert_eq!(image.size(), 32 << 20);
+        drop(image);
+        let image = NvmImage::open(&path, None, false).unwrap();
+        assert!(!image.created());
+        assert_eq!(image.size(), 32 << 20);
+        drop(image);
+        assert!(matches!(
+            NvmImage::open(&path, Some(64 << 20), false),
+            Err(ImageError::SizeMismatch { actual, requested, .. }) if actual == 32 << 20 && requested == 64 << 20
+        ));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_second_open_is_refused_while_locked() {
+        let path = temp_path("lock");
+        let first = NvmImage::open(&path, Some(16 << 20), false).unwrap();
+        assert!(matches!(NvmImage::open(&path, None, false), Err(ImageError::Locked { .. })));
+        drop(first);
+        NvmImage::open(&path, None, false).unwrap();
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(matches!(check_size("x", (16 << 20) + 1), Err(ImageError::Unaligned { .. })));
+        assert!(matches!(check_size("x", 1 << 20), Err(ImageError::TooSmall { .. })));
+        assert!(matches!(check_size("x", 4 << 30), Err(ImageError::TooLarge { .. })));
+        assert!(check_size("x", 256 << 20).is_ok());
+    }
+
+    #[test]
+    fn reformat_discards_the_contents() {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let path = temp_path("reformat");
+        let image = NvmImage::open(&path, Some(16 << 20), false).unwrap();
+        let mut file = image.file();
+        file.seek(SeekFrom::Start(8 << 20)).unwrap();
+        file.write_all(b"persistent").unwrap();
+        drop(image);
+        let image = NvmImage::open(&path, None, true).unwrap();
+        assert_eq!(image.size(), 16 << 20);
+        let mut buf = [0u8; 10];
+        let mut file = image.file();
+        file.seek(SeekFrom::Start(8 << 20)).unwrap();
+        file.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, [0; 10]);
+        std::fs::remove_file(path).unwrap();
+    }
+}

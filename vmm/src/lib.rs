@@ -1,0 +1,27 @@
+//! A KVM virtual machine whose main memory is a file: the NVM machine.
+//!
+//! Guest RAM is a `MAP_SHARED` mapping of the image file, so every store the guest makes is
+//! a store to the file and outlives the VMM process, as main memory made of NVM would
+//! outlive a power failure. The crate is driven by one [`VmConfig`]; it never sees the
+//! command line. Boot, step by step ([`Machine::build`]):
+//!
+//! 1. open and lock the image, create it sparse when missing ([`image`]);
+//! 2. map it as guest RAM ([`memory`]);
+//! 3. create the VM with KVM's in-kernel irqchip and PIT ([`vm`]);
+//! 4. load the kernel ELF and write the PVH boot parameters ([`loader`]);
+//! 5. set the vCPU up for the PVH entry ([`vcpu`]);
+//! 6. run until the guest stops the machine or the user stops the VMM ([`Machine::run`]).
+
+pub mod config;
+pub mod error;
+pub mod image;
+pub mod kernel;
+pub mod loader;
+pub mod machine;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{ConsoleOutput, KernelSource, VmConfig};
+pub use error::Error;
+pub use machine::{Machine, RunOutcome, Stopper};

@@ -1,0 +1,179 @@
+//! A built machine and its run: the one entry point of the crate.
+
+use std::fs::File;
+use std::io::{self, LineWriter, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::{ExitDevice, GuestExit, PioBus, SerialConsole};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use nvram::ports;
+use tracing::info;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::config::{ConsoleOutput, KernelSource, VmConfig};
+use crate::error::Error;
+use crate::image::NvmImage;
+use crate::loader::{self, LoadError};
+use crate::memory::{self, GuestMemory};
+use crate::vcpu::{self, VcpuStop};
+use crate::vm;
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The guest stopped the machine through the exit port.
+    Guest(GuestExit),
+    /// The VMM was asked to stop ([`Stopper::stop`]).
+    Stopped,
+}
+
+/// A machine ready to run: image locked, RAM mapped, kernel loaded, vCPU at the entry.
+pub struct Machine {
+    // Field order is drop order: the vCPU and VM go before the RAM they point into,
+    // and the image (and its lock) last.
+    vcpu: VcpuFd,
+    _vm: VmFd,
+    _kvm: Kvm,
+    bus: PioBus,
+    exit: Arc<Mutex<Option<GuestExit>>>,
+    control: Arc<StopControl>,
+    mem: GuestMemory,
+    image: NvmImage,
+}
+
+/// Shared between the running vCPU and its [`Stopper`]s.
+#[derive(Default)]
+struct StopControl {
+    stop: AtomicBool,
+    finished: AtomicBool,
+    thread: Mutex<Option<libc::pthread_t>>,
+}
+
+/// Asks a running machine to stop, from any thread.
+#[derive(Clone)]
+pub struct Stopper(Arc<StopControl>);
+
+impl Stopper {
+    /// Stops the vCPU: no further guest instruction runs once this returns.
+    pub fn stop(&self) {
+        let control = &self.0;
+        control.stop.store(true, Ordering::Release);
+        // A signal interrupts KVM_RUN; one sent just before the vCPU enters KVM_RUN would be
+        // lost, so repeat until the loop has seen the flag.
+        loop {
+            let thread = *control.thread.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(thread) = thread else { return };
+            if control.finished.load(Ordering::Acquire) {
+                return;
+            }
+            // SAFETY: `thread` is the vCPU thread, alive until `finished` is set (it clears
+            // `thread` under the same lock before exiting `run`), and the signal's
+            // handler is installed.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: the signal's only purpose is to make KVM_RUN return EINTR.
+}
+
+impl Machine {
+    /// Builds the machine described by `config` (steps 1 to 5 of the crate docs).
+    pub fn build(config: &VmConfig) -> Result<Self, Error> {
+        let started = Instant::now();
+        // KVM first: if it is missing, fail before touching the image.
+        let kvm = vm::open_kvm(&config.kvm_device)?;
+        let (kernel_bytes, kernel_name) = match &config.kernel {
+            KernelSource::Bundled => (crate::kernel::BUNDLED_KERNEL.to_vec(), "the bundled kernel".to_string()),
+            KernelSource::File(path) => {
+                let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.clone(), source })?;
+                (bytes, path.display().to_string())
+            }
+        };
+        let console = open_console(&config.console)?;
+
+        let image = NvmImage::open(&config.image, config.mem_size, config.reformat)?;
+        let mem = memory::map_image(&image)?;
+        let vm_fd = vm::create_vm(&kvm, &mem)?;
+        let kernel = loader::load_kernel(&mem, &kernel_bytes, &kernel_name)?;
+        let cmdline = vm::host_cmdline_quirks(&config.cmdline);
+        let start_info = loader::write_boot_params(&mem, &cmdline)?;
+        let vcpu = vcpu::create_vcpu(&kvm, &vm_fd, kernel.entry, start_info)?;
+
+        let serial_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Setup { what: "serial interrupt", source })?;
+        vm_fd.register_irqfd(&serial_irq, ports::COM1_IRQ).map_err(vm::kvm_err("connect the serial interrupt"))?;
+        let irq = serial_irq.try_clone().map_err(|source| Error::Setup { what: "serial interrupt", source })?;
+        let exit_device = ExitDevice::new();
+        let exit = exit_device.handle();
+        let mut bus = PioBus::new();
+        let overlap = |e: devices::bus::OverlapError| Error::Setup { what: "port bus", source: io::Error::other(e) };
+        bus.register(ports::COM1, ports::COM1_LEN, Box::new(SerialConsole::new(irq, console))).map_err(overlap)?;
+        bus.register(ports::EXIT, 4, Box::new(exit_device)).map_err(overlap)?;
+
+        info!(
+            image = %image.path().display(),
+            ram_mib = image.size() >> 20,
+            created = image.created(),
+            kernel = %kernel_name,
+            entry = format_args!("{:#x}", kernel.entry),
+            setup_ms = started.elapsed().as_secs_f64() * 1e3,
+            "machine built"
+        );
+        Ok(Self { vcpu, _vm: vm_fd, _kvm: kvm, bus, exit, control: Arc::new(StopControl::default()), mem, image })
+    }
+
+    /// A handle that stops this machine from another thread.
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.control.clone())
+    }
+
+    /// Guest RAM (the mapped image).
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// The image backing guest RAM.
+    pub fn image(&self) -> &NvmImage {
+        &self.image
+    }
+
+    /// Runs the vCPU on the calling thread until the guest stops the machine, a
+    /// [`Stopper`] stops it, or the guest fails.
+    pub fn run(&mut self) -> Result<RunOutcome, Error> {
+        // SAFETY: `on_kick` is async-signal-safe (it does nothing).
+        register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| Error::Setup { what: "vCPU kick signal", source: io::Error::from_raw_os_error(e.errno()) })?;
+        // SAFETY: pthread_self has no preconditions.
+        *self.control.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(unsafe { libc::pthread_self() });
+        let result = vcpu::run(&mut self.vcpu, &mut self.bus, &self.exit, &self.control.stop);
+        {
+            let mut thread = self.control.thread.lock().unwrap_or_else(|e| e.into_inner());
+            *thread = None;
+            self.control.finished.store(true, Ordering::Release);
+        }
+        match result? {
+            VcpuStop::Guest(exit) => Ok(RunOutcome::Guest(exit)),
+            VcpuStop::Requested => Ok(RunOutcome::Stopped),
+        }
+    }
+}
+
+fn open_console(output: &ConsoleOutput) -> Result<Box<dyn Write + Send>, Error> {
+    Ok(match output {
+        ConsoleOutput::Stdout => Box::new(io::stdout()),
+        ConsoleOutput::File(path) => {
+            let file = File::create(path).map_err(|source| Error::Console { path: path.clone(), source })?;
+            Box::new(LineWriter::new(file))
+        }
+    })
+}

@@ -1,0 +1,99 @@
+//! The KVM virtual machine: in-kernel interrupt controllers and PIT, and guest RAM slots.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::memory::GuestMemory;
+
+/// Where KVM puts the three pages of the real-mode TSS it needs on Intel: just below the
+/// BIOS area at the top of 4 GiB, outside guest RAM (`nvram::layout::MAX_RAM`).
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Why the VM could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{} does not exist: this host has no KVM; load the kvm module (modprobe kvm_intel or kvm_amd) or enable nested virtualization", path.display())]
+    KvmMissing { path: PathBuf },
+    #[error("no permission to open {}: add your user to the kvm group (usermod -aG kvm $USER, then log in again) or run as root", path.display())]
+    KvmDenied { path: PathBuf },
+    #[error("cannot open {}: {source}", path.display())]
+    KvmOpen {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("KVM refused to {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Shorthand for mapping a KVM ioctl failure.
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Opens the KVM device, with an error that says what to do about it.
+pub fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path =
+        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| VmError::KvmMissing { path: path.into() })?;
+    Kvm::new_with_path(c_path).map_err(|e| {
+        let source = io::Error::from_raw_os_error(e.errno());
+        match source.kind() {
+            io::ErrorKind::NotFound => VmError::KvmMissing { path: path.into() },
+            io::ErrorKind::PermissionDenied => VmError::KvmDenied { path: path.into() },
+            _ => VmError::KvmOpen { path: path.into(), source },
+        }
+    })
+}
+
+/// Whether this host's KVM is PVM (a page-table-based hypervisor whose instruction emulator,
+/// among other things, lacks `clwb`).
+pub fn host_is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The guest command line with what this host requires added. Under PVM the guest's CPUID
+/// is the host's (not intercepted) and offers `clwb`, which PVM cannot emulate: a guest
+/// `clwb` stops the VM with an internal error. So the VMM tells the kernel to flush with
+/// `clflushopt`, unless the user chose an instruction.
+pub fn host_cmdline_quirks(cmdline: &str) -> String {
+    let user_chose = cmdline.split_ascii_whitespace().any(|item| item.starts_with("flush="));
+    if host_is_pvm() && !user_chose {
+        let sep = if cmdline.is_empty() { "" } else { " " };
+        format!("{cmdline}{sep}flush=clflushopt")
+    } else {
+        cmdline.to_string()
+    }
+}
+
+/// Creates the VM with an in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT, and registers
+/// guest RAM.
+pub fn create_vm(kvm: &Kvm, mem: &GuestMemory) -> Result<VmFd, VmError> {
+    let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    vm.set_tss_address(TSS_ADDRESS).map_err(kvm_err("set the TSS address"))?;
+    vm.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region.as_ptr() as u64;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which the machine keeps for
+        // as long as the VM exists; KVM accesses it only within `memory_size`.
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register guest RAM"))?;
+    }
+    Ok(vm)
+}
