@@ -3,6 +3,8 @@
 //! | item          | effect                                                        |
 //! |---------------|---------------------------------------------------------------|
 //! | `poweroff`    | power off right after the banner (tests use it)               |
+//! | `poke-ports`  | read and write ports no device owns, then go on (tests that   |
+//! |               | the VMM survives a guest poking unknown ports)                |
 //! | `flush=INSN`  | cache flush instruction: `clwb`, `clflushopt` or `clflush`    |
 //! |               | (default: the best CPUID offers)                              |
 //! | `fault=KIND`  | provoke a CPU fault after the banner: `ud` (invalid opcode),  |
@@ -26,6 +28,7 @@ pub struct Cmdline {
     pub poweroff: bool,
     pub fault: Option<Fault>,
     pub flush: Option<FlushInsn>,
+    pub poke_ports: bool,
 }
 
 impl Cmdline {
@@ -36,6 +39,7 @@ impl Cmdline {
             let (key, value) = item.split_once('=').unwrap_or((item, ""));
             match (key, value) {
                 ("poweroff", "") => out.poweroff = true,
+                ("poke-ports", "") => out.poke_ports = true,
                 ("fault", "ud") => out.fault = Some(Fault::InvalidOpcode),
                 ("fault", "pf") => out.fault = Some(Fault::Page),
                 ("fault", "triple") => out.fault = Some(Fault::Triple),

@@ -73,6 +73,9 @@ extern "C" fn kmain(start_info: u64) -> ! {
         None => {}
     }
 
+    if cmdline.poke_ports {
+        machine::poke_unknown_ports();
+    }
     if cmdline.poweroff {
         println!("powering off");
         machine::exit(ExitCode::PowerOff);

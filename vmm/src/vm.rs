@@ -26,6 +26,8 @@ pub enum VmError {
         #[source]
         source: io::Error,
     },
+    #[error("{} is not a usable KVM device (API version {found}, expected 12)", path.display())]
+    NotKvm { path: PathBuf, found: i32 },
     #[error("KVM refused to {what}: {source}")]
     Kvm {
         what: &'static str,
@@ -44,14 +46,18 @@ pub fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
     use std::os::unix::ffi::OsStrExt;
     let c_path =
         std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| VmError::KvmMissing { path: path.into() })?;
-    Kvm::new_with_path(c_path).map_err(|e| {
+    let kvm = Kvm::new_with_path(c_path).map_err(|e| {
         let source = io::Error::from_raw_os_error(e.errno());
         match source.kind() {
             io::ErrorKind::NotFound => VmError::KvmMissing { path: path.into() },
             io::ErrorKind::PermissionDenied => VmError::KvmDenied { path: path.into() },
             _ => VmError::KvmOpen { path: path.into(), source },
         }
-    })
+    })?;
+    match kvm.get_api_version() {
+        12 => Ok(kvm),
+        found => Err(VmError::NotKvm { path: path.into(), found }),
+    }
 }
 
 /// Whether this host's KVM is PVM (a page-table-based hypervisor whose instruction emulator,
