@@ -37,7 +37,7 @@ fn boots_prints_the_banner_and_powers_off() {
 fn the_console_goes_to_stdout_by_default() {
     let scratch = Scratch::new();
     let image = scratch.image().display().to_string();
-    let out = run(&mut vmm(&["boot", "--nvram", &image, "--mem", "16M", "--cmdline", "poweroff"]), BOOT_LIMIT);
+    let out = run(&mut vmm(&["boot", "--nvram", &image, "--mem", "32M", "--cmdline", "poweroff"]), BOOT_LIMIT);
     assert_eq!(out.code(), Some(0), "{out:?}");
     assert!(out.stdout.contains("Tender NVM kernel"), "{out:?}");
 }

@@ -194,7 +194,7 @@ fn a_foreign_image_is_refused_by_the_guest_and_reformat_recovers_it() {
     let scratch = Scratch::new();
     let image = path(&scratch.image());
     // An image whose root header carries another format version.
-    let mut header = nvram::header::RootHeader::new();
+    let mut header = nvram::header::RootHeader::new(0);
     header.format_version += 1;
     header.seal();
     let mut bytes = vec![0u8; 32 << 20];

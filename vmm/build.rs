@@ -28,6 +28,8 @@ fn main() {
         "guest-kernel/.cargo/config.toml",
         "nvram/src",
         "nvram/Cargo.toml",
+        "kernel-core/src",
+        "kernel-core/Cargo.toml",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }

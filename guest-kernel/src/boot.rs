@@ -7,8 +7,9 @@
 //! is emulated at about 1 µs an instruction under PVM). Then we zero `.bss` and call
 //! [`crate::kmain`].
 //!
-//! The boot page tables map the first 4 GiB with 2 MiB pages: all of RAM
-//! (`nvram::layout::MAX_RAM` is 3 GiB) and the local APIC and I/O APIC above it.
+//! The boot page tables map the first 4 GiB (the first 2 MiB with 4 KiB pages, the rest with
+//! 2 MiB pages): all of RAM (`nvram::layout::MAX_RAM` is 3 GiB) and the local APIC and
+//! I/O APIC above it. They are also the kernel half of every process's space (`paging`).
 
 core::arch::global_asm!(
     r#"
@@ -24,6 +25,7 @@ core::arch::global_asm!(
     .quad pvh_start
 
     .section .data.boot, "aw"
+    .global boot_pml4, boot_pdpt, boot_pd, boot_pt0
     .p2align 12
 boot_pml4:
     .quad boot_pdpt + 0x3
@@ -35,9 +37,18 @@ boot_pdpt:
     .quad boot_pd + 0x3000 + 0x3
     .fill 508, 8, 0
 boot_pd:
-    .set page, 0
-    .rept 2048
+    /* The first 2 MiB through a page table, so that user mode can be let into the
+       kernel's text pages alone (paging::init); the rest in 2 MiB pages. */
+    .quad boot_pt0 + 0x3
+    .set page, 1
+    .rept 2047
     .quad (page << 21) | 0x83
+    .set page, page + 1
+    .endr
+boot_pt0:
+    .set page, 0
+    .rept 512
+    .quad (page << 12) | 0x3
     .set page, page + 1
     .endr
 

@@ -1,5 +1,17 @@
-//! The kernel's GDT and TSS: flat kernel segments and a separate stack for double faults,
-//! so that a kernel stack overflow still reaches a handler that can report it.
+//! The kernel's GDT and TSS: flat kernel and user segments, the kernel stack the CPU
+//! switches to on an interrupt from user mode, and a separate stack for double faults.
+//!
+//! The layout is Linux's, the one hypervisors know best (PVM among them).
+//!
+//! | selector | descriptor                         |
+//! |----------|------------------------------------|
+//! | 0x08     | kernel code, 32-bit (unused)       |
+//! | 0x10     | kernel code                        |
+//! | 0x18     | kernel data                        |
+//! | 0x20     | user code, 32-bit (unused)         |
+//! | 0x28     | user data (RPL 3: 0x2b)            |
+//! | 0x30     | user code (RPL 3: 0x33)            |
+//! | 0x38     | TSS (two slots)                    |
 
 use spin::Once;
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
@@ -20,36 +32,61 @@ struct Stack([u8; FAULT_STACK_SIZE]);
 static mut DOUBLE_FAULT_STACK: Stack = Stack([0; FAULT_STACK_SIZE]);
 
 static TSS: Once<TaskStateSegment> = Once::new();
-static GDT: Once<(GlobalDescriptorTable, Selectors)> = Once::new();
+static GDT: Once<(GlobalDescriptorTable<10>, Selectors)> = Once::new();
 
-struct Selectors {
-    code: SegmentSelector,
-    data: SegmentSelector,
+/// The selectors of the GDT.
+#[derive(Debug, Clone, Copy)]
+pub struct Selectors {
+    pub kernel_code: SegmentSelector,
+    pub kernel_data: SegmentSelector,
+    pub user_data: SegmentSelector,
+    pub user_code: SegmentSelector,
     tss: SegmentSelector,
 }
 
+extern "C" {
+    /// Top of the kernel stack (linker script): where every entry from user mode starts.
+    static __stack_top: u8;
+}
+
+/// Top of the kernel stack.
+pub fn kernel_stack_top() -> u64 {
+    &raw const __stack_top as u64
+}
+
+/// The GDT's selectors (after [`init`]).
+pub fn selectors() -> Selectors {
+    GDT.get().expect("the GDT is loaded first thing at boot").1
+}
+
 /// Loads the GDT and the TSS and reloads every segment register.
-pub fn init() {
+pub fn init() -> Selectors {
     let tss = TSS.call_once(|| {
         let mut tss = TaskStateSegment::new();
         let stack_top = VirtAddr::from_ptr(&raw const DOUBLE_FAULT_STACK) + FAULT_STACK_SIZE as u64;
         tss.interrupt_stack_table[DOUBLE_FAULT_IST as usize] = stack_top;
+        tss.privilege_stack_table[0] = VirtAddr::new(kernel_stack_top());
         tss
     });
     let (gdt, selectors) = GDT.call_once(|| {
-        let mut gdt = GlobalDescriptorTable::new();
-        let code = gdt.append(Descriptor::kernel_code_segment());
-        let data = gdt.append(Descriptor::kernel_data_segment());
+        let mut gdt = GlobalDescriptorTable::<10>::empty();
+        gdt.append(Descriptor::kernel_data_segment()); // 0x08: placeholder
+        let kernel_code = gdt.append(Descriptor::kernel_code_segment());
+        let kernel_data = gdt.append(Descriptor::kernel_data_segment());
+        gdt.append(Descriptor::user_data_segment()); // 0x20: placeholder
+        let user_data = gdt.append(Descriptor::user_data_segment());
+        let user_code = gdt.append(Descriptor::user_code_segment());
         let tss = gdt.append(Descriptor::tss_segment(tss));
-        (gdt, Selectors { code, data, tss })
+        (gdt, Selectors { kernel_code, kernel_data, user_data, user_code, tss })
     });
     gdt.load();
     // SAFETY: the selectors come from the GDT just loaded, which lives for the whole boot.
     unsafe {
-        CS::set_reg(selectors.code);
-        DS::set_reg(selectors.data);
-        ES::set_reg(selectors.data);
-        SS::set_reg(selectors.data);
+        CS::set_reg(selectors.kernel_code);
+        DS::set_reg(selectors.kernel_data);
+        ES::set_reg(selectors.kernel_data);
+        SS::set_reg(selectors.kernel_data);
         load_tss(selectors.tss);
     }
+    *selectors
 }

@@ -1,9 +1,16 @@
-//! The IDT, the entry stubs of the CPU exceptions and their dispatch.
+//! The IDT and the kernel's entry stubs: CPU exceptions, the PIC's interrupts and `syscall`.
 //!
-//! Handlers are installed by address: each vector has a small assembly stub that pushes a
-//! uniform [`TrapFrame`] (a zero error code where the CPU pushes none, then the vector) and
-//! jumps to a common path that saves the general registers and calls [`trap_dispatch`].
-//! (The `x86-interrupt` calling convention would do this for us, but needs nightly.)
+//! Every entry builds the same [`TrapFrame`] on the kernel stack (a zero error code where the
+//! CPU pushes none, then the vector), saves the general registers and calls
+//! [`crate::trap::dispatch`], which may rewrite the frame to switch processes; the common
+//! exit restores the registers from the frame and returns with `iretq`. (The
+//! `x86-interrupt` calling convention would generate this, but needs nightly.)
+//!
+//! System calls enter by `int3` ([`SYSCALL_VECTOR`], the breakpoint gate, open to ring 3)
+//! and leave by `iretq`. Under PVM, the hypervisor of the machines this runs on, the
+//! `syscall` instruction lands at LSTAR still in user mode, `int n` from ring 3 kills the
+//! VM and `sysretq` raises #GP, while a trap instruction and `iretq` work; they work on
+//! VT-x/SVM alike.
 
 use core::fmt;
 
@@ -11,55 +18,40 @@ use spin::Once;
 use x86_64::structures::idt::InterruptDescriptorTable;
 use x86_64::VirtAddr;
 
-use crate::{gdt, machine, println};
+use crate::{gdt, println};
 
-/// The state of the interrupted code, as the stubs leave it on the stack.
-#[derive(Debug)]
-#[repr(C)]
-pub struct TrapFrame {
-    pub r15: u64,
-    pub r14: u64,
-    pub r13: u64,
-    pub r12: u64,
-    pub r11: u64,
-    pub r10: u64,
-    pub r9: u64,
-    pub r8: u64,
-    pub rbp: u64,
-    pub rdi: u64,
-    pub rsi: u64,
-    pub rdx: u64,
-    pub rcx: u64,
-    pub rbx: u64,
-    pub rax: u64,
-    pub vector: u64,
-    pub error_code: u64,
-    pub rip: u64,
-    pub cs: u64,
-    pub rflags: u64,
-    pub rsp: u64,
-    pub ss: u64,
-}
+/// The state of the interrupted code, as the stubs leave it on the stack; the same layout
+/// as a process's saved registers in NVM.
+pub type TrapFrame = kernel_core::process::Regs;
 
-impl fmt::Display for TrapFrame {
+/// Vector of a system call: `int3`, the breakpoint trap.
+pub const SYSCALL_VECTOR: u64 = 3;
+/// First vector of the PIC's interrupts (IRQ 0, the timer).
+pub const IRQ_BASE: u8 = 32;
+
+/// Prints a frame's registers.
+pub struct ShowRegs<'a>(pub &'a TrapFrame);
+
+impl fmt::Display for ShowRegs<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "  rip {:#018x}  cs {:#06x}  rflags {:#010x}", self.rip, self.cs, self.rflags)?;
-        writeln!(f, "  rsp {:#018x}  ss {:#06x}", self.rsp, self.ss)?;
-        writeln!(f, "  rax {:#018x} rbx {:#018x} rcx {:#018x}", self.rax, self.rbx, self.rcx)?;
-        writeln!(f, "  rdx {:#018x} rsi {:#018x} rdi {:#018x}", self.rdx, self.rsi, self.rdi)?;
-        writeln!(f, "  rbp {:#018x} r8  {:#018x} r9  {:#018x}", self.rbp, self.r8, self.r9)?;
-        writeln!(f, "  r10 {:#018x} r11 {:#018x} r12 {:#018x}", self.r10, self.r11, self.r12)?;
-        write!(f, "  r13 {:#018x} r14 {:#018x} r15 {:#018x}", self.r13, self.r14, self.r15)
+        let r = self.0;
+        writeln!(f, "  rip {:#018x}  cs {:#06x}  rflags {:#010x}", r.rip, r.cs, r.rflags)?;
+        writeln!(f, "  rsp {:#018x}  ss {:#06x}", r.rsp, r.ss)?;
+        writeln!(f, "  rax {:#018x} rbx {:#018x} rcx {:#018x}", r.rax, r.rbx, r.rcx)?;
+        writeln!(f, "  rdx {:#018x} rsi {:#018x} rdi {:#018x}", r.rdx, r.rsi, r.rdi)?;
+        writeln!(f, "  rbp {:#018x} r8  {:#018x} r9  {:#018x}", r.rbp, r.r8, r.r9)?;
+        writeln!(f, "  r10 {:#018x} r11 {:#018x} r12 {:#018x}", r.r10, r.r11, r.r12)?;
+        write!(f, "  r13 {:#018x} r14 {:#018x} r15 {:#018x}", r.r13, r.r14, r.r15)
     }
 }
 
-/// Number of exception vectors (0 to 31).
-const EXCEPTIONS: usize = 32;
+/// Number of stubs: 32 exceptions and the 16 PIC interrupts.
+const STUBS: usize = 48;
 
 core::arch::global_asm!(
     r#"
     .section .text
-    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47
 trap_stub_\n:
     /* Vectors 8, 10-14, 17, 21, 29, 30 come with an error code from the CPU. */
     .if (\n == 8) || ((\n >= 10) && (\n <= 14)) || (\n == 17) || (\n == 21) || (\n == 29) || (\n == 30)
@@ -92,6 +84,8 @@ trap_common:
     and $-16, %rsp
     call trap_dispatch
     mov %rbx, %rsp
+    .global trap_return
+trap_return:
     pop %r15
     pop %r14
     pop %r13
@@ -113,7 +107,7 @@ trap_common:
     .section .rodata
     .p2align 3
 trap_stubs:
-    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47
     .quad trap_stub_\n
     .endr
     "#,
@@ -121,13 +115,13 @@ trap_stubs:
 );
 
 extern "C" {
-    /// The addresses of the 32 exception stubs, in vector order.
-    static trap_stubs: [u64; EXCEPTIONS];
+    /// The addresses of the stubs, in vector order.
+    static trap_stubs: [u64; STUBS];
 }
 
 static IDT: Once<InterruptDescriptorTable> = Once::new();
 
-/// Installs the exception handlers.
+/// Installs the exception and interrupt handlers.
 pub fn init() {
     let idt = IDT.call_once(|| {
         let mut idt = InterruptDescriptorTable::new();
@@ -140,7 +134,7 @@ pub fn init() {
             idt.divide_error.set_handler_addr(addr(0));
             idt.debug.set_handler_addr(addr(1));
             idt.non_maskable_interrupt.set_handler_addr(addr(2));
-            idt.breakpoint.set_handler_addr(addr(3));
+            idt.breakpoint.set_handler_addr(addr(3)).set_privilege_level(x86_64::PrivilegeLevel::Ring3);
             idt.overflow.set_handler_addr(addr(4));
             idt.bound_range_exceeded.set_handler_addr(addr(5));
             idt.invalid_opcode.set_handler_addr(addr(6));
@@ -160,6 +154,9 @@ pub fn init() {
             idt.hv_injection_exception.set_handler_addr(addr(28));
             idt.vmm_communication_exception.set_handler_addr(addr(29));
             idt.security_exception.set_handler_addr(addr(30));
+            for irq in 0..16u8 {
+                idt[IRQ_BASE + irq].set_handler_addr(addr(usize::from(IRQ_BASE + irq)));
+            }
         }
         idt
     });
@@ -167,7 +164,7 @@ pub fn init() {
 }
 
 /// Name of an exception vector.
-fn exception_name(vector: u64) -> &'static str {
+pub fn exception_name(vector: u64) -> &'static str {
     const NAMES: [&str; 22] = [
         "divide error",
         "debug",
@@ -195,20 +192,10 @@ fn exception_name(vector: u64) -> &'static str {
     NAMES.get(vector as usize).copied().unwrap_or("exception")
 }
 
-/// Called by the stubs with the saved state. A CPU exception in the kernel is fatal: report
-/// everything a developer needs and stop the machine.
+/// Called by the stubs with the saved state.
 #[no_mangle]
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
-    let cr2 = x86_64::registers::control::Cr2::read_raw();
-    crate::console::emergency_print(format_args!(
-        "\nKERNEL FAULT: {} (vector {}, error code {:#x}, cr2 {:#x})\n{}\n",
-        exception_name(frame.vector),
-        frame.vector,
-        frame.error_code,
-        cr2,
-        frame
-    ));
-    machine::exit(nvram::exit::ExitCode::Exception);
+    crate::trap::dispatch(frame);
 }
 
 /// Loads an empty IDT and faults: with no handler the CPU escalates to a triple fault,
@@ -222,5 +209,23 @@ pub fn triple_fault() -> ! {
     unsafe {
         x86_64::instructions::tables::lidt(&EMPTY);
         core::arch::asm!("ud2", options(noreturn));
+    }
+}
+
+extern "C" {
+    /// The common exit of the stubs: restores a [`TrapFrame`] at `rsp` and `iretq`s.
+    fn trap_return() -> !;
+}
+
+/// Enters the context in `frame` (user or kernel) by way of the common trap exit.
+pub fn enter(frame: &TrapFrame) -> ! {
+    let top = gdt::kernel_stack_top();
+    let size = core::mem::size_of::<TrapFrame>() as u64;
+    let at = (top - size) & !15;
+    // SAFETY: the kernel stack is ours alone here (nothing below it is live: this never
+    // returns); the frame is copied to its top and `trap_return` pops it.
+    unsafe {
+        core::ptr::write(at as *mut TrapFrame, *frame);
+        core::arch::asm!("mov rsp, {0}", "jmp {1}", in(reg) at, sym trap_return, options(noreturn));
     }
 }

@@ -1,7 +1,24 @@
 //! Stopping the machine through the exit device (`nvram::ports::EXIT`).
 
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use nvram::exit::ExitCode;
 use x86_64::instructions::port::Port;
+
+static POWER_OFF_AT: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Powers off when the timer reaches `tick`.
+pub fn power_off_at(tick: u64) {
+    POWER_OFF_AT.store(tick, Ordering::Relaxed);
+}
+
+/// Called at every tick: powers off if the time set by [`power_off_at`] has come.
+pub fn check_power_off(tick: u64) {
+    if tick >= POWER_OFF_AT.load(Ordering::Relaxed) {
+        crate::println!("run time over: powering off");
+        exit(ExitCode::PowerOff);
+    }
+}
 
 /// Stops the machine with `code`. If no exit device answers (a machine without one), the
 /// CPU halts with interrupts off.

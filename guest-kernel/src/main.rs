@@ -1,24 +1,41 @@
 //! The persistent guest kernel of the NVM machine.
 //!
 //! Booted by the PVH protocol ([`boot`]), it keeps everything that must outlive a boot in
-//! NVM, reachable from the root header ([`image`]); its own `.data`/`.bss` are scratch for
-//! one boot, since the loader writes the kernel image anew at every boot.
+//! NVM, reachable from the root header ([`nvm`]): Tender's memory-resource tables
+//! ([`resources`]), the frame allocator and the process table. Its own `.data`/`.bss` are
+//! scratch for one boot, since the loader writes the kernel image anew at every boot.
+//! Workloads ([`user`]) run in ring 3, preempted by the timer ([`timer`], [`process`]), and
+//! report to the VMM through the machine-control device ([`control`]).
 #![no_std]
 #![no_main]
 
 mod boot;
 mod cmdline;
 pub mod console;
+mod control;
 mod gdt;
-mod image;
 mod interrupts;
+mod kernel;
 mod machine;
+mod memory;
+mod nvm;
+mod paging;
 mod persist;
+mod process;
 mod pvh;
+mod resources;
+mod syscall;
+mod timer;
+mod trap;
+mod user;
 
-use cmdline::{Cmdline, Fault};
-use image::BootKind;
+use cmdline::{App, Cmdline, Fault};
+use kernel_core::process::ProcessTable;
+use kernel_core::resources::KernelSpaceUse;
+use nvram::control::{BootKind, Booted};
 use nvram::exit::ExitCode;
+use nvram::header::ShutdownFlag;
+use process::Program;
 
 /// Rust entry, called by the boot code in long mode with `start_info` the physical address
 /// of the PVH `hvm_start_info`.
@@ -27,8 +44,14 @@ extern "C" fn kmain(start_info: u64) -> ! {
     console::init();
     gdt::init();
     interrupts::init();
+    paging::init();
 
-    println!("Tender NVM kernel {} (image format {})", env!("CARGO_PKG_VERSION"), nvram::header::FORMAT_VERSION);
+    println!(
+        "Tender NVM kernel {} (image format {}, build {:016x})",
+        env!("CARGO_PKG_VERSION"),
+        nvram::header::FORMAT_VERSION,
+        nvm::BUILD_ID
+    );
     // SAFETY: `start_info` is what the boot loader passed in ebx.
     let info = match unsafe { pvh::BootInfo::from_start_info(start_info) } {
         Ok(info) => info,
@@ -41,23 +64,24 @@ extern "C" fn kmain(start_info: u64) -> ! {
     let cmdline = Cmdline::parse(info.cmdline, |item| println!("ignoring unknown command-line item \"{item}\""));
 
     let flush = persist::init(cmdline.flush);
-    let header = match image::open() {
-        Ok((kind, header)) => {
-            let how = match kind {
-                BootKind::Cold => "cold boot: blank image formatted",
-                BootKind::Known(nvram::header::ShutdownFlag::Normal) => "previous run shut down normally",
-                BootKind::Known(nvram::header::ShutdownFlag::Abnormal) => "previous run stopped abruptly",
-            };
-            println!("NVM: {} MiB, {how}", info.ram_end() >> 20);
-            header
-        }
+    let nvm = match nvm::open(info.ram_end()) {
+        Ok(nvm) => nvm,
         Err(e) => {
             println!("NVM: refusing this image: {e}");
             println!("NVM: `vmm boot --reformat` starts it afresh (its contents are lost)");
             machine::exit(ExitCode::BadImage);
         }
     };
-    println!("boot {} of this image, cache flush by {}", header.boot_count, flush.name());
+    let how = match nvm.found {
+        nvm::Found::Blank => "cold boot: blank image formatted",
+        nvm::Found::Known(ShutdownFlag::Normal) => "previous run shut down normally",
+        nvm::Found::Known(ShutdownFlag::Abnormal) => "previous run stopped abruptly",
+    };
+    println!("NVM: {} MiB, {how}", info.ram_end() >> 20);
+    println!("boot {} of this image, cache flush by {}", nvm.header.boot_count, flush.name());
+
+    let tsc_khz = control::init();
+    control::booted(Booted::new(BootKind::Cold, nvm.header.boot_count, nvm.header.generation));
 
     match cmdline.fault {
         Some(Fault::InvalidOpcode) => {
@@ -72,7 +96,6 @@ extern "C" fn kmain(start_info: u64) -> ! {
         Some(Fault::Triple) => interrupts::triple_fault(),
         None => {}
     }
-
     if cmdline.poke_ports {
         machine::poke_unknown_ports();
     }
@@ -80,8 +103,61 @@ extern "C" fn kmain(start_info: u64) -> ! {
         println!("powering off");
         machine::exit(ExitCode::PowerOff);
     }
-    println!("idle");
-    machine::halt_forever()
+
+    start(nvm, &cmdline, tsc_khz)
+}
+
+/// Installs the kernel state, starts the workloads and the timer, and enters the first
+/// process (or the idle loop).
+fn start(nvm: nvm::Nvm, cmdline: &Cmdline, tsc_khz: u64) -> ! {
+    let nvm::Nvm { resources, frames, .. } = nvm;
+    kernel::install(kernel::Kernel { res: resources, frames, procs: placeholder_procs(), current: None, ticks: 0 });
+    kernel::with(|k| {
+        let pages = (core::mem::size_of::<ProcessTable>() as u64).div_ceil(4096);
+        let space = res_op!(kernel_space.create(k, pages, KernelSpaceUse::ProcessTable)).expect("room for the process table");
+        let addr = k.res.kernel_spaces.get(space).map(|s| s.vaddr).expect("just created");
+        // SAFETY: the kernel space was just allocated (zeroed) for the table, identity-mapped.
+        let procs = unsafe { &mut *(addr as *mut ProcessTable) };
+        procs.format(kernel_core::resources::Kind::Process as u32);
+        k.procs = procs;
+        for app in cmdline.apps() {
+            let program = program(app, cmdline);
+            if let Err(e) = process::spawn(k, &program) {
+                println!("cannot start {}: {e:?}", program.name);
+            }
+        }
+    });
+    timer::init(tsc_khz);
+    println!("timer at {} Hz, TSC {} kHz", timer::HZ, timer::tsc_khz());
+    if let Some(ms) = cmdline.run_ms {
+        machine::power_off_at(timer::ms_to_ticks(ms));
+    }
+    let mut frame = interrupts::TrapFrame::default();
+    kernel::with(|k| process::schedule(k, &mut frame));
+    if frame.cs & 3 == 0 {
+        println!("idle");
+    }
+    interrupts::enter(&frame)
+}
+
+/// Until the process table's kernel space exists, an empty table in scratch memory.
+fn placeholder_procs() -> &'static mut ProcessTable {
+    static mut EMPTY: core::mem::MaybeUninit<ProcessTable> = core::mem::MaybeUninit::zeroed();
+    // SAFETY: used once, at boot, before the real table replaces it; all-zero is a valid
+    // (empty, unformatted) table.
+    unsafe { (*(&raw mut EMPTY)).assume_init_mut() }
+}
+
+fn program(app: App, cmdline: &Cmdline) -> Program {
+    let [regions, kib, dirty] = cmdline.memtouch;
+    match app {
+        App::Counter => Program { name: "counter", entry: user::counter::main, args: [0; 4] },
+        App::Kv => Program { name: "kv", entry: user::kv::main, args: [cmdline.kv_seed, cmdline.kv_pages, 0, 0] },
+        App::Memtouch => {
+            Program { name: "memtouch", entry: user::memtouch::main, args: [regions, kib, dirty, cmdline.memtouch_ms] }
+        }
+        App::Fault => Program { name: "fault", entry: user::fault::main, args: [cmdline.fault_ms, 0, 0, 0] },
+    }
 }
 
 #[panic_handler]

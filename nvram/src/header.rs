@@ -1,24 +1,34 @@
 //! The root header: the one structure at a fixed physical address ([`crate::layout::ROOT_HEADER`])
 //! from which the guest kernel finds everything it keeps in NVM.
 //!
-//! | offset | size | field            | meaning                                               |
-//! |--------|------|------------------|-------------------------------------------------------|
-//! | 0      | 8    | `magic`          | `b"TNDRNVM\0"`; anything else means "no image yet"    |
-//! | 8      | 4    | `format_version` | [`FORMAT_VERSION`] of the kernel that formatted it    |
-//! | 12     | 4    | `header_size`    | `size_of::<RootHeader>()`, checked before use         |
-//! | 16     | 8    | `boot_count`     | boots of this image, this one included                |
-//! | 24     | 4    | `shutdown_flag`  | [`ShutdownFlag`]: how the previous run ended          |
-//! | 28     | 4    | `checksum`       | CRC-32 (IEEE) of bytes 0..28                          |
+//! | offset | size | field            | meaning                                                   |
+//! |--------|------|------------------|-----------------------------------------------------------|
+//! | 0      | 8    | `magic`          | `b"TNDRNVM\0"`; all zeros means a blank image              |
+//! | 8      | 4    | `format_version` | [`FORMAT_VERSION`] of the kernel that formatted it         |
+//! | 12     | 4    | `header_size`    | [`HEADER_SIZE`], checked before anything else is read      |
+//! | 16     | 8    | `build_id`       | hash of the sources of the kernel that wrote the image     |
+//! | 24     | 8    | `boot_count`     | boots of this image, this one included                     |
+//! | 32     | 4    | `shutdown_flag`  | [`ShutdownFlag`]: how the previous run ended               |
+//! | 36     | 4    | `reserved`       | zero                                                       |
+//! | 40     | 8    | `resources`      | physical address of the resource tables                   |
+//! | 48     | 8    | `frame_bitmap`   | physical address of the frame bitmap                      |
+//! | 56     | 8    | `frames_base`    | physical address of the first managed frame               |
+//! | 64     | 8    | `frames`         | number of managed frames                                  |
+//! | 72     | 8    | `generation`     | generation of the last committed write-out (0: none)      |
+//! | 80     | 8    | `plate_table`    | physical address of the plate table (0: none)             |
+//! | 88     | 4    | `checksum`       | CRC-32 (IEEE) of bytes 0..88                               |
+//! | 92     | 4    | `reserved2`      | zero                                                       |
 //!
-//! A header is trusted only when magic, version, size and checksum all hold. A header that
-//! fails any check is reported, never silently reformatted, except when the image is blank.
+//! A header is trusted only when magic, version, size and checksum all hold; a kernel
+//! continues an image only if the build id is its own. Anything else is reported, never
+//! silently reformatted; only a blank image is formatted without being asked.
 
 /// Magic bytes at the start of a formatted image's root header.
 pub const MAGIC: [u8; 8] = *b"TNDRNVM\0";
 
 /// Version of the image format. Bumped at every incompatible change of any structure kept
 /// in NVM; a kernel refuses to resume an image of another version.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// How the previous run of the kernel on this image ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,21 +51,31 @@ impl ShutdownFlag {
     }
 }
 
-/// The root header, as laid out in NVM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The root header, as laid out in NVM (see the module docs for offsets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[repr(C)]
 pub struct RootHeader {
     pub magic: [u8; 8],
     pub format_version: u32,
     pub header_size: u32,
+    pub build_id: u64,
     pub boot_count: u64,
     pub shutdown_flag: u32,
+    pub reserved: u32,
+    pub resources: u64,
+    pub frame_bitmap: u64,
+    pub frames_base: u64,
+    pub frames: u64,
+    pub generation: u64,
+    pub plate_table: u64,
     pub checksum: u32,
+    pub reserved2: u32,
 }
 
 /// Size of the header in NVM, in bytes.
-pub const HEADER_SIZE: usize = core::mem::size_of::<RootHeader>();
-const CHECKED_LEN: usize = HEADER_SIZE - 4;
+pub const HEADER_SIZE: usize = 96;
+const CHECKED_LEN: usize = 88;
+const _: () = assert!(core::mem::size_of::<RootHeader>() == HEADER_SIZE);
 
 /// Why a root header cannot be trusted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,16 +111,45 @@ impl core::fmt::Display for HeaderError {
     }
 }
 
+/// Little-endian field writer and reader over the header's bytes.
+struct Cursor<'a, B> {
+    bytes: B,
+    at: usize,
+    _life: core::marker::PhantomData<&'a ()>,
+}
+
+impl Cursor<'_, &mut [u8; HEADER_SIZE]> {
+    fn put(&mut self, field: &[u8]) {
+        self.bytes[self.at..self.at + field.len()].copy_from_slice(field);
+        self.at += field.len();
+    }
+}
+
+impl Cursor<'_, &[u8; HEADER_SIZE]> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        let mut out = [0u8; N];
+        out.copy_from_slice(&self.bytes[self.at..self.at + N]);
+        self.at += N;
+        out
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take())
+    }
+}
+
 impl RootHeader {
-    /// A freshly formatted header for this format version.
-    pub fn new() -> Self {
+    /// A freshly formatted header for this format version, written by kernel `build_id`.
+    pub fn new(build_id: u64) -> Self {
         let mut header = Self {
             magic: MAGIC,
             format_version: FORMAT_VERSION,
             header_size: HEADER_SIZE as u32,
-            boot_count: 0,
+            build_id,
             shutdown_flag: ShutdownFlag::Abnormal as u32,
-            checksum: 0,
+            ..Self::default()
         };
         header.seal();
         header
@@ -109,29 +158,42 @@ impl RootHeader {
     /// The header's bytes, as stored in NVM.
     pub fn to_bytes(&self) -> [u8; HEADER_SIZE] {
         let mut out = [0u8; HEADER_SIZE];
-        out[0..8].copy_from_slice(&self.magic);
-        out[8..12].copy_from_slice(&self.format_version.to_le_bytes());
-        out[12..16].copy_from_slice(&self.header_size.to_le_bytes());
-        out[16..24].copy_from_slice(&self.boot_count.to_le_bytes());
-        out[24..28].copy_from_slice(&self.shutdown_flag.to_le_bytes());
-        out[28..32].copy_from_slice(&self.checksum.to_le_bytes());
+        let mut c = Cursor { bytes: &mut out, at: 0, _life: core::marker::PhantomData };
+        c.put(&self.magic);
+        c.put(&self.format_version.to_le_bytes());
+        c.put(&self.header_size.to_le_bytes());
+        for v in [self.build_id, self.boot_count] {
+            c.put(&v.to_le_bytes());
+        }
+        c.put(&self.shutdown_flag.to_le_bytes());
+        c.put(&self.reserved.to_le_bytes());
+        for v in [self.resources, self.frame_bitmap, self.frames_base, self.frames, self.generation, self.plate_table] {
+            c.put(&v.to_le_bytes());
+        }
+        c.put(&self.checksum.to_le_bytes());
+        c.put(&self.reserved2.to_le_bytes());
         out
     }
 
     /// Reads a header from its stored bytes, without checking it.
     pub fn from_bytes(bytes: &[u8; HEADER_SIZE]) -> Self {
-        let u32_at = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-        let mut boot_count = [0u8; 8];
-        boot_count.copy_from_slice(&bytes[16..24]);
-        let mut magic = [0u8; 8];
-        magic.copy_from_slice(&bytes[0..8]);
+        let mut c = Cursor { bytes, at: 0, _life: core::marker::PhantomData };
         Self {
-            magic,
-            format_version: u32_at(8),
-            header_size: u32_at(12),
-            boot_count: u64::from_le_bytes(boot_count),
-            shutdown_flag: u32_at(24),
-            checksum: u32_at(28),
+            magic: c.take(),
+            format_version: c.u32(),
+            header_size: c.u32(),
+            build_id: c.u64(),
+            boot_count: c.u64(),
+            shutdown_flag: c.u32(),
+            reserved: c.u32(),
+            resources: c.u64(),
+            frame_bitmap: c.u64(),
+            frames_base: c.u64(),
+            frames: c.u64(),
+            generation: c.u64(),
+            plate_table: c.u64(),
+            checksum: c.u32(),
+            reserved2: c.u32(),
         }
     }
 
@@ -167,12 +229,6 @@ impl RootHeader {
     }
 }
 
-impl Default for RootHeader {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// CRC-32 (IEEE 802.3, reflected, as zlib), bitwise: the headers it guards are tens of bytes,
 /// so a table would cost more to build than it saves.
 pub fn crc32(bytes: &[u8]) -> u32 {
@@ -199,23 +255,27 @@ mod tests {
 
     #[test]
     fn new_header_validates_and_round_trips() {
-        let header = RootHeader::new();
+        let mut header = RootHeader::new(0x1234);
+        header.frames = 77;
+        header.plate_table = 0xabc000;
+        header.seal();
         assert_eq!(header.validate(), Ok(ShutdownFlag::Abnormal));
         assert_eq!(RootHeader::from_bytes(&header.to_bytes()), header);
+        assert_eq!(&header.to_bytes()[16..24], &0x1234u64.to_le_bytes());
     }
 
     #[test]
     fn every_corruption_is_detected() {
         assert_eq!(RootHeader::from_bytes(&[0; HEADER_SIZE]).validate(), Err(HeaderError::Blank));
-        let good = RootHeader::new().to_bytes();
-        for i in 0..HEADER_SIZE {
+        let good = RootHeader::new(1).to_bytes();
+        for i in 0..CHECKED_LEN + 4 {
             for bit in 0..8 {
                 let mut bytes = good;
                 bytes[i] ^= 1 << bit;
                 assert!(RootHeader::from_bytes(&bytes).validate().is_err(), "byte {i} bit {bit}");
             }
         }
-        let mut foreign = RootHeader::new();
+        let mut foreign = RootHeader::new(1);
         foreign.format_version = FORMAT_VERSION + 1;
         foreign.seal();
         assert_eq!(foreign.validate(), Err(HeaderError::Version { found: FORMAT_VERSION + 1 }));

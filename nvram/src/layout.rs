@@ -14,7 +14,15 @@
 //!   0x0080_0000 +--------------------------------+
 //!               | root header (one page)         |  magic, version, shutdown flag, roots
 //!   0x0080_1000 +--------------------------------+
-//!               | persistent area                |  NVM tables, frames, save areas
+//!               | resource tables                |  Tender's management tables
+//!   0x0088_0000 +--------------------------------+
+//!               | frame bitmap                   |  real memory: one bit per frame
+//!   0x008a_0000 +--------------------------------+
+//!               | (free)                         |
+//!   0x00a0_0000 +--------------------------------+
+//!               | fixed save areas of the tables |  reserved for the plate function
+//!   0x0100_0000 +--------------------------------+
+//!               | frames                         |  page tables, regions, save areas
 //!               |            ...                 |
 //!     mem size  +--------------------------------+
 //! ```
@@ -45,8 +53,21 @@ pub const ROOT_HEADER: u64 = KERNEL_LIMIT;
 /// First byte of the persistent area managed by the guest kernel.
 pub const PERSISTENT_BASE: u64 = ROOT_HEADER + PAGE_SIZE;
 
+/// Where the resource tables live.
+pub const RESOURCES: u64 = PERSISTENT_BASE;
+/// Room for the resource tables.
+pub const RESOURCES_MAX: u64 = FRAME_BITMAP - RESOURCES;
+/// Where the frame bitmap lives.
+pub const FRAME_BITMAP: u64 = 0x88_0000;
+/// Room for the frame bitmap: one bit per frame of up to 4 GiB.
+pub const FRAME_BITMAP_MAX: u64 = 0x2_0000;
+/// Area reserved for the fixed save areas of the tables (the plate function).
+pub const TABLE_SAVE_AREAS: u64 = 0xa0_0000;
+/// First frame handed out by the frame allocator.
+pub const FRAMES_BASE: u64 = 0x100_0000;
+
 /// Smallest RAM our kernel accepts: the fixed areas above plus room to work.
-pub const MIN_RAM: u64 = 16 << 20;
+pub const MIN_RAM: u64 = 32 << 20;
 /// Largest RAM: guest RAM is one slot below the 32-bit MMIO hole (LAPIC, IOAPIC, TSS).
 pub const MAX_RAM: u64 = 3 << 30;
 /// Default size of a new image.

@@ -173,7 +173,7 @@ mod tests {
     #[test]
     fn a_second_open_is_refused_while_locked() {
         let path = temp_path("lock");
-        let first = NvmImage::open(&path, Some(16 << 20), false).unwrap();
+        let first = NvmImage::open(&path, Some(32 << 20), false).unwrap();
         assert!(matches!(NvmImage::open(&path, None, false), Err(ImageError::Locked { .. })));
         drop(first);
         NvmImage::open(&path, None, false).unwrap();
@@ -192,13 +192,13 @@ mod tests {
     fn reformat_discards_the_contents() {
         use std::io::{Read, Seek, SeekFrom, Write};
         let path = temp_path("reformat");
-        let image = NvmImage::open(&path, Some(16 << 20), false).unwrap();
+        let image = NvmImage::open(&path, Some(32 << 20), false).unwrap();
         let mut file = image.file();
         file.seek(SeekFrom::Start(8 << 20)).unwrap();
         file.write_all(b"persistent").unwrap();
         drop(image);
         let image = NvmImage::open(&path, None, true).unwrap();
-        assert_eq!(image.size(), 16 << 20);
+        assert_eq!(image.size(), 32 << 20);
         let mut buf = [0u8; 10];
         let mut file = image.file();
         file.seek(SeekFrom::Start(8 << 20)).unwrap();

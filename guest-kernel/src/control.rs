@@ -1,0 +1,58 @@
+//! The guest side of the machine-control device (`nvram::control`): messages to the VMM.
+//!
+//! Absent under QEMU (its ports read all ones): then messages are dropped.
+
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use nvram::control::{Booted, Heartbeat, BASE, DEVICE_ID, REG_DOORBELL, REG_TSC_KHZ};
+use spin::Mutex;
+use x86_64::instructions::port::Port;
+
+static PRESENT: AtomicBool = AtomicBool::new(false);
+
+/// A message buffer in kernel memory (identity-mapped, so its address is physical).
+#[repr(C, align(64))]
+struct Buffer([u8; 256]);
+
+static BUFFER: Mutex<Buffer> = Mutex::new(Buffer([0; 256]));
+
+/// Detects the device; returns the TSC frequency it reports (0 if absent or unknown).
+pub fn init() -> u64 {
+    // SAFETY: reading the device's identification register has no side effect; on a
+    // machine without it the port reads all ones.
+    let id = unsafe { Port::<u32>::new(BASE + REG_DOORBELL).read() };
+    if id != DEVICE_ID {
+        return 0;
+    }
+    PRESENT.store(true, Ordering::Relaxed);
+    // SAFETY: as above, for the TSC register.
+    u64::from(unsafe { Port::<u32>::new(BASE + REG_TSC_KHZ).read() })
+}
+
+pub fn present() -> bool {
+    PRESENT.load(Ordering::Relaxed)
+}
+
+/// Sends the bytes of a `repr(C)` message.
+fn send<T: Copy>(message: &T) {
+    if !present() {
+        return;
+    }
+    let mut buffer = BUFFER.lock();
+    let len = core::mem::size_of::<T>().min(buffer.0.len());
+    // SAFETY: `T` is a plain `repr(C)` message of integers; its bytes are read as is.
+    let bytes = unsafe { core::slice::from_raw_parts(message as *const T as *const u8, len) };
+    buffer.0[..len].copy_from_slice(bytes);
+    let addr = buffer.0.as_ptr() as u64;
+    // SAFETY: the doorbell takes the physical address of the message, which stays put
+    // while the VMM reads it (the port write traps to the VMM synchronously).
+    unsafe { Port::<u32>::new(BASE + REG_DOORBELL).write(addr as u32) };
+}
+
+pub fn booted(message: Booted) {
+    send(&message);
+}
+
+pub fn heartbeat(message: Heartbeat) {
+    send(&message);
+}

@@ -1,0 +1,36 @@
+//! The kernel's state for this boot: references into NVM (the tables) and scratch values.
+//!
+//! One CPU, and the kernel runs with interrupts off, so a spin lock taken at each entry
+//! (trap, system call) is never contended; it makes the exclusive access explicit.
+
+use kernel_core::frames::FrameBitmap;
+use kernel_core::process::ProcessTable;
+use kernel_core::resources::Resources;
+use spin::Mutex;
+
+pub struct Kernel {
+    /// Tender's memory-resource tables (NVM).
+    pub res: &'static mut Resources,
+    /// Real memory: the frame allocator's bitmap (NVM).
+    pub frames: FrameBitmap<'static>,
+    /// The process table (NVM, in a virtual kernel space).
+    pub procs: &'static mut ProcessTable,
+    /// The process on the CPU, if any.
+    pub current: Option<u32>,
+    /// Timer ticks since boot.
+    pub ticks: u64,
+}
+
+static KERNEL: Mutex<Option<Kernel>> = Mutex::new(None);
+
+/// Installs the state once the tables are open.
+pub fn install(kernel: Kernel) {
+    *KERNEL.lock() = Some(kernel);
+}
+
+/// Runs `f` with the kernel's state.
+pub fn with<R>(f: impl FnOnce(&mut Kernel) -> R) -> R {
+    let mut guard = KERNEL.lock();
+    let kernel = guard.as_mut().expect("the kernel state is installed before any trap can arrive");
+    f(kernel)
+}

@@ -1,0 +1,188 @@
+//! Virtual spaces: page tables.
+//!
+//! ```text
+//!   virtual address                     mapping
+//!   0x0000_0000_0000 - 0x0000_ffff_ffff  identity map of the first 4 GiB (boot page tables,
+//!                                        shared by every space), kernel only, except the
+//!                                        kernel's text and read-only data, which user
+//!                                        mode may read and run (the workloads' code lives
+//!                                        there; it touches no kernel data)
+//!   0x0080_0000_0000 - ...               user spaces of the process, 4 KiB pages, each
+//!                                        followed by an unmapped guard page
+//! ```
+//!
+//! Every space's PML4 shares entry 0 with the kernel's; the rest of the PML4 is the
+//! process's own. User pages are 4 KiB so that the CPU's dirty bits tell which pages changed.
+
+use kernel_core::frames::FrameBitmap;
+use x86_64::registers::control::{Cr3, Cr3Flags};
+use x86_64::structures::paging::mapper::{CleanUp, MapToError, UnmapError};
+use x86_64::structures::paging::{
+    FrameAllocator, FrameDeallocator, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags as Flags, PhysFrame,
+    Size4KiB,
+};
+use x86_64::{PhysAddr, VirtAddr};
+
+/// First virtual address of user spaces (PML4 entry 1).
+pub const USER_BASE: u64 = 0x80_0000_0000;
+/// End of the user half.
+pub const USER_END: u64 = 0x8000_0000_0000;
+
+const PAGE: u64 = 4096;
+
+extern "C" {
+    static boot_pml4: u8;
+    static boot_pdpt: u8;
+    static boot_pt0: u8;
+    static boot_pd: u8;
+    static __user_visible_start: u8;
+    static __user_visible_end: u8;
+}
+
+/// Physical address of the kernel's PML4 (the boot tables).
+pub fn kernel_root() -> u64 {
+    &raw const boot_pml4 as u64
+}
+
+/// Lets user mode read and run the kernel's text and read-only data: sets the user bit on
+/// the boot tables' path to them (the boot tables are rewritten from the ELF at every boot).
+pub fn init() {
+    // SAFETY: the boot page tables are identity-mapped statics of the kernel image, used by
+    // this CPU alone; setting the user bit on the path and on the text pages keeps every
+    // mapping's address and only widens access to read/execute of code and constants.
+    unsafe {
+        let pml4 = &raw const boot_pml4 as *mut u64;
+        let pdpt = &raw const boot_pdpt as *mut u64;
+        let pd = &raw const boot_pd as *mut u64;
+        let pt = &raw const boot_pt0 as *mut u64;
+        let user = Flags::USER_ACCESSIBLE.bits();
+        *pml4 |= user;
+        *pdpt |= user;
+        *pd |= user;
+        let start = &raw const __user_visible_start as u64 / PAGE;
+        let end = (&raw const __user_visible_end as u64).div_ceil(PAGE);
+        for page in start..end {
+            *pt.add(page as usize) |= user;
+        }
+        x86_64::instructions::tlb::flush_all();
+    }
+}
+
+/// Frames for page tables, from the NVM frame allocator; zeroed as the mapper expects.
+pub struct TableFrames<'a, 'b> {
+    pub frames: &'a mut FrameBitmap<'b>,
+    pub allocated: u32,
+}
+
+// SAFETY: every frame returned is a fresh allocation of the bitmap, unused elsewhere.
+unsafe impl FrameAllocator<Size4KiB> for TableFrames<'_, '_> {
+    fn allocate_frame(&mut self) -> Option<PhysFrame<Size4KiB>> {
+        let addr = self.frames.alloc(1).ok()?;
+        crate::memory::zero(addr, PAGE);
+        self.allocated += 1;
+        Some(PhysFrame::containing_address(PhysAddr::new(addr)))
+    }
+}
+
+impl FrameDeallocator<Size4KiB> for TableFrames<'_, '_> {
+    unsafe fn deallocate_frame(&mut self, frame: PhysFrame<Size4KiB>) {
+        let _ = self.frames.free(frame.start_address().as_u64(), 1);
+        self.allocated = self.allocated.saturating_sub(1);
+    }
+}
+
+/// The page tables of the space rooted at `root`.
+///
+/// # Safety
+///
+/// `root` must be a PML4 made by [`new_root`] (or the kernel's), identity-mapped, used by
+/// no one else while the returned value lives.
+unsafe fn tables(root: u64) -> OffsetPageTable<'static> {
+    // SAFETY: per the caller's contract; physical memory is identity-mapped (offset 0).
+    unsafe { OffsetPageTable::new(&mut *(root as *mut PageTable), VirtAddr::new(0)) }
+}
+
+/// Makes the PML4 of a new space: the kernel's entry 0, nothing else.
+pub fn new_root(frames: &mut FrameBitmap) -> Option<u64> {
+    let root = frames.alloc(1).ok()?;
+    crate::memory::zero(root, PAGE);
+    // SAFETY: `root` is a fresh, zeroed, identity-mapped frame; the kernel PML4 is the boot one.
+    unsafe { *(root as *mut u64) = *(kernel_root() as *const u64) };
+    Some(root)
+}
+
+/// Why a mapping failed.
+#[derive(Debug)]
+pub enum MapError {
+    OutOfMemory,
+    AlreadyMapped,
+}
+
+/// Maps `pages` pages of physical `phys` at user address `va` in the space `root`.
+pub fn map_user(root: u64, va: u64, phys: u64, pages: u64, writable: bool, frames: &mut TableFrames) -> Result<(), MapError> {
+    let mut flags = Flags::PRESENT | Flags::USER_ACCESSIBLE | Flags::NO_EXECUTE;
+    if writable {
+        flags |= Flags::WRITABLE;
+    }
+    let parents = Flags::PRESENT | Flags::WRITABLE | Flags::USER_ACCESSIBLE;
+    // SAFETY: `root` is a space's PML4; the kernel runs alone.
+    let mut tables = unsafe { tables(root) };
+    for i in 0..pages {
+        let page = Page::<Size4KiB>::containing_address(VirtAddr::new(va + i * PAGE));
+        let frame = PhysFrame::containing_address(PhysAddr::new(phys + i * PAGE));
+        // SAFETY: the frame belongs to a region attached to this space alone.
+        let result = unsafe { tables.map_to_with_table_flags(page, frame, flags, parents, frames) };
+        match result {
+            // A new mapping needs no TLB flush; the space's CR3 load flushes anyway.
+            Ok(flush) => flush.ignore(),
+            Err(MapToError::FrameAllocationFailed) => return Err(MapError::OutOfMemory),
+            Err(_) => return Err(MapError::AlreadyMapped),
+        }
+    }
+    Ok(())
+}
+
+/// Unmaps `pages` pages at user address `va` in the space `root`.
+pub fn unmap_user(root: u64, va: u64, pages: u64) {
+    // SAFETY: `root` is a space's PML4; the kernel runs alone.
+    let mut tables = unsafe { tables(root) };
+    let current = Cr3::read().0.start_address().as_u64() == root;
+    for i in 0..pages {
+        let page = Page::<Size4KiB>::containing_address(VirtAddr::new(va + i * PAGE));
+        match tables.unmap(page) {
+            Ok((_, flush)) if current => flush.flush(),
+            Ok((_, flush)) => flush.ignore(),
+            Err(UnmapError::PageNotMapped) => {}
+            Err(_) => {}
+        }
+    }
+}
+
+/// Frees the user half's page-table frames of the space `root`, and the PML4 itself.
+pub fn free_root(root: u64, frames: &mut TableFrames) {
+    // SAFETY: `root` is a space's PML4 whose user mappings are all gone; entry 0 (the
+    // kernel's) is cleared first so that clean-up never touches the shared tables.
+    unsafe {
+        *(root as *mut u64) = 0;
+        let mut tables = tables(root);
+        tables.clean_up(frames);
+    }
+    let _ = frames.frames.free(root, 1);
+}
+
+/// Switches to the space `root` (no-op if it is the current one).
+pub fn switch_to(root: u64) {
+    let (current, _) = Cr3::read();
+    if current.start_address().as_u64() != root {
+        // SAFETY: `root` is a PML4 that maps the kernel (entry 0 shared), so execution
+        // continues unchanged.
+        unsafe { Cr3::write(PhysFrame::containing_address(PhysAddr::new(root)), Cr3Flags::empty()) };
+    }
+}
+
+/// Whether `addr..addr + len` is readable by user code in the current space: inside a user
+/// space (checked by the caller against the space's table) or the user-visible kernel image.
+pub fn in_user_visible_image(addr: u64, len: u64) -> bool {
+    let (start, end) = (&raw const __user_visible_start as u64, &raw const __user_visible_end as u64);
+    addr >= start && addr.checked_add(len).is_some_and(|e| e <= end)
+}

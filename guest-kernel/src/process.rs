@@ -1,0 +1,157 @@
+//! Processes: creation, scheduling and death.
+//!
+//! A process is an entry of the process table (NVM) with its saved registers, and a virtual
+//! space with its user spaces (its stack, and the regions it maps). There is one kernel
+//! stack: a process's whole context is its saved [`TrapFrame`], so switching is copying a
+//! frame out and another in, and loading CR3.
+
+use kernel_core::process::{self, Process, Regs, State};
+use kernel_core::resources::USER_WRITABLE;
+
+use crate::interrupts::TrapFrame;
+use crate::kernel::Kernel;
+use crate::resources::ResError;
+use crate::{gdt, paging, println, res_op};
+
+/// Pages of a process's stack.
+const STACK_PAGES: u64 = 8;
+/// Timer ticks a process runs before the next one gets the CPU.
+pub const SLICE_TICKS: u64 = 1;
+
+/// A user program: its entry and up to four arguments.
+#[derive(Debug, Clone, Copy)]
+pub struct Program {
+    pub name: &'static str,
+    pub entry: extern "C" fn(u64, u64, u64, u64) -> !,
+    pub args: [u64; 4],
+}
+
+/// Creates a process running `program` in a new virtual space.
+pub fn spawn(k: &mut Kernel, program: &Program) -> Result<u32, ResError> {
+    let mut name = [0u8; 16];
+    let len = program.name.len().min(15);
+    name[..len].copy_from_slice(&program.name.as_bytes()[..len]);
+    let placeholder = Process { state: 0, space: 0, name, wake_at: 0, regs: Regs::default() };
+    let pid = k.procs.insert(placeholder).ok_or(ResError::Exhausted)?;
+    let made = (|| {
+        let space = res_op!(space.create(k, pid))?;
+        let stack = res_op!(user_space.create(k, space, STACK_PAGES, USER_WRITABLE))?;
+        Ok((space, stack))
+    })();
+    let (space, stack) = match made {
+        Ok(made) => made,
+        Err(e) => {
+            k.procs.remove(pid);
+            return Err(e);
+        }
+    };
+    let stack_top = k.res.user_spaces.get(stack).map_or(0, |s| s.vaddr + s.pages * 4096);
+    let sel = gdt_selectors();
+    let [a, b, c, d] = program.args;
+    let regs = Regs {
+        rip: program.entry as usize as u64,
+        cs: u64::from(sel.0),
+        rflags: 0x202, // IF
+        // At a function's entry the stack is 8 bytes off 16-byte alignment (a pushed return).
+        rsp: stack_top - 8,
+        ss: u64::from(sel.1),
+        rdi: a,
+        rsi: b,
+        rdx: c,
+        rcx: d,
+        ..Regs::default()
+    };
+    if let Some(p) = k.procs.get_mut(pid) {
+        p.space = space;
+        p.regs = regs;
+        p.state = State::Runnable as u32;
+    }
+    println!("process {pid} ({}) started", program.name);
+    Ok(pid)
+}
+
+fn gdt_selectors() -> (u16, u16) {
+    let sel = gdt::selectors();
+    (sel.user_code.0, sel.user_data.0)
+}
+
+/// Ends process `pid` and frees everything it holds.
+pub fn kill(k: &mut Kernel, pid: u32) {
+    let Some(p) = k.procs.remove(pid) else { return };
+    if k.current == Some(pid) {
+        k.current = None;
+        paging::switch_to(paging::kernel_root());
+    }
+    if let Err(e) = res_op!(space.delete(k, p.space)) {
+        println!("process {pid}: freeing its space failed: {e:?}");
+    }
+}
+
+/// Saves the interrupted process (if `frame` is one) and loads the next one to run into
+/// `frame`, or the idle context when none can run.
+pub fn schedule(k: &mut Kernel, frame: &mut TrapFrame) {
+    if let Some(current) = k.current {
+        if from_user(frame) {
+            if let Some(p) = k.procs.get_mut(current) {
+                p.regs = *frame;
+            }
+        }
+    }
+    match process::next_runnable(k.procs, k.current, k.ticks) {
+        Some(next) => {
+            let Some(p) = k.procs.get_mut(next) else { return };
+            p.state = State::Runnable as u32;
+            *frame = p.regs;
+            let space = p.space;
+            k.current = Some(next);
+            if let Some(space) = k.res.spaces.get(space) {
+                paging::switch_to(space.root);
+            }
+        }
+        None => {
+            k.current = None;
+            *frame = idle_frame();
+        }
+    }
+}
+
+/// Whether `frame` interrupted user mode.
+pub fn from_user(frame: &TrapFrame) -> bool {
+    frame.cs & 3 == 3
+}
+
+/// Puts the current process to sleep for `ticks` timer ticks.
+pub fn sleep(k: &mut Kernel, ticks: u64) {
+    if let Some(p) = k.current.and_then(|c| k.procs.get_mut(c)) {
+        p.state = State::Sleeping as u32;
+        p.wake_at = k.ticks + ticks.max(1);
+    }
+}
+
+const IDLE_STACK_SIZE: usize = 4096;
+
+#[repr(align(16))]
+#[allow(dead_code)] // Only its address is used.
+struct IdleStack([u8; IDLE_STACK_SIZE]);
+
+static mut IDLE_STACK: IdleStack = IdleStack([0; IDLE_STACK_SIZE]);
+
+/// Where the CPU waits, interrupts on, when no process can run.
+extern "C" fn idle() -> ! {
+    loop {
+        x86_64::instructions::hlt();
+    }
+}
+
+fn idle_frame() -> TrapFrame {
+    let sel = gdt::selectors();
+    let top = (&raw const IDLE_STACK as u64) + IDLE_STACK_SIZE as u64;
+    TrapFrame {
+        rip: idle as *const () as u64,
+        cs: u64::from(sel.kernel_code.0),
+        rflags: 0x202,
+        rsp: top - 8,
+        ss: u64::from(sel.kernel_data.0),
+        ..TrapFrame::default()
+    }
+}

@@ -1,0 +1,238 @@
+//! Operations on Tender's memory resources, reached through one operation table per
+//! resource type, so that a single operation can be replaced at run time (the plate
+//! function replaces "delete virtual user space" so that deletion defers the freeing of
+//! save areas).
+//!
+//! Creating a user space, for example, allocates real memory (frames), makes a virtual
+//! region of it, and attaches the region into the process's virtual space at the next free
+//! user address.
+
+use kernel_core::resources::{
+    KernelSpaceUse, RealMemory, VirtualKernelSpace, VirtualRegion, VirtualSpace, VirtualUserSpace, USER_WRITABLE,
+};
+use spin::RwLock;
+
+use crate::kernel::Kernel;
+use crate::paging::{self, TableFrames};
+
+const PAGE: u64 = 4096;
+
+/// Why a resource operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResError {
+    /// No frames, or a table is full.
+    Exhausted,
+    /// No such resource.
+    NoSuch,
+    /// The user address space is used up.
+    NoAddressSpace,
+}
+
+/// Real memory: runs of frames.
+pub struct RealMemoryOps {
+    pub create: fn(&mut Kernel, pages: u64) -> Result<u32, ResError>,
+    pub delete: fn(&mut Kernel, id: u32) -> Result<(), ResError>,
+}
+
+/// Virtual regions: memory images on real memory.
+pub struct RegionOps {
+    pub create: fn(&mut Kernel, pages: u64) -> Result<u32, ResError>,
+    pub delete: fn(&mut Kernel, id: u32) -> Result<(), ResError>,
+}
+
+/// Virtual spaces: page-table roots.
+pub struct SpaceOps {
+    pub create: fn(&mut Kernel, owner: u32) -> Result<u32, ResError>,
+    pub delete: fn(&mut Kernel, id: u32) -> Result<(), ResError>,
+}
+
+/// Virtual kernel spaces: regions attached into the kernel's space.
+pub struct KernelSpaceOps {
+    pub create: fn(&mut Kernel, pages: u64, usage: KernelSpaceUse) -> Result<u32, ResError>,
+    pub delete: fn(&mut Kernel, id: u32) -> Result<(), ResError>,
+}
+
+/// Virtual user spaces: regions attached into a process's space.
+pub struct UserSpaceOps {
+    pub create: fn(&mut Kernel, space: u32, pages: u64, flags: u64) -> Result<u32, ResError>,
+    pub delete: fn(&mut Kernel, id: u32) -> Result<(), ResError>,
+}
+
+/// The operation tables of every memory resource type.
+pub struct Ops {
+    pub real: RealMemoryOps,
+    pub region: RegionOps,
+    pub space: SpaceOps,
+    pub kernel_space: KernelSpaceOps,
+    pub user_space: UserSpaceOps,
+}
+
+/// The operations in force. Read at each call, so that a replacement takes effect at once.
+pub static OPS: RwLock<Ops> = RwLock::new(Ops {
+    real: RealMemoryOps { create: real_create, delete: real_delete },
+    region: RegionOps { create: region_create, delete: region_delete },
+    space: SpaceOps { create: space_create, delete: space_delete },
+    kernel_space: KernelSpaceOps { create: kernel_space_create, delete: kernel_space_delete },
+    user_space: UserSpaceOps { create: user_space_create, delete: user_space_delete },
+});
+
+/// Calls the operation `op` of the table in force.
+#[macro_export]
+macro_rules! res_op {
+    ($ty:ident . $op:ident ( $($arg:expr),* )) => {{
+        let f = $crate::resources::OPS.read().$ty.$op;
+        f($($arg),*)
+    }};
+}
+
+fn real_create(k: &mut Kernel, pages: u64) -> Result<u32, ResError> {
+    let base = k.frames.alloc(pages).map_err(|_| ResError::Exhausted)?;
+    crate::memory::zero(base, pages * PAGE);
+    match k.res.real.insert(RealMemory { base, pages }) {
+        Some(id) => Ok(id),
+        None => {
+            let _ = k.frames.free(base, pages);
+            Err(ResError::Exhausted)
+        }
+    }
+}
+
+fn real_delete(k: &mut Kernel, id: u32) -> Result<(), ResError> {
+    let real = k.res.real.remove(id).ok_or(ResError::NoSuch)?;
+    k.frames.free(real.base, real.pages).map_err(|_| ResError::NoSuch)
+}
+
+fn region_create(k: &mut Kernel, pages: u64) -> Result<u32, ResError> {
+    let real = res_op!(real.create(k, pages))?;
+    match k.res.regions.insert(VirtualRegion { real, flags: 0, pages }) {
+        Some(id) => Ok(id),
+        None => {
+            res_op!(real.delete(k, real))?;
+            Err(ResError::Exhausted)
+        }
+    }
+}
+
+fn region_delete(k: &mut Kernel, id: u32) -> Result<(), ResError> {
+    let region = k.res.regions.remove(id).ok_or(ResError::NoSuch)?;
+    res_op!(real.delete(k, region.real))
+}
+
+/// Physical address of a region's contents.
+pub fn region_base(k: &Kernel, region: u32) -> Option<u64> {
+    let region = k.res.regions.get(region)?;
+    Some(k.res.real.get(region.real)?.base)
+}
+
+fn space_create(k: &mut Kernel, owner: u32) -> Result<u32, ResError> {
+    let root = paging::new_root(&mut k.frames).ok_or(ResError::Exhausted)?;
+    let space = VirtualSpace { root, next_va: paging::USER_BASE, owner, table_pages: 1 };
+    match k.res.spaces.insert(space) {
+        Some(id) => Ok(id),
+        None => {
+            let _ = k.frames.free(root, 1);
+            Err(ResError::Exhausted)
+        }
+    }
+}
+
+/// Deletes a space and every user space attached into it.
+fn space_delete(k: &mut Kernel, id: u32) -> Result<(), ResError> {
+    let attached: heapless_ids::Ids = k.res.user_spaces.iter().filter(|(_, u)| u.space == id).map(|(i, _)| i).collect();
+    for user in attached.iter() {
+        res_op!(user_space.delete(k, user))?;
+    }
+    let space = k.res.spaces.remove(id).ok_or(ResError::NoSuch)?;
+    let mut frames = TableFrames { frames: &mut k.frames, allocated: 0 };
+    paging::free_root(space.root, &mut frames);
+    Ok(())
+}
+
+fn kernel_space_create(k: &mut Kernel, pages: u64, usage: KernelSpaceUse) -> Result<u32, ResError> {
+    let region = res_op!(region.create(k, pages))?;
+    let vaddr = region_base(k, region).ok_or(ResError::NoSuch)?;
+    match k.res.kernel_spaces.insert(VirtualKernelSpace { region, usage: usage as u32, vaddr }) {
+        Some(id) => Ok(id),
+        None => {
+            res_op!(region.delete(k, region))?;
+            Err(ResError::Exhausted)
+        }
+    }
+}
+
+fn kernel_space_delete(k: &mut Kernel, id: u32) -> Result<(), ResError> {
+    let space = k.res.kernel_spaces.remove(id).ok_or(ResError::NoSuch)?;
+    res_op!(region.delete(k, space.region))
+}
+
+fn user_space_create(k: &mut Kernel, space_id: u32, pages: u64, flags: u64) -> Result<u32, ResError> {
+    let space = *k.res.spaces.get(space_id).ok_or(ResError::NoSuch)?;
+    let va = space.next_va;
+    // Each user space is followed by an unmapped guard page.
+    let next_va = va.checked_add((pages + 1) * PAGE).filter(|&end| end <= paging::USER_END).ok_or(ResError::NoAddressSpace)?;
+    let region = res_op!(region.create(k, pages))?;
+    let phys = region_base(k, region).ok_or(ResError::NoSuch)?;
+    let mut frames = TableFrames { frames: &mut k.frames, allocated: 0 };
+    let mapped = paging::map_user(space.root, va, phys, pages, flags & USER_WRITABLE != 0, &mut frames);
+    let tables = frames.allocated;
+    if mapped.is_err() {
+        paging::unmap_user(space.root, va, pages);
+        res_op!(region.delete(k, region))?;
+        return Err(ResError::Exhausted);
+    }
+    if let Some(space) = k.res.spaces.get_mut(space_id) {
+        space.next_va = next_va;
+        space.table_pages += tables;
+    }
+    match k.res.user_spaces.insert(VirtualUserSpace { region, space: space_id, vaddr: va, pages, flags }) {
+        Some(id) => Ok(id),
+        None => {
+            paging::unmap_user(space.root, va, pages);
+            res_op!(region.delete(k, region))?;
+            Err(ResError::Exhausted)
+        }
+    }
+}
+
+fn user_space_delete(k: &mut Kernel, id: u32) -> Result<(), ResError> {
+    let user = k.res.user_spaces.remove(id).ok_or(ResError::NoSuch)?;
+    if let Some(space) = k.res.spaces.get(user.space) {
+        paging::unmap_user(space.root, user.vaddr, user.pages);
+    }
+    res_op!(region.delete(k, user.region))
+}
+
+/// The user space of `space` that contains `addr..addr + len`, if one does.
+pub fn user_space_at(k: &Kernel, space: u32, addr: u64, len: u64) -> Option<(u32, VirtualUserSpace)> {
+    let end = addr.checked_add(len)?;
+    k.res
+        .user_spaces
+        .iter()
+        .find(|(_, u)| u.space == space && addr >= u.vaddr && end <= u.vaddr + u.pages * PAGE)
+        .map(|(id, u)| (id, *u))
+}
+
+/// A small fixed-capacity list of ids, to collect before mutating a table.
+mod heapless_ids {
+    pub struct Ids {
+        ids: [u32; kernel_core::resources::USER_SPACES],
+        len: usize,
+    }
+
+    impl Ids {
+        pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+            self.ids[..self.len].iter().copied()
+        }
+    }
+
+    impl FromIterator<u32> for Ids {
+        fn from_iter<I: IntoIterator<Item = u32>>(iter: I) -> Self {
+            let mut out = Ids { ids: [0; kernel_core::resources::USER_SPACES], len: 0 };
+            for id in iter.into_iter().take(out.ids.len()) {
+                out.ids[out.len] = id;
+                out.len += 1;
+            }
+            out
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! System calls: entered with `int3` (number in `rax`, arguments in `rdi`, `rsi`, `rdx`,
+//! `r10`; see `interrupts` for why this trap), left with `iretq`; the result is in `rax`,
+//! an error is `-errno`-like (see [`err`]). Every other register is preserved.
+//!
+//! | nr | call                                  | result                              |
+//! |----|---------------------------------------|-------------------------------------|
+//! | 0  | `write(ptr, len)` to the console      | bytes written                       |
+//! | 1  | `yield()`                             | 0                                   |
+//! | 2  | `sleep(ms)`                           | 0                                   |
+//! | 3  | `time()`                              | nanoseconds since boot              |
+//! | 4  | `map(pages)`: new user space, zeroed  | its address                         |
+//! | 5  | `unmap(addr)`: delete that user space | 0                                   |
+//! | 6  | `exit(code)`                          | does not return                     |
+//! | 7  | `checkpoint()`                        | [`err::UNSUPPORTED`] until the plate function lands |
+//! | 8  | `report(name, progress, checksum, verified)`: a heartbeat to the VMM | 0    |
+
+use kernel_core::resources::USER_WRITABLE;
+use nvram::control::{Heartbeat, Verified, NAME_LEN};
+
+use crate::interrupts::TrapFrame;
+use crate::kernel::Kernel;
+use crate::{control, kernel, paging, print, process, res_op, resources, timer};
+
+/// System call numbers.
+pub mod nr {
+    pub const WRITE: u64 = 0;
+    pub const YIELD: u64 = 1;
+    pub const SLEEP: u64 = 2;
+    pub const TIME: u64 = 3;
+    pub const MAP: u64 = 4;
+    pub const UNMAP: u64 = 5;
+    pub const EXIT: u64 = 6;
+    pub const CHECKPOINT: u64 = 7;
+    pub const REPORT: u64 = 8;
+}
+
+/// Error results (as `u64`, they are the two's complement of small numbers).
+pub mod err {
+    pub const BAD_ADDRESS: u64 = -14i64 as u64;
+    pub const NO_MEMORY: u64 = -12i64 as u64;
+    pub const INVALID: u64 = -22i64 as u64;
+    pub const UNSUPPORTED: u64 = -38i64 as u64;
+    pub const NO_SUCH_CALL: u64 = -38i64 as u64 - 1;
+}
+
+/// Most pages one `map` may ask for (64 MiB).
+const MAX_MAP_PAGES: u64 = 16384;
+
+/// Handles the system call in `frame`.
+pub fn handle(frame: &mut TrapFrame) {
+    kernel::with(|k| {
+        let Some(pid) = k.current else { return };
+        let [a, b, c, d] = [frame.rdi, frame.rsi, frame.rdx, frame.r10];
+        let result = match frame.rax {
+            nr::WRITE => write(k, a, b),
+            nr::YIELD => {
+                frame.rax = 0;
+                process::schedule(k, frame);
+                return;
+            }
+            nr::SLEEP => {
+                frame.rax = 0;
+                process::sleep(k, timer::ms_to_ticks(a));
+                process::schedule(k, frame);
+                return;
+            }
+            nr::TIME => timer::now_ns(),
+            nr::MAP => map(k, a),
+            nr::UNMAP => unmap(k, a),
+            nr::EXIT => {
+                crate::println!("process {pid} exited with code {a}");
+                process::kill(k, pid);
+                process::schedule(k, frame);
+                return;
+            }
+            nr::CHECKPOINT => err::UNSUPPORTED,
+            nr::REPORT => report(k, pid, a, b, c, d),
+            _ => err::NO_SUCH_CALL,
+        };
+        frame.rax = result;
+    });
+}
+
+/// The bytes `addr..addr + len` of the current process, if it may read them.
+fn user_bytes(k: &Kernel, addr: u64, len: u64) -> Option<&'static [u8]> {
+    let space = k.procs.get(k.current?)?.space;
+    let readable = resources::user_space_at(k, space, addr, len).is_some() || paging::in_user_visible_image(addr, len);
+    // SAFETY: the range lies in a user space of the current process (mapped, since its
+    // space is loaded) or in the kernel's read-only image.
+    readable.then(|| unsafe { core::slice::from_raw_parts(addr as *const u8, len as usize) })
+}
+
+fn write(k: &mut Kernel, addr: u64, len: u64) -> u64 {
+    let len = len.min(4096);
+    match user_bytes(k, addr, len) {
+        Some(bytes) => {
+            print!("{}", core::str::from_utf8(bytes).unwrap_or("<invalid UTF-8>"));
+            len
+        }
+        None => err::BAD_ADDRESS,
+    }
+}
+
+fn map(k: &mut Kernel, pages: u64) -> u64 {
+    if pages == 0 || pages > MAX_MAP_PAGES {
+        return err::INVALID;
+    }
+    let Some(space) = k.current.and_then(|c| k.procs.get(c)).map(|p| p.space) else { return err::INVALID };
+    match res_op!(user_space.create(k, space, pages, USER_WRITABLE)) {
+        Ok(id) => k.res.user_spaces.get(id).map_or(err::NO_MEMORY, |u| u.vaddr),
+        Err(_) => err::NO_MEMORY,
+    }
+}
+
+fn unmap(k: &mut Kernel, addr: u64) -> u64 {
+    let Some(space) = k.current.and_then(|c| k.procs.get(c)).map(|p| p.space) else { return err::INVALID };
+    match resources::user_space_at(k, space, addr, 1) {
+        Some((id, user)) if user.vaddr == addr => match res_op!(user_space.delete(k, id)) {
+            Ok(()) => 0,
+            Err(_) => err::INVALID,
+        },
+        _ => err::BAD_ADDRESS,
+    }
+}
+
+fn report(k: &mut Kernel, pid: u32, name: u64, progress: u64, checksum: u64, verified: u64) -> u64 {
+    let Some(bytes) = user_bytes(k, name, NAME_LEN as u64) else { return err::BAD_ADDRESS };
+    let len = bytes.iter().position(|&b| b == 0).unwrap_or(NAME_LEN);
+    let Ok(name) = core::str::from_utf8(&bytes[..len]) else { return err::INVALID };
+    let verified = match verified {
+        1 => Verified::Passed,
+        2 => Verified::Failed,
+        _ => Verified::Unknown,
+    };
+    control::heartbeat(Heartbeat::new(name, pid, progress, checksum, verified));
+    0
+}

@@ -1,0 +1,64 @@
+//! What the kernel does at each entry: exceptions, timer interrupts, system calls.
+
+use nvram::exit::ExitCode;
+
+use crate::interrupts::{exception_name, ShowRegs, TrapFrame, IRQ_BASE, SYSCALL_VECTOR};
+use crate::process::{self, from_user};
+use crate::{kernel, machine, println, syscall, timer};
+
+/// Handles the entry described by `frame`; on return, `frame` is the context to resume.
+pub fn dispatch(frame: &mut TrapFrame) {
+    match frame.vector {
+        SYSCALL_VECTOR if from_user(frame) => syscall::handle(frame),
+        v if v < u64::from(IRQ_BASE) => exception(frame),
+        v if v == u64::from(IRQ_BASE) => {
+            timer::end_of_interrupt(0);
+            kernel::with(|k| {
+                k.ticks += 1;
+                machine::check_power_off(k.ticks);
+                // Preempt on every tick: ticks are long (timer::HZ), and the idle context
+                // must notice a sleeper that woke.
+                if k.ticks.is_multiple_of(process::SLICE_TICKS) || k.current.is_none() {
+                    process::schedule(k, frame);
+                }
+            });
+        }
+        v if v < u64::from(IRQ_BASE) + 16 => timer::end_of_interrupt((v - u64::from(IRQ_BASE)) as u8),
+        _ => {}
+    }
+}
+
+/// A CPU exception: a user process that faults is killed and the others go on; a fault in
+/// the kernel stops the machine with everything a developer needs.
+fn exception(frame: &mut TrapFrame) {
+    let cr2 = x86_64::registers::control::Cr2::read_raw();
+    if from_user(frame) {
+        kernel::with(|k| {
+            let Some(pid) = k.current else { return };
+            let name = k.procs.get(pid).map_or("?", |p| p.name());
+            let mut label = [0u8; 16];
+            let len = name.len().min(16);
+            label[..len].copy_from_slice(&name.as_bytes()[..len]);
+            let name = core::str::from_utf8(&label[..len]).unwrap_or("?");
+            println!(
+                "process {pid} ({name}) killed: {} (vector {}, error code {:#x}, cr2 {cr2:#x}) at rip {:#x} cs {:#x} rsp {:#x}",
+                exception_name(frame.vector),
+                frame.vector,
+                frame.error_code,
+                frame.rip, frame.cs, frame.rsp
+            );
+            process::kill(k, pid);
+            process::schedule(k, frame);
+        });
+        return;
+    }
+    crate::console::emergency_print(format_args!(
+        "\nKERNEL FAULT: {} (vector {}, error code {:#x}, cr2 {:#x})\n{}\n",
+        exception_name(frame.vector),
+        frame.vector,
+        frame.error_code,
+        cr2,
+        ShowRegs(frame)
+    ));
+    machine::exit(ExitCode::Exception);
+}

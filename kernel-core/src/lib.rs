@@ -1,0 +1,9 @@
+//! The guest kernel's pure logic: no hardware, no allocation, no statics, so that it runs in
+//! the guest (kernel and user mode alike) and is tested on the host.
+#![no_std]
+
+pub mod frames;
+pub mod kv;
+pub mod process;
+pub mod resources;
+pub mod table;
