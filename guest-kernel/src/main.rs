@@ -145,7 +145,7 @@ fn placeholder_procs() -> &'static mut ProcessTable {
     static mut EMPTY: core::mem::MaybeUninit<ProcessTable> = core::mem::MaybeUninit::zeroed();
     // SAFETY: used once, at boot, before the real table replaces it; all-zero is a valid
     // (empty, unformatted) table.
-    unsafe { (*(&raw mut EMPTY)).assume_init_mut() }
+    unsafe { &mut *(&raw mut EMPTY).cast::<ProcessTable>() }
 }
 
 fn program(app: App, cmdline: &Cmdline) -> Program {

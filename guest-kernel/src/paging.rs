@@ -14,11 +14,10 @@
 //! Every space's PML4 shares entry 0 with the kernel's; the rest of the PML4 is the
 //! process's own. User pages are 4 KiB so that the CPU's dirty bits tell which pages changed.
 
-use kernel_core::frames::FrameBitmap;
 use x86_64::registers::control::{Cr3, Cr3Flags};
-use x86_64::structures::paging::mapper::{CleanUp, MapToError, UnmapError};
+use x86_64::structures::paging::mapper::{MapToError, UnmapError};
 use x86_64::structures::paging::{
-    FrameAllocator, FrameDeallocator, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags as Flags, PhysFrame,
+    FrameAllocator, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags as Flags, PhysFrame,
     Size4KiB,
 };
 use x86_64::{PhysAddr, VirtAddr};
@@ -68,26 +67,25 @@ pub fn init() {
     }
 }
 
-/// Frames for page tables, from the NVM frame allocator; zeroed as the mapper expects.
-pub struct TableFrames<'a, 'b> {
-    pub frames: &'a mut FrameBitmap<'b>,
-    pub allocated: u32,
+/// Frames for a space's page tables, from its pool (`VirtualSpace::pool`), zeroed as the
+/// mapper expects. Frames are never given back one by one: the pool goes with the space.
+pub struct TablePool<'a> {
+    pub base: u64,
+    pub capacity: u64,
+    pub used: &'a mut u32,
 }
 
-// SAFETY: every frame returned is a fresh allocation of the bitmap, unused elsewhere.
-unsafe impl FrameAllocator<Size4KiB> for TableFrames<'_, '_> {
+// SAFETY: every frame returned is a pool frame not handed out before.
+unsafe impl FrameAllocator<Size4KiB> for TablePool<'_> {
     fn allocate_frame(&mut self) -> Option<PhysFrame<Size4KiB>> {
-        let addr = self.frames.alloc(1).ok()?;
+        let index = u64::from(*self.used);
+        if index >= self.capacity {
+            return None;
+        }
+        let addr = self.base + index * PAGE;
         crate::memory::zero(addr, PAGE);
-        self.allocated += 1;
+        *self.used += 1;
         Some(PhysFrame::containing_address(PhysAddr::new(addr)))
-    }
-}
-
-impl FrameDeallocator<Size4KiB> for TableFrames<'_, '_> {
-    unsafe fn deallocate_frame(&mut self, frame: PhysFrame<Size4KiB>) {
-        let _ = self.frames.free(frame.start_address().as_u64(), 1);
-        self.allocated = self.allocated.saturating_sub(1);
     }
 }
 
@@ -102,13 +100,13 @@ unsafe fn tables(root: u64) -> OffsetPageTable<'static> {
     unsafe { OffsetPageTable::new(&mut *(root as *mut PageTable), VirtAddr::new(0)) }
 }
 
-/// Makes the PML4 of a new space: the kernel's entry 0, nothing else.
-pub fn new_root(frames: &mut FrameBitmap) -> Option<u64> {
-    let root = frames.alloc(1).ok()?;
+/// Makes `root` (a frame of the space's own) the PML4 of a new space: the kernel's entry 0,
+/// nothing else.
+pub fn init_root(root: u64) {
     crate::memory::zero(root, PAGE);
-    // SAFETY: `root` is a fresh, zeroed, identity-mapped frame; the kernel PML4 is the boot one.
+    // SAFETY: `root` is a frame owned by the new space, identity-mapped; the kernel PML4 is
+    // the boot one.
     unsafe { *(root as *mut u64) = *(kernel_root() as *const u64) };
-    Some(root)
 }
 
 /// Why a mapping failed.
@@ -119,7 +117,7 @@ pub enum MapError {
 }
 
 /// Maps `pages` pages of physical `phys` at user address `va` in the space `root`.
-pub fn map_user(root: u64, va: u64, phys: u64, pages: u64, writable: bool, frames: &mut TableFrames) -> Result<(), MapError> {
+pub fn map_user(root: u64, va: u64, phys: u64, pages: u64, writable: bool, frames: &mut TablePool) -> Result<(), MapError> {
     let mut flags = Flags::PRESENT | Flags::USER_ACCESSIBLE | Flags::NO_EXECUTE;
     if writable {
         flags |= Flags::WRITABLE;
@@ -158,16 +156,9 @@ pub fn unmap_user(root: u64, va: u64, pages: u64) {
     }
 }
 
-/// Frees the user half's page-table frames of the space `root`, and the PML4 itself.
-pub fn free_root(root: u64, frames: &mut TableFrames) {
-    // SAFETY: `root` is a space's PML4 whose user mappings are all gone; entry 0 (the
-    // kernel's) is cleared first so that clean-up never touches the shared tables.
-    unsafe {
-        *(root as *mut u64) = 0;
-        let mut tables = tables(root);
-        tables.clean_up(frames);
-    }
-    let _ = frames.frames.free(root, 1);
+/// The PML4 in use.
+pub fn current_root() -> u64 {
+    Cr3::read().0.start_address().as_u64()
 }
 
 /// Switches to the space `root` (no-op if it is the current one).

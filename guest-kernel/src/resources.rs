@@ -8,12 +8,13 @@
 //! user address.
 
 use kernel_core::resources::{
-    KernelSpaceUse, RealMemory, VirtualKernelSpace, VirtualRegion, VirtualSpace, VirtualUserSpace, USER_WRITABLE,
+    KernelSpaceUse, RealMemory, VirtualKernelSpace, VirtualRegion, VirtualSpace, VirtualUserSpace, TABLE_POOL_PAGES,
+    USER_WRITABLE,
 };
 use spin::RwLock;
 
 use crate::kernel::Kernel;
-use crate::paging::{self, TableFrames};
+use crate::paging::{self, TablePool};
 
 const PAGE: u64 = 4096;
 
@@ -49,6 +50,7 @@ pub struct SpaceOps {
 /// Virtual kernel spaces: regions attached into the kernel's space.
 pub struct KernelSpaceOps {
     pub create: fn(&mut Kernel, pages: u64, usage: KernelSpaceUse) -> Result<u32, ResError>,
+    #[allow(dead_code, reason = "kernel spaces live as long as the image for now")]
     pub delete: fn(&mut Kernel, id: u32) -> Result<(), ResError>,
 }
 
@@ -85,9 +87,10 @@ macro_rules! res_op {
     }};
 }
 
+/// Allocates frames; their contents are whatever the image held (zeroing is the user's
+/// choice: under PVM each zeroed page costs hundreds of emulated instructions).
 fn real_create(k: &mut Kernel, pages: u64) -> Result<u32, ResError> {
     let base = k.frames.alloc(pages).map_err(|_| ResError::Exhausted)?;
-    crate::memory::zero(base, pages * PAGE);
     match k.res.real.insert(RealMemory { base, pages }) {
         Some(id) => Ok(id),
         None => {
@@ -125,12 +128,14 @@ pub fn region_base(k: &Kernel, region: u32) -> Option<u64> {
 }
 
 fn space_create(k: &mut Kernel, owner: u32) -> Result<u32, ResError> {
-    let root = paging::new_root(&mut k.frames).ok_or(ResError::Exhausted)?;
-    let space = VirtualSpace { root, next_va: paging::USER_BASE, owner, table_pages: 1 };
+    let pool = res_op!(real.create(k, TABLE_POOL_PAGES))?;
+    let root = k.res.real.get(pool).ok_or(ResError::NoSuch)?.base;
+    paging::init_root(root);
+    let space = VirtualSpace { root, next_va: paging::USER_BASE, owner, pool, pool_used: 1, reserved: 0 };
     match k.res.spaces.insert(space) {
         Some(id) => Ok(id),
         None => {
-            let _ = k.frames.free(root, 1);
+            res_op!(real.delete(k, pool))?;
             Err(ResError::Exhausted)
         }
     }
@@ -143,14 +148,16 @@ fn space_delete(k: &mut Kernel, id: u32) -> Result<(), ResError> {
         res_op!(user_space.delete(k, user))?;
     }
     let space = k.res.spaces.remove(id).ok_or(ResError::NoSuch)?;
-    let mut frames = TableFrames { frames: &mut k.frames, allocated: 0 };
-    paging::free_root(space.root, &mut frames);
-    Ok(())
+    if paging::current_root() == space.root {
+        paging::switch_to(paging::kernel_root());
+    }
+    res_op!(real.delete(k, space.pool))
 }
 
 fn kernel_space_create(k: &mut Kernel, pages: u64, usage: KernelSpaceUse) -> Result<u32, ResError> {
     let region = res_op!(region.create(k, pages))?;
     let vaddr = region_base(k, region).ok_or(ResError::NoSuch)?;
+    crate::memory::zero(vaddr, pages * PAGE);
     match k.res.kernel_spaces.insert(VirtualKernelSpace { region, usage: usage as u32, vaddr }) {
         Some(id) => Ok(id),
         None => {
@@ -172,9 +179,14 @@ fn user_space_create(k: &mut Kernel, space_id: u32, pages: u64, flags: u64) -> R
     let next_va = va.checked_add((pages + 1) * PAGE).filter(|&end| end <= paging::USER_END).ok_or(ResError::NoAddressSpace)?;
     let region = res_op!(region.create(k, pages))?;
     let phys = region_base(k, region).ok_or(ResError::NoSuch)?;
-    let mut frames = TableFrames { frames: &mut k.frames, allocated: 0 };
-    let mapped = paging::map_user(space.root, va, phys, pages, flags & USER_WRITABLE != 0, &mut frames);
-    let tables = frames.allocated;
+    crate::memory::zero(phys, pages * PAGE);
+    let pool_base = k.res.real.get(space.pool).ok_or(ResError::NoSuch)?.base;
+    let mut used = space.pool_used;
+    let mut pool = TablePool { base: pool_base, capacity: TABLE_POOL_PAGES, used: &mut used };
+    let mapped = paging::map_user(space.root, va, phys, pages, flags & USER_WRITABLE != 0, &mut pool);
+    if let Some(space) = k.res.spaces.get_mut(space_id) {
+        space.pool_used = used;
+    }
     if mapped.is_err() {
         paging::unmap_user(space.root, va, pages);
         res_op!(region.delete(k, region))?;
@@ -182,7 +194,6 @@ fn user_space_create(k: &mut Kernel, space_id: u32, pages: u64, flags: u64) -> R
     }
     if let Some(space) = k.res.spaces.get_mut(space_id) {
         space.next_va = next_va;
-        space.table_pages += tables;
     }
     match k.res.user_spaces.insert(VirtualUserSpace { region, space: space_id, vaddr: va, pages, flags }) {
         Some(id) => Ok(id),

@@ -43,8 +43,8 @@ pub mod err {
     pub const NO_SUCH_CALL: u64 = -38i64 as u64 - 1;
 }
 
-/// Most pages one `map` may ask for (64 MiB).
-const MAX_MAP_PAGES: u64 = 16384;
+/// Most pages one `map` may ask for (32 MiB: a space's page-table pool maps 58 MiB).
+const MAX_MAP_PAGES: u64 = 8192;
 
 /// Handles the system call in `frame`.
 pub fn handle(frame: &mut TrapFrame) {

@@ -53,19 +53,27 @@ pub struct VirtualRegion {
     pub pages: u64,
 }
 
-/// An address space.
+/// An address space. Its page tables come from a pool of frames of its own (a real
+/// memory), so that they are found, saved and restored as one run of frames.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct VirtualSpace {
-    /// Physical address of the PML4.
+    /// Physical address of the PML4: the pool's first frame.
     pub root: u64,
     /// Next free user virtual address (user spaces are attached at increasing addresses).
     pub next_va: u64,
     /// Process that owns the space.
     pub owner: u32,
-    /// Page-table frames allocated for the space.
-    pub table_pages: u32,
+    /// The real memory holding the page-table pool.
+    pub pool: u32,
+    /// Frames of the pool in use (the PML4 included).
+    pub pool_used: u32,
+    pub reserved: u32,
 }
+
+/// Frames in a space's page-table pool: the PML4, a PDPT, a PD and page tables for 58 MiB
+/// of user space.
+pub const TABLE_POOL_PAGES: u64 = 32;
 
 /// A region attached into the kernel's space (identity-mapped: `vaddr` is its frames' address).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

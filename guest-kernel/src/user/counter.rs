@@ -24,7 +24,7 @@ pub extern "C" fn main(_: u64, _: u64, _: u64, _: u64) -> ! {
             // SAFETY: as above.
             let value = unsafe { counter.read_volatile() };
             report(NAME, value, value, Check::Unknown);
-            if reports % 20 == 0 {
+            if reports.is_multiple_of(20) {
                 uprintln!("counter: {value}");
             }
             reports += 1;
