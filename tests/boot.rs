@@ -27,7 +27,7 @@ fn boots_prints_the_banner_and_powers_off() {
     assert!(console.contains("Tender NVM kernel"), "{console}");
     assert!(console.contains("command line: \"poweroff"), "{console}");
     assert!(console.contains("memory 0x0000100000-0x0002000000 ram"), "32 MiB of RAM in the map:\n{console}");
-    assert!(console.contains("cold boot: blank image formatted"), "{console}");
+    assert!(console.contains("blank image: formatting (cold boot)"), "{console}");
     assert!(console.contains("powering off"), "{console}");
     let image = std::fs::metadata(scratch.image()).unwrap();
     assert_eq!(image.len(), 32 << 20);

@@ -6,9 +6,12 @@
 use kernel_core::frames::FrameBitmap;
 use kernel_core::process::ProcessTable;
 use kernel_core::resources::Resources;
+use nvram::header::RootHeader;
 use spin::Mutex;
 
 pub struct Kernel {
+    /// The root header as last written.
+    pub header: RootHeader,
     /// Tender's memory-resource tables (NVM).
     pub res: &'static mut Resources,
     /// Real memory: the frame allocator's bitmap (NVM).

@@ -12,12 +12,30 @@ pub fn power_off_at(tick: u64) {
     POWER_OFF_AT.store(tick, Ordering::Relaxed);
 }
 
-/// Called at every tick: powers off if the time set by [`power_off_at`] has come.
-pub fn check_power_off(tick: u64) {
-    if tick >= POWER_OFF_AT.load(Ordering::Relaxed) {
-        crate::println!("run time over: powering off");
-        exit(ExitCode::PowerOff);
+/// Whether the time set by [`power_off_at`] has come.
+pub fn power_off_due(tick: u64) -> bool {
+    tick >= POWER_OFF_AT.load(Ordering::Relaxed)
+}
+
+/// A graceful shutdown: everything needed to resume is already in NVM (the process table
+/// holds every process's registers, once the interrupted one's are saved); write back every
+/// cache line, then set the shutdown flag to "normal", last, and power off. The next boot
+/// resumes exactly here (NVM continuation).
+pub fn shutdown(k: &mut crate::kernel::Kernel, frame: &crate::interrupts::TrapFrame) -> ! {
+    if let Some(current) = k.current {
+        if crate::process::from_user(frame) {
+            if let Some(p) = k.procs.get_mut(current) {
+                p.regs = *frame;
+            }
+        }
     }
+    // SAFETY: writing back and invalidating the caches has no effect on memory contents.
+    unsafe { core::arch::asm!("wbinvd", options(nostack, preserves_flags)) };
+    k.header.shutdown_flag = nvram::header::ShutdownFlag::Normal as u32;
+    k.header.seal();
+    crate::nvm::store_header(&k.header);
+    crate::println!("shut down: the machine's state is kept in NVM");
+    exit(ExitCode::PowerOff)
 }
 
 /// Stops the machine with `code`. If no exit device answers (a machine without one), the

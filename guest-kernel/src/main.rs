@@ -31,7 +31,7 @@ mod user;
 
 use cmdline::{App, Cmdline, Fault};
 use kernel_core::process::ProcessTable;
-use kernel_core::resources::KernelSpaceUse;
+use kernel_core::resources::{KernelSpaceUse, Kind};
 use nvram::control::{BootKind, Booted};
 use nvram::exit::ExitCode;
 use nvram::header::ShutdownFlag;
@@ -64,24 +64,14 @@ extern "C" fn kmain(start_info: u64) -> ! {
     let cmdline = Cmdline::parse(info.cmdline, |item| println!("ignoring unknown command-line item \"{item}\""));
 
     let flush = persist::init(cmdline.flush);
-    let nvm = match nvm::open(info.ram_end()) {
-        Ok(nvm) => nvm,
-        Err(e) => {
-            println!("NVM: refusing this image: {e}");
-            println!("NVM: `vmm boot --reformat` starts it afresh (its contents are lost)");
-            machine::exit(ExitCode::BadImage);
-        }
-    };
-    let how = match nvm.found {
-        nvm::Found::Blank => "cold boot: blank image formatted",
-        nvm::Found::Known(ShutdownFlag::Normal) => "previous run shut down normally",
-        nvm::Found::Known(ShutdownFlag::Abnormal) => "previous run stopped abruptly",
-    };
-    println!("NVM: {} MiB, {how}", info.ram_end() >> 20);
-    println!("boot {} of this image, cache flush by {}", nvm.header.boot_count, flush.name());
-
+    let nvm = nvm::open(info.ram_end()).unwrap_or_else(|e| refuse(e));
+    println!(
+        "NVM: {} MiB, boot {} of this image, cache flush by {}",
+        info.ram_end() >> 20,
+        nvm.header.boot_count,
+        flush.name()
+    );
     let tsc_khz = control::init();
-    control::booted(Booted::new(BootKind::Cold, nvm.header.boot_count, nvm.header.generation));
 
     match cmdline.fault {
         Some(Fault::InvalidOpcode) => {
@@ -107,25 +97,66 @@ extern "C" fn kmain(start_info: u64) -> ! {
     start(nvm, &cmdline, tsc_khz)
 }
 
-/// Installs the kernel state, starts the workloads and the timer, and enters the first
-/// process (or the idle loop).
-fn start(nvm: nvm::Nvm, cmdline: &Cmdline, tsc_khz: u64) -> ! {
-    let nvm::Nvm { resources, frames, .. } = nvm;
-    kernel::install(kernel::Kernel { res: resources, frames, procs: placeholder_procs(), current: None, ticks: 0 });
-    kernel::with(|k| {
-        let pages = (core::mem::size_of::<ProcessTable>() as u64).div_ceil(4096);
-        let space = res_op!(kernel_space.create(k, pages, KernelSpaceUse::ProcessTable)).expect("room for the process table");
-        let addr = k.res.kernel_spaces.get(space).map(|s| s.vaddr).expect("just created");
-        // SAFETY: the kernel space was just allocated (zeroed) for the table, identity-mapped.
-        let procs = unsafe { &mut *(addr as *mut ProcessTable) };
-        procs.format(kernel_core::resources::Kind::Process as u32);
-        k.procs = procs;
-        for app in cmdline.apps() {
-            let program = program(app, cmdline);
-            if let Err(e) = process::spawn(k, &program) {
-                println!("cannot start {}: {e:?}", program.name);
-            }
+/// Decides how to boot from what NVM holds, installs the kernel state, starts (or resumes)
+/// the workloads and the timer, and enters the first process (or the idle loop).
+fn start(mut nvm: nvm::Nvm, cmdline: &Cmdline, tsc_khz: u64) -> ! {
+    let kind = match nvm.found {
+        nvm::Found::Blank => {
+            println!("NVM: blank image: formatting (cold boot)");
+            nvm.format();
+            BootKind::Cold
         }
+        nvm::Found::Known(ShutdownFlag::Normal) => match nvm.check() {
+            Ok(()) => {
+                println!("NVM: previous run shut down normally: resuming where it stopped");
+                BootKind::Resumed
+            }
+            Err(e) => refuse(e),
+        },
+        nvm::Found::Known(ShutdownFlag::Abnormal) => {
+            println!("NVM: previous run stopped abruptly and nothing was committed: starting afresh");
+            nvm.format();
+            BootKind::Cold
+        }
+    };
+    let header = nvm.header;
+    let nvm::Nvm { resources, frames, .. } = nvm;
+    kernel::install(kernel::Kernel {
+        header,
+        res: resources,
+        frames,
+        procs: placeholder_procs(),
+        current: None,
+        ticks: 0,
+    });
+    kernel::with(|k| {
+        if kind == BootKind::Cold {
+            let pages = (core::mem::size_of::<ProcessTable>() as u64).div_ceil(4096);
+            let space =
+                res_op!(kernel_space.create(k, pages, KernelSpaceUse::ProcessTable)).expect("room for the process table");
+            let addr = k.res.kernel_spaces.get(space).map(|s| s.vaddr).expect("just created");
+            // SAFETY: the kernel space was just allocated (zeroed) for the table, identity-mapped.
+            k.procs = unsafe { &mut *(addr as *mut ProcessTable) };
+            k.procs.format(Kind::Process as u32);
+            for app in cmdline.apps() {
+                let program = program(app, cmdline);
+                if let Err(e) = process::spawn(k, &program) {
+                    println!("cannot start {}: {e:?}", program.name);
+                }
+            }
+        } else {
+            let table = k.res.kernel_spaces.iter().find(|(_, s)| s.usage == KernelSpaceUse::ProcessTable as u32);
+            let Some(addr) = table.map(|(_, s)| s.vaddr) else { refuse(nvm::ImageError::Table(Kind::Process)) };
+            // SAFETY: the kernel space holding the process table, identity-mapped, ours alone.
+            k.procs = unsafe { &mut *(addr as *mut ProcessTable) };
+            if let Err(e) = k.procs.check(Kind::Process as u32) {
+                println!("NVM: process table header {e:?}");
+                refuse(nvm::ImageError::Table(Kind::Process));
+            }
+            process::wake_all(k);
+            println!("NVM: {} processes to resume", k.procs.live());
+        }
+        control::booted(Booted::new(kind, k.header.boot_count, k.header.generation));
     });
     timer::init(tsc_khz);
     println!("timer at {} Hz, TSC {} kHz", timer::HZ, timer::tsc_khz());
@@ -138,6 +169,13 @@ fn start(nvm: nvm::Nvm, cmdline: &Cmdline, tsc_khz: u64) -> ! {
         println!("idle");
     }
     interrupts::enter(&frame)
+}
+
+/// Stops the machine over an image this kernel must not use.
+fn refuse(e: nvm::ImageError) -> ! {
+    println!("NVM: refusing this image: {e}");
+    println!("NVM: `vmm boot --reformat` starts it afresh (its contents are lost)");
+    machine::exit(ExitCode::BadImage);
 }
 
 /// Until the process table's kernel space exists, an empty table in scratch memory.

@@ -1,9 +1,8 @@
 //! The kernel's lasting state in NVM: the root header and the tables it leads to.
 //!
 //! At boot the root header decides: a blank image is formatted; a formatted image of this
-//! kernel build is opened; anything else is refused (see `nvram::header`). Until the plate
-//! function can restore a consistent state, an opened image's tables are formatted afresh
-//! at every boot (only the header's counters carry over).
+//! kernel build is opened, and its shutdown flag says whether its tables can be used as
+//! they are (a graceful shutdown) or not; anything else is refused (see `nvram::header`).
 
 use kernel_core::frames::{self, FrameBitmap};
 use kernel_core::resources::Resources;
@@ -36,6 +35,10 @@ pub enum ImageError {
     ForeignBuild { found: u64 },
     /// RAM is too small for the fixed areas.
     TooSmall { ram: u64 },
+    /// The header's layout fields disagree with this RAM size or this kernel's layout.
+    Layout,
+    /// A resource table's header is not what it must be.
+    Table(kernel_core::resources::Kind),
 }
 
 impl core::fmt::Display for ImageError {
@@ -46,6 +49,8 @@ impl core::fmt::Display for ImageError {
                 write!(f, "the image was written by kernel build {found:016x}, this is build {BUILD_ID:016x}")
             }
             Self::TooSmall { ram } => write!(f, "{ram} bytes of RAM cannot hold the kernel's tables"),
+            Self::Layout => write!(f, "the root header's layout does not match this RAM size"),
+            Self::Table(kind) => write!(f, "the {kind:?} table is corrupt"),
         }
     }
 }
@@ -62,8 +67,9 @@ pub struct Nvm {
     pub frames: FrameBitmap<'static>,
 }
 
-/// Reads the root header, formats a blank image (or, for now, the tables of a known one),
-/// counts the boot and marks the run "abnormal" until a graceful shutdown says otherwise.
+/// Reads and checks the root header (a blank image gets a new one), counts the boot and
+/// marks the run "abnormal" until a graceful shutdown says otherwise. The tables are
+/// returned as found: [`Nvm::format`] starts them afresh, [`Nvm::check`] checks them.
 pub fn open(ram_end: u64) -> Result<Nvm, ImageError> {
     if ram_end < layout::MIN_RAM {
         return Err(ImageError::TooSmall { ram: ram_end });
@@ -71,20 +77,23 @@ pub fn open(ram_end: u64) -> Result<Nvm, ImageError> {
     // SAFETY: ROOT_HEADER is identity-mapped RAM reserved for the header (nvram::layout).
     let bytes = unsafe { header_ptr().read_volatile() };
     let mut header = RootHeader::from_bytes(&bytes);
+    let frame_count = (ram_end - layout::FRAMES_BASE) / layout::PAGE_SIZE;
     let found = match header.validate() {
-        Ok(flag) if header.build_id == BUILD_ID => Found::Known(flag),
-        Ok(_) => return Err(ImageError::ForeignBuild { found: header.build_id }),
+        Ok(_) if header.build_id != BUILD_ID => return Err(ImageError::ForeignBuild { found: header.build_id }),
+        Ok(_) if header.frames != frame_count || header.resources != layout::RESOURCES => {
+            return Err(ImageError::Layout)
+        }
+        Ok(flag) => Found::Known(flag),
         Err(HeaderError::Blank) => {
             header = RootHeader::new(BUILD_ID);
+            header.resources = layout::RESOURCES;
+            header.frame_bitmap = layout::FRAME_BITMAP;
+            header.frames_base = layout::FRAMES_BASE;
+            header.frames = frame_count;
             Found::Blank
         }
         Err(e) => return Err(ImageError::Header(e)),
     };
-    let frame_count = (ram_end - layout::FRAMES_BASE) / layout::PAGE_SIZE;
-    header.resources = layout::RESOURCES;
-    header.frame_bitmap = layout::FRAME_BITMAP;
-    header.frames_base = layout::FRAMES_BASE;
-    header.frames = frame_count;
 
     // SAFETY: the resource block and the bitmap have their own fixed areas (nvram::layout,
     // sizes checked by kernel-core's tests and below); this module hands out the only
@@ -97,18 +106,33 @@ pub fn open(ram_end: u64) -> Result<Nvm, ImageError> {
             core::slice::from_raw_parts_mut(layout::FRAME_BITMAP as *mut u64, words),
         )
     };
-    // Until restore exists, every boot starts its tables afresh.
-    resources.format();
-    crate::memory::zero(layout::FRAME_BITMAP, (words.len() * 8) as u64);
     let frames = FrameBitmap::new(words, layout::FRAMES_BASE, frame_count).expect("bitmap sized above");
-    persist::persist(layout::RESOURCES, core::mem::size_of::<Resources>() as u64);
-    persist::persist(layout::FRAME_BITMAP, (frames::words_for(frame_count) * 8) as u64);
 
     header.boot_count += 1;
     header.shutdown_flag = ShutdownFlag::Abnormal as u32;
     header.seal();
     store_header(&header);
     Ok(Nvm { found, header, resources, frames })
+}
+
+impl Nvm {
+    /// Starts the tables afresh: every resource free, every frame free.
+    pub fn format(&mut self) {
+        self.resources.format();
+        let bitmap_bytes = (frames::words_for(self.frames.frames()) * 8) as u64;
+        crate::memory::zero(layout::FRAME_BITMAP, bitmap_bytes);
+        persist::persist(layout::RESOURCES, core::mem::size_of::<Resources>() as u64);
+        persist::persist(layout::FRAME_BITMAP, bitmap_bytes);
+        self.header.generation = 0;
+        self.header.plate_table = 0;
+        self.header.seal();
+        store_header(&self.header);
+    }
+
+    /// Checks the tables of a known image before they are trusted.
+    pub fn check(&self) -> Result<(), ImageError> {
+        self.resources.check().map_err(|e| ImageError::Table(e.0))
+    }
 }
 
 /// Writes `header` to NVM and makes it durable.

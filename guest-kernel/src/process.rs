@@ -128,6 +128,18 @@ pub fn sleep(k: &mut Kernel, ticks: u64) {
     }
 }
 
+/// Makes every sleeper runnable: after a power cycle the tick count starts again, so a
+/// sleep that spans one ends at the boot.
+pub fn wake_all(k: &mut Kernel) {
+    let ids: [Option<u32>; kernel_core::process::PROCESSES] = core::array::from_fn(|i| Some(i as u32));
+    for id in ids.into_iter().flatten() {
+        if let Some(p) = k.procs.get_mut(id) {
+            p.state = State::Runnable as u32;
+            p.wake_at = 0;
+        }
+    }
+}
+
 const IDLE_STACK_SIZE: usize = 4096;
 
 #[repr(align(16))]

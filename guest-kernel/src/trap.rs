@@ -15,7 +15,10 @@ pub fn dispatch(frame: &mut TrapFrame) {
             timer::end_of_interrupt(0);
             kernel::with(|k| {
                 k.ticks += 1;
-                machine::check_power_off(k.ticks);
+                if machine::power_off_due(k.ticks) {
+                    println!("run time over");
+                    machine::shutdown(k, frame);
+                }
                 // Preempt on every tick: ticks are long (timer::HZ), and the idle context
                 // must notice a sleeper that woke.
                 if k.ticks.is_multiple_of(process::SLICE_TICKS) || k.current.is_none() {
