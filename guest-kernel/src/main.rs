@@ -64,7 +64,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
     let cmdline = Cmdline::parse(info.cmdline, |item| println!("ignoring unknown command-line item \"{item}\""));
 
     let flush = persist::init(cmdline.flush);
-    let nvm = nvm::open(info.ram_end()).unwrap_or_else(|e| refuse(e));
+    let mut nvm = nvm::open(info.ram_end()).unwrap_or_else(|e| refuse(e));
     println!(
         "NVM: {} MiB, boot {} of this image, cache flush by {}",
         info.ram_end() >> 20,
@@ -72,6 +72,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
         flush.name()
     );
     let tsc_khz = control::init();
+    let kind = decide(&mut nvm);
 
     match cmdline.fault {
         Some(Fault::InvalidOpcode) => {
@@ -90,35 +91,22 @@ extern "C" fn kmain(start_info: u64) -> ! {
         machine::poke_unknown_ports();
     }
     if cmdline.poweroff {
+        if kind == BootKind::Resumed {
+            // Nothing ran: the state found is still whole, and the next boot resumes it.
+            nvm.header.shutdown_flag = ShutdownFlag::Normal as u32;
+            nvm.header.seal();
+            nvm::store_header(&nvm.header);
+        }
         println!("powering off");
         machine::exit(ExitCode::PowerOff);
     }
 
-    start(nvm, &cmdline, tsc_khz)
+    start(nvm, kind, &cmdline, tsc_khz)
 }
 
 /// Decides how to boot from what NVM holds, installs the kernel state, starts (or resumes)
 /// the workloads and the timer, and enters the first process (or the idle loop).
-fn start(mut nvm: nvm::Nvm, cmdline: &Cmdline, tsc_khz: u64) -> ! {
-    let kind = match nvm.found {
-        nvm::Found::Blank => {
-            println!("NVM: blank image: formatting (cold boot)");
-            nvm.format();
-            BootKind::Cold
-        }
-        nvm::Found::Known(ShutdownFlag::Normal) => match nvm.check() {
-            Ok(()) => {
-                println!("NVM: previous run shut down normally: resuming where it stopped");
-                BootKind::Resumed
-            }
-            Err(e) => refuse(e),
-        },
-        nvm::Found::Known(ShutdownFlag::Abnormal) => {
-            println!("NVM: previous run stopped abruptly and nothing was committed: starting afresh");
-            nvm.format();
-            BootKind::Cold
-        }
-    };
+fn start(nvm: nvm::Nvm, kind: BootKind, cmdline: &Cmdline, tsc_khz: u64) -> ! {
     let header = nvm.header;
     let nvm::Nvm { resources, frames, .. } = nvm;
     kernel::install(kernel::Kernel {
@@ -169,6 +157,29 @@ fn start(mut nvm: nvm::Nvm, cmdline: &Cmdline, tsc_khz: u64) -> ! {
         println!("idle");
     }
     interrupts::enter(&frame)
+}
+
+/// Decides from what NVM holds how this boot goes on, and prepares the tables for it.
+fn decide(nvm: &mut nvm::Nvm) -> BootKind {
+    match nvm.found {
+        nvm::Found::Blank => {
+            println!("NVM: blank image: formatting (cold boot)");
+            nvm.format();
+            BootKind::Cold
+        }
+        nvm::Found::Known(ShutdownFlag::Normal) => match nvm.check() {
+            Ok(()) => {
+                println!("NVM: previous run shut down normally: resuming where it stopped");
+                BootKind::Resumed
+            }
+            Err(e) => refuse(e),
+        },
+        nvm::Found::Known(ShutdownFlag::Abnormal) => {
+            println!("NVM: previous run stopped abruptly and nothing was committed: starting afresh");
+            nvm.format();
+            BootKind::Cold
+        }
+    }
 }
 
 /// Stops the machine over an image this kernel must not use.
