@@ -177,3 +177,55 @@ pub fn in_user_visible_image(addr: u64, len: u64) -> bool {
     let (start, end) = (&raw const __user_visible_start as u64, &raw const __user_visible_end as u64);
     addr >= start && addr.checked_add(len).is_some_and(|e| e <= end)
 }
+
+/// Finds the pages of `va..va + pages * 4 KiB` (a user space of the space `root`) that were
+/// written since the last call: sets bit `i` of `dirty` for each dirty page `i`, and clears
+/// the dirty bits in the page tables so that the next call sees only newer writes. The
+/// caller flushes the TLB afterwards (a CR3 load), so the CPU sets the bits again.
+///
+/// Walks each page table once per 2 MiB, not once per page: the work is one load per page,
+/// which under PVM's emulated kernel mode is what a write-out must stay proportional to.
+pub fn collect_dirty(root: u64, va: u64, pages: u64, dirty: &mut [u64]) -> u64 {
+    const DIRTY: u64 = 1 << 6;
+    const PRESENT: u64 = 1;
+    const ADDR: u64 = 0x000f_ffff_ffff_f000;
+    let entry = |table: u64, index: u64| (table + index * 8) as *mut u64;
+    let mut found = 0;
+    let mut page = 0;
+    while page < pages {
+        let addr = va + page * PAGE;
+        // Pages left in this page table (2 MiB).
+        let in_table = (512 - (addr >> 12) % 512).min(pages - page);
+        // SAFETY: `root` is a space's PML4; every table it leads to is an identity-mapped
+        // frame of the space's pool; entries are read and their dirty bit cleared in place.
+        unsafe {
+            let l4 = *entry(root, (addr >> 39) & 511);
+            let l3 = if l4 & PRESENT != 0 { *entry(l4 & ADDR, (addr >> 30) & 511) } else { 0 };
+            let l2 = if l3 & PRESENT != 0 { *entry(l3 & ADDR, (addr >> 21) & 511) } else { 0 };
+            if l2 & PRESENT != 0 {
+                let table = l2 & ADDR;
+                let first = (addr >> 12) & 511;
+                for i in 0..in_table {
+                    let pte = entry(table, first + i);
+                    if *pte & DIRTY != 0 {
+                        *pte &= !DIRTY;
+                        let bit = page + i;
+                        if let Some(word) = dirty.get_mut((bit / 64) as usize) {
+                            *word |= 1 << (bit % 64);
+                        }
+                        found += 1;
+                    }
+                }
+            }
+        }
+        page += in_table;
+    }
+    found
+}
+
+/// Reloads CR3, flushing the TLB's non-global entries (after dirty bits were cleared).
+pub fn flush_tlb() {
+    let (frame, flags) = Cr3::read();
+    // SAFETY: reloading the current CR3 changes no mapping.
+    unsafe { Cr3::write(frame, flags) };
+}
