@@ -58,7 +58,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
         Err(e) => panic!("unusable PVH start info: {e}"),
     };
     println!("command line: \"{}\"", info.cmdline);
-    for region in info.memory_map {
+    for region in info.memory_map.iter().filter(|r| r.size != 0) {
         println!("  memory {:#012x}-{:#012x} {}", region.addr, region.addr + region.size, region.kind_name());
     }
     let cmdline = Cmdline::parse(info.cmdline, |item| println!("ignoring unknown command-line item \"{item}\""));

@@ -77,13 +77,17 @@ pub fn open(ram_end: u64) -> Result<Nvm, ImageError> {
     // SAFETY: ROOT_HEADER is identity-mapped RAM reserved for the header (nvram::layout).
     let bytes = unsafe { header_ptr().read_volatile() };
     let mut header = RootHeader::from_bytes(&bytes);
-    let frame_count = (ram_end - layout::FRAMES_BASE) / layout::PAGE_SIZE;
+    let available = (ram_end - layout::FRAMES_BASE) / layout::PAGE_SIZE;
+    let mut frame_count = available;
     let found = match header.validate() {
         Ok(_) if header.build_id != BUILD_ID => return Err(ImageError::ForeignBuild { found: header.build_id }),
-        Ok(_) if header.frames != frame_count || header.resources != layout::RESOURCES => {
-            return Err(ImageError::Layout)
+        // Firmware may reserve a few pages at the top of RAM (QEMU's q35 does): the frames
+        // the image was formatted with must all still be RAM.
+        Ok(_) if header.frames > available || header.resources != layout::RESOURCES => return Err(ImageError::Layout),
+        Ok(flag) => {
+            frame_count = header.frames;
+            Found::Known(flag)
         }
-        Ok(flag) => Found::Known(flag),
         Err(HeaderError::Blank) => {
             header = RootHeader::new(BUILD_ID);
             header.resources = layout::RESOURCES;
