@@ -120,8 +120,8 @@ fn start(nvm: nvm::Nvm, kind: BootKind, cmdline: &Cmdline, tsc_khz: u64) -> ! {
     kernel::with(|k| {
         if kind == BootKind::Cold {
             let pages = (core::mem::size_of::<ProcessTable>() as u64).div_ceil(4096);
-            let space =
-                res_op!(kernel_space.create(k, pages, KernelSpaceUse::ProcessTable)).expect("room for the process table");
+            let space = res_op!(kernel_space.create(k, pages, KernelSpaceUse::ProcessTable))
+                .expect("room for the process table");
             let addr = k.res.kernel_spaces.get(space).map(|s| s.vaddr).expect("just created");
             // SAFETY: the kernel space was just allocated (zeroed) for the table, identity-mapped.
             k.procs = unsafe { &mut *(addr as *mut ProcessTable) };

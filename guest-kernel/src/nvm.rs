@@ -32,9 +32,13 @@ pub enum Found {
 pub enum ImageError {
     Header(HeaderError),
     /// Written by another kernel build.
-    ForeignBuild { found: u64 },
+    ForeignBuild {
+        found: u64,
+    },
     /// RAM is too small for the fixed areas.
-    TooSmall { ram: u64 },
+    TooSmall {
+        ram: u64,
+    },
     /// The header's layout fields disagree with this RAM size or this kernel's layout.
     Layout,
     /// A resource table's header is not what it must be.

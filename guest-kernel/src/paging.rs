@@ -17,8 +17,7 @@
 use x86_64::registers::control::{Cr3, Cr3Flags};
 use x86_64::structures::paging::mapper::{MapToError, UnmapError};
 use x86_64::structures::paging::{
-    FrameAllocator, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags as Flags, PhysFrame,
-    Size4KiB,
+    FrameAllocator, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags as Flags, PhysFrame, Size4KiB,
 };
 use x86_64::{PhysAddr, VirtAddr};
 
@@ -117,7 +116,14 @@ pub enum MapError {
 }
 
 /// Maps `pages` pages of physical `phys` at user address `va` in the space `root`.
-pub fn map_user(root: u64, va: u64, phys: u64, pages: u64, writable: bool, frames: &mut TablePool) -> Result<(), MapError> {
+pub fn map_user(
+    root: u64,
+    va: u64,
+    phys: u64,
+    pages: u64,
+    writable: bool,
+    frames: &mut TablePool,
+) -> Result<(), MapError> {
     let mut flags = Flags::PRESENT | Flags::USER_ACCESSIBLE | Flags::NO_EXECUTE;
     if writable {
         flags |= Flags::WRITABLE;

@@ -176,7 +176,8 @@ fn user_space_create(k: &mut Kernel, space_id: u32, pages: u64, flags: u64) -> R
     let space = *k.res.spaces.get(space_id).ok_or(ResError::NoSuch)?;
     let va = space.next_va;
     // Each user space is followed by an unmapped guard page.
-    let next_va = va.checked_add((pages + 1) * PAGE).filter(|&end| end <= paging::USER_END).ok_or(ResError::NoAddressSpace)?;
+    let next_va =
+        va.checked_add((pages + 1) * PAGE).filter(|&end| end <= paging::USER_END).ok_or(ResError::NoAddressSpace)?;
     let region = res_op!(region.create(k, pages))?;
     let phys = region_base(k, region).ok_or(ResError::NoSuch)?;
     crate::memory::zero(phys, pages * PAGE);

@@ -6,4 +6,5 @@ pub mod frames;
 pub mod kv;
 pub mod process;
 pub mod resources;
+pub mod rng;
 pub mod table;

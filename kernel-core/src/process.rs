@@ -96,7 +96,13 @@ mod tests {
     use super::*;
 
     fn proc(state: State, wake_at: u64) -> Process {
-        Process { state: state as u32, space: 0, name: *b"test\0\0\0\0\0\0\0\0\0\0\0\0", wake_at, regs: Regs::default() }
+        Process {
+            state: state as u32,
+            space: 0,
+            name: *b"test\0\0\0\0\0\0\0\0\0\0\0\0",
+            wake_at,
+            regs: Regs::default(),
+        }
     }
 
     #[test]

@@ -1,3 +1,47 @@
-pub extern "C" fn main(_: u64, _: u64, _: u64, _: u64) -> ! {
-    super::exit(3)
+//! `kv`: a key-value store (hash table in its own region) driven by a seeded, deterministic
+//! stream of puts and deletes; it reports its operation count and running checksum, and
+//! every few reports verifies the whole table.
+
+use kernel_core::kv::Kv;
+
+use super::{map, report, time_ns, Check, REPORT_EVERY_NS};
+use crate::uprintln;
+
+const NAME: &[u8; 16] = b"kv\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+/// Operations between looks at the clock.
+const BATCH: u64 = 2_000;
+/// Verify the table at every this many reports.
+const VERIFY_EVERY: u64 = 5;
+
+pub extern "C" fn main(seed: u64, pages: u64, _: u64, _: u64) -> ! {
+    let Some(region) = map(pages) else { super::exit(1) };
+    let Ok(mut kv) = Kv::format(region, seed) else { super::exit(2) };
+    uprintln!("kv: {} slots, seed {seed}", kv.capacity());
+    let mut last_report = 0;
+    let mut reports = 0u64;
+    loop {
+        kv.step(BATCH);
+        let now = time_ns();
+        if now - last_report >= REPORT_EVERY_NS {
+            last_report = now;
+            let check = if reports % VERIFY_EVERY == 0 {
+                match kv.verify() {
+                    Ok(()) => Check::Passed,
+                    Err(_) => Check::Failed,
+                }
+            } else {
+                Check::Unknown
+            };
+            report(NAME, kv.ops_done(), kv.checksum(), check);
+            if reports % 20 == 0 {
+                uprintln!(
+                    "kv: {} operations, {} live keys, checksum {:#018x}",
+                    kv.ops_done(),
+                    kv.live(),
+                    kv.checksum()
+                );
+            }
+            reports += 1;
+        }
+    }
 }
