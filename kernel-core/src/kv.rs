@@ -306,9 +306,7 @@ mod tests {
     fn format_then_open_and_bad_regions() {
         let mut mem = region(4096);
         assert_eq!(Kv::open(bytes(&mut mem)).err(), Some(KvError::NotFormatted));
-        let kv = Kv::format(bytes(&mut mem), 7).unwrap();
-        assert_eq!(kv.capacity(), (4096 - 64) / 16);
-        drop(kv);
+        assert_eq!(Kv::format(bytes(&mut mem), 7).unwrap().capacity(), (4096 - 64) / 16);
         let kv = Kv::open(bytes(&mut mem)).unwrap();
         assert_eq!(kv.ops_done(), 0);
         let mut small = region(64);
@@ -318,13 +316,18 @@ mod tests {
     #[test]
     fn the_stream_is_deterministic_and_steps_compose() {
         let (mut a, mut b) = (region(16384), region(16384));
-        let mut ka = Kv::format(bytes(&mut a), 99).unwrap();
-        ka.step(5000);
-        let mut kb = Kv::format(bytes(&mut b), 99).unwrap();
-        kb.step(1234);
-        kb.step(5000 - 1234);
-        assert_eq!(ka.checksum(), kb.checksum());
-        drop((ka, kb));
+        let sum_a = {
+            let mut ka = Kv::format(bytes(&mut a), 99).unwrap();
+            ka.step(5000);
+            ka.checksum()
+        };
+        let sum_b = {
+            let mut kb = Kv::format(bytes(&mut b), 99).unwrap();
+            kb.step(1234);
+            kb.step(5000 - 1234);
+            kb.checksum()
+        };
+        assert_eq!(sum_a, sum_b);
         assert_eq!(a, b, "identical bytes");
     }
 
