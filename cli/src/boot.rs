@@ -54,6 +54,7 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
 
     let outcome = machine.run();
     signal_handle.close();
+    print_workloads(&machine.status());
     let signal = signal_thread.join().ok().flatten();
 
     let (code, message) = match outcome {
@@ -86,4 +87,20 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
     };
     eprintln!("vmm: {message}");
     Ok(ExitCode::from(code))
+}
+
+/// One line per workload that reported, from the machine-control device's last values.
+fn print_workloads(status: &devices::StatusHandle) {
+    let status = devices::control::lock(status);
+    for (name, w) in &status.workloads {
+        let check = match w.last_check {
+            nvram::control::Verified::Passed => "verify passed",
+            nvram::control::Verified::Failed => "verify FAILED",
+            nvram::control::Verified::Unknown => "not verified",
+        };
+        eprintln!(
+            "vmm: workload {name} (process {}): progress {}, checksum {:#018x}, {check}, {} heartbeats",
+            w.pid, w.progress, w.checksum, w.heartbeats
+        );
+    }
 }

@@ -4,9 +4,11 @@
 //! and ignored, never a reason to panic the VMM.
 
 pub mod bus;
+pub mod control;
 pub mod exit;
 pub mod serial;
 
 pub use bus::{PioBus, PioDevice};
+pub use control::{MachineControl, MachineStatus, StatusHandle};
 pub use exit::{ExitDevice, GuestExit};
 pub use serial::SerialConsole;

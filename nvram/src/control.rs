@@ -7,6 +7,7 @@
 //! | 0      | read u32  | [`DEVICE_ID`]: present (QEMU and other VMMs read all ones)          |
 //! | 0      | write u32 | doorbell: guest-physical address of a message (8-byte aligned)      |
 //! | 4      | read u32  | the guest's TSC frequency in kHz (0 if the VMM does not know it)    |
+//! | 8      | read u32  | the VMM's pending [`Request`] (0: none); reading takes it           |
 //!
 //! A message is a [`MessageHeader`] followed by its payload, `len` bytes in all, at most
 //! [`MAX_MESSAGE`], entirely inside guest RAM. The VMM copies it out at the doorbell, checks
@@ -24,11 +25,35 @@ pub const DEVICE_ID: u32 = 0x4e56_4d00 | ABI_VERSION;
 /// First port of the device.
 pub const BASE: u16 = 0x500;
 /// Number of ports.
-pub const LEN: u16 = 8;
+pub const LEN: u16 = 12;
 /// Offset of the doorbell / identification register.
 pub const REG_DOORBELL: u16 = 0;
 /// Offset of the TSC frequency register.
 pub const REG_TSC_KHZ: u16 = 4;
+/// Offset of the request register.
+pub const REG_REQUEST: u16 = 8;
+
+/// What the VMM asks of the guest kernel (read from [`REG_REQUEST`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Request {
+    None = 0,
+    /// A write-out (checkpoint) now.
+    Checkpoint = 1,
+    /// A graceful shutdown.
+    Shutdown = 2,
+}
+
+impl Request {
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            0 => Some(Self::None),
+            1 => Some(Self::Checkpoint),
+            2 => Some(Self::Shutdown),
+            _ => None,
+        }
+    }
+}
 /// Largest message, header included.
 pub const MAX_MESSAGE: u32 = 4096;
 /// Length of a workload name, NUL-padded.
@@ -154,6 +179,257 @@ impl Heartbeat {
             verified: verified as u32,
             progress,
             checksum,
+        }
+    }
+}
+
+/// A message, decoded and checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message {
+    Booted { boot_kind: BootKind, boot_count: u64, generation: u64 },
+    Heartbeat { name: Name, pid: u32, progress: u64, checksum: u64, verified: Verified },
+}
+
+/// A workload's name: 1 to 16 printable ASCII bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Name {
+    bytes: [u8; NAME_LEN],
+    len: usize,
+}
+
+impl Name {
+    pub fn as_str(&self) -> &str {
+        // Checked printable ASCII at decoding.
+        core::str::from_utf8(&self.bytes[..self.len]).unwrap_or("?")
+    }
+}
+
+/// Why a message is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Fewer bytes than a header, or than the header's length says.
+    Truncated {
+        have: usize,
+        need: usize,
+    },
+    /// The header's length is not the kind's size.
+    Length {
+        kind: u32,
+        len: u32,
+    },
+    UnknownKind(u32),
+    BadBootKind(u32),
+    BadVerified(u32),
+    /// The name is empty, not printable ASCII, or not NUL-padded.
+    BadName,
+    /// A reserved field is not zero.
+    Reserved,
+}
+
+impl core::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Truncated { have, need } => write!(f, "message truncated: {have} bytes of {need}"),
+            Self::Length { kind, len } => write!(f, "message of kind {kind} claims {len} bytes, which is not its size"),
+            Self::UnknownKind(kind) => write!(f, "unknown message kind {kind}"),
+            Self::BadBootKind(v) => write!(f, "boot kind {v} is not cold (0), resumed (1) or restored (2)"),
+            Self::BadVerified(v) => write!(f, "verification result {v} is not unknown (0), passed (1) or failed (2)"),
+            Self::BadName => write!(f, "workload name is not 1 to 16 printable ASCII bytes, NUL-padded"),
+            Self::Reserved => write!(f, "a reserved field is not zero"),
+        }
+    }
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(b)
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+/// Reads the header of a message: its kind and total length.
+pub fn peek_header(bytes: &[u8]) -> Result<MessageHeader, DecodeError> {
+    let need = core::mem::size_of::<MessageHeader>();
+    if bytes.len() < need {
+        return Err(DecodeError::Truncated { have: bytes.len(), need });
+    }
+    Ok(MessageHeader { kind: u32_at(bytes, 0), len: u32_at(bytes, 4) })
+}
+
+/// Decodes and checks a whole message.
+pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
+    let header = peek_header(bytes)?;
+    let size = match header.kind {
+        KIND_BOOTED => core::mem::size_of::<Booted>(),
+        KIND_HEARTBEAT => core::mem::size_of::<Heartbeat>(),
+        kind => return Err(DecodeError::UnknownKind(kind)),
+    };
+    if header.len as usize != size {
+        return Err(DecodeError::Length { kind: header.kind, len: header.len });
+    }
+    if bytes.len() < size {
+        return Err(DecodeError::Truncated { have: bytes.len(), need: size });
+    }
+    match header.kind {
+        KIND_BOOTED => {
+            let raw = u32_at(bytes, 8);
+            let boot_kind = BootKind::from_raw(raw).ok_or(DecodeError::BadBootKind(raw))?;
+            if u32_at(bytes, 12) != 0 {
+                return Err(DecodeError::Reserved);
+            }
+            Ok(Message::Booted { boot_kind, boot_count: u64_at(bytes, 16), generation: u64_at(bytes, 24) })
+        }
+        _ => {
+            let mut name = [0u8; NAME_LEN];
+            name.copy_from_slice(&bytes[8..8 + NAME_LEN]);
+            let len = name.iter().position(|&b| b == 0).unwrap_or(NAME_LEN);
+            let printable = name[..len].iter().all(|b| b.is_ascii_graphic());
+            let padded = name[len..].iter().all(|&b| b == 0);
+            if len == 0 || !printable || !padded {
+                return Err(DecodeError::BadName);
+            }
+            let raw = u32_at(bytes, 28);
+            let verified = Verified::from_raw(raw).ok_or(DecodeError::BadVerified(raw))?;
+            Ok(Message::Heartbeat {
+                name: Name { bytes: name, len },
+                pid: u32_at(bytes, 24),
+                progress: u64_at(bytes, 32),
+                checksum: u64_at(bytes, 40),
+                verified,
+            })
+        }
+    }
+}
+
+/// The bytes of a `repr(C)` message as the guest lays it out (little endian, no padding).
+pub trait Encode: Copy {
+    fn encode(&self, out: &mut [u8]) -> usize;
+}
+
+impl Encode for Booted {
+    fn encode(&self, out: &mut [u8]) -> usize {
+        let fields: [&[u8]; 6] = [
+            &self.header.kind.to_le_bytes(),
+            &self.header.len.to_le_bytes(),
+            &self.boot_kind.to_le_bytes(),
+            &self.reserved.to_le_bytes(),
+            &self.boot_count.to_le_bytes(),
+            &self.generation.to_le_bytes(),
+        ];
+        put_all(out, &fields)
+    }
+}
+
+impl Encode for Heartbeat {
+    fn encode(&self, out: &mut [u8]) -> usize {
+        let fields: [&[u8]; 7] = [
+            &self.header.kind.to_le_bytes(),
+            &self.header.len.to_le_bytes(),
+            &self.name,
+            &self.pid.to_le_bytes(),
+            &self.verified.to_le_bytes(),
+            &self.progress.to_le_bytes(),
+            &self.checksum.to_le_bytes(),
+        ];
+        put_all(out, &fields)
+    }
+}
+
+fn put_all(out: &mut [u8], fields: &[&[u8]]) -> usize {
+    let mut at = 0;
+    for field in fields {
+        let end = (at + field.len()).min(out.len());
+        out[at..end].copy_from_slice(&field[..end - at]);
+        at = end;
+    }
+    at
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes<T: Encode>(m: &T) -> ([u8; 64], usize) {
+        let mut out = [0u8; 64];
+        let n = m.encode(&mut out);
+        (out, n)
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let (b, n) = bytes(&Booted::new(BootKind::Restored, 7, 42));
+        assert_eq!(n, core::mem::size_of::<Booted>());
+        assert_eq!(
+            decode(&b[..n]),
+            Ok(Message::Booted { boot_kind: BootKind::Restored, boot_count: 7, generation: 42 })
+        );
+        let (b, n) = bytes(&Heartbeat::new("kv", 3, 1000, 0xabc, Verified::Passed));
+        assert_eq!(n, core::mem::size_of::<Heartbeat>());
+        match decode(&b[..n]) {
+            Ok(Message::Heartbeat { name, pid: 3, progress: 1000, checksum: 0xabc, verified: Verified::Passed }) => {
+                assert_eq!(name.as_str(), "kv")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_messages_are_refused() {
+        let (good, n) = bytes(&Heartbeat::new("kv", 3, 1000, 0xabc, Verified::Passed));
+        for cut in 0..n {
+            assert!(decode(&good[..cut]).is_err(), "truncated at {cut}");
+        }
+        let mut b = good;
+        b[0] = 9;
+        assert_eq!(decode(&b[..n]), Err(DecodeError::UnknownKind(9)));
+        let mut b = good;
+        b[4] = 200;
+        assert!(matches!(decode(&b[..n]), Err(DecodeError::Length { .. })));
+        let mut b = good;
+        b[8] = 0;
+        assert_eq!(decode(&b[..n]), Err(DecodeError::BadName), "empty name");
+        let mut b = good;
+        b[11] = b'x';
+        assert_eq!(decode(&b[..n]), Err(DecodeError::BadName), "garbage after the NUL");
+        let mut b = good;
+        b[9] = 0x07;
+        assert_eq!(decode(&b[..n]), Err(DecodeError::BadName), "not printable");
+        let mut b = good;
+        b[28] = 3;
+        assert_eq!(decode(&b[..n]), Err(DecodeError::BadVerified(3)));
+        let (mut b, n) = bytes(&Booted::new(BootKind::Cold, 1, 0));
+        b[8] = 5;
+        assert_eq!(decode(&b[..n]), Err(DecodeError::BadBootKind(5)));
+        let (mut b, n) = bytes(&Booted::new(BootKind::Cold, 1, 0));
+        b[12] = 1;
+        assert_eq!(decode(&b[..n]), Err(DecodeError::Reserved));
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut state = 0x1234_5678_9abc_def0u64;
+        let mut buf = [0u8; 64];
+        for round in 0..200_000u32 {
+            for byte in buf.iter_mut() {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                *byte = state as u8;
+            }
+            // Make a share of them plausible: a known kind and its length.
+            if round % 2 == 0 {
+                buf[0] = 1 + (round % 4 / 2) as u8;
+                buf[1..4].fill(0);
+                buf[4] = if buf[0] == 1 { 32 } else { 48 };
+                buf[5..8].fill(0);
+            }
+            let len = (state as usize) % 65;
+            let _ = decode(&buf[..len]);
         }
     }
 }

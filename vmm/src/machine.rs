@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::{ExitDevice, GuestExit, PioBus, SerialConsole};
+use devices::{ExitDevice, GuestExit, MachineControl, PioBus, SerialConsole, StatusHandle};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use nvram::ports;
 use tracing::info;
@@ -39,6 +39,7 @@ pub struct Machine {
     _kvm: Kvm,
     bus: PioBus,
     exit: Arc<Mutex<Option<GuestExit>>>,
+    status: StatusHandle,
     control: Arc<StopControl>,
     mem: GuestMemory,
     image: NvmImage,
@@ -119,6 +120,11 @@ impl Machine {
         let overlap = |e: devices::bus::OverlapError| Error::Setup { what: "port bus", source: io::Error::other(e) };
         bus.register(ports::COM1, ports::COM1_LEN, Box::new(SerialConsole::new(irq, console))).map_err(overlap)?;
         bus.register(ports::EXIT, 4, Box::new(exit_device)).map_err(overlap)?;
+        // The guest's TSC rate, so that it need not calibrate (an emulated loop under PVM).
+        let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
+        let control = MachineControl::new(mem.clone(), tsc_khz);
+        let status = control.status();
+        bus.register(nvram::control::BASE, nvram::control::LEN, Box::new(control)).map_err(overlap)?;
 
         info!(
             image = %image.path().display(),
@@ -129,12 +135,27 @@ impl Machine {
             setup_ms = started.elapsed().as_secs_f64() * 1e3,
             "machine built"
         );
-        Ok(Self { vcpu, _vm: vm_fd, _kvm: kvm, bus, exit, control: Arc::new(StopControl::default()), mem, image })
+        Ok(Self {
+            vcpu,
+            _vm: vm_fd,
+            _kvm: kvm,
+            bus,
+            exit,
+            status,
+            control: Arc::new(StopControl::default()),
+            mem,
+            image,
+        })
     }
 
     /// A handle that stops this machine from another thread.
     pub fn stopper(&self) -> Stopper {
         Stopper(self.control.clone())
+    }
+
+    /// What the guest has reported through the machine-control device.
+    pub fn status(&self) -> StatusHandle {
+        self.status.clone()
     }
 
     /// Guest RAM (the mapped image).

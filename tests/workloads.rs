@@ -1,0 +1,122 @@
+//! The workloads in the real guest, watched through the machine-control device: heartbeats
+//! advance, `kv` verifies, a faulting process dies alone, and a graceful shutdown resumes
+//! exactly where it stopped.
+
+mod common;
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::Scratch;
+use devices::control::{lock, MachineStatus};
+use nvram::control::{BootKind, Verified};
+use vmm::{ConsoleOutput, Machine, RunOutcome, VmConfig};
+
+fn config(scratch: &Scratch, cmdline: &str) -> VmConfig {
+    let mut config = VmConfig::new(scratch.image());
+    config.mem_size = Some(64 << 20);
+    config.cmdline = cmdline.into();
+    config.console = ConsoleOutput::File(scratch.console());
+    config
+}
+
+/// Boots `config` on a thread; polls the status until `done` holds (or fails after
+/// `limit`), then stops the machine. Returns the last status.
+fn run_until(config: VmConfig, limit: Duration, mut done: impl FnMut(&MachineStatus) -> bool) -> MachineStatus {
+    let mut machine = Machine::build(&config).expect("build the machine");
+    let status = machine.status();
+    let stopper = machine.stopper();
+    let runner = thread::spawn(move || machine.run());
+    let deadline = Instant::now() + limit;
+    loop {
+        let snapshot = lock(&status).clone();
+        if done(&snapshot) {
+            break;
+        }
+        if runner.is_finished() || Instant::now() > deadline {
+            stopper.stop();
+            let outcome = runner.join().expect("the vCPU thread");
+            panic!("condition not reached within {limit:?}; run ended as {outcome:?}; status {snapshot:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    stopper.stop();
+    let outcome = runner.join().expect("the vCPU thread").expect("the run");
+    assert_eq!(outcome, RunOutcome::Stopped);
+    let last = lock(&status).clone();
+    last
+}
+
+fn progress(status: &MachineStatus, name: &str) -> u64 {
+    status.workloads.get(name).map_or(0, |w| w.progress)
+}
+
+#[test]
+fn counter_and_kv_report_progress_and_kv_verifies() {
+    let scratch = Scratch::new();
+    let first = run_until(config(&scratch, "apps=counter,kv"), Duration::from_secs(20), |s| {
+        s.workloads.get("kv").is_some_and(|w| w.last_check == Verified::Passed && w.heartbeats >= 6)
+            && s.workloads.get("counter").is_some_and(|w| w.heartbeats >= 6)
+    });
+    assert_eq!(first.boot_kind, Some(BootKind::Cold));
+    let kv = &first.workloads["kv"];
+    let counter = &first.workloads["counter"];
+    assert!(kv.progress > 0 && counter.progress > 0, "{first:?}");
+    assert_ne!(kv.last_check, Verified::Failed);
+    assert_eq!(first.rejected, 0, "the guest sent nothing malformed");
+}
+
+#[test]
+fn heartbeats_advance() {
+    let scratch = Scratch::new();
+    let mut seen = Vec::new();
+    run_until(
+        config(&scratch, "apps=counter,memtouch memtouch=8,16,32 memtouch_ms=20"),
+        Duration::from_secs(20),
+        |s| {
+            seen.push((progress(s, "counter"), progress(s, "memtouch")));
+            let (c, m) = (progress(s, "counter"), progress(s, "memtouch"));
+            c > 0 && m > 5 && seen.iter().any(|&(c0, m0)| c0 > 0 && c0 < c && m0 > 0 && m0 < m)
+        },
+    );
+}
+
+#[test]
+fn a_faulting_process_is_killed_and_the_others_go_on() {
+    let scratch = Scratch::new();
+    let mut counter_at_kill = None;
+    run_until(config(&scratch, "apps=counter,fault fault_ms=200"), Duration::from_secs(20), |s| {
+        let console = scratch.read_console();
+        if counter_at_kill.is_none() && console.contains("(fault) killed: page fault") {
+            counter_at_kill = Some(progress(s, "counter"));
+        }
+        counter_at_kill.is_some_and(|at| progress(s, "counter") > at)
+    });
+    let console = scratch.read_console();
+    assert!(console.contains("fault: writing to kernel memory"), "{console}");
+    assert!(!console.contains("the write went through"), "{console}");
+    assert!(!console.contains("KERNEL"), "the kernel itself did not fault:\n{console}");
+}
+
+#[test]
+fn a_graceful_shutdown_resumes_exactly_where_it_stopped() {
+    let scratch = Scratch::new();
+    // First run: the kernel shuts down by itself after run_ms (a graceful shutdown).
+    let mut machine = Machine::build(&config(&scratch, "apps=counter,kv run_ms=800")).unwrap();
+    let status = machine.status();
+    assert!(matches!(machine.run().unwrap(), RunOutcome::Guest(_)));
+    let before = lock(&status).clone();
+    drop(machine);
+    assert!(scratch.read_console().contains("shut down"));
+    let (counter_before, kv_before) = (progress(&before, "counter"), progress(&before, "kv"));
+    assert!(counter_before > 0 && kv_before > 0, "{before:?}");
+
+    // Second run: resumed, the counters go on from (at least) where they were.
+    let after = run_until(config(&scratch, ""), Duration::from_secs(20), |s| {
+        s.workloads.get("kv").is_some_and(|w| w.heartbeats >= 2) && s.workloads.contains_key("counter")
+    });
+    assert_eq!(after.boot_kind, Some(BootKind::Resumed));
+    assert!(scratch.read_console().contains("resuming where it stopped"));
+    assert!(progress(&after, "counter") > counter_before, "{before:?}\n{after:?}");
+    assert!(progress(&after, "kv") > kv_before, "{before:?}\n{after:?}");
+}
