@@ -20,7 +20,11 @@
 //!   0x008a_0000 +--------------------------------+
 //!               | (free)                         |
 //!   0x00a0_0000 +--------------------------------+
-//!               | fixed save areas of the tables |  reserved for the plate function
+//!               | plate table: live copy         |  the plate function's working list
+//!   0x00a4_0000 | plate table: slot 0            |  the commit record, double-buffered:
+//!   0x00a8_0000 | plate table: slot 1            |  the valid slot with the highest generation
+//!   0x00ac_0000 | save areas A, B of the resource|  fixed save areas of the tables
+//!               | tables and of the frame bitmap |
 //!   0x0100_0000 +--------------------------------+
 //!               | frames                         |  page tables, regions, save areas
 //!               |            ...                 |
@@ -61,10 +65,23 @@ pub const RESOURCES_MAX: u64 = FRAME_BITMAP - RESOURCES;
 pub const FRAME_BITMAP: u64 = 0x88_0000;
 /// Room for the frame bitmap: one bit per frame of up to 4 GiB.
 pub const FRAME_BITMAP_MAX: u64 = 0x2_0000;
-/// Area reserved for the fixed save areas of the tables (the plate function).
+/// Area reserved for the plate function's fixed structures.
 pub const TABLE_SAVE_AREAS: u64 = 0xa0_0000;
+/// The live plate table (the working list the next write-out commits).
+pub const PLATE_LIVE: u64 = 0xa0_0000;
+/// The two commit slots of the plate table.
+pub const PLATE_SLOTS: [u64; 2] = [0xa4_0000, 0xa8_0000];
+/// Room for one plate table.
+pub const PLATE_TABLE_MAX: u64 = 0x4_0000;
+/// Save areas A and B of the resource tables.
+pub const RESOURCES_SAVE: [u64; 2] = [0xac_0000, 0xac_0000 + RESOURCES_MAX];
+/// Save areas A and B of the frame bitmap.
+pub const FRAME_BITMAP_SAVE: [u64; 2] =
+    [0xac_0000 + 2 * RESOURCES_MAX, 0xac_0000 + 2 * RESOURCES_MAX + FRAME_BITMAP_MAX];
 /// First frame handed out by the frame allocator.
 pub const FRAMES_BASE: u64 = 0x100_0000;
+
+const _: () = assert!(FRAME_BITMAP_SAVE[1] + FRAME_BITMAP_MAX <= FRAMES_BASE);
 
 /// Smallest RAM our kernel accepts: the fixed areas above plus room to work.
 pub const MIN_RAM: u64 = 32 << 20;

@@ -1,0 +1,515 @@
+//! The plate function's lasting structures and its commit protocol.
+//!
+//! Every persisted region is a **plate** with two save areas, A and B, allocated when the
+//! plate is made. The **plate table** lists the plates, which area of each holds the last
+//! committed copy, and the save areas waiting to be freed (the **deletion-pending** list).
+//! It exists three times in NVM (`nvram::layout`):
+//!
+//! - the *live* table, which the kernel changes between write-outs (new plates, deletions);
+//! - two *slots*, the commit records. A write-out copies every changed page of every plate
+//!   into the plate's inactive area, makes the copies durable, then writes the live table
+//!   (each copied plate's `valid` flipped, `generation` + 1) into the slot that does not
+//!   hold the committed table, checksum included, and makes it durable: that store is the
+//!   commit. The committed state is the slot that checks out with the highest generation;
+//!   a torn slot fails its checksum and the other slot stands.
+//!
+//! Table layout (all little endian; `count` plates and `pending` entries are meaningful):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `TNDRPLT1` |
+//! | 8 | 4 | format version ([`VERSION`]) |
+//! | 12 | 4 | `count`: plates in use |
+//! | 16 | 8 | `generation` of the write-out this table commits |
+//! | 24 | 4 | `pending`: entries of the deletion-pending list |
+//! | 28 | 4 | reserved |
+//! | 32 | 8 | `checksum`: [`checksum64`] of every other word, as laid out below |
+//! | 40 | 512 | `plated`: per kind, a bitmap of the resource ids that have a plate |
+//! | 552 | 24 × 128 | deletion-pending list: save areas `[a, b]` and `pages` |
+//! | 3624 | 48 × 1024 | plates ([`Plate`]) |
+//!
+//! Plate entry:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | `kind`: [`PlateKind`] (restore order) |
+//! | 4 | 4 | `id`: the resource's index in its table |
+//! | 8 | 8 | `src`: physical address of the region |
+//! | 16 | 8 | `pages` |
+//! | 24 | 16 | save areas `[a, b]`, physical |
+//! | 40 | 4 | `valid`: 0 no copy yet, 1 area A, 2 area B |
+//! | 44 | 4 | reserved |
+//!
+//! Recovery: pick the committed slot; copy each plate's valid area back to its region, in
+//! kind order (tables, kernel spaces, page tables, user spaces); make it durable; free the
+//! pending save areas; copy the slot into the live table.
+
+use crate::frames::FrameBitmap;
+
+/// Magic of a plate table.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"TNDRPLT1");
+/// Version of the plate table's layout.
+pub const VERSION: u32 = 1;
+/// Most plates.
+pub const MAX_PLATES: usize = 1024;
+/// Most save areas pending deletion between two write-outs.
+pub const MAX_PENDING: usize = 128;
+/// Resource ids per kind that the `plated` bitmaps can mark.
+pub const MAX_IDS: usize = 1024;
+const PAGE: u64 = 4096;
+
+/// What a plate holds, in restore order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u32)]
+pub enum PlateKind {
+    /// A resource table at a fixed address (id: [`FIXED_RESOURCES`], [`FIXED_FRAME_BITMAP`]).
+    Fixed = 0,
+    /// A virtual kernel space.
+    KernelSpace = 1,
+    /// A virtual space's page-table pool (id: the space).
+    PageTables = 2,
+    /// A virtual user space.
+    UserSpace = 3,
+}
+
+/// Number of plate kinds.
+pub const KINDS: usize = 4;
+/// Id of the fixed plate of the resource tables.
+pub const FIXED_RESOURCES: u32 = 0;
+/// Id of the fixed plate of the frame bitmap.
+pub const FIXED_FRAME_BITMAP: u32 = 1;
+
+impl PlateKind {
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            0 => Some(Self::Fixed),
+            1 => Some(Self::KernelSpace),
+            2 => Some(Self::PageTables),
+            3 => Some(Self::UserSpace),
+            _ => None,
+        }
+    }
+}
+
+/// One plate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Plate {
+    pub kind: u32,
+    pub id: u32,
+    pub src: u64,
+    pub pages: u64,
+    pub area: [u64; 2],
+    pub valid: u32,
+    pub reserved: u32,
+}
+
+impl Plate {
+    /// The area the next write-out fills: the one not holding the committed copy.
+    pub fn inactive(&self) -> usize {
+        if self.valid == 1 {
+            1
+        } else {
+            0
+        }
+    }
+}
+
+/// Save areas waiting for the next commit before they may be freed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Pending {
+    pub area: [u64; 2],
+    pub pages: u64,
+}
+
+/// The deletion-pending list is full: a write-out must empty it first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingFull;
+
+/// A plate table (live copy or commit slot).
+#[repr(C)]
+pub struct PlateTable {
+    pub magic: u64,
+    pub version: u32,
+    pub count: u32,
+    pub generation: u64,
+    pub pending_count: u32,
+    pub reserved: u32,
+    pub checksum: u64,
+    pub plated: [[u64; MAX_IDS / 64]; KINDS],
+    pub pending: [Pending; MAX_PENDING],
+    pub plates: [Plate; MAX_PLATES],
+}
+
+const HEADER_WORDS: usize = 5;
+const PLATED_WORDS: usize = KINDS * MAX_IDS / 64;
+const PENDING_WORDS: usize = 3;
+const PLATE_WORDS: usize = 6;
+
+/// Size of a plate table.
+pub const TABLE_SIZE: usize = core::mem::size_of::<PlateTable>();
+const _: () =
+    assert!(TABLE_SIZE == 8 * (HEADER_WORDS + PLATED_WORDS + PENDING_WORDS * MAX_PENDING + PLATE_WORDS * MAX_PLATES));
+
+/// A 64-bit checksum over words: cheap enough for the emulated kernel mode of PVM (three
+/// operations a word, where a bitwise CRC would take forty), and sensitive to every bit
+/// and to the order of the words. It guards against torn writes, not against an adversary.
+pub fn checksum64(words: impl Iterator<Item = u64>) -> u64 {
+    let mut h: u64 = 0x6a09_e667_f3bc_c908;
+    for (i, w) in words.enumerate() {
+        h = (h ^ w ^ (i as u64)).rotate_left(23).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    h ^ (h >> 29)
+}
+
+/// Why a table cannot be the committed one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableError {
+    BadMagic,
+    Version(u32),
+    Counts,
+    Checksum,
+}
+
+impl PlateTable {
+    /// An empty live table (in place: the table is too large for a stack).
+    pub fn format(&mut self) {
+        self.magic = MAGIC;
+        self.version = VERSION;
+        self.count = 0;
+        self.generation = 0;
+        self.pending_count = 0;
+        self.reserved = 0;
+        self.plated = [[0; MAX_IDS / 64]; KINDS];
+        self.seal();
+    }
+
+    fn as_words(&self) -> &[u64] {
+        // SAFETY: `PlateTable` is `repr(C)` of u64s and pairs of u32s with no padding (the
+        // size assertion above), so it is exactly `TABLE_SIZE / 8` initialised words.
+        unsafe { core::slice::from_raw_parts(self as *const Self as *const u64, TABLE_SIZE / 8) }
+    }
+
+    /// The words that are meaningful: header, bitmaps, used pending entries, used plates.
+    /// (Bounded by the table's capacities even if the counts are corrupt.)
+    fn used_words(&self) -> impl Iterator<Item = u64> + '_ {
+        let words = self.as_words();
+        let pending_at = HEADER_WORDS + PLATED_WORDS;
+        let plates_at = pending_at + PENDING_WORDS * MAX_PENDING;
+        let pending = (self.pending_count as usize).min(MAX_PENDING) * PENDING_WORDS;
+        let plates = (self.count as usize).min(MAX_PLATES) * PLATE_WORDS;
+        let header = words[..HEADER_WORDS].iter().enumerate().filter(|(i, _)| *i != 4).map(|(_, w)| *w);
+        header
+            .chain(words[HEADER_WORDS..pending_at].iter().copied())
+            .chain(words[pending_at..pending_at + pending].iter().copied())
+            .chain(words[plates_at..plates_at + plates].iter().copied())
+    }
+
+    /// The byte ranges `(offset, len)` that hold the meaningful part of the table: header,
+    /// bitmaps and used pending entries; used plates. Copying a table copies these.
+    pub fn used_ranges(&self) -> [(usize, usize); 2] {
+        let pending = (self.pending_count as usize).min(MAX_PENDING);
+        let plates_at = 8 * (HEADER_WORDS + PLATED_WORDS + PENDING_WORDS * MAX_PENDING);
+        [
+            (0, 8 * (HEADER_WORDS + PLATED_WORDS + PENDING_WORDS * pending)),
+            (plates_at, 8 * PLATE_WORDS * (self.count as usize).min(MAX_PLATES)),
+        ]
+    }
+
+    /// Recomputes the checksum.
+    pub fn seal(&mut self) {
+        self.checksum = checksum64(self.used_words());
+    }
+
+    /// Checks a table found in NVM.
+    pub fn check(&self) -> Result<(), TableError> {
+        if self.magic != MAGIC {
+            return Err(TableError::BadMagic);
+        }
+        if self.version != VERSION {
+            return Err(TableError::Version(self.version));
+        }
+        if self.count as usize > MAX_PLATES || self.pending_count as usize > MAX_PENDING {
+            return Err(TableError::Counts);
+        }
+        if checksum64(self.used_words()) != self.checksum {
+            return Err(TableError::Checksum);
+        }
+        Ok(())
+    }
+
+    pub fn plates(&self) -> &[Plate] {
+        &self.plates[..(self.count as usize).min(MAX_PLATES)]
+    }
+
+    pub fn plates_mut(&mut self) -> &mut [Plate] {
+        let n = (self.count as usize).min(MAX_PLATES);
+        &mut self.plates[..n]
+    }
+
+    pub fn pending(&self) -> &[Pending] {
+        &self.pending[..(self.pending_count as usize).min(MAX_PENDING)]
+    }
+
+    /// Whether resource `id` of `kind` has a plate.
+    pub fn is_plated(&self, kind: PlateKind, id: u32) -> bool {
+        let id = id as usize;
+        id < MAX_IDS && self.plated[kind as usize][id / 64] & (1 << (id % 64)) != 0
+    }
+
+    fn mark(&mut self, kind: PlateKind, id: u32, on: bool) {
+        let id = id as usize;
+        if id < MAX_IDS {
+            let word = &mut self.plated[kind as usize][id / 64];
+            if on {
+                *word |= 1 << (id % 64);
+            } else {
+                *word &= !(1 << (id % 64));
+            }
+        }
+    }
+
+    /// Adds a plate whose save areas the caller allocated; `None` if the table is full.
+    pub fn add(&mut self, plate: Plate) -> Option<usize> {
+        let n = self.count as usize;
+        let kind = PlateKind::from_raw(plate.kind)?;
+        if n >= MAX_PLATES || plate.id as usize >= MAX_IDS {
+            return None;
+        }
+        self.plates[n] = plate;
+        self.count += 1;
+        self.mark(kind, plate.id, true);
+        Some(n)
+    }
+
+    /// Deletes the plate of resource `id` of `kind`: its save areas join the pending list
+    /// (freed after the next commit, never before). `Err(PendingFull)` if the list is full
+    /// (the caller then makes a write-out first).
+    pub fn remove(&mut self, kind: PlateKind, id: u32) -> Result<bool, PendingFull> {
+        let Some(index) = self.plates().iter().position(|p| p.kind == kind as u32 && p.id == id) else {
+            return Ok(false);
+        };
+        if self.pending_count as usize >= MAX_PENDING {
+            return Err(PendingFull);
+        }
+        let plate = self.plates[index];
+        self.pending[self.pending_count as usize] = Pending { area: plate.area, pages: plate.pages };
+        self.pending_count += 1;
+        let last = self.count as usize - 1;
+        self.plates[index] = self.plates[last];
+        self.count -= 1;
+        self.mark(kind, id, false);
+        Ok(true)
+    }
+
+    /// Copies every meaningful word of `other` into this table.
+    pub fn copy_from(&mut self, other: &PlateTable) {
+        self.magic = other.magic;
+        self.version = other.version;
+        self.count = other.count.min(MAX_PLATES as u32);
+        self.generation = other.generation;
+        self.pending_count = other.pending_count.min(MAX_PENDING as u32);
+        self.reserved = 0;
+        self.checksum = other.checksum;
+        self.plated = other.plated;
+        let (p, n) = (self.pending_count as usize, self.count as usize);
+        self.pending[..p].copy_from_slice(&other.pending[..p]);
+        self.plates[..n].copy_from_slice(&other.plates[..n]);
+    }
+}
+
+/// Of the two slots, the index of the committed one: it checks out and has the highest
+/// generation. `None` if neither does (nothing was ever committed).
+pub fn committed(slots: [&PlateTable; 2]) -> Option<usize> {
+    let ok = |i: usize| slots[i].check().is_ok();
+    match (ok(0), ok(1)) {
+        (true, true) => Some(if slots[1].generation > slots[0].generation { 1 } else { 0 }),
+        (true, false) => Some(0),
+        (false, true) => Some(1),
+        (false, false) => None,
+    }
+}
+
+/// A run of bytes to copy between physical addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyRange {
+    pub dst: u64,
+    pub src: u64,
+    pub len: u64,
+}
+
+/// The pages of a plate to copy into its inactive area: those dirtied since the last
+/// write-out, and those the inactive area lacks (`stale`: copied into the other area last
+/// time). Afterwards `stale` holds this write-out's dirty pages, which the other area (the
+/// committed one until this commit) now lacks.
+///
+/// `dirty(i)` tells if page `i` of the plate was written; `stale` is indexed by
+/// `stale_base + i`. Adjacent pages are merged into one range. Returns the pages to copy.
+pub fn plan_copies(
+    plate: &Plate,
+    mut dirty: impl FnMut(u64) -> bool,
+    stale: &mut [u64],
+    stale_base: u64,
+    mut emit: impl FnMut(CopyRange),
+) -> u64 {
+    let dst = plate.area[plate.inactive()];
+    let mut run: Option<(u64, u64)> = None;
+    let mut copied = 0;
+    for i in 0..plate.pages {
+        let bit = stale_base + i;
+        let (word, mask) = ((bit / 64) as usize, 1u64 << (bit % 64));
+        let was_stale = stale.get(word).is_none_or(|w| w & mask != 0);
+        let is_dirty = dirty(i);
+        if let Some(w) = stale.get_mut(word) {
+            if is_dirty {
+                *w |= mask;
+            } else {
+                *w &= !mask;
+            }
+        }
+        if is_dirty || was_stale {
+            copied += 1;
+            run = match run {
+                Some((start, len)) if start + len == i => Some((start, len + 1)),
+                Some((start, len)) => {
+                    emit(CopyRange { dst: dst + start * PAGE, src: plate.src + start * PAGE, len: len * PAGE });
+                    Some((i, 1))
+                }
+                None => Some((i, 1)),
+            };
+        }
+    }
+    if let Some((start, len)) = run {
+        emit(CopyRange { dst: dst + start * PAGE, src: plate.src + start * PAGE, len: len * PAGE });
+    }
+    copied
+}
+
+/// How the write-out and the restore touch NVM. The guest implements it over
+/// identity-mapped memory (`clflushopt`/`clwb` + `sfence`, or a copy engine); the tests over
+/// a simulated NVM with a cache that a crash may partly lose.
+pub trait Persist {
+    /// Copies every range. All bulk copying goes through here, so that a copy engine can
+    /// take it over.
+    fn copy(&mut self, ranges: &[CopyRange]);
+    /// Writes back the cache lines of `addr..addr + len` (not yet ordered).
+    fn flush(&mut self, addr: u64, len: u64);
+    /// Waits until every flush before it is durable.
+    fn fence(&mut self);
+    /// Writes `table`'s meaningful bytes into commit slot `slot`, then flushes them.
+    fn write_slot(&mut self, slot: usize, table: &PlateTable);
+}
+
+/// What a write-out did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteOutStats {
+    pub plates: u64,
+    pub plated_pages: u64,
+    pub copied_pages: u64,
+    pub ranges: u64,
+}
+
+/// Ranges batched per `Persist::copy` call.
+const BATCH: usize = 64;
+
+/// Steps 4 to 10 of a write-out, after plate-ification: copies what changed of every plate
+/// into its inactive area and makes it durable, then commits the live table (generation
+/// `committed_generation + 1`) into slot `slot`, the one not holding the committed table.
+/// When this returns, the write-out is committed; the caller then frees the pending list.
+///
+/// `dirty(plate, page)` tells whether a page changed since the last write-out; `stale` is
+/// the bitmap of pages whose inactive area is behind, indexed by `stale_index(plate) + page`.
+pub fn write_out<P: Persist>(
+    live: &mut PlateTable,
+    committed_generation: u64,
+    slot: usize,
+    stale: &mut [u64],
+    stale_index: impl Fn(&Plate) -> u64,
+    mut dirty: impl FnMut(&Plate, u64) -> bool,
+    nvm: &mut P,
+) -> WriteOutStats {
+    let mut stats = WriteOutStats::default();
+    let mut batch = [CopyRange { dst: 0, src: 0, len: 0 }; BATCH];
+    let mut used = 0;
+    let flush_batch = |batch: &[CopyRange], nvm: &mut P| {
+        nvm.copy(batch);
+        for r in batch {
+            nvm.flush(r.dst, r.len);
+        }
+    };
+    for plate in live.plates_mut() {
+        stats.plates += 1;
+        stats.plated_pages += plate.pages;
+        let base = stale_index(plate);
+        let snapshot = *plate;
+        stats.copied_pages += plan_copies(
+            &snapshot,
+            |i| dirty(&snapshot, i),
+            stale,
+            base,
+            |r| {
+                if used == BATCH {
+                    flush_batch(&batch, nvm);
+                    used = 0;
+                }
+                batch[used] = r;
+                used += 1;
+                stats.ranges += 1;
+            },
+        );
+        // The inactive area now holds the plate as of this write-out.
+        plate.valid = snapshot.inactive() as u32 + 1;
+    }
+    flush_batch(&batch[..used], nvm);
+    // The copies are durable before the table that declares them valid is written.
+    nvm.fence();
+    live.generation = committed_generation + 1;
+    live.seal();
+    nvm.write_slot(slot, live);
+    nvm.fence();
+    stats
+}
+
+/// Copies every plate's committed area back to its region, tables first, then kernel
+/// spaces, page tables and user spaces, and makes it durable. Returns the pages copied.
+pub fn restore<P: Persist>(committed: &PlateTable, nvm: &mut P) -> u64 {
+    let mut batch = [CopyRange { dst: 0, src: 0, len: 0 }; BATCH];
+    let mut used = 0;
+    let mut pages = 0;
+    for kind in [PlateKind::Fixed, PlateKind::KernelSpace, PlateKind::PageTables, PlateKind::UserSpace] {
+        for plate in committed.plates().iter().filter(|p| p.kind == kind as u32 && p.valid != 0) {
+            if used == BATCH {
+                nvm.copy(&batch);
+                for r in &batch {
+                    nvm.flush(r.dst, r.len);
+                }
+                used = 0;
+            }
+            let area = plate.area[(plate.valid - 1) as usize & 1];
+            batch[used] = CopyRange { dst: plate.src, src: area, len: plate.pages * PAGE };
+            used += 1;
+            pages += plate.pages;
+        }
+        // Kind by kind: a table restored first may be read to restore the next kind.
+        nvm.copy(&batch[..used]);
+        for r in &batch[..used] {
+            nvm.flush(r.dst, r.len);
+        }
+        used = 0;
+    }
+    nvm.fence();
+    pages
+}
+
+/// Frees the save areas of the pending list (after a commit, or after a restore).
+pub fn free_pending(pending: &[Pending], frames: &mut FrameBitmap) {
+    for p in pending {
+        for area in p.area {
+            let _ = frames.free(area, p.pages);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
