@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use nvram::control::{
-    self, BootKind, DecodeError, Message, Request, Verified, DEVICE_ID, MAX_MESSAGE, REG_DOORBELL, REG_REQUEST,
-    REG_TSC_KHZ,
+    self, BootKind, DecodeError, Message, MetricsReport, Operation, Request, Verified, DEVICE_ID, MAX_MESSAGE,
+    REG_DOORBELL, REG_REQUEST, REG_TSC_KHZ,
 };
 use tracing::{debug, info, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -43,6 +43,25 @@ pub struct MachineStatus {
     pub rejected: u64,
     /// A request waiting for the guest to read it.
     pub pending: Option<Request>,
+    /// Every write-out and restore reported, oldest first.
+    pub operations: Vec<OperationRecord>,
+}
+
+/// One write-out or restore, its times converted to durations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperationRecord {
+    pub report: MetricsReport,
+    /// Duration of each phase (`nvram::control::PHASES`).
+    pub phases: [std::time::Duration; 6],
+    pub total: std::time::Duration,
+    pub at: Instant,
+}
+
+impl MachineStatus {
+    /// The records of one kind of operation.
+    pub fn of(&self, operation: Operation) -> impl Iterator<Item = &OperationRecord> {
+        self.operations.iter().filter(move |r| r.report.operation == operation)
+    }
 }
 
 /// Shared view of the status.
@@ -112,6 +131,32 @@ impl MachineControl {
                 status.boot_count = boot_count;
                 status.committed_generation = generation;
                 status.workloads.clear();
+            }
+            Message::Metrics(report) => {
+                let to_duration = |ticks: u64| {
+                    let khz = u64::from(self.tsc_khz.max(1));
+                    std::time::Duration::from_nanos((u128::from(ticks) * 1_000_000 / u128::from(khz)) as u64)
+                };
+                let record = OperationRecord {
+                    report,
+                    phases: report.phases.map(to_duration),
+                    total: to_duration(report.total),
+                    at: Instant::now(),
+                };
+                let what = match report.operation {
+                    Operation::WriteOut => "write-out committed",
+                    Operation::Restore => "restore done",
+                };
+                info!(
+                    generation = report.generation,
+                    plates = report.plates,
+                    plated_kib = report.plated_bytes >> 10,
+                    copied_kib = report.copied_bytes >> 10,
+                    ms = record.total.as_secs_f64() * 1e3,
+                    "{what}"
+                );
+                status.committed_generation = report.generation;
+                status.operations.push(record);
             }
             Message::Heartbeat { name, pid, progress, checksum, verified } => {
                 let name = name.as_str().to_string();

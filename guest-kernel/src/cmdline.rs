@@ -8,7 +8,9 @@
 //! | `memtouch=R,S,D`    | `memtouch` maps R regions of S KiB and dirties D KiB per interval (default 4,64,16) |
 //! | `memtouch_ms=N`     | `memtouch`'s interval in ms (default 100)                       |
 //! | `fault_ms=N`        | `fault` runs N ms before it faults (default 300)                |
-//! | `run_ms=N`          | power off after N ms (tests and benchmarks)                     |
+//! | `run_ms=N`          | shut down gracefully after N ms (tests and benchmarks)          |
+//! | `checkpoint_ms=N`   | a write-out every N ms (default: none, only on request)         |
+//! | `plate=off`         | no plate function: no write-outs, nothing to restore            |
 //! | `poweroff`          | power off right after the banner                                |
 //! | `flush=INSN`        | cache flush instruction: `clwb`, `clflushopt` or `clflush`      |
 //! |                     | (default: the best CPUID offers)                                |
@@ -66,6 +68,8 @@ pub struct Cmdline {
     pub memtouch_ms: u64,
     pub fault_ms: u64,
     pub run_ms: Option<u64>,
+    pub checkpoint_ms: Option<u64>,
+    pub plate: bool,
 }
 
 impl Default for Cmdline {
@@ -82,6 +86,8 @@ impl Default for Cmdline {
             memtouch_ms: 100,
             fault_ms: 300,
             run_ms: None,
+            checkpoint_ms: None,
+            plate: true,
         }
     }
 }
@@ -128,6 +134,12 @@ impl Cmdline {
                 ("memtouch_ms", n) => number(n).map(|n| out.memtouch_ms = n).is_some(),
                 ("fault_ms", n) => number(n).map(|n| out.fault_ms = n).is_some(),
                 ("run_ms", n) => number(n).map(|n| out.run_ms = Some(n)).is_some(),
+                ("checkpoint_ms", n) => number(n).filter(|&n| n > 0).map(|n| out.checkpoint_ms = Some(n)).is_some(),
+                ("plate", "off") => {
+                    out.plate = false;
+                    true
+                }
+                ("plate", "on") => true,
                 _ => false,
             };
             if !ok {

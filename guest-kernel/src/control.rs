@@ -4,7 +4,7 @@
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use nvram::control::{Booted, Heartbeat, BASE, DEVICE_ID, REG_DOORBELL, REG_TSC_KHZ};
+use nvram::control::{Booted, Heartbeat, Metrics, Request, BASE, DEVICE_ID, REG_DOORBELL, REG_REQUEST, REG_TSC_KHZ};
 use spin::Mutex;
 use x86_64::instructions::port::Port;
 
@@ -55,4 +55,18 @@ pub fn booted(message: Booted) {
 
 pub fn heartbeat(message: Heartbeat) {
     send(&message);
+}
+
+pub fn metrics(message: Metrics) {
+    send(&message);
+}
+
+/// The VMM's pending request, if any (reading takes it).
+pub fn request() -> Request {
+    if !present() {
+        return Request::None;
+    }
+    // SAFETY: reading the request register only takes the pending request.
+    let raw = unsafe { Port::<u32>::new(BASE + REG_REQUEST).read() };
+    Request::from_raw(raw).unwrap_or(Request::None)
 }

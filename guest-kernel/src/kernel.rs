@@ -22,6 +22,12 @@ pub struct Kernel {
     pub current: Option<u32>,
     /// Timer ticks since boot.
     pub ticks: u64,
+    /// The plate function (`None` with `plate=off`).
+    pub plating: Option<crate::plate::Plating>,
+    /// Tick of the next periodic write-out (`u64::MAX`: none).
+    pub next_checkpoint: u64,
+    /// Ticks between periodic write-outs (0: none).
+    pub checkpoint_ticks: u64,
 }
 
 static KERNEL: Mutex<Option<Kernel>> = Mutex::new(None);

@@ -21,6 +21,7 @@ mod memory;
 mod nvm;
 mod paging;
 mod persist;
+mod plate;
 mod process;
 mod pvh;
 mod resources;
@@ -72,7 +73,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
         flush.name()
     );
     let tsc_khz = control::init();
-    let kind = decide(&mut nvm);
+    let kind = decide(&mut nvm, cmdline.plate);
 
     match cmdline.fault {
         Some(Fault::InvalidOpcode) => {
@@ -107,8 +108,27 @@ extern "C" fn kmain(start_info: u64) -> ! {
 /// Decides how to boot from what NVM holds, installs the kernel state, starts (or resumes)
 /// the workloads and the timer, and enters the first process (or the idle loop).
 fn start(nvm: nvm::Nvm, kind: BootKind, cmdline: &Cmdline, tsc_khz: u64) -> ! {
+    let frame_count = nvm.frames.frames();
+    let (plating, restored) = match kind {
+        BootKind::Restored => {
+            // Restore first: it rewrites the very tables the kernel state points into.
+            let Some((plating, metrics)) = plate::restore(frame_count) else {
+                refuse(nvm::ImageError::Table(Kind::VirtualSpace))
+            };
+            if let Err(e) = nvm.check() {
+                refuse(e);
+            }
+            (Some(plating), Some(metrics))
+        }
+        BootKind::Resumed if cmdline.plate => {
+            (Some(plate::resume(frame_count).unwrap_or_else(|| plate::format(frame_count))), None)
+        }
+        _ if cmdline.plate => (Some(plate::format(frame_count)), None),
+        _ => (None, None),
+    };
     let header = nvm.header;
     let nvm::Nvm { resources, frames, .. } = nvm;
+    let checkpoint_ticks = cmdline.checkpoint_ms.map_or(0, timer::ms_to_ticks);
     kernel::install(kernel::Kernel {
         header,
         res: resources,
@@ -116,7 +136,23 @@ fn start(nvm: nvm::Nvm, kind: BootKind, cmdline: &Cmdline, tsc_khz: u64) -> ! {
         procs: placeholder_procs(),
         current: None,
         ticks: 0,
+        plating,
+        next_checkpoint: if checkpoint_ticks == 0 { u64::MAX } else { checkpoint_ticks },
+        checkpoint_ticks,
     });
+    if let Some(metrics) = restored {
+        kernel::with(|k| {
+            plate::free_pending_after_restore(k);
+            k.header.generation = metrics.generation;
+        });
+        println!(
+            "NVM: restored generation {}: {} plates, {} KiB copied",
+            metrics.generation,
+            metrics.plates,
+            metrics.copied_bytes >> 10
+        );
+        control::metrics(metrics);
+    }
     kernel::with(|k| {
         if kind == BootKind::Cold {
             let pages = (core::mem::size_of::<ProcessTable>() as u64).div_ceil(4096);
@@ -144,6 +180,20 @@ fn start(nvm: nvm::Nvm, kind: BootKind, cmdline: &Cmdline, tsc_khz: u64) -> ! {
             process::wake_all(k);
             println!("NVM: {} processes to resume", k.procs.live());
         }
+        if kind == BootKind::Cold && k.plating.is_some() {
+            // Plate-ify everything and commit the initial state: a crash from here on
+            // always has a checkpoint to come back to.
+            let mut frame = interrupts::TrapFrame::default();
+            match plate::write_out(k, &mut frame, false) {
+                Ok(m) => println!(
+                    "plate: first write-out committed: {} plates, {} KiB plated, {} KiB copied",
+                    m.plates,
+                    m.plated_bytes >> 10,
+                    m.copied_bytes >> 10
+                ),
+                Err(e) => println!("plate: first write-out failed: {e:?}"),
+            }
+        }
         control::booted(Booted::new(kind, k.header.boot_count, k.header.generation));
     });
     timer::init(tsc_khz);
@@ -160,7 +210,7 @@ fn start(nvm: nvm::Nvm, kind: BootKind, cmdline: &Cmdline, tsc_khz: u64) -> ! {
 }
 
 /// Decides from what NVM holds how this boot goes on, and prepares the tables for it.
-fn decide(nvm: &mut nvm::Nvm) -> BootKind {
+fn decide(nvm: &mut nvm::Nvm, plate: bool) -> BootKind {
     match nvm.found {
         nvm::Found::Blank => {
             println!("NVM: blank image: formatting (cold boot)");
@@ -174,11 +224,17 @@ fn decide(nvm: &mut nvm::Nvm) -> BootKind {
             }
             Err(e) => refuse(e),
         },
-        nvm::Found::Known(ShutdownFlag::Abnormal) => {
-            println!("NVM: previous run stopped abruptly and nothing was committed: starting afresh");
-            nvm.format();
-            BootKind::Cold
-        }
+        nvm::Found::Known(ShutdownFlag::Abnormal) => match plate.then(plate::committed_generation).flatten() {
+            Some(generation) => {
+                println!("NVM: previous run stopped abruptly: restoring the write-out of generation {generation}");
+                BootKind::Restored
+            }
+            None => {
+                println!("NVM: previous run stopped abruptly and nothing was committed: starting afresh");
+                nvm.format();
+                BootKind::Cold
+            }
+        },
     }
 }
 

@@ -15,3 +15,18 @@ pub fn zero(addr: u64, len: u64) {
         );
     }
 }
+
+/// Copies `len` bytes (a multiple of 8) from physical `src` to physical `dst`, 8 bytes a
+/// step. The ranges must not overlap.
+pub fn copy(dst: u64, src: u64, len: u64) {
+    // SAFETY: callers pass identity-mapped ranges they own (plates and their save areas).
+    unsafe {
+        core::arch::asm!(
+            "rep movsq",
+            inout("rdi") dst => _,
+            inout("rsi") src => _,
+            inout("rcx") len / 8 => _,
+            options(nostack, preserves_flags)
+        );
+    }
+}

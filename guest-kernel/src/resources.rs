@@ -50,7 +50,6 @@ pub struct SpaceOps {
 /// Virtual kernel spaces: regions attached into the kernel's space.
 pub struct KernelSpaceOps {
     pub create: fn(&mut Kernel, pages: u64, usage: KernelSpaceUse) -> Result<u32, ResError>,
-    #[allow(dead_code, reason = "kernel spaces live as long as the image for now")]
     pub delete: fn(&mut Kernel, id: u32) -> Result<(), ResError>,
 }
 
@@ -73,9 +72,9 @@ pub struct Ops {
 pub static OPS: RwLock<Ops> = RwLock::new(Ops {
     real: RealMemoryOps { create: real_create, delete: real_delete },
     region: RegionOps { create: region_create, delete: region_delete },
-    space: SpaceOps { create: space_create, delete: space_delete },
-    kernel_space: KernelSpaceOps { create: kernel_space_create, delete: kernel_space_delete },
-    user_space: UserSpaceOps { create: user_space_create, delete: user_space_delete },
+    space: SpaceOps { create: space_create, delete: space_delete_now },
+    kernel_space: KernelSpaceOps { create: kernel_space_create, delete: kernel_space_delete_now },
+    user_space: UserSpaceOps { create: user_space_create, delete: user_space_delete_now },
 });
 
 /// Calls the operation `op` of the table in force.
@@ -141,8 +140,9 @@ fn space_create(k: &mut Kernel, owner: u32) -> Result<u32, ResError> {
     }
 }
 
-/// Deletes a space and every user space attached into it.
-fn space_delete(k: &mut Kernel, id: u32) -> Result<(), ResError> {
+/// Deletes a space and every user space attached into it (through the user-space delete
+/// operation in force).
+pub fn space_delete_now(k: &mut Kernel, id: u32) -> Result<(), ResError> {
     let attached: heapless_ids::Ids = k.res.user_spaces.iter().filter(|(_, u)| u.space == id).map(|(i, _)| i).collect();
     for user in attached.iter() {
         res_op!(user_space.delete(k, user))?;
@@ -167,7 +167,8 @@ fn kernel_space_create(k: &mut Kernel, pages: u64, usage: KernelSpaceUse) -> Res
     }
 }
 
-fn kernel_space_delete(k: &mut Kernel, id: u32) -> Result<(), ResError> {
+/// Deletes a kernel space and frees its frames at once.
+pub fn kernel_space_delete_now(k: &mut Kernel, id: u32) -> Result<(), ResError> {
     let space = k.res.kernel_spaces.remove(id).ok_or(ResError::NoSuch)?;
     res_op!(region.delete(k, space.region))
 }
@@ -206,7 +207,8 @@ fn user_space_create(k: &mut Kernel, space_id: u32, pages: u64, flags: u64) -> R
     }
 }
 
-fn user_space_delete(k: &mut Kernel, id: u32) -> Result<(), ResError> {
+/// Deletes a user space and frees its frames at once.
+pub fn user_space_delete_now(k: &mut Kernel, id: u32) -> Result<(), ResError> {
     let user = k.res.user_spaces.remove(id).ok_or(ResError::NoSuch)?;
     if let Some(space) = k.res.spaces.get(user.space) {
         paging::unmap_user(space.root, user.vaddr, user.pages);

@@ -11,7 +11,7 @@
 //! | 4  | `map(pages)`: new user space, zeroed  | its address                         |
 //! | 5  | `unmap(addr)`: delete that user space | 0                                   |
 //! | 6  | `exit(code)`                          | does not return                     |
-//! | 7  | `checkpoint()`                        | [`err::UNSUPPORTED`] until the plate function lands |
+//! | 7  | `checkpoint()`: a write-out           | 0 (saved) now; 1 (restored) when the process resumes from it after a crash; [`err::UNSUPPORTED`] with `plate=off` |
 //! | 8  | `report(name, progress, checksum, verified)`: a heartbeat to the VMM | 0    |
 
 use kernel_core::resources::USER_WRITABLE;
@@ -73,7 +73,11 @@ pub fn handle(frame: &mut TrapFrame) {
                 process::schedule(k, frame);
                 return;
             }
-            nr::CHECKPOINT => err::UNSUPPORTED,
+            nr::CHECKPOINT => match crate::plate::write_out(k, frame, true) {
+                Ok(_) => crate::plate::SAVED,
+                Err(crate::plate::WriteOutError::Disabled) => err::UNSUPPORTED,
+                Err(crate::plate::WriteOutError::NoRoom) => err::NO_MEMORY,
+            },
             nr::REPORT => report(k, pid, a, b, c, d),
             _ => err::NO_SUCH_CALL,
         };

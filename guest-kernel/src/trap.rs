@@ -4,7 +4,15 @@ use nvram::exit::ExitCode;
 
 use crate::interrupts::{exception_name, ShowRegs, TrapFrame, IRQ_BASE, SYSCALL_VECTOR};
 use crate::process::{self, from_user};
-use crate::{kernel, machine, println, syscall, timer};
+use crate::{control, kernel, machine, plate, println, syscall, timer};
+use nvram::control::Request;
+
+/// A write-out not asked for by the interrupted code (timer or VMM).
+fn checkpoint(k: &mut kernel::Kernel, frame: &mut TrapFrame) {
+    if let Err(e) = plate::write_out(k, frame, false) {
+        println!("plate: write-out failed: {e:?}");
+    }
+}
 
 /// Handles the entry described by `frame`; on return, `frame` is the context to resume.
 pub fn dispatch(frame: &mut TrapFrame) {
@@ -18,6 +26,16 @@ pub fn dispatch(frame: &mut TrapFrame) {
                 if machine::power_off_due(k.ticks) {
                     println!("run time over");
                     machine::shutdown(k, frame);
+                }
+                let periodic = k.ticks >= k.next_checkpoint;
+                if periodic {
+                    k.next_checkpoint = k.ticks + k.checkpoint_ticks;
+                }
+                match control::request() {
+                    Request::Shutdown => machine::shutdown(k, frame),
+                    Request::Checkpoint => checkpoint(k, frame),
+                    Request::None if periodic => checkpoint(k, frame),
+                    Request::None => {}
                 }
                 // Preempt on every tick: ticks are long (timer::HZ), and the idle context
                 // must notice a sleeper that woke.

@@ -25,8 +25,8 @@
 //! | 28 | 4 | reserved |
 //! | 32 | 8 | `checksum`: [`checksum64`] of every other word, as laid out below |
 //! | 40 | 512 | `plated`: per kind, a bitmap of the resource ids that have a plate |
-//! | 552 | 24 × 128 | deletion-pending list: save areas `[a, b]` and `pages` |
-//! | 3624 | 48 × 1024 | plates ([`Plate`]) |
+//! | 552 | 24 × 512 | deletion-pending list: save areas `[a, b]` and `pages` |
+//! | 12840 | 48 × 1024 | plates ([`Plate`]) |
 //!
 //! Plate entry:
 //!
@@ -53,7 +53,7 @@ pub const VERSION: u32 = 1;
 /// Most plates.
 pub const MAX_PLATES: usize = 1024;
 /// Most save areas pending deletion between two write-outs.
-pub const MAX_PENDING: usize = 128;
+pub const MAX_PENDING: usize = 512;
 /// Resource ids per kind that the `plated` bitmaps can mark.
 pub const MAX_IDS: usize = 1024;
 const PAGE: u64 = 4096;
@@ -220,6 +220,20 @@ impl PlateTable {
     /// Recomputes the checksum.
     pub fn seal(&mut self) {
         self.checksum = checksum64(self.used_words());
+    }
+
+    /// Checks the header of a table that is not sealed at every change (the live one).
+    pub fn check_header(&self) -> Result<(), TableError> {
+        if self.magic != MAGIC {
+            return Err(TableError::BadMagic);
+        }
+        if self.version != VERSION {
+            return Err(TableError::Version(self.version));
+        }
+        if self.count as usize > MAX_PLATES || self.pending_count as usize > MAX_PENDING {
+            return Err(TableError::Counts);
+        }
+        Ok(())
     }
 
     /// Checks a table found in NVM.

@@ -161,6 +161,7 @@ mod tests {
     fn the_block_fits_its_reserved_area_and_formats() {
         let size = core::mem::size_of::<Resources>() as u64;
         assert!(size <= nvram::layout::RESOURCES_MAX, "{size} bytes");
+        assert!(size <= nvram::layout::RESOURCES_SAVE_MAX, "{size} bytes");
         // SAFETY: every bit pattern is a valid `Resources` (integers only).
         let mut block: std::boxed::Box<Resources> = unsafe { std::boxed::Box::new_zeroed().assume_init() };
         assert_eq!(block.check(), Err(CorruptTable(Kind::RealMemory)));

@@ -17,6 +17,7 @@
 //! |------|------------------|--------------------------------------------------------------|
 //! | 1    | [`Booted`]       | the kernel has decided how it boots (cold, resumed, restored)|
 //! | 2    | [`Heartbeat`]    | a workload reports progress                                  |
+//! | 3    | [`Metrics`]      | a write-out was committed, or a restore done                 |
 
 /// Version of this interface; bumped at any incompatible change.
 pub const ABI_VERSION: u32 = 1;
@@ -62,6 +63,47 @@ pub const NAME_LEN: usize = 16;
 /// Message kinds.
 pub const KIND_BOOTED: u32 = 1;
 pub const KIND_HEARTBEAT: u32 = 2;
+pub const KIND_METRICS: u32 = 3;
+
+/// What a [`Metrics`] message measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Operation {
+    WriteOut = 0,
+    Restore = 1,
+}
+
+impl Operation {
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            0 => Some(Self::WriteOut),
+            1 => Some(Self::Restore),
+            _ => None,
+        }
+    }
+}
+
+/// Phases of a write-out or restore, in the order of [`Metrics::phases`].
+pub const PHASES: [&str; 6] = ["plate-ification", "dirty scan", "copy", "commit", "flush", "free"];
+
+/// Kind 3: the figures of one write-out (committed) or restore (done). Times are in TSC
+/// ticks; the VMM converts them with the TSC rate it gave the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Metrics {
+    pub header: MessageHeader,
+    /// An [`Operation`].
+    pub operation: u32,
+    pub plates: u32,
+    /// Generation committed (write-out) or restored (restore).
+    pub generation: u64,
+    pub plated_bytes: u64,
+    pub copied_bytes: u64,
+    /// TSC ticks per phase, as in [`PHASES`].
+    pub phases: [u64; 6],
+    /// TSC ticks of the whole operation.
+    pub total: u64,
+}
 
 /// Every message starts with this.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -155,6 +197,16 @@ pub struct Heartbeat {
     pub checksum: u64,
 }
 
+impl Metrics {
+    pub fn new(operation: Operation) -> Self {
+        Self {
+            header: MessageHeader { kind: KIND_METRICS, len: core::mem::size_of::<Self>() as u32 },
+            operation: operation as u32,
+            ..Self::default()
+        }
+    }
+}
+
 impl Booted {
     pub fn new(kind: BootKind, boot_count: u64, generation: u64) -> Self {
         Self {
@@ -188,6 +240,19 @@ impl Heartbeat {
 pub enum Message {
     Booted { boot_kind: BootKind, boot_count: u64, generation: u64 },
     Heartbeat { name: Name, pid: u32, progress: u64, checksum: u64, verified: Verified },
+    Metrics(MetricsReport),
+}
+
+/// A decoded [`Metrics`] message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsReport {
+    pub operation: Operation,
+    pub plates: u32,
+    pub generation: u64,
+    pub plated_bytes: u64,
+    pub copied_bytes: u64,
+    pub phases: [u64; 6],
+    pub total: u64,
 }
 
 /// A workload's name: 1 to 16 printable ASCII bytes.
@@ -220,6 +285,9 @@ pub enum DecodeError {
     UnknownKind(u32),
     BadBootKind(u32),
     BadVerified(u32),
+    BadOperation(u32),
+    /// The phases add up to more than the total.
+    BadTimes,
     /// The name is empty, not printable ASCII, or not NUL-padded.
     BadName,
     /// A reserved field is not zero.
@@ -234,6 +302,8 @@ impl core::fmt::Display for DecodeError {
             Self::UnknownKind(kind) => write!(f, "unknown message kind {kind}"),
             Self::BadBootKind(v) => write!(f, "boot kind {v} is not cold (0), resumed (1) or restored (2)"),
             Self::BadVerified(v) => write!(f, "verification result {v} is not unknown (0), passed (1) or failed (2)"),
+            Self::BadOperation(v) => write!(f, "operation {v} is not a write-out (0) or a restore (1)"),
+            Self::BadTimes => write!(f, "the phases take longer than the whole operation"),
             Self::BadName => write!(f, "workload name is not 1 to 16 printable ASCII bytes, NUL-padded"),
             Self::Reserved => write!(f, "a reserved field is not zero"),
         }
@@ -267,6 +337,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
     let size = match header.kind {
         KIND_BOOTED => core::mem::size_of::<Booted>(),
         KIND_HEARTBEAT => core::mem::size_of::<Heartbeat>(),
+        KIND_METRICS => core::mem::size_of::<Metrics>(),
         kind => return Err(DecodeError::UnknownKind(kind)),
     };
     if header.len as usize != size {
@@ -283,6 +354,28 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
                 return Err(DecodeError::Reserved);
             }
             Ok(Message::Booted { boot_kind, boot_count: u64_at(bytes, 16), generation: u64_at(bytes, 24) })
+        }
+        KIND_METRICS => {
+            let raw = u32_at(bytes, 8);
+            let operation = Operation::from_raw(raw).ok_or(DecodeError::BadOperation(raw))?;
+            let mut phases = [0u64; 6];
+            for (i, phase) in phases.iter_mut().enumerate() {
+                *phase = u64_at(bytes, 40 + 8 * i);
+            }
+            let total = u64_at(bytes, 88);
+            let sum = phases.iter().try_fold(0u64, |a, &p| a.checked_add(p));
+            if sum.is_none_or(|s| s > total) {
+                return Err(DecodeError::BadTimes);
+            }
+            Ok(Message::Metrics(MetricsReport {
+                operation,
+                plates: u32_at(bytes, 12),
+                generation: u64_at(bytes, 16),
+                plated_bytes: u64_at(bytes, 24),
+                copied_bytes: u64_at(bytes, 32),
+                phases,
+                total,
+            }))
         }
         _ => {
             let mut name = [0u8; NAME_LEN];
@@ -340,6 +433,23 @@ impl Encode for Heartbeat {
     }
 }
 
+impl Encode for Metrics {
+    fn encode(&self, out: &mut [u8]) -> usize {
+        let mut fields: [[u8; 8]; 12] = [[0; 8]; 12];
+        let head = [self.header.kind, self.header.len, self.operation, self.plates];
+        for (i, pair) in head.chunks(2).enumerate() {
+            fields[i][..4].copy_from_slice(&pair[0].to_le_bytes());
+            fields[i][4..].copy_from_slice(&pair[1].to_le_bytes());
+        }
+        let rest = [self.generation, self.plated_bytes, self.copied_bytes];
+        for (i, v) in rest.iter().chain(self.phases.iter()).chain(core::iter::once(&self.total)).enumerate() {
+            fields[2 + i] = v.to_le_bytes();
+        }
+        let refs: [&[u8]; 12] = core::array::from_fn(|i| &fields[i][..]);
+        put_all(out, &refs)
+    }
+}
+
 fn put_all(out: &mut [u8], fields: &[&[u8]]) -> usize {
     let mut at = 0;
     for field in fields {
@@ -354,8 +464,8 @@ fn put_all(out: &mut [u8], fields: &[&[u8]]) -> usize {
 mod tests {
     use super::*;
 
-    fn bytes<T: Encode>(m: &T) -> ([u8; 64], usize) {
-        let mut out = [0u8; 64];
+    fn bytes<T: Encode>(m: &T) -> ([u8; 128], usize) {
+        let mut out = [0u8; 128];
         let n = m.encode(&mut out);
         (out, n)
     }
@@ -376,6 +486,36 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn metrics_round_trip_and_are_checked() {
+        let mut m = Metrics::new(Operation::WriteOut);
+        m.plates = 456;
+        m.generation = 3;
+        m.plated_bytes = 8 << 20;
+        m.copied_bytes = 1 << 20;
+        m.phases = [1, 2, 3, 4, 5, 6];
+        m.total = 30;
+        let (b, n) = bytes(&m);
+        assert_eq!(n, core::mem::size_of::<Metrics>());
+        match decode(&b[..n]) {
+            Ok(Message::Metrics(r)) => {
+                assert_eq!((r.operation, r.plates, r.generation), (Operation::WriteOut, 456, 3));
+                assert_eq!(
+                    (r.plated_bytes, r.copied_bytes, r.phases, r.total),
+                    (8 << 20, 1 << 20, [1, 2, 3, 4, 5, 6], 30)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        m.total = 20;
+        let (b, n) = bytes(&m);
+        assert_eq!(decode(&b[..n]), Err(DecodeError::BadTimes));
+        m.total = 30;
+        m.operation = 9;
+        let (b, n) = bytes(&m);
+        assert_eq!(decode(&b[..n]), Err(DecodeError::BadOperation(9)));
     }
 
     #[test]
@@ -413,7 +553,7 @@ mod tests {
     #[test]
     fn random_bytes_never_panic() {
         let mut state = 0x1234_5678_9abc_def0u64;
-        let mut buf = [0u8; 64];
+        let mut buf = [0u8; 128];
         for round in 0..200_000u32 {
             for byte in buf.iter_mut() {
                 state ^= state << 13;
@@ -423,12 +563,12 @@ mod tests {
             }
             // Make a share of them plausible: a known kind and its length.
             if round % 2 == 0 {
-                buf[0] = 1 + (round % 4 / 2) as u8;
+                buf[0] = 1 + (round % 6 / 2) as u8;
                 buf[1..4].fill(0);
-                buf[4] = if buf[0] == 1 { 32 } else { 48 };
+                buf[4] = [32, 48, 96][buf[0] as usize - 1];
                 buf[5..8].fill(0);
             }
-            let len = (state as usize) % 65;
+            let len = (state as usize) % 129;
             let _ = decode(&buf[..len]);
         }
     }

@@ -25,6 +25,7 @@
 //!   0x00a8_0000 | plate table: slot 1            |  the valid slot with the highest generation
 //!   0x00ac_0000 | save areas A, B of the resource|  fixed save areas of the tables
 //!               | tables and of the frame bitmap |
+//!   0x00b4_0000 | plate bitmaps: stale, dirty    |  per frame
 //!   0x0100_0000 +--------------------------------+
 //!               | frames                         |  page tables, regions, save areas
 //!               |            ...                 |
@@ -73,15 +74,23 @@ pub const PLATE_LIVE: u64 = 0xa0_0000;
 pub const PLATE_SLOTS: [u64; 2] = [0xa4_0000, 0xa8_0000];
 /// Room for one plate table.
 pub const PLATE_TABLE_MAX: u64 = 0x4_0000;
+/// Room for one copy of the resource tables (their size is checked by kernel-core).
+pub const RESOURCES_SAVE_MAX: u64 = 0x2_0000;
 /// Save areas A and B of the resource tables.
-pub const RESOURCES_SAVE: [u64; 2] = [0xac_0000, 0xac_0000 + RESOURCES_MAX];
+pub const RESOURCES_SAVE: [u64; 2] = [0xac_0000, 0xae_0000];
 /// Save areas A and B of the frame bitmap.
-pub const FRAME_BITMAP_SAVE: [u64; 2] =
-    [0xac_0000 + 2 * RESOURCES_MAX, 0xac_0000 + 2 * RESOURCES_MAX + FRAME_BITMAP_MAX];
+pub const FRAME_BITMAP_SAVE: [u64; 2] = [0xb0_0000, 0xb2_0000];
+/// Which pages each plate's inactive save area lacks: one bit per frame, then one per page
+/// of the fixed plates. Lasting: it stays right across a graceful shutdown.
+pub const PLATE_STALE: u64 = 0xb4_0000;
+/// Pages found dirty by the current write-out: one bit per frame (scratch).
+pub const PLATE_DIRTY: u64 = 0xb6_0000;
+/// Room for each of the two bitmaps above.
+pub const PLATE_BITMAP_MAX: u64 = 0x2_0000;
 /// First frame handed out by the frame allocator.
 pub const FRAMES_BASE: u64 = 0x100_0000;
 
-const _: () = assert!(FRAME_BITMAP_SAVE[1] + FRAME_BITMAP_MAX <= FRAMES_BASE);
+const _: () = assert!(PLATE_DIRTY + PLATE_BITMAP_MAX <= FRAMES_BASE);
 
 /// Smallest RAM our kernel accepts: the fixed areas above plus room to work.
 pub const MIN_RAM: u64 = 32 << 20;
