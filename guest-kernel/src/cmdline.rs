@@ -2,7 +2,7 @@
 //!
 //! | item                | effect                                                          |
 //! |---------------------|-----------------------------------------------------------------|
-//! | `apps=A,B,...`      | workloads to start on a fresh image: `counter`, `kv`, `memtouch`, `fault` |
+//! | `apps=A,B,...`      | workloads to start on a fresh image: `counter`, `kv`, `memtouch`, `fault`, `deleter` |
 //! | `kv_seed=N`         | seed of `kv`'s operation stream (default 1)                     |
 //! | `kv_pages=N`        | pages of `kv`'s table region (default 64)                       |
 //! | `memtouch=R,S,D`    | `memtouch` maps R regions of S KiB and dirties D KiB per interval (default 4,64,16) |
@@ -37,6 +37,7 @@ pub enum App {
     Kv,
     Memtouch,
     Fault,
+    Deleter,
 }
 
 impl App {
@@ -46,6 +47,7 @@ impl App {
             "kv" => Some(Self::Kv),
             "memtouch" => Some(Self::Memtouch),
             "fault" => Some(Self::Fault),
+            "deleter" => Some(Self::Deleter),
             _ => None,
         }
     }

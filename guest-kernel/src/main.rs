@@ -262,6 +262,7 @@ fn program(app: App, cmdline: &Cmdline) -> Program {
             Program { name: "memtouch", entry: user::memtouch::main, args: [regions, kib, dirty, cmdline.memtouch_ms] }
         }
         App::Fault => Program { name: "fault", entry: user::fault::main, args: [cmdline.fault_ms, 0, 0, 0] },
+        App::Deleter => Program { name: "deleter", entry: user::deleter::main, args: [0; 4] },
     }
 }
 

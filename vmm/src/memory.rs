@@ -17,8 +17,13 @@ pub struct MemoryError {
 }
 
 /// Maps the whole image as guest RAM. vm-memory maps a file `MAP_SHARED | MAP_NORESERVE`.
+///
+/// The mapping gets a file description of its own, opened anew, not a duplicate of the one
+/// holding the image's lock: a mapping keeps its file alive until the address space is torn
+/// down, which after a SIGKILL may come after the process is reaped, and the lock must go
+/// with the process.
 pub fn map_image(image: &NvmImage) -> Result<GuestMemory, MemoryError> {
-    let file = image.file().try_clone().map_err(|e| MemoryError {
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(image.path()).map_err(|e| MemoryError {
         path: image.path().into(),
         source: vm_memory::mmap::FromRangesError::MmapRegion(vm_memory::mmap::MmapRegionError::Mmap(e)),
     })?;

@@ -24,7 +24,7 @@ pub extern "C" fn main(seed: u64, pages: u64, _: u64, _: u64) -> ! {
         let now = time_ns();
         if now - last_report >= REPORT_EVERY_NS {
             last_report = now;
-            let check = if reports % VERIFY_EVERY == 0 {
+            let check = if reports.is_multiple_of(VERIFY_EVERY) {
                 match kv.verify() {
                     Ok(()) => Check::Passed,
                     Err(_) => Check::Failed,
@@ -33,7 +33,7 @@ pub extern "C" fn main(seed: u64, pages: u64, _: u64, _: u64) -> ! {
                 Check::Unknown
             };
             report(NAME, kv.ops_done(), kv.checksum(), check);
-            if reports % 20 == 0 {
+            if reports.is_multiple_of(20) {
                 uprintln!(
                     "kv: {} operations, {} live keys, checksum {:#018x}",
                     kv.ops_done(),

@@ -7,6 +7,7 @@
 //! system calls are in `crate::syscall`.
 
 pub mod counter;
+pub mod deleter;
 pub mod fault;
 pub mod kv;
 pub mod memtouch;
@@ -66,6 +67,11 @@ pub fn map(pages: u64) -> Option<&'static mut [u8]> {
     Some(unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, (pages * 4096) as usize) })
 }
 
+/// Deletes the user space mapped at `addr`; 0 on success.
+pub fn unmap(addr: u64) -> u64 {
+    syscall(nr::UNMAP, addr, 0, 0, 0)
+}
+
 /// Ends the process.
 pub fn exit(code: u64) -> ! {
     syscall(nr::EXIT, code, 0, 0, 0);
@@ -78,8 +84,9 @@ fn unreachable_exit() -> ! {
     }
 }
 
-/// Asks for a write-out of the machine's state.
-#[allow(dead_code, reason = "part of the user runtime; the plate function makes it useful")]
+/// Asks for a write-out of the machine's state: `plate::SAVED` once committed, and
+/// `plate::RESTORED` when the process resumes from it after a crash (as `fork` tells parent
+/// from child).
 pub fn checkpoint() -> u64 {
     syscall(nr::CHECKPOINT, 0, 0, 0, 0)
 }
