@@ -127,3 +127,20 @@ fn sigkill_at_random_moments_never_loses_a_committed_checkpoint() {
         assert_eq!(after.workloads["kv"].last_check, Verified::Passed, "round {round} (seed {seed:#x}): {after:?}");
     }
 }
+
+#[test]
+fn with_plate_off_nothing_is_committed_and_a_crash_starts_afresh() {
+    let scratch = Scratch::new();
+    let before = run_then_crash(config(&scratch, "apps=deleter plate=off"), Duration::from_secs(20), |_| {
+        scratch.read_console().contains("deleter:") || scratch.read_console().contains("exited with code 3")
+    });
+    assert!(before.of(Operation::WriteOut).next().is_none(), "{before:?}");
+    assert!(
+        scratch.read_console().contains("process 0 exited with code 3"),
+        "checkpoint() refused: {}",
+        scratch.read_console()
+    );
+    let after = run_then_crash(config(&scratch, "plate=off"), Duration::from_secs(20), |s| s.boot_kind.is_some());
+    assert_eq!(after.boot_kind, Some(BootKind::Cold));
+    assert!(scratch.read_console().contains("nothing was committed: starting afresh"));
+}
