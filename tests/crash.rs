@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{vmm_bin, Scratch};
 use devices::control::{lock, MachineStatus};
-use nvram::control::{BootKind, Operation, Verified};
+use nvram::control::{BootKind, Copier, Operation, Verified};
 use vmm::{ConsoleOutput, Machine, RunOutcome, VmConfig};
 
 fn config(scratch: &Scratch, cmdline: &str) -> VmConfig {
@@ -73,13 +73,25 @@ fn next(state: &mut u64) -> u64 {
 }
 
 #[test]
-fn sigkill_at_random_moments_never_loses_a_committed_checkpoint() {
+fn sigkill_at_random_moments_never_loses_a_committed_checkpoint_engine() {
+    sigkill_rounds("plate_copy=engine", 5);
+}
+
+#[test]
+fn sigkill_at_random_moments_never_loses_a_committed_checkpoint_cpu() {
+    sigkill_rounds("plate_copy=cpu", 4);
+}
+
+/// Boots with `copier` (a `plate_copy=` item), kills the VMM `rounds` times at random
+/// moments, and checks every restore.
+fn sigkill_rounds(copier: &str, rounds: u32) {
     let scratch = Scratch::new();
     let seed = 0x5eed_u64 ^ u64::from(std::process::id());
     let mut rng = seed;
     let image = scratch.image().display().to_string();
-    let cmdline = "apps=kv,memtouch memtouch=48,32,256 memtouch_ms=20 checkpoint_ms=100";
-    for round in 0..6 {
+    let cmdline = format!("apps=kv,memtouch memtouch=48,32,256 memtouch_ms=20 checkpoint_ms=100 {copier}");
+    let cmdline = cmdline.as_str();
+    for round in 0..rounds {
         // A VMM process, killed with SIGKILL at a random moment.
         let console = scratch.path(&format!("console-{round}.log")).display().to_string();
         let mut child = std::process::Command::new(vmm_bin())
@@ -115,7 +127,7 @@ fn sigkill_at_random_moments_never_loses_a_committed_checkpoint() {
         assert!(last_committed > 0, "round {round} (seed {seed:#x}): no generation committed before the kill:\n{log}");
 
         // The next boot restores, and kv's table verifies.
-        let after = run_then_crash(config(&scratch, ""), Duration::from_secs(30), |s| {
+        let after = run_then_crash(config(&scratch, copier), Duration::from_secs(30), |s| {
             s.boot_kind.is_some() && s.workloads.get("kv").is_some_and(|w| w.last_check != Verified::Unknown)
         });
         assert_eq!(after.boot_kind, Some(BootKind::Restored), "round {round} (seed {seed:#x}): {after:?}");
@@ -125,6 +137,9 @@ fn sigkill_at_random_moments_never_loses_a_committed_checkpoint() {
             "round {round} (seed {seed:#x}): restored generation {restored} < last committed {last_committed}"
         );
         assert_eq!(after.workloads["kv"].last_check, Verified::Passed, "round {round} (seed {seed:#x}): {after:?}");
+        let restore = after.of(Operation::Restore).last().expect("the restore reported");
+        let expected = if copier.ends_with("cpu") { Copier::Cpu } else { Copier::Engine };
+        assert_eq!(restore.report.copier, expected);
     }
 }
 

@@ -147,12 +147,20 @@ impl MachineControl {
                     Operation::WriteOut => "write-out committed",
                     Operation::Restore => "restore done",
                 };
+                let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
                 info!(
                     generation = report.generation,
                     plates = report.plates,
                     plated_kib = report.plated_bytes >> 10,
                     copied_kib = report.copied_bytes >> 10,
-                    ms = record.total.as_secs_f64() * 1e3,
+                    copier = report.copier.name(),
+                    ms = ms(record.total),
+                    plateify_ms = ms(record.phases[0]),
+                    scan_ms = ms(record.phases[1]),
+                    copy_ms = ms(record.phases[2]),
+                    commit_ms = ms(record.phases[3]),
+                    flush_ms = ms(record.phases[4]),
+                    free_ms = ms(record.phases[5]),
                     "{what}"
                 );
                 status.committed_generation = report.generation;

@@ -5,10 +5,12 @@
 
 pub mod bus;
 pub mod control;
+pub mod engine;
 pub mod exit;
 pub mod serial;
 
 pub use bus::{PioBus, PioDevice};
 pub use control::{MachineControl, MachineStatus, StatusHandle};
+pub use engine::CopyEngine;
 pub use exit::{ExitDevice, GuestExit};
 pub use serial::SerialConsole;

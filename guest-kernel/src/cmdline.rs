@@ -11,6 +11,7 @@
 //! | `run_ms=N`          | shut down gracefully after N ms (tests and benchmarks)          |
 //! | `checkpoint_ms=N`   | a write-out every N ms (default: none, only on request)         |
 //! | `plate=off`         | no plate function: no write-outs, nothing to restore            |
+//! | `plate_copy=C`      | who copies plates: `engine` (the copy engine, default when the machine has one) or `cpu` |
 //! | `poweroff`          | power off right after the banner                                |
 //! | `flush=INSN`        | cache flush instruction: `clwb`, `clflushopt` or `clflush`      |
 //! |                     | (default: the best CPUID offers)                                |
@@ -72,6 +73,7 @@ pub struct Cmdline {
     pub run_ms: Option<u64>,
     pub checkpoint_ms: Option<u64>,
     pub plate: bool,
+    pub plate_copy_engine: bool,
 }
 
 impl Default for Cmdline {
@@ -90,6 +92,7 @@ impl Default for Cmdline {
             run_ms: None,
             checkpoint_ms: None,
             plate: true,
+            plate_copy_engine: true,
         }
     }
 }
@@ -142,6 +145,14 @@ impl Cmdline {
                     true
                 }
                 ("plate", "on") => true,
+                ("plate_copy", "engine") => {
+                    out.plate_copy_engine = true;
+                    true
+                }
+                ("plate_copy", "cpu") => {
+                    out.plate_copy_engine = false;
+                    true
+                }
                 _ => false,
             };
             if !ok {

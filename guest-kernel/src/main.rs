@@ -13,6 +13,7 @@ mod boot;
 mod cmdline;
 pub mod console;
 mod control;
+mod engine;
 mod gdt;
 mod interrupts;
 mod kernel;
@@ -73,6 +74,10 @@ extern "C" fn kmain(start_info: u64) -> ! {
         flush.name()
     );
     let tsc_khz = control::init();
+    let copier = if engine::init(cmdline.plate_copy_engine) { "copy engine" } else { "CPU" };
+    if cmdline.plate {
+        println!("plate: write-outs and restores copy by {copier}");
+    }
     let kind = decide(&mut nvm, cmdline.plate);
 
     match cmdline.fault {

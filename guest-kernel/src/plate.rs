@@ -13,7 +13,7 @@ use kernel_core::plates::{
     self, CopyRange, Persist, Plate, PlateKind, PlateTable, FIXED_FRAME_BITMAP, FIXED_RESOURCES,
 };
 use kernel_core::resources::{Resources, TABLE_POOL_PAGES};
-use nvram::control::{Metrics, Operation};
+use nvram::control::{Copier, Metrics, Operation};
 use nvram::layout;
 
 use crate::interrupts::TrapFrame;
@@ -129,6 +129,7 @@ pub fn restore(frames_count: u64) -> Option<(Plating, Metrics)> {
     plating.stale.fill(u64::MAX);
     install_ops();
     let mut m = Metrics::new(Operation::Restore);
+    m.copier = nvm.copier() as u32;
     m.plates = committed.count;
     m.generation = committed.generation;
     m.plated_bytes = committed.plates().iter().map(|p| p.pages * PAGE).sum();
@@ -248,6 +249,7 @@ pub fn write_out(k: &mut Kernel, frame: &mut TrapFrame, from_checkpoint_call: bo
         frame.rax = SAVED;
     }
     let mut m = Metrics::new(Operation::WriteOut);
+    m.copier = nvm.copier() as u32;
     m.plates = stats.plates as u32;
     m.generation = generation + 1;
     m.plated_bytes = stats.plated_pages * PAGE;
@@ -405,24 +407,62 @@ fn install_ops() {
     ops.kernel_space.delete = kernel_space_delete;
 }
 
-/// Bulk copies and cache write-back over identity-mapped physical memory, timed.
-#[derive(Default)]
+/// Bulk copies and cache write-back over identity-mapped physical memory, timed: by the
+/// copy engine when there is one (its copies are durable on completion, so there is
+/// nothing left to flush), else by the CPU.
 struct GuestPersist {
+    engine: bool,
+    /// Whether the last copy was the CPU's (its lines must be flushed).
+    flushes_needed: bool,
     copy_ticks: u64,
     flush_ticks: u64,
     slot_ticks: u64,
 }
 
+impl Default for GuestPersist {
+    fn default() -> Self {
+        Self { engine: crate::engine::enabled(), flushes_needed: true, copy_ticks: 0, flush_ticks: 0, slot_ticks: 0 }
+    }
+}
+
+impl GuestPersist {
+    fn copier(&self) -> Copier {
+        if self.engine {
+            Copier::Engine
+        } else {
+            Copier::Cpu
+        }
+    }
+
+    /// Copies `ranges` (by the engine if possible; durable then); returns whether the
+    /// copies still need flushing.
+    fn copy_ranges(&mut self, ranges: &[CopyRange]) -> bool {
+        if self.engine && crate::engine::copy(ranges) {
+            return false;
+        }
+        for r in ranges {
+            crate::memory::copy(r.dst, r.src, r.len);
+        }
+        true
+    }
+}
+
 impl Persist for GuestPersist {
     fn copy(&mut self, ranges: &[CopyRange]) {
         let t = timer::rdtsc();
-        for r in ranges {
-            crate::memory::copy(r.dst, r.src, r.len);
+        if !self.copy_ranges(ranges) {
+            // Durable already: the flushes that follow are for CPU copies only.
+            self.flushes_needed = false;
+        } else {
+            self.flushes_needed = true;
         }
         self.copy_ticks += timer::rdtsc() - t;
     }
 
     fn flush(&mut self, addr: u64, len: u64) {
+        if !self.flushes_needed {
+            return;
+        }
         let t = timer::rdtsc();
         persist::flush(addr, len);
         self.flush_ticks += timer::rdtsc() - t;
@@ -436,9 +476,16 @@ impl Persist for GuestPersist {
         let t = timer::rdtsc();
         let dst = layout::PLATE_SLOTS[slot_index];
         let src = table as *const PlateTable as u64;
-        for (at, len) in table.used_ranges() {
-            crate::memory::copy(dst + at as u64, src + at as u64, len as u64);
-            persist::flush(dst + at as u64, len as u64);
+        let [(a, a_len), (b, b_len)] = table.used_ranges();
+        let ranges = [
+            CopyRange { dst: dst + a as u64, src: src + a as u64, len: a_len as u64 },
+            CopyRange { dst: dst + b as u64, src: src + b as u64, len: b_len as u64 },
+        ];
+        let ranges = if b_len == 0 { &ranges[..1] } else { &ranges[..] };
+        if self.copy_ranges(ranges) {
+            for r in ranges {
+                persist::flush(r.dst, r.len);
+            }
         }
         self.slot_ticks += timer::rdtsc() - t;
     }

@@ -83,6 +83,33 @@ impl Operation {
     }
 }
 
+/// What copied the bytes of a write-out or restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Copier {
+    /// The guest kernel, `rep movsq` and cache-line flushes.
+    Cpu = 0,
+    /// The copy engine device (`crate::engine`).
+    Engine = 1,
+}
+
+impl Copier {
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            0 => Some(Self::Cpu),
+            1 => Some(Self::Engine),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Engine => "engine",
+        }
+    }
+}
+
 /// Phases of a write-out or restore, in the order of [`Metrics::phases`].
 pub const PHASES: [&str; 6] = ["plate-ification", "dirty scan", "copy", "commit", "flush", "free"];
 
@@ -95,6 +122,9 @@ pub struct Metrics {
     /// An [`Operation`].
     pub operation: u32,
     pub plates: u32,
+    /// A [`Copier`]: what moved the bytes.
+    pub copier: u32,
+    pub reserved: u32,
     /// Generation committed (write-out) or restored (restore).
     pub generation: u64,
     pub plated_bytes: u64,
@@ -248,6 +278,7 @@ pub enum Message {
 pub struct MetricsReport {
     pub operation: Operation,
     pub plates: u32,
+    pub copier: Copier,
     pub generation: u64,
     pub plated_bytes: u64,
     pub copied_bytes: u64,
@@ -286,6 +317,7 @@ pub enum DecodeError {
     BadBootKind(u32),
     BadVerified(u32),
     BadOperation(u32),
+    BadCopier(u32),
     /// The phases add up to more than the total.
     BadTimes,
     /// The name is empty, not printable ASCII, or not NUL-padded.
@@ -303,6 +335,7 @@ impl core::fmt::Display for DecodeError {
             Self::BadBootKind(v) => write!(f, "boot kind {v} is not cold (0), resumed (1) or restored (2)"),
             Self::BadVerified(v) => write!(f, "verification result {v} is not unknown (0), passed (1) or failed (2)"),
             Self::BadOperation(v) => write!(f, "operation {v} is not a write-out (0) or a restore (1)"),
+            Self::BadCopier(v) => write!(f, "copier {v} is not the CPU (0) or the engine (1)"),
             Self::BadTimes => write!(f, "the phases take longer than the whole operation"),
             Self::BadName => write!(f, "workload name is not 1 to 16 printable ASCII bytes, NUL-padded"),
             Self::Reserved => write!(f, "a reserved field is not zero"),
@@ -358,11 +391,16 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         KIND_METRICS => {
             let raw = u32_at(bytes, 8);
             let operation = Operation::from_raw(raw).ok_or(DecodeError::BadOperation(raw))?;
+            let raw = u32_at(bytes, 16);
+            let copier = Copier::from_raw(raw).ok_or(DecodeError::BadCopier(raw))?;
+            if u32_at(bytes, 20) != 0 {
+                return Err(DecodeError::Reserved);
+            }
             let mut phases = [0u64; 6];
             for (i, phase) in phases.iter_mut().enumerate() {
-                *phase = u64_at(bytes, 40 + 8 * i);
+                *phase = u64_at(bytes, 48 + 8 * i);
             }
-            let total = u64_at(bytes, 88);
+            let total = u64_at(bytes, 96);
             let sum = phases.iter().try_fold(0u64, |a, &p| a.checked_add(p));
             if sum.is_none_or(|s| s > total) {
                 return Err(DecodeError::BadTimes);
@@ -370,9 +408,10 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
             Ok(Message::Metrics(MetricsReport {
                 operation,
                 plates: u32_at(bytes, 12),
-                generation: u64_at(bytes, 16),
-                plated_bytes: u64_at(bytes, 24),
-                copied_bytes: u64_at(bytes, 32),
+                copier,
+                generation: u64_at(bytes, 24),
+                plated_bytes: u64_at(bytes, 32),
+                copied_bytes: u64_at(bytes, 40),
                 phases,
                 total,
             }))
@@ -435,17 +474,17 @@ impl Encode for Heartbeat {
 
 impl Encode for Metrics {
     fn encode(&self, out: &mut [u8]) -> usize {
-        let mut fields: [[u8; 8]; 12] = [[0; 8]; 12];
-        let head = [self.header.kind, self.header.len, self.operation, self.plates];
+        let mut fields: [[u8; 8]; 13] = [[0; 8]; 13];
+        let head = [self.header.kind, self.header.len, self.operation, self.plates, self.copier, self.reserved];
         for (i, pair) in head.chunks(2).enumerate() {
             fields[i][..4].copy_from_slice(&pair[0].to_le_bytes());
             fields[i][4..].copy_from_slice(&pair[1].to_le_bytes());
         }
         let rest = [self.generation, self.plated_bytes, self.copied_bytes];
         for (i, v) in rest.iter().chain(self.phases.iter()).chain(core::iter::once(&self.total)).enumerate() {
-            fields[2 + i] = v.to_le_bytes();
+            fields[3 + i] = v.to_le_bytes();
         }
-        let refs: [&[u8]; 12] = core::array::from_fn(|i| &fields[i][..]);
+        let refs: [&[u8]; 13] = core::array::from_fn(|i| &fields[i][..]);
         put_all(out, &refs)
     }
 }
@@ -492,6 +531,7 @@ mod tests {
     fn metrics_round_trip_and_are_checked() {
         let mut m = Metrics::new(Operation::WriteOut);
         m.plates = 456;
+        m.copier = Copier::Engine as u32;
         m.generation = 3;
         m.plated_bytes = 8 << 20;
         m.copied_bytes = 1 << 20;
@@ -501,7 +541,10 @@ mod tests {
         assert_eq!(n, core::mem::size_of::<Metrics>());
         match decode(&b[..n]) {
             Ok(Message::Metrics(r)) => {
-                assert_eq!((r.operation, r.plates, r.generation), (Operation::WriteOut, 456, 3));
+                assert_eq!(
+                    (r.operation, r.plates, r.generation, r.copier),
+                    (Operation::WriteOut, 456, 3, Copier::Engine)
+                );
                 assert_eq!(
                     (r.plated_bytes, r.copied_bytes, r.phases, r.total),
                     (8 << 20, 1 << 20, [1, 2, 3, 4, 5, 6], 30)
@@ -565,7 +608,7 @@ mod tests {
             if round % 2 == 0 {
                 buf[0] = 1 + (round % 6 / 2) as u8;
                 buf[1..4].fill(0);
-                buf[4] = [32, 48, 96][buf[0] as usize - 1];
+                buf[4] = [32, 48, 104][buf[0] as usize - 1];
                 buf[5..8].fill(0);
             }
             let len = (state as usize) % 129;

@@ -10,6 +10,7 @@
 #![cfg_attr(not(feature = "std"), no_std)]
 
 pub mod control;
+pub mod engine;
 pub mod exit;
 pub mod header;
 pub mod layout;

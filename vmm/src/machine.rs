@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::{ExitDevice, GuestExit, MachineControl, PioBus, SerialConsole, StatusHandle};
+use devices::{CopyEngine, ExitDevice, GuestExit, MachineControl, PioBus, SerialConsole, StatusHandle};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use nvram::ports;
 use tracing::info;
@@ -125,6 +125,8 @@ impl Machine {
         let control = MachineControl::new(mem.clone(), tsc_khz);
         let status = control.status();
         bus.register(nvram::control::BASE, nvram::control::LEN, Box::new(control)).map_err(overlap)?;
+        bus.register(nvram::engine::BASE, nvram::engine::LEN, Box::new(CopyEngine::new(mem.clone())))
+            .map_err(overlap)?;
 
         info!(
             image = %image.path().display(),

@@ -1,0 +1,128 @@
+//! The copy engine: a paravirtual device that copies guest memory at the host's memory
+//! speed and makes the copies durable, as a DMA engine with durable writes to persistent
+//! memory would (Intel's Data Streaming Accelerator does). The guest kernel keeps every
+//! decision of the plate function (what to copy, where, the commit); the engine only
+//! moves bytes.
+//!
+//! Ports at [`BASE`]:
+//!
+//! | offset | access    | meaning                                                          |
+//! |--------|-----------|------------------------------------------------------------------|
+//! | 0      | read u32  | [`ENGINE_ID`]: present (other machines read all ones)            |
+//! | 0      | write u32 | doorbell: guest-physical address of a [`Batch`], 8-byte aligned  |
+//!
+//! The doorbell is synchronous: when the guest's port write returns, the batch is done and
+//! its `status` written. The engine checks the whole batch before it copies anything, so a
+//! batch is applied entirely or not at all (barring a crash of the host in the middle):
+//!
+//! | check | status |
+//! |---|---|
+//! | the batch header and its descriptors lie in guest RAM | [`STATUS_BAD_BATCH`] |
+//! | `count` ≤ [`MAX_DESCRIPTORS`] | [`STATUS_BAD_BATCH`] |
+//! | each descriptor: `0 < len ≤` [`MAX_LEN`], source and destination inside guest RAM, not overlapping, no unknown flag | [`STATUS_BAD_DESCRIPTOR`], `failed` = its index |
+//!
+//! Batch layout (little endian): `magic` u32 ([`BATCH_MAGIC`]), `count` u32, `status` u32,
+//! `failed` u32, then `count` descriptors of 32 bytes: `src` u64, `dst` u64, `len` u64,
+//! `flags` u64 ([`FLAG_DURABLE`]: make the destination durable before completing).
+
+/// Version of this interface.
+pub const ABI_VERSION: u32 = 1;
+/// What offset 0 reads as: "NVCE" with the version in the low byte.
+pub const ENGINE_ID: u32 = 0x4e56_4300 | ABI_VERSION;
+/// First port.
+pub const BASE: u16 = 0x520;
+/// Number of ports.
+pub const LEN: u16 = 4;
+/// Magic of a batch header.
+pub const BATCH_MAGIC: u32 = 0x4843_5442; // "BTCH"
+/// Most descriptors in a batch.
+pub const MAX_DESCRIPTORS: u32 = 256;
+/// Longest copy of one descriptor.
+pub const MAX_LEN: u64 = 256 << 20;
+/// Descriptor flag: the destination must reach the persistence domain before completion.
+pub const FLAG_DURABLE: u64 = 1;
+
+/// Status: written by the guest before ringing; never left by the engine.
+pub const STATUS_PENDING: u32 = 0;
+/// Every copy done (and durable where asked).
+pub const STATUS_DONE: u32 = 1;
+/// The batch header is unusable; nothing copied.
+pub const STATUS_BAD_BATCH: u32 = 2;
+/// Descriptor `failed` is invalid; nothing copied.
+pub const STATUS_BAD_DESCRIPTOR: u32 = 3;
+
+/// Size of the batch header.
+pub const HEADER_SIZE: u64 = 16;
+/// Size of a descriptor.
+pub const DESCRIPTOR_SIZE: u64 = 32;
+
+/// The batch header, as laid out in guest memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct BatchHeader {
+    pub magic: u32,
+    pub count: u32,
+    pub status: u32,
+    pub failed: u32,
+}
+
+/// One copy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Descriptor {
+    pub src: u64,
+    pub dst: u64,
+    pub len: u64,
+    pub flags: u64,
+}
+
+/// Why a descriptor is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DescriptorError {
+    Length,
+    OutOfRam,
+    Overlap,
+    Flags,
+}
+
+impl Descriptor {
+    /// Checks the descriptor against guest RAM `0..ram`.
+    pub fn check(&self, ram: u64) -> Result<(), DescriptorError> {
+        if self.len == 0 || self.len > MAX_LEN {
+            return Err(DescriptorError::Length);
+        }
+        if self.flags & !FLAG_DURABLE != 0 {
+            return Err(DescriptorError::Flags);
+        }
+        let inside = |addr: u64| addr.checked_add(self.len).is_some_and(|end| end <= ram);
+        if !inside(self.src) || !inside(self.dst) {
+            return Err(DescriptorError::OutOfRam);
+        }
+        if self.src < self.dst + self.len && self.dst < self.src + self.len {
+            return Err(DescriptorError::Overlap);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_are_checked() {
+        let ram = 1 << 20;
+        let ok = Descriptor { src: 0x1000, dst: 0x3000, len: 0x2000, flags: FLAG_DURABLE };
+        assert_eq!(ok.check(ram), Ok(()));
+        assert_eq!(Descriptor { len: 0, ..ok }.check(ram), Err(DescriptorError::Length));
+        assert_eq!(Descriptor { len: MAX_LEN + 1, ..ok }.check(ram), Err(DescriptorError::Length));
+        assert_eq!(Descriptor { flags: 2, ..ok }.check(ram), Err(DescriptorError::Flags));
+        assert_eq!(Descriptor { dst: ram - 0x1000, ..ok }.check(ram), Err(DescriptorError::OutOfRam));
+        assert_eq!(Descriptor { src: u64::MAX - 10, ..ok }.check(ram), Err(DescriptorError::OutOfRam));
+        assert_eq!(Descriptor { dst: 0x2000, ..ok }.check(ram), Err(DescriptorError::Overlap));
+        assert_eq!(Descriptor { dst: 0x0, ..ok }.check(ram), Err(DescriptorError::Overlap));
+        assert_eq!(Descriptor { dst: 0x3000, src: 0x1000, len: 0x2000, flags: 0 }.check(ram), Ok(()), "adjacent");
+        assert_eq!(core::mem::size_of::<Descriptor>() as u64, DESCRIPTOR_SIZE);
+        assert_eq!(core::mem::size_of::<BatchHeader>() as u64, HEADER_SIZE);
+    }
+}
