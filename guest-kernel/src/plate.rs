@@ -146,7 +146,6 @@ pub fn free_pending_after_restore(k: &mut Kernel) {
     let Some(plating) = k.plating.as_mut() else { return };
     plates::free_pending(plating.live.pending(), &mut k.frames);
     plating.live.pending_count = 0;
-    plating.live.seal();
 }
 
 /// Why a write-out did not happen.
@@ -220,13 +219,19 @@ pub fn write_out(k: &mut Kernel, frame: &mut TrapFrame, from_checkpoint_call: bo
                 Some(PlateKind::Fixed) => frames + u64::from(p.id) * FIXED_PAGES_MAX,
                 _ => (p.src - layout::FRAMES_BASE) / PAGE,
             },
-            |p, page| match PlateKind::from_raw(p.kind) {
+            |p, first, n| match PlateKind::from_raw(p.kind) {
                 Some(PlateKind::UserSpace) => {
-                    let bit = (p.src - layout::FRAMES_BASE) / PAGE + page;
-                    dirty_bits.get((bit / 64) as usize).is_some_and(|w| w & (1 << (bit % 64)) != 0)
+                    plates::bits_at(dirty_bits, (p.src - layout::FRAMES_BASE) / PAGE + first, n)
                 }
-                Some(PlateKind::PageTables) => page < pool_used(res, p),
-                _ => true,
+                Some(PlateKind::PageTables) => {
+                    let used = pool_used(res, p).saturating_sub(first).min(64);
+                    if used == 64 {
+                        u64::MAX
+                    } else {
+                        (1 << used) - 1
+                    }
+                }
+                _ => u64::MAX,
             },
             &mut nvm,
         )
@@ -237,7 +242,6 @@ pub fn write_out(k: &mut Kernel, frame: &mut TrapFrame, from_checkpoint_call: bo
     // 11. Free the save areas of deleted spaces, now that no committed table needs them.
     plates::free_pending(plating.live.pending(), frame_bitmap);
     plating.live.pending_count = 0;
-    plating.live.seal();
     clear_dirty(plating);
     header.generation = generation + 1;
     header.plate_table = layout::PLATE_SLOTS[slot_index];

@@ -156,10 +156,22 @@ const _: () =
 /// operations a word, where a bitwise CRC would take forty), and sensitive to every bit
 /// and to the order of the words. It guards against torn writes, not against an adversary.
 pub fn checksum64(words: impl Iterator<Item = u64>) -> u64 {
-    let mut h: u64 = 0x6a09_e667_f3bc_c908;
+    let mut h = CHECKSUM_SEED;
     for (i, w) in words.enumerate() {
-        h = (h ^ w ^ (i as u64)).rotate_left(23).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h = checksum_step(h, w, i as u64);
     }
+    checksum_finish(h)
+}
+
+const CHECKSUM_SEED: u64 = 0x6a09_e667_f3bc_c908;
+
+#[inline(always)]
+fn checksum_step(h: u64, w: u64, i: u64) -> u64 {
+    (h ^ w ^ i).rotate_left(23).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+#[inline(always)]
+fn checksum_finish(h: u64) -> u64 {
     h ^ (h >> 29)
 }
 
@@ -191,21 +203,6 @@ impl PlateTable {
         unsafe { core::slice::from_raw_parts(self as *const Self as *const u64, TABLE_SIZE / 8) }
     }
 
-    /// The words that are meaningful: header, bitmaps, used pending entries, used plates.
-    /// (Bounded by the table's capacities even if the counts are corrupt.)
-    fn used_words(&self) -> impl Iterator<Item = u64> + '_ {
-        let words = self.as_words();
-        let pending_at = HEADER_WORDS + PLATED_WORDS;
-        let plates_at = pending_at + PENDING_WORDS * MAX_PENDING;
-        let pending = (self.pending_count as usize).min(MAX_PENDING) * PENDING_WORDS;
-        let plates = (self.count as usize).min(MAX_PLATES) * PLATE_WORDS;
-        let header = words[..HEADER_WORDS].iter().enumerate().filter(|(i, _)| *i != 4).map(|(_, w)| *w);
-        header
-            .chain(words[HEADER_WORDS..pending_at].iter().copied())
-            .chain(words[pending_at..pending_at + pending].iter().copied())
-            .chain(words[plates_at..plates_at + plates].iter().copied())
-    }
-
     /// The byte ranges `(offset, len)` that hold the meaningful part of the table: header,
     /// bitmaps and used pending entries; used plates. Copying a table copies these.
     pub fn used_ranges(&self) -> [(usize, usize); 2] {
@@ -217,9 +214,29 @@ impl PlateTable {
         ]
     }
 
+    /// [`checksum64`] of the meaningful words in order (the header but its checksum, the
+    /// bitmaps, the used pending entries, the used plates), with plain loops over slices
+    /// (this runs in emulated kernel mode under PVM).
+    fn compute_checksum(&self) -> u64 {
+        let words = self.as_words();
+        let pending_at = HEADER_WORDS + PLATED_WORDS;
+        let plates_at = pending_at + PENDING_WORDS * MAX_PENDING;
+        let pending = (self.pending_count as usize).min(MAX_PENDING) * PENDING_WORDS;
+        let plates = (self.count as usize).min(MAX_PLATES) * PLATE_WORDS;
+        let mut h = CHECKSUM_SEED;
+        let mut i = 0u64;
+        for part in [&words[..4], &words[HEADER_WORDS..pending_at + pending], &words[plates_at..plates_at + plates]] {
+            for &w in part {
+                h = checksum_step(h, w, i);
+                i += 1;
+            }
+        }
+        checksum_finish(h)
+    }
+
     /// Recomputes the checksum.
     pub fn seal(&mut self) {
-        self.checksum = checksum64(self.used_words());
+        self.checksum = self.compute_checksum();
     }
 
     /// Checks the header of a table that is not sealed at every change (the live one).
@@ -247,7 +264,7 @@ impl PlateTable {
         if self.count as usize > MAX_PLATES || self.pending_count as usize > MAX_PENDING {
             return Err(TableError::Counts);
         }
-        if checksum64(self.used_words()) != self.checksum {
+        if self.compute_checksum() != self.checksum {
             return Err(TableError::Checksum);
         }
         Ok(())
@@ -353,16 +370,53 @@ pub struct CopyRange {
     pub len: u64,
 }
 
+/// Bits `bit..bit + n` (`n` ≤ 64) of `bitmap`, as the low bits of a word; bits past the
+/// end of the bitmap read as ones (unknown: assume the worst).
+pub fn bits_at(bitmap: &[u64], bit: u64, n: u64) -> u64 {
+    let word = (bit / 64) as usize;
+    let shift = bit % 64;
+    let lo = bitmap.get(word).copied().unwrap_or(u64::MAX) >> shift;
+    let hi = if shift == 0 { 0 } else { bitmap.get(word + 1).copied().unwrap_or(u64::MAX) << (64 - shift) };
+    (lo | hi) & low_mask(n)
+}
+
+/// Sets bits `bit..bit + n` (`n` ≤ 64) of `bitmap` to the low bits of `value`.
+pub fn set_bits_at(bitmap: &mut [u64], bit: u64, n: u64, value: u64) {
+    let word = (bit / 64) as usize;
+    let shift = bit % 64;
+    let mask = low_mask(n);
+    let value = value & mask;
+    if let Some(w) = bitmap.get_mut(word) {
+        *w = (*w & !(mask << shift)) | (value << shift);
+    }
+    if shift != 0 && shift + n > 64 {
+        if let Some(w) = bitmap.get_mut(word + 1) {
+            let rest = 64 - shift;
+            *w = (*w & !(mask >> rest)) | (value >> rest);
+        }
+    }
+}
+
+fn low_mask(n: u64) -> u64 {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1 << n) - 1
+    }
+}
+
 /// The pages of a plate to copy into its inactive area: those dirtied since the last
 /// write-out, and those the inactive area lacks (`stale`: copied into the other area last
 /// time). Afterwards `stale` holds this write-out's dirty pages, which the other area (the
 /// committed one until this commit) now lacks.
 ///
-/// `dirty(i)` tells if page `i` of the plate was written; `stale` is indexed by
-/// `stale_base + i`. Adjacent pages are merged into one range. Returns the pages to copy.
+/// Works 64 pages at a time: `dirty(first, n)` gives the dirty bits of pages
+/// `first..first + n` as a word; `stale` is indexed by `stale_base + page`. Adjacent pages
+/// are merged into one range. Returns the pages to copy. The cost is one step per 64 pages
+/// and per range, which matters in the emulated kernel mode of PVM.
 pub fn plan_copies(
     plate: &Plate,
-    mut dirty: impl FnMut(u64) -> bool,
+    mut dirty: impl FnMut(u64, u64) -> u64,
     stale: &mut [u64],
     stale_base: u64,
     mut emit: impl FnMut(CopyRange),
@@ -370,32 +424,35 @@ pub fn plan_copies(
     let dst = plate.area[plate.inactive()];
     let mut run: Option<(u64, u64)> = None;
     let mut copied = 0;
-    for i in 0..plate.pages {
-        let bit = stale_base + i;
-        let (word, mask) = ((bit / 64) as usize, 1u64 << (bit % 64));
-        let was_stale = stale.get(word).is_none_or(|w| w & mask != 0);
-        let is_dirty = dirty(i);
-        if let Some(w) = stale.get_mut(word) {
-            if is_dirty {
-                *w |= mask;
-            } else {
-                *w &= !mask;
-            }
-        }
-        if is_dirty || was_stale {
-            copied += 1;
-            run = match run {
-                Some((start, len)) if start + len == i => Some((start, len + 1)),
-                Some((start, len)) => {
-                    emit(CopyRange { dst: dst + start * PAGE, src: plate.src + start * PAGE, len: len * PAGE });
-                    Some((i, 1))
-                }
-                None => Some((i, 1)),
-            };
-        }
-    }
-    if let Some((start, len)) = run {
+    let mut emit_run = |start: u64, len: u64| {
         emit(CopyRange { dst: dst + start * PAGE, src: plate.src + start * PAGE, len: len * PAGE });
+    };
+    let mut page = 0;
+    while page < plate.pages {
+        let n = (plate.pages - page).min(64);
+        let d = dirty(page, n) & low_mask(n);
+        let was_stale = bits_at(stale, stale_base + page, n);
+        set_bits_at(stale, stale_base + page, n, d);
+        let mut copy = (d | was_stale) & low_mask(n);
+        copied += u64::from(copy.count_ones());
+        while copy != 0 {
+            let start = u64::from(copy.trailing_zeros());
+            let len = u64::from((!(copy >> start)).trailing_zeros()).min(64 - start);
+            let first = page + start;
+            run = match run {
+                Some((s, l)) if s + l == first => Some((s, l + len)),
+                Some((s, l)) => {
+                    emit_run(s, l);
+                    Some((first, len))
+                }
+                None => Some((first, len)),
+            };
+            copy &= !(low_mask(len) << start);
+        }
+        page += n;
+    }
+    if let Some((s, l)) = run {
+        emit_run(s, l);
     }
     copied
 }
@@ -432,15 +489,16 @@ const BATCH: usize = 64;
 /// `committed_generation + 1`) into slot `slot`, the one not holding the committed table.
 /// When this returns, the write-out is committed; the caller then frees the pending list.
 ///
-/// `dirty(plate, page)` tells whether a page changed since the last write-out; `stale` is
-/// the bitmap of pages whose inactive area is behind, indexed by `stale_index(plate) + page`.
+/// `dirty(plate, first, n)` gives, as a word, which of pages `first..first + n` (n ≤ 64)
+/// changed since the last write-out; `stale` is the bitmap of pages whose inactive area is
+/// behind, indexed by `stale_index(plate) + page`.
 pub fn write_out<P: Persist>(
     live: &mut PlateTable,
     committed_generation: u64,
     slot: usize,
     stale: &mut [u64],
     stale_index: impl Fn(&Plate) -> u64,
-    mut dirty: impl FnMut(&Plate, u64) -> bool,
+    mut dirty: impl FnMut(&Plate, u64, u64) -> u64,
     nvm: &mut P,
 ) -> WriteOutStats {
     let mut stats = WriteOutStats::default();
@@ -459,7 +517,7 @@ pub fn write_out<P: Persist>(
         let snapshot = *plate;
         stats.copied_pages += plan_copies(
             &snapshot,
-            |i| dirty(&snapshot, i),
+            |first, n| dirty(&snapshot, first, n),
             stale,
             base,
             |r| {
