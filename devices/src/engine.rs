@@ -5,8 +5,8 @@
 use std::sync::{Arc, Mutex};
 
 use nvram::engine::{
-    BatchHeader, Descriptor, BATCH_MAGIC, DESCRIPTOR_SIZE, ENGINE_ID, HEADER_SIZE, MAX_DESCRIPTORS, STATUS_BAD_BATCH,
-    STATUS_BAD_DESCRIPTOR, STATUS_DONE,
+    BatchHeader, Descriptor, BATCH_MAGIC, DESCRIPTOR_SIZE, DIRTY_MAGIC, DIRTY_REQUEST_SIZE, ENGINE_ID, HEADER_SIZE,
+    MAX_DESCRIPTORS, REG_DIRTY, STATUS_BAD_BATCH, STATUS_BAD_DESCRIPTOR, STATUS_DONE, STATUS_UNSUPPORTED,
 };
 use tracing::warn;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -22,16 +22,68 @@ pub struct EngineStats {
     pub rejected: u64,
 }
 
+/// Fetches (and clears) the log of the pages the guest's CPU wrote: one bit per page of
+/// guest RAM from address 0 (KVM's dirty log, provided by the VMM).
+pub type DirtyLog = Box<dyn FnMut() -> Option<Vec<u64>> + Send>;
+
 pub struct CopyEngine {
     mem: GuestMemoryMmap<()>,
     stats: Arc<Mutex<EngineStats>>,
+    dirty_log: Option<DirtyLog>,
 }
 
 const REJECT_LOG_LIMIT: u64 = 16;
 
 impl CopyEngine {
     pub fn new(mem: GuestMemoryMmap<()>) -> Self {
-        Self { mem, stats: Arc::default() }
+        Self { mem, stats: Arc::default(), dirty_log: None }
+    }
+
+    /// An engine that also answers dirty-log requests from `log`.
+    pub fn with_dirty_log(mem: GuestMemoryMmap<()>, log: DirtyLog) -> Self {
+        Self { mem, stats: Arc::default(), dirty_log: Some(log) }
+    }
+
+    /// Answers the dirty-log request at `addr`; returns its status (`None`: no request there).
+    fn dirty(&mut self, addr: u64) -> Option<u32> {
+        let mut raw = [0u8; DIRTY_REQUEST_SIZE as usize];
+        if !addr.is_multiple_of(8) || self.mem.read_slice(&mut raw, GuestAddress(addr)).is_err() {
+            return None;
+        }
+        let field = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
+        let magic = u32::from_le_bytes(raw[0..4].try_into().expect("4 bytes"));
+        let (first, pages, out) = (field(8), field(16), field(24));
+        let ram_pages = self.ram() / 4096;
+        let words = pages.div_ceil(64);
+        let fits = first.checked_add(pages).is_some_and(|end| end <= ram_pages)
+            && out.checked_add(words * 8).is_some_and(|end| end <= self.ram())
+            && out.is_multiple_of(8);
+        if magic != DIRTY_MAGIC || !fits {
+            return Some(STATUS_BAD_BATCH);
+        }
+        let Some(log) = self.dirty_log.as_mut().and_then(|fetch| fetch()) else {
+            return Some(STATUS_UNSUPPORTED);
+        };
+        let bit = |page: u64| log.get((page / 64) as usize).is_some_and(|w| w & (1 << (page % 64)) != 0);
+        let mut bitmap = vec![0u64; words as usize];
+        for (w, word) in bitmap.iter_mut().enumerate() {
+            let base = first + w as u64 * 64;
+            // Whole words of the log when aligned; bit by bit otherwise.
+            if base.is_multiple_of(64) && pages - w as u64 * 64 >= 64 {
+                *word = log.get((base / 64) as usize).copied().unwrap_or(0);
+            } else {
+                for i in 0..(pages - w as u64 * 64).min(64) {
+                    if bit(base + i) {
+                        *word |= 1 << i;
+                    }
+                }
+            }
+        }
+        let bytes: Vec<u8> = bitmap.iter().flat_map(|w| w.to_le_bytes()).collect();
+        if self.mem.write_slice(&bytes, GuestAddress(out)).is_err() {
+            return Some(STATUS_BAD_BATCH);
+        }
+        Some(STATUS_DONE)
     }
 
     pub fn stats(&self) -> Arc<Mutex<EngineStats>> {
@@ -110,6 +162,21 @@ impl PioDevice for CopyEngine {
     }
 
     fn write(&mut self, offset: u16, data: &[u8]) {
+        if let (REG_DIRTY, &[a, b, c, d]) = (offset, data) {
+            let addr = u64::from(u32::from_le_bytes([a, b, c, d]));
+            match self.dirty(addr) {
+                Some(status) => {
+                    if status != STATUS_DONE {
+                        self.reject(&format_args!(
+                            "copy engine: dirty-log request at {addr:#x} failed with status {status}"
+                        ));
+                    }
+                    let _ = self.mem.write_slice(&status.to_le_bytes(), GuestAddress(addr + 4));
+                }
+                None => self.reject(&format_args!("copy engine: no dirty-log request at {addr:#x}")),
+            }
+            return;
+        }
         let (0, &[a, b, c, d]) = (offset, data) else {
             self.reject(&format_args!("copy engine: write of {} bytes at offset {offset} ignored", data.len()));
             return;
@@ -205,6 +272,45 @@ mod tests {
             e.write(0, &0x1000u32.to_le_bytes());
             assert_eq!(status(&e, 0x1000), (STATUS_BAD_DESCRIPTOR, 0), "{bad:?}");
         }
+    }
+
+    fn put_request(e: &CopyEngine, at: u64, first: u64, pages: u64, out: u64) {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&DIRTY_MAGIC.to_le_bytes());
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        for w in [first, pages, out] {
+            bytes.extend_from_slice(&w.to_le_bytes());
+        }
+        e.mem.write_slice(&bytes, GuestAddress(at)).unwrap();
+    }
+
+    #[test]
+    fn dirty_log_requests_extract_the_asked_pages() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        // Pages 3, 64, 70 and 200 written.
+        let mut log = vec![0u64; 4];
+        for page in [3u64, 64, 70, 200] {
+            log[(page / 64) as usize] |= 1 << (page % 64);
+        }
+        let mut e = CopyEngine::with_dirty_log(mem, Box::new(move || Some(log.clone())));
+        put_request(&e, 0x1000, 64, 140, 0x2000);
+        e.write(REG_DIRTY, &0x1000u32.to_le_bytes());
+        assert_eq!(e.mem.read_obj::<u32>(GuestAddress(0x1004)).unwrap(), STATUS_DONE);
+        assert_eq!(e.mem.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), 1 | 1 << 6);
+        assert_eq!(e.mem.read_obj::<u64>(GuestAddress(0x2008)).unwrap(), 0);
+        assert_eq!(e.mem.read_obj::<u64>(GuestAddress(0x2010)).unwrap(), 1 << (200 - 64 - 128));
+        put_request(&e, 0x1000, 3, 5, 0x2000);
+        e.write(REG_DIRTY, &0x1000u32.to_le_bytes());
+        assert_eq!(e.mem.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), 1, "unaligned start");
+        for (first, pages, out) in [(250, 10, 0x2000), (0, 8, (1 << 20) - 4), (0, 8, 0x2004)] {
+            put_request(&e, 0x1000, first, pages, out);
+            e.write(REG_DIRTY, &0x1000u32.to_le_bytes());
+            assert_eq!(e.mem.read_obj::<u32>(GuestAddress(0x1004)).unwrap(), STATUS_BAD_BATCH);
+        }
+        let mut plain = engine();
+        put_request(&plain, 0x1000, 0, 8, 0x2000);
+        plain.write(REG_DIRTY, &0x1000u32.to_le_bytes());
+        assert_eq!(plain.mem.read_obj::<u32>(GuestAddress(0x1004)).unwrap(), STATUS_UNSUPPORTED);
     }
 
     #[test]

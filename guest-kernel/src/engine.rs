@@ -7,7 +7,8 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use kernel_core::plates::CopyRange;
 use nvram::engine::{
-    Descriptor, BASE, BATCH_MAGIC, ENGINE_ID, FLAG_DURABLE, MAX_DESCRIPTORS, STATUS_DONE, STATUS_PENDING,
+    Descriptor, DirtyRequest, BASE, BATCH_MAGIC, DIRTY_MAGIC, ENGINE_ID, FLAG_DURABLE, MAX_DESCRIPTORS, REG_DIRTY,
+    STATUS_DONE, STATUS_PENDING,
 };
 use spin::Mutex;
 use x86_64::instructions::port::Port;
@@ -69,4 +70,24 @@ pub fn copy(ranges: &[CopyRange]) -> bool {
         }
     }
     true
+}
+
+static DIRTY: Mutex<DirtyRequest> =
+    Mutex::new(DirtyRequest { magic: DIRTY_MAGIC, status: 0, first_page: 0, pages: 0, out: 0 });
+
+/// Asks the engine for the pages of `first_page..first_page + pages` that the CPU wrote
+/// since the last request, as a bitmap written at physical `out`. `false` if the engine
+/// could not (the caller then finds dirty pages by itself).
+pub fn dirty_log(first_page: u64, pages: u64, out: u64) -> bool {
+    if !enabled() {
+        return false;
+    }
+    let mut request = DIRTY.lock();
+    *request = DirtyRequest { magic: DIRTY_MAGIC, status: STATUS_PENDING, first_page, pages, out };
+    let addr = &*request as *const DirtyRequest as u64;
+    // SAFETY: the request stays put and locked while the engine reads it; the engine writes
+    // only `out`'s bitmap (checked against guest RAM) and the status.
+    unsafe { Port::<u32>::new(BASE + REG_DIRTY).write(addr as u32) };
+    // SAFETY: the engine wrote the status in place.
+    unsafe { core::ptr::read_volatile(&request.status) == STATUS_DONE }
 }

@@ -98,10 +98,14 @@ pub fn format(frames: u64) -> Plating {
     plating
 }
 
-/// After a graceful shutdown: everything is as it was, the live table included.
+/// After a graceful shutdown: everything is as it was, the live table included; only which
+/// pages changed since the last write-out is not known any more.
 pub fn resume(frames: u64) -> Option<Plating> {
     let mut plating = Plating::open(frames);
     plating.live.check_header().ok()?;
+    // Pages written after the last write-out, before the shutdown, are in no dirty log this
+    // VMM keeps: the next write-out copies every page.
+    plating.stale.fill(u64::MAX);
     plating.committed = plates::committed([slot(0), slot(1)]).map(|i| (i, slot(i).generation));
     install_ops();
     Some(plating)
@@ -185,7 +189,10 @@ pub fn write_out(k: &mut Kernel, frame: &mut TrapFrame, from_checkpoint_call: bo
     let Kernel { res, frames: frame_bitmap, plating, header, .. } = k;
     let res: &Resources = res;
     let plating = plating.as_mut().expect("checked above");
-    for plate in plating.live.plates() {
+    // The copy engine hands over KVM's log of the pages the CPU wrote, for all frames at
+    // once; without it, walk the page tables' dirty bits of each user space.
+    let logged = crate::engine::dirty_log(layout::FRAMES_BASE / PAGE, plating.frames, layout::PLATE_DIRTY);
+    for plate in plating.live.plates().iter().filter(|_| !logged) {
         if plate.kind != PlateKind::UserSpace as u32 {
             continue;
         }

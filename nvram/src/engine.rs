@@ -9,7 +9,8 @@
 //! | offset | access    | meaning                                                          |
 //! |--------|-----------|------------------------------------------------------------------|
 //! | 0      | read u32  | [`ENGINE_ID`]: present (other machines read all ones)            |
-//! | 0      | write u32 | doorbell: guest-physical address of a [`Batch`], 8-byte aligned  |
+//! | 0      | write u32 | doorbell: guest-physical address of a batch, 8-byte aligned      |
+//! | 4      | write u32 | dirty-log request: guest-physical address of a [`DirtyRequest`]  |
 //!
 //! The doorbell is synchronous: when the guest's port write returns, the batch is done and
 //! its `status` written. The engine checks the whole batch before it copies anything, so a
@@ -32,7 +33,32 @@ pub const ENGINE_ID: u32 = 0x4e56_4300 | ABI_VERSION;
 /// First port.
 pub const BASE: u16 = 0x520;
 /// Number of ports.
-pub const LEN: u16 = 4;
+pub const LEN: u16 = 8;
+/// Offset of the dirty-log doorbell.
+pub const REG_DIRTY: u16 = 4;
+/// Magic of a dirty-log request.
+pub const DIRTY_MAGIC: u32 = 0x5954_5244; // "DRTY"
+
+/// A dirty-log request: the engine writes at `out` a bitmap of the pages
+/// `first_page..first_page + pages` that the guest's CPU wrote since the previous request
+/// (since the VMM started, for the first one), bit `i` for page `first_page + i`. As the
+/// engine's copies, the request is checked whole (`out` and the pages inside guest RAM)
+/// before anything is written; `status` reads [`STATUS_DONE`] or [`STATUS_BAD_BATCH`].
+///
+/// The VMM's log covers its own lifetime only: a kernel must not trust it for writes made
+/// before this VMM started (after a resume, say).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct DirtyRequest {
+    pub magic: u32,
+    pub status: u32,
+    pub first_page: u64,
+    pub pages: u64,
+    pub out: u64,
+}
+
+/// Size of a dirty-log request.
+pub const DIRTY_REQUEST_SIZE: u64 = 32;
 /// Magic of a batch header.
 pub const BATCH_MAGIC: u32 = 0x4843_5442; // "BTCH"
 /// Most descriptors in a batch.
@@ -50,6 +76,8 @@ pub const STATUS_DONE: u32 = 1;
 pub const STATUS_BAD_BATCH: u32 = 2;
 /// Descriptor `failed` is invalid; nothing copied.
 pub const STATUS_BAD_DESCRIPTOR: u32 = 3;
+/// The engine cannot do what was asked (no dirty log on this host).
+pub const STATUS_UNSUPPORTED: u32 = 4;
 
 /// Size of the batch header.
 pub const HEADER_SIZE: u64 = 16;

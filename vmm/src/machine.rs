@@ -35,7 +35,7 @@ pub struct Machine {
     // Field order is drop order: the vCPU and VM go before the RAM they point into,
     // and the image (and its lock) last.
     vcpu: VcpuFd,
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
     _kvm: Kvm,
     bus: PioBus,
     exit: Arc<Mutex<Option<GuestExit>>>,
@@ -125,8 +125,12 @@ impl Machine {
         let control = MachineControl::new(mem.clone(), tsc_khz);
         let status = control.status();
         bus.register(nvram::control::BASE, nvram::control::LEN, Box::new(control)).map_err(overlap)?;
-        bus.register(nvram::engine::BASE, nvram::engine::LEN, Box::new(CopyEngine::new(mem.clone())))
-            .map_err(overlap)?;
+        let vm_fd = Arc::new(vm_fd);
+        let log_vm = vm_fd.clone();
+        let ram = image.size() as usize;
+        let dirty_log: devices::engine::DirtyLog = Box::new(move || log_vm.get_dirty_log(0, ram).ok());
+        let engine = CopyEngine::with_dirty_log(mem.clone(), dirty_log);
+        bus.register(nvram::engine::BASE, nvram::engine::LEN, Box::new(engine)).map_err(overlap)?;
 
         info!(
             image = %image.path().display(),

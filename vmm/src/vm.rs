@@ -3,7 +3,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -95,7 +95,9 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemory) -> Result<VmFd, VmError> {
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host,
-            flags: 0,
+            // KVM's log of the pages the guest's CPU writes: the copy engine hands it to the
+            // guest kernel, which then need not walk its page tables for dirty bits.
+            flags: KVM_MEM_LOG_DIRTY_PAGES,
         };
         // SAFETY: the region is a live mapping owned by `mem`, which the machine keeps for
         // as long as the VM exists; KVM accesses it only within `memory_size`.
