@@ -120,3 +120,30 @@ fn a_graceful_shutdown_resumes_exactly_where_it_stopped() {
     assert!(progress(&after, "counter") > counter_before, "{before:?}\n{after:?}");
     assert!(progress(&after, "kv") > kv_before, "{before:?}\n{after:?}");
 }
+
+#[test]
+fn a_shutdown_by_system_call_resumes_the_counter_at_exactly_its_value() {
+    let scratch = Scratch::new();
+    let mut machine = Machine::build(&config(&scratch, "apps=counter counter_shutdown=3")).unwrap();
+    assert!(matches!(machine.run().unwrap(), RunOutcome::Guest(_)), "the guest powered itself off");
+    drop(machine);
+    let console = scratch.read_console();
+    let at = console
+        .lines()
+        .find_map(|l| l.strip_prefix("counter: shutting the machine down at "))
+        .unwrap_or_else(|| panic!("no shutdown in:\n{console}"))
+        .trim()
+        .to_string();
+
+    let after = run_until(config(&scratch, ""), Duration::from_secs(20), |_| {
+        scratch.read_console().contains("resumed after the shutdown at")
+    });
+    assert_eq!(after.boot_kind, Some(BootKind::Resumed));
+    let console = scratch.read_console();
+    let resumed = console
+        .lines()
+        .find_map(|l| l.strip_prefix("counter: resumed after the shutdown at "))
+        .expect("the resume line")
+        .trim();
+    assert_eq!(resumed, at, "the counter resumed at exactly the value it had");
+}

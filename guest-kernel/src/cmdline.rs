@@ -8,6 +8,7 @@
 //! | `memtouch=R,S,D`    | `memtouch` maps R regions of S KiB and dirties D KiB per interval (default 4,64,16) |
 //! | `memtouch_ms=N`     | `memtouch`'s interval in ms (default 100)                       |
 //! | `fault_ms=N`        | `fault` runs N ms before it faults (default 300)                |
+//! | `counter_shutdown=N`| `counter` shuts the machine down (system call) after N reports  |
 //! | `run_ms=N`          | shut down gracefully after N ms (tests and benchmarks)          |
 //! | `checkpoint_ms=N`   | a write-out every N ms (default: none, only on request)         |
 //! | `plate=off`         | no plate function: no write-outs, nothing to restore            |
@@ -70,6 +71,7 @@ pub struct Cmdline {
     pub memtouch: [u64; 3],
     pub memtouch_ms: u64,
     pub fault_ms: u64,
+    pub counter_shutdown: u64,
     pub run_ms: Option<u64>,
     pub checkpoint_ms: Option<u64>,
     pub plate: bool,
@@ -89,6 +91,7 @@ impl Default for Cmdline {
             memtouch: [4, 64, 16],
             memtouch_ms: 100,
             fault_ms: 300,
+            counter_shutdown: 0,
             run_ms: None,
             checkpoint_ms: None,
             plate: true,
@@ -138,6 +141,7 @@ impl Cmdline {
                 ("memtouch", spec) => out.parse_memtouch(spec),
                 ("memtouch_ms", n) => number(n).map(|n| out.memtouch_ms = n).is_some(),
                 ("fault_ms", n) => number(n).map(|n| out.fault_ms = n).is_some(),
+                ("counter_shutdown", n) => number(n).map(|n| out.counter_shutdown = n).is_some(),
                 ("run_ms", n) => number(n).map(|n| out.run_ms = Some(n)).is_some(),
                 ("checkpoint_ms", n) => number(n).filter(|&n| n > 0).map(|n| out.checkpoint_ms = Some(n)).is_some(),
                 ("plate", "off") => {

@@ -261,7 +261,9 @@ fn placeholder_procs() -> &'static mut ProcessTable {
 fn program(app: App, cmdline: &Cmdline) -> Program {
     let [regions, kib, dirty] = cmdline.memtouch;
     match app {
-        App::Counter => Program { name: "counter", entry: user::counter::main, args: [0; 4] },
+        App::Counter => {
+            Program { name: "counter", entry: user::counter::main, args: [cmdline.counter_shutdown, 0, 0, 0] }
+        }
         App::Kv => Program { name: "kv", entry: user::kv::main, args: [cmdline.kv_seed, cmdline.kv_pages, 0, 0] },
         App::Memtouch => {
             Program { name: "memtouch", entry: user::memtouch::main, args: [regions, kib, dirty, cmdline.memtouch_ms] }

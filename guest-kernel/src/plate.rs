@@ -249,7 +249,10 @@ pub fn write_out(k: &mut Kernel, frame: &mut TrapFrame, from_checkpoint_call: bo
     // 11. Free the save areas of deleted spaces, now that no committed table needs them.
     plates::free_pending(plating.live.pending(), frame_bitmap);
     plating.live.pending_count = 0;
-    clear_dirty(plating);
+    if !logged {
+        // The engine rewrites the whole bitmap at each request; the walk only sets bits.
+        clear_dirty(plating);
+    }
     header.generation = generation + 1;
     header.plate_table = layout::PLATE_SLOTS[slot_index];
     header.seal();

@@ -13,6 +13,7 @@
 //! | 6  | `exit(code)`                          | does not return                     |
 //! | 7  | `checkpoint()`: a write-out           | 0 (saved) now; 1 (restored) when the process resumes from it after a crash; [`err::UNSUPPORTED`] with `plate=off` |
 //! | 8  | `report(name, progress, checksum, verified)`: a heartbeat to the VMM | 0    |
+//! | 9  | `shutdown()`: a graceful shutdown of the machine | does not return; the next boot resumes here with 0 |
 
 use kernel_core::resources::USER_WRITABLE;
 use nvram::control::{Heartbeat, Verified, NAME_LEN};
@@ -32,6 +33,7 @@ pub mod nr {
     pub const EXIT: u64 = 6;
     pub const CHECKPOINT: u64 = 7;
     pub const REPORT: u64 = 8;
+    pub const SHUTDOWN: u64 = 9;
 }
 
 /// Error results (as `u64`, they are the two's complement of small numbers).
@@ -79,6 +81,11 @@ pub fn handle(frame: &mut TrapFrame) {
                 Err(crate::plate::WriteOutError::NoRoom) => err::NO_MEMORY,
             },
             nr::REPORT => report(k, pid, a, b, c, d),
+            nr::SHUTDOWN => {
+                // The caller resumes from here after the next boot, with a 0 result.
+                frame.rax = 0;
+                crate::machine::shutdown(k, frame);
+            }
             _ => err::NO_SUCH_CALL,
         };
         frame.rax = result;

@@ -481,8 +481,8 @@ pub struct WriteOutStats {
     pub ranges: u64,
 }
 
-/// Ranges batched per `Persist::copy` call.
-const BATCH: usize = 64;
+/// Ranges batched per `Persist::copy` call (a copy engine's doorbell each).
+const BATCH: usize = 256;
 
 /// Steps 4 to 10 of a write-out, after plate-ification: copies what changed of every plate
 /// into its inactive area and makes it durable, then commits the live table (generation

@@ -7,7 +7,8 @@ const NAME: &[u8; 16] = b"counter\0\0\0\0\0\0\0\0\0";
 /// Increments between looks at the clock.
 const BATCH: u64 = 100_000;
 
-pub extern "C" fn main(_: u64, _: u64, _: u64, _: u64) -> ! {
+/// `shutdown_after`: shut the machine down (a system call) after this many reports; 0: never.
+pub extern "C" fn main(shutdown_after: u64, _: u64, _: u64, _: u64) -> ! {
     let Some(page) = map(1) else { super::exit(1) };
     let counter = page.as_mut_ptr() as *mut u64;
     let mut last_report = 0;
@@ -28,6 +29,13 @@ pub extern "C" fn main(_: u64, _: u64, _: u64, _: u64) -> ! {
                 uprintln!("counter: {value}");
             }
             reports += 1;
+            if reports == shutdown_after {
+                uprintln!("counter: shutting the machine down at {value}");
+                super::shutdown();
+                // SAFETY: as above.
+                let now = unsafe { counter.read_volatile() };
+                uprintln!("counter: resumed after the shutdown at {now}");
+            }
         }
     }
 }

@@ -72,6 +72,11 @@ pub fn unmap(addr: u64) -> u64 {
     syscall(nr::UNMAP, addr, 0, 0, 0)
 }
 
+/// Shuts the machine down gracefully; returns (0) when the machine is booted again.
+pub fn shutdown() -> u64 {
+    syscall(nr::SHUTDOWN, 0, 0, 0, 0)
+}
+
 /// Ends the process.
 pub fn exit(code: u64) -> ! {
     syscall(nr::EXIT, code, 0, 0, 0);
