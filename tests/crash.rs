@@ -82,9 +82,19 @@ fn sigkill_at_random_moments_never_loses_a_committed_checkpoint_cpu() {
     sigkill_rounds("plate_copy=cpu", 4);
 }
 
+#[test]
+fn sigkill_with_a_copy_engine_batch_half_applied() {
+    // The engine pauses 30 ms halfway through each batch: most kills land inside one.
+    sigkill_rounds_with("plate_copy=engine", 4, &["--engine-pause-ms", "30"]);
+}
+
 /// Boots with `copier` (a `plate_copy=` item), kills the VMM `rounds` times at random
 /// moments, and checks every restore.
 fn sigkill_rounds(copier: &str, rounds: u32) {
+    sigkill_rounds_with(copier, rounds, &[]);
+}
+
+fn sigkill_rounds_with(copier: &str, rounds: u32, extra: &[&str]) {
     let scratch = Scratch::new();
     let seed = 0x5eed_u64 ^ u64::from(std::process::id());
     let mut rng = seed;
@@ -96,6 +106,7 @@ fn sigkill_rounds(copier: &str, rounds: u32) {
         let console = scratch.path(&format!("console-{round}.log")).display().to_string();
         let mut child = std::process::Command::new(vmm_bin())
             .args(["boot", "--nvram", &image, "--mem", "128M", "--console", &console, "--cmdline", cmdline])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

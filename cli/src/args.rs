@@ -60,6 +60,9 @@ pub struct BootArgs {
     /// The KVM device.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
+    /// Testing: the copy engine pauses this long halfway through each batch.
+    #[arg(long, value_name = "MS", hide = true)]
+    pub engine_pause_ms: Option<u64>,
 }
 
 /// Parses a byte size: a number with an optional K, M or G suffix (powers of 1024;

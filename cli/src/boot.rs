@@ -33,6 +33,7 @@ impl From<BootArgs> for VmConfig {
         config.cmdline = args.cmdline;
         config.console = args.console.map_or(ConsoleOutput::Stdout, ConsoleOutput::File);
         config.kvm_device = args.kvm_device;
+        config.engine_pause_ms = args.engine_pause_ms;
         config
     }
 }

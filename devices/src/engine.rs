@@ -30,18 +30,26 @@ pub struct CopyEngine {
     mem: GuestMemoryMmap<()>,
     stats: Arc<Mutex<EngineStats>>,
     dirty_log: Option<DirtyLog>,
+    /// A pause halfway through every batch (tests: a crash then leaves a batch half done).
+    pause: Option<std::time::Duration>,
 }
 
 const REJECT_LOG_LIMIT: u64 = 16;
 
 impl CopyEngine {
     pub fn new(mem: GuestMemoryMmap<()>) -> Self {
-        Self { mem, stats: Arc::default(), dirty_log: None }
+        Self { mem, stats: Arc::default(), dirty_log: None, pause: None }
+    }
+
+    /// Pauses halfway through every batch: a slow engine, for crash tests.
+    pub fn with_pause(mut self, pause: std::time::Duration) -> Self {
+        self.pause = Some(pause);
+        self
     }
 
     /// An engine that also answers dirty-log requests from `log`.
     pub fn with_dirty_log(mem: GuestMemoryMmap<()>, log: DirtyLog) -> Self {
-        Self { mem, stats: Arc::default(), dirty_log: Some(log) }
+        Self { mem, stats: Arc::default(), dirty_log: Some(log), pause: None }
     }
 
     /// Answers the dirty-log request at `addr`; returns its status (`None`: no request there).
@@ -124,7 +132,12 @@ impl CopyEngine {
             descriptors.push(d);
         }
         let mut bytes = 0;
-        for d in &descriptors {
+        for (i, d) in descriptors.iter().enumerate() {
+            if i == descriptors.len() / 2 {
+                if let Some(pause) = self.pause {
+                    std::thread::sleep(pause);
+                }
+            }
             // Checked above: both ranges are inside the one RAM region.
             let (Ok(src), Ok(dst)) = (
                 self.mem.get_slice(GuestAddress(d.src), d.len as usize),

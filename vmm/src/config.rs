@@ -33,6 +33,9 @@ pub struct VmConfig {
     pub console: ConsoleOutput,
     /// The KVM device node (tests point it elsewhere to check the error).
     pub kvm_device: PathBuf,
+    /// Makes the copy engine pause halfway through each batch, so that a crash test can
+    /// kill the VMM with a batch half applied.
+    pub engine_pause_ms: Option<u64>,
 }
 
 impl VmConfig {
@@ -46,6 +49,7 @@ impl VmConfig {
             cmdline: String::new(),
             console: ConsoleOutput::Stdout,
             kvm_device: PathBuf::from("/dev/kvm"),
+            engine_pause_ms: None,
         }
     }
 }

@@ -129,7 +129,10 @@ impl Machine {
         let log_vm = vm_fd.clone();
         let ram = image.size() as usize;
         let dirty_log: devices::engine::DirtyLog = Box::new(move || log_vm.get_dirty_log(0, ram).ok());
-        let engine = CopyEngine::with_dirty_log(mem.clone(), dirty_log);
+        let mut engine = CopyEngine::with_dirty_log(mem.clone(), dirty_log);
+        if let Some(ms) = config.engine_pause_ms {
+            engine = engine.with_pause(Duration::from_millis(ms));
+        }
         bus.register(nvram::engine::BASE, nvram::engine::LEN, Box::new(engine)).map_err(overlap)?;
 
         info!(
