@@ -35,6 +35,40 @@ impl Cli {
 pub enum Command {
     /// Boot the machine on an NVM image (created when missing).
     Boot(BootArgs),
+    /// Talk to a running machine through its control socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The control socket of the machine (`vmm boot --control SOCK`).
+    #[arg(long, value_name = "SOCK")]
+    pub socket: PathBuf,
+    /// Print the machine's JSON reply as is.
+    #[arg(long)]
+    pub json: bool,
+    /// For `checkpoint`: how long to wait for the commit.
+    #[arg(long, value_name = "MS")]
+    pub timeout_ms: Option<u64>,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum CtlCommand {
+    /// State, boot kind, committed generation, uptime and workloads.
+    Status,
+    /// A write-out now; returns once it is committed, with its figures.
+    Checkpoint,
+    /// A graceful shutdown: the guest saves what resuming needs and powers off.
+    Shutdown,
+    /// A power failure: the vCPU stops and the VMM exits at once; no guest code runs.
+    Crash,
+    /// Stop running guest code until `resume`.
+    Pause,
+    Resume,
+    /// Counts and latency distributions of write-outs and restores, bytes copied.
+    Metrics,
 }
 
 #[derive(Debug, Args)]
@@ -60,6 +94,9 @@ pub struct BootArgs {
     /// The KVM device.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
+    /// Listen for control requests on this Unix socket (see `vmm ctl`).
+    #[arg(long, value_name = "SOCK")]
+    pub control: Option<PathBuf>,
     /// Testing: the copy engine pauses this long halfway through each batch.
     #[arg(long, value_name = "MS", hide = true)]
     pub engine_pause_ms: Option<u64>,

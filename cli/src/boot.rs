@@ -7,6 +7,11 @@ use devices::GuestExit;
 use nvram::exit::ExitCode as GuestCode;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use vmm::api::Controller;
+use vmm::control_socket::{ControlSocket, CrashHook};
 use vmm::{ConsoleOutput, KernelSource, Machine, RunOutcome, VmConfig};
 
 use crate::args::BootArgs;
@@ -23,6 +28,11 @@ pub const EXIT_IMAGE_REFUSED: u8 = 5;
 pub const EXIT_GUEST_UNKNOWN: u8 = 6;
 /// Exit status when a signal stopped the machine (128 + SIGINT, as shells report it).
 pub const EXIT_SIGNAL: u8 = 130;
+/// Set when a crash was asked for: the run's end is then the crash's, not an orderly stop.
+static CRASHING: AtomicBool = AtomicBool::new(false);
+
+/// Exit status after a crash asked for (control socket, or a second Ctrl-C): a power failure.
+pub const EXIT_CRASHED: u8 = 7;
 
 impl From<BootArgs> for VmConfig {
     fn from(args: BootArgs) -> Self {
@@ -39,21 +49,55 @@ impl From<BootArgs> for VmConfig {
 }
 
 pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
+    let control_path = args.control.clone();
     let config = VmConfig::from(args);
     let mut machine = Machine::build(&config)?;
+    let controller = Controller::new(machine.status(), machine.stopper());
 
+    // A crash: the vCPU stops, then the process ends at once, as at a power failure.
+    let crash_controller = controller.clone();
+    let crash: CrashHook = Arc::new(move || {
+        CRASHING.store(true, Ordering::SeqCst);
+        crash_controller.crash();
+        eprintln!("vmm: crashed on request: the vCPU stopped dead, the image holds what the guest stored");
+        std::process::exit(i32::from(EXIT_CRASHED));
+    });
+    let _socket = match &control_path {
+        Some(path) => Some(ControlSocket::serve(path, controller.clone(), crash.clone())?),
+        None => None,
+    };
+
+    // Ctrl-C or SIGTERM: a graceful shutdown if the guest can do one, else a stop; a second
+    // one: a crash.
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install the Ctrl-C handler")?;
     let signal_handle = signals.handle();
     let stopper = machine.stopper();
+    let status = machine.status();
     let signal_thread = std::thread::spawn(move || {
-        let signal = signals.forever().next();
-        if signal.is_some() {
-            stopper.stop();
+        let mut first = None;
+        for signal in signals.forever() {
+            if first.is_some() {
+                crash();
+            }
+            first = Some(signal);
+            if devices::control::lock(&status).boot_kind.is_some() {
+                eprintln!("vmm: asking the guest to shut down (again to crash)");
+                controller.request_shutdown();
+            } else {
+                stopper.stop();
+                break;
+            }
         }
-        signal
+        first
     });
 
     let outcome = machine.run();
+    if CRASHING.load(Ordering::SeqCst) {
+        // The crash hook ends the process; nothing of an orderly stop may happen meanwhile.
+        loop {
+            std::thread::park();
+        }
+    }
     signal_handle.close();
     print_workloads(&machine.status());
     let signal = signal_thread.join().ok().flatten();

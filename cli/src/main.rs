@@ -3,6 +3,7 @@
 
 mod args;
 mod boot;
+mod ctl;
 
 use std::process::ExitCode;
 
@@ -20,6 +21,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         args::Command::Boot(boot) => boot::run(boot),
+        args::Command::Ctl(ctl) => ctl::run(ctl),
     };
     match result {
         Ok(code) => code,

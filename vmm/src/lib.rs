@@ -12,7 +12,9 @@
 //! 5. set the vCPU up for the PVH entry ([`vcpu`]);
 //! 6. run until the guest stops the machine or the user stops the VMM ([`Machine::run`]).
 
+pub mod api;
 pub mod config;
+pub mod control_socket;
 pub mod error;
 pub mod image;
 pub mod kernel;
@@ -24,4 +26,4 @@ pub mod vm;
 
 pub use config::{ConsoleOutput, KernelSource, VmConfig};
 pub use error::Error;
-pub use machine::{Machine, RunOutcome, Stopper};
+pub use machine::{Machine, RunOutcome, Stopper, VcpuHandle};

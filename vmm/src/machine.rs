@@ -18,7 +18,7 @@ use crate::error::Error;
 use crate::image::NvmImage;
 use crate::loader::{self, LoadError};
 use crate::memory::{self, GuestMemory};
-use crate::vcpu::{self, VcpuStop};
+use crate::vcpu::{self, VcpuControl, VcpuStop};
 use crate::vm;
 
 /// How a run ended.
@@ -45,37 +45,59 @@ pub struct Machine {
     image: NvmImage,
 }
 
-/// Shared between the running vCPU and its [`Stopper`]s.
+/// Shared between the running vCPU and its [`VcpuHandle`]s.
 #[derive(Default)]
 struct StopControl {
-    stop: AtomicBool,
+    vcpu: VcpuControl,
     finished: AtomicBool,
     thread: Mutex<Option<libc::pthread_t>>,
 }
 
-/// Asks a running machine to stop, from any thread.
+/// Stops, pauses and resumes a running machine, from any thread.
 #[derive(Clone)]
-pub struct Stopper(Arc<StopControl>);
+pub struct VcpuHandle(Arc<StopControl>);
 
-impl Stopper {
-    /// Stops the vCPU: no further guest instruction runs once this returns.
-    pub fn stop(&self) {
+/// The old name of [`VcpuHandle`], for code that only stops.
+pub type Stopper = VcpuHandle;
+
+impl VcpuHandle {
+    /// Kicks the vCPU out of `KVM_RUN` until `done` holds or the loop has ended. A signal sent
+    /// just before the vCPU enters `KVM_RUN` would be lost, so it is repeated.
+    fn kick_until(&self, done: impl Fn() -> bool) {
         let control = &self.0;
-        control.stop.store(true, Ordering::Release);
-        // A signal interrupts KVM_RUN; one sent just before the vCPU enters KVM_RUN would be
-        // lost, so repeat until the loop has seen the flag.
         loop {
-            let thread = *control.thread.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(thread) = thread else { return };
-            if control.finished.load(Ordering::Acquire) {
+            if done() || control.finished.load(Ordering::Acquire) {
                 return;
             }
+            let thread = *control.thread.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(thread) = thread else { return };
             // SAFETY: `thread` is the vCPU thread, alive until `finished` is set (it clears
             // `thread` under the same lock before exiting `run`), and the signal's
             // handler is installed.
             unsafe { libc::pthread_kill(thread, kick_signal()) };
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Stops the vCPU: no further guest instruction runs once this returns.
+    pub fn stop(&self) {
+        self.0.vcpu.stop.store(true, Ordering::Release);
+        self.0.vcpu.wake();
+        self.kick_until(|| false);
+    }
+
+    /// Pauses the vCPU: no guest instruction runs from the return until [`VcpuHandle::resume`].
+    pub fn pause(&self) {
+        self.0.vcpu.want_pause(true);
+        self.kick_until(|| self.0.vcpu.is_parked());
+    }
+
+    pub fn resume(&self) {
+        self.0.vcpu.want_pause(false);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.0.vcpu.is_paused()
     }
 }
 
@@ -157,9 +179,9 @@ impl Machine {
         })
     }
 
-    /// A handle that stops this machine from another thread.
-    pub fn stopper(&self) -> Stopper {
-        Stopper(self.control.clone())
+    /// A handle that stops, pauses and resumes this machine from another thread.
+    pub fn stopper(&self) -> VcpuHandle {
+        VcpuHandle(self.control.clone())
     }
 
     /// What the guest has reported through the machine-control device.
@@ -185,7 +207,7 @@ impl Machine {
             .map_err(|e| Error::Setup { what: "vCPU kick signal", source: io::Error::from_raw_os_error(e.errno()) })?;
         // SAFETY: pthread_self has no preconditions.
         *self.control.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(unsafe { libc::pthread_self() });
-        let result = vcpu::run(&mut self.vcpu, &mut self.bus, &self.exit, &self.control.stop);
+        let result = vcpu::run(&mut self.vcpu, &mut self.bus, &self.exit, &self.control.vcpu);
         {
             let mut thread = self.control.thread.lock().unwrap_or_else(|e| e.into_inner());
             *thread = None;

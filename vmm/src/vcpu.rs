@@ -4,14 +4,18 @@
 //!
 //! ```text
 //!   Running --(port I/O)--> Running            devices on the port bus
+//!   Running --(pause + kick)--> Paused         parked on a condition variable, no guest code
+//!   Paused  --(resume)--> Running
+//!   Running|Paused --(stop + kick)--> Stopped(Requested)   the VMM asked to stop
 //!   Running --(exit port)--> Stopped(Guest)    the guest asked to stop
-//!   Running --(kick)--> Stopped(Requested)     the VMM asked to stop (signal)
 //!   Running --(triple fault, internal error, unexpected exit)--> Failed(GuestError)
 //! ```
+//!
+//! A kick is a signal to the vCPU thread: it makes a running `KVM_RUN` return `EINTR`.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use devices::{GuestExit, PioBus};
 use kvm_bindings::{kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES};
@@ -174,18 +178,72 @@ fn adjust_cpuid(cpuid: &mut CpuId) {
     }
 }
 
-/// Runs the vCPU until the guest stops the machine, `stop` is raised, or the guest fails.
+/// What the VMM asks of the vCPU loop, and what the loop tells back.
+#[derive(Default)]
+pub struct VcpuControl {
+    pub(crate) stop: AtomicBool,
+    paused: Mutex<Paused>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Paused {
+    /// The VMM wants the vCPU paused.
+    wanted: bool,
+    /// The vCPU is parked (no guest code runs).
+    parked: bool,
+}
+
+impl VcpuControl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Paused> {
+        self.paused.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks for a pause; [`VcpuControl::is_parked`] tells when it took effect.
+    pub(crate) fn want_pause(&self, wanted: bool) {
+        self.lock().wanted = wanted;
+        self.changed.notify_all();
+    }
+
+    pub(crate) fn is_parked(&self) -> bool {
+        self.lock().parked
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.lock().wanted
+    }
+
+    /// Called by the loop: parks while a pause is wanted and no stop is.
+    fn park_if_wanted(&self) {
+        let mut state = self.lock();
+        while state.wanted && !self.stop.load(Ordering::Acquire) {
+            state.parked = true;
+            self.changed.notify_all();
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.parked = false;
+    }
+
+    /// Wakes a parked loop (to see a stop).
+    pub(crate) fn wake(&self) {
+        self.changed.notify_all();
+    }
+}
+
+/// Runs the vCPU until the guest stops the machine, a stop is asked for, or the guest
+/// fails; parks while a pause is asked for.
 ///
-/// `stop` is checked before each entry; the kicker also interrupts a running `KVM_RUN`
-/// with a signal ([`crate::machine::Stopper`]).
+/// The control is checked before each entry; the VMM also kicks a running `KVM_RUN` with a
+/// signal ([`crate::machine::VcpuHandle`]).
 pub fn run(
     vcpu: &mut VcpuFd,
     bus: &mut PioBus,
     exit: &Arc<Mutex<Option<GuestExit>>>,
-    stop: &AtomicBool,
+    control: &VcpuControl,
 ) -> Result<VcpuStop, GuestError> {
     loop {
-        if stop.load(Ordering::Acquire) {
+        control.park_if_wanted();
+        if control.stop.load(Ordering::Acquire) {
             return Ok(VcpuStop::Requested);
         }
         match vcpu.run() {

@@ -1,0 +1,259 @@
+//! The control socket and `vmm ctl`: every command, every bad input, signals.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A VMM with a control socket, booted on the scratch image.
+fn start(scratch: &Scratch, cmdline: &str) -> (Child, String) {
+    let socket = scratch.path("vmm.sock").display().to_string();
+    let mut args = boot_args(scratch, cmdline);
+    args.extend(["--control".into(), socket.clone()]);
+    let child = vmm(&[]).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn vmm");
+    let deadline = Instant::now() + BOOT_LIMIT;
+    // Ready once the guest has said how it booted.
+    loop {
+        if let Ok(reply) = request(&socket, r#"{"cmd":"status"}"#) {
+            if !reply["boot_kind"].is_null() {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the machine did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, socket)
+}
+
+/// One raw request line, one reply.
+fn request(socket: &str, line: &str) -> std::io::Result<Value> {
+    let mut stream = UnixStream::connect(socket)?;
+    writeln!(stream, "{line}")?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply)?;
+    serde_json::from_str(&reply).map_err(std::io::Error::other)
+}
+
+fn ctl(socket: &str, args: &[&str]) -> Finished {
+    let mut all = vec!["ctl", "--socket", socket];
+    all.extend(args);
+    run(&mut vmm(&all), Duration::from_secs(20))
+}
+
+fn json(out: &Finished) -> Value {
+    serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+#[test]
+fn every_command_works_through_vmm_ctl() {
+    let scratch = Scratch::new();
+    let (child, socket) = start(&scratch, "apps=kv,counter");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the socket is private");
+
+    let status = json(&ctl(&socket, &["--json", "status"]));
+    assert_eq!(status["ok"], true);
+    assert_eq!(status["state"], "running");
+    assert_eq!(status["boot_kind"], "cold");
+    assert!(status["uptime_ms"].as_u64().unwrap() > 0);
+
+    let out = ctl(&socket, &["--json", "checkpoint"]);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let checkpoint = json(&out);
+    let generation = checkpoint["write_out"]["generation"].as_u64().unwrap();
+    assert!(generation >= 2, "{checkpoint}");
+    assert!(checkpoint["write_out"]["phases_ms"]["copy"].is_number());
+    let human = ctl(&socket, &["checkpoint"]);
+    assert!(human.stdout.contains(&format!("committed generation {}", generation + 1)), "{human:?}");
+
+    assert_eq!(json(&ctl(&socket, &["--json", "pause"]))["state"], "paused");
+    assert_eq!(json(&ctl(&socket, &["--json", "status"]))["state"], "paused");
+    let refused = ctl(&socket, &["checkpoint"]);
+    assert_eq!(refused.code(), Some(1), "a paused machine cannot checkpoint: {refused:?}");
+    assert!(refused.stderr.contains("paused"));
+    assert_eq!(json(&ctl(&socket, &["--json", "resume"]))["state"], "running");
+
+    let status = json(&ctl(&socket, &["--json", "status"]));
+    assert!(status["committed_generation"].as_u64().unwrap() > generation);
+    assert!(status["workloads"]["kv"]["progress"].as_u64().unwrap() > 0, "{status}");
+
+    let metrics = json(&ctl(&socket, &["--json", "metrics"]));
+    assert!(metrics["write_outs"]["count"].as_u64().unwrap() >= 3, "{metrics}");
+    for q in ["min_ms", "median_ms", "p99_ms", "max_ms"] {
+        assert!(metrics["write_outs"][q].is_number(), "{metrics}");
+    }
+    assert!(metrics["bytes_copied"].as_u64().unwrap() > 0);
+
+    let out = ctl(&socket, &["shutdown"]);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let vmm = wait(child, Duration::from_secs(20));
+    assert_eq!(vmm.code(), Some(0), "{vmm:?}");
+    assert!(vmm.stderr.contains("the guest powered off"), "{vmm:?}");
+    assert!(!std::path::Path::new(&socket).exists(), "the socket file is removed");
+
+    // The next boot resumes.
+    let (child, socket) = start(&scratch, "");
+    assert_eq!(json(&ctl(&socket, &["--json", "status"]))["boot_kind"], "resumed");
+    assert_eq!(ctl(&socket, &["crash"]).code(), Some(0));
+    let vmm = wait(child, Duration::from_secs(10));
+    assert_eq!(vmm.code(), Some(7), "{vmm:?}");
+}
+
+#[test]
+fn crash_stops_the_machine_dead_and_the_next_boot_restores() {
+    let scratch = Scratch::new();
+    let (child, socket) = start(&scratch, "apps=kv checkpoint_ms=200");
+    let committed = json(&ctl(&socket, &["--json", "checkpoint"]))["write_out"]["generation"].as_u64().unwrap();
+    let out = ctl(&socket, &["crash"]);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let vmm = wait(child, Duration::from_secs(10));
+    assert_eq!(vmm.code(), Some(7), "{vmm:?}");
+    assert!(vmm.stderr.contains("crashed on request"), "{vmm:?}");
+    assert!(!vmm.stderr.contains("stopped by"), "no orderly stop after a crash: {vmm:?}");
+
+    let (child, socket) = start(&scratch, "");
+    let status = json(&ctl(&socket, &["--json", "status"]));
+    assert_eq!(status["boot_kind"], "restored");
+    assert!(status["committed_generation"].as_u64().unwrap() >= committed, "{status}");
+    let metrics = json(&ctl(&socket, &["--json", "metrics"]));
+    assert_eq!(metrics["restores"]["count"], 1, "{metrics}");
+    ctl(&socket, &["crash"]);
+    wait(child, Duration::from_secs(10));
+}
+
+#[test]
+fn bad_input_gets_an_error_and_harms_nobody() {
+    let scratch = Scratch::new();
+    let (child, socket) = start(&scratch, "apps=counter");
+
+    // A connection that stays open across bad requests.
+    let mut stream = UnixStream::connect(&socket).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    for bad in ["{\"cmd\":\"fly\"}", "not json", "{\"cmd\":\"status\",\"extra\":1}", "[1,2]", "{}"] {
+        writeln!(stream, "{bad}").unwrap();
+        let mut reply = String::new();
+        reader.read_line(&mut reply).unwrap();
+        let reply: Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(reply["ok"], false, "{bad}: {reply}");
+        assert!(reply["error"].as_str().unwrap().contains("bad request"), "{reply}");
+    }
+    writeln!(stream, "{{\"cmd\":\"status\"}}").unwrap();
+    let mut reply = String::new();
+    reader.read_line(&mut reply).unwrap();
+    assert!(reply.contains("\"ok\":true"), "the connection goes on: {reply}");
+
+    // An over-long line: an error reply, then the connection is closed.
+    let mut long = UnixStream::connect(&socket).unwrap();
+    let junk = vec![b'x'; 10_000];
+    let _ = long.write_all(&junk);
+    let mut reply = String::new();
+    let _ = BufReader::new(&long).read_line(&mut reply);
+    assert!(reply.contains("longer than"), "{reply}");
+
+    // A client that leaves mid-line.
+    let mut half = UnixStream::connect(&socket).unwrap();
+    half.write_all(b"{\"cmd\":\"sta").unwrap();
+    drop(half);
+
+    // Several clients at once.
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let socket = socket.clone();
+            std::thread::spawn(move || request(&socket, r#"{"cmd":"status"}"#).unwrap())
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap()["ok"], true);
+    }
+
+    // The guest went on all along: its counter keeps advancing.
+    let progress = || request(&socket, r#"{"cmd":"status"}"#).unwrap()["workloads"]["counter"]["progress"].as_u64();
+    let deadline = Instant::now() + BOOT_LIMIT;
+    let a = loop {
+        if let Some(a) = progress() {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "no heartbeat from the counter");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let b = progress().unwrap();
+    assert!(b > a, "{a} then {b}");
+    request(&socket, r#"{"cmd":"crash"}"#).unwrap();
+    wait(child, Duration::from_secs(10));
+}
+
+#[test]
+fn a_live_socket_is_refused_and_a_stale_one_replaced() {
+    let scratch = Scratch::new();
+    let (child, socket) = start(&scratch, "");
+    // A second VMM (another image) on the same socket path.
+    let other = scratch.path("other.img").display().to_string();
+    let out = run(
+        &mut vmm(&["boot", "--nvram", &other, "--mem", "32M", "--control", &socket, "--cmdline", "poweroff"]),
+        BOOT_LIMIT,
+    );
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("another VMM is listening"), "{out:?}");
+    request(&socket, r#"{"cmd":"crash"}"#).unwrap();
+    wait(child, Duration::from_secs(10));
+
+    // A socket file left by a dead VMM is replaced.
+    let stale = scratch.path("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let stale = stale.display().to_string();
+    let out = run(
+        &mut vmm(&["boot", "--nvram", &other, "--mem", "32M", "--control", &stale, "--cmdline", "poweroff"]),
+        BOOT_LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "{out:?}");
+
+    // A path that is not a socket is not touched.
+    let file = scratch.path("file");
+    std::fs::write(&file, b"keep me").unwrap();
+    let file = file.display().to_string();
+    let out = run(&mut vmm(&["boot", "--nvram", &other, "--control", &file, "--cmdline", "poweroff"]), BOOT_LIMIT);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("is not a socket"), "{out:?}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+}
+
+#[test]
+fn ctl_without_a_machine_says_so() {
+    let out = ctl("/nonexistent/vmm.sock", &["status"]);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("cannot reach a machine"), "{out:?}");
+}
+
+#[test]
+fn ctrl_c_shuts_down_gracefully_and_a_second_one_crashes() {
+    let scratch = Scratch::new();
+    let (child, _socket) = start(&scratch, "apps=counter");
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = wait(child, Duration::from_secs(20));
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(out.stderr.contains("the guest powered off"), "{out:?}");
+    assert!(scratch.read_console().contains("shut down"), "{}", scratch.read_console());
+
+    let (mut child, socket) = start(&scratch, "");
+    // Paused, the guest cannot act on the first signal's shutdown request: it waits.
+    request(&socket, r#"{"cmd":"pause"}"#).unwrap();
+    let pid = child.id() as i32;
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(child.try_wait().unwrap().is_none(), "still up, paused, with the shutdown pending");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let out = wait(child, Duration::from_secs(20));
+    assert_eq!(out.code(), Some(7), "the second signal crashes: {out:?}");
+    assert!(out.stderr.contains("crashed on request"), "{out:?}");
+}
