@@ -210,3 +210,50 @@ fn a_foreign_image_is_refused_by_the_guest_and_reformat_recovers_it() {
     let out = run(vmm(&[]).args(boot_args(&scratch, "poweroff")).arg("--reformat"), BOOT_LIMIT);
     assert_eq!(out.code(), Some(0), "{out:?}");
 }
+
+#[test]
+fn inspect_explains_every_kind_of_image() {
+    let scratch = Scratch::new();
+    let image = path(&scratch.image());
+    // Garbage, truncated, blank.
+    std::fs::write(&image, b"garbage").unwrap();
+    let out = run(&mut vmm(&["inspect", &image]), BOOT_LIMIT);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stdout.contains("truncated"), "{out:?}");
+    std::fs::File::create(&image).unwrap().set_len(32 << 20).unwrap();
+    let out = run(&mut vmm(&["inspect", &image]), BOOT_LIMIT);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(out.stdout.contains("blank"), "{out:?}");
+    let mut junk = vec![0x5au8; 12 << 20];
+    junk[..4].copy_from_slice(b"junk");
+    std::fs::write(&image, &junk).unwrap();
+    let out = run(&mut vmm(&["inspect", &image]), BOOT_LIMIT);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stdout.contains("foreign") && out.stdout.contains("--reformat"), "{out:?}");
+    assert!(!out.stderr.contains("panicked"), "{out:?}");
+    let out = run(&mut vmm(&["inspect", "/nonexistent.img"]), BOOT_LIMIT);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("cannot open"), "{out:?}");
+}
+
+#[test]
+fn inspect_shows_the_committed_plate_table() {
+    let scratch = Scratch::new();
+    let out = run(vmm(&[]).args(boot_args(&scratch, "apps=counter run_ms=300")), BOOT_LIMIT);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let image = path(&scratch.image());
+    let out = run(&mut vmm(&["inspect", "--json", &image]), BOOT_LIMIT);
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["verdict"], "formatted");
+    assert_eq!(report["header"]["shutdown_flag"], "normal");
+    assert_eq!(report["resources_ok"], true);
+    let committed = report["committed"].as_u64().expect("a committed slot") as usize;
+    assert_eq!(report["slots"][committed]["valid"], true);
+    let kinds: Vec<&str> = report["plates"].as_array().unwrap().iter().map(|p| p["kind"].as_str().unwrap()).collect();
+    for kind in ["fixed table", "kernel space", "page tables", "user space"] {
+        assert!(kinds.contains(&kind), "{kinds:?}");
+    }
+    let human = run(&mut vmm(&["inspect", &image]), BOOT_LIMIT);
+    assert!(human.stdout.contains("(committed)"), "{human:?}");
+}

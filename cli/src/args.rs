@@ -37,6 +37,17 @@ pub enum Command {
     Boot(BootArgs),
     /// Talk to a running machine through its control socket.
     Ctl(CtlArgs),
+    /// Decode an image offline: header, plate table, pending deletions, checksums.
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The NVM image.
+    pub image: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

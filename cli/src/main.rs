@@ -4,12 +4,17 @@
 mod args;
 mod boot;
 mod ctl;
+mod inspect;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Output piped into `head` and the like: end quietly when the reader goes, as a shell
+    // tool does, rather than fail on the next write.
+    // SAFETY: restoring the default disposition of SIGPIPE, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = args::Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -22,6 +27,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         args::Command::Boot(boot) => boot::run(boot),
         args::Command::Ctl(ctl) => ctl::run(ctl),
+        args::Command::Inspect(inspect) => inspect::run(inspect),
     };
     match result {
         Ok(code) => code,

@@ -17,6 +17,7 @@ pub mod config;
 pub mod control_socket;
 pub mod error;
 pub mod image;
+pub mod inspect;
 pub mod kernel;
 pub mod loader;
 pub mod machine;
