@@ -39,6 +39,30 @@ pub enum Command {
     Ctl(CtlArgs),
     /// Decode an image offline: header, plate table, pending deletions, checksums.
     Inspect(InspectArgs),
+    /// Crash the machine again and again, and check that nothing committed is ever lost.
+    Torture(TortureArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TortureArgs {
+    /// The NVM image (started afresh).
+    #[arg(long, value_name = "IMG")]
+    pub nvram: PathBuf,
+    /// How many crashes.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub crashes: u64,
+    /// Seed of the crash times (default: from the clock); printed to reproduce a failure.
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+    /// RAM of the image.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "128M")]
+    pub mem: u64,
+    /// Share of the crashes aimed at the middle of a write-out.
+    #[arg(long, value_name = "F", default_value_t = 0.4)]
+    pub inside_share: f64,
+    /// Longest run between a boot and its crash, in ms.
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    pub max_run_ms: u64,
 }
 
 #[derive(Debug, Args)]

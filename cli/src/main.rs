@@ -5,6 +5,7 @@ mod args;
 mod boot;
 mod ctl;
 mod inspect;
+mod torture;
 
 use std::process::ExitCode;
 
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
         args::Command::Boot(boot) => boot::run(boot),
         args::Command::Ctl(ctl) => ctl::run(ctl),
         args::Command::Inspect(inspect) => inspect::run(inspect),
+        args::Command::Torture(torture) => torture::run(torture),
     };
     match result {
         Ok(code) => code,

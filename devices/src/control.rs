@@ -45,6 +45,8 @@ pub struct MachineStatus {
     pub pending: Option<Request>,
     /// Every write-out and restore reported, oldest first.
     pub operations: Vec<OperationRecord>,
+    /// The generation of a write-out under way (started, not yet committed).
+    pub writing_out: Option<u64>,
 }
 
 /// One write-out or restore, its times converted to durations.
@@ -132,7 +134,14 @@ impl MachineControl {
                 status.committed_generation = generation;
                 status.workloads.clear();
             }
+            Message::Started { generation } => {
+                debug!(generation, "write-out started");
+                status.writing_out = Some(generation);
+            }
             Message::Metrics(report) => {
+                if report.operation == Operation::WriteOut {
+                    status.writing_out = None;
+                }
                 let to_duration = |ticks: u64| {
                     let khz = u64::from(self.tsc_khz.max(1));
                     std::time::Duration::from_nanos((u128::from(ticks) * 1_000_000 / u128::from(khz)) as u64)

@@ -5,6 +5,7 @@
 //! | `apps=A,B,...`      | workloads to start on a fresh image: `counter`, `kv`, `memtouch`, `fault`, `deleter` |
 //! | `kv_seed=N`         | seed of `kv`'s operation stream (default 1)                     |
 //! | `kv_pages=N`        | pages of `kv`'s table region (default 64)                       |
+//! | `kv_verify_every=N` | `kv` verifies its whole table every N reports (default 5)       |
 //! | `memtouch=R,S,D`    | `memtouch` maps R regions of S KiB and dirties D KiB per interval (default 4,64,16) |
 //! | `memtouch_ms=N`     | `memtouch`'s interval in ms (default 100)                       |
 //! | `fault_ms=N`        | `fault` runs N ms before it faults (default 300)                |
@@ -68,6 +69,7 @@ pub struct Cmdline {
     pub apps: [Option<App>; MAX_APPS],
     pub kv_seed: u64,
     pub kv_pages: u64,
+    pub kv_verify_every: u64,
     pub memtouch: [u64; 3],
     pub memtouch_ms: u64,
     pub fault_ms: u64,
@@ -88,6 +90,7 @@ impl Default for Cmdline {
             apps: [None; MAX_APPS],
             kv_seed: 1,
             kv_pages: 64,
+            kv_verify_every: 0,
             memtouch: [4, 64, 16],
             memtouch_ms: 100,
             fault_ms: 300,
@@ -137,6 +140,7 @@ impl Cmdline {
                 }
                 ("apps", list) => out.parse_apps(list),
                 ("kv_seed", n) => number(n).map(|n| out.kv_seed = n).is_some(),
+                ("kv_verify_every", n) => number(n).map(|n| out.kv_verify_every = n).is_some(),
                 ("kv_pages", n) => number(n).filter(|&n| n > 0).map(|n| out.kv_pages = n).is_some(),
                 ("memtouch", spec) => out.parse_memtouch(spec),
                 ("memtouch_ms", n) => number(n).map(|n| out.memtouch_ms = n).is_some(),

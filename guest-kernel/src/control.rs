@@ -4,7 +4,9 @@
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use nvram::control::{Booted, Heartbeat, Metrics, Request, BASE, DEVICE_ID, REG_DOORBELL, REG_REQUEST, REG_TSC_KHZ};
+use nvram::control::{
+    Booted, Heartbeat, Metrics, Request, Started, BASE, DEVICE_ID, REG_DOORBELL, REG_REQUEST, REG_TSC_KHZ,
+};
 use spin::Mutex;
 use x86_64::instructions::port::Port;
 
@@ -54,6 +56,10 @@ pub fn booted(message: Booted) {
 }
 
 pub fn heartbeat(message: Heartbeat) {
+    send(&message);
+}
+
+pub fn started(message: Started) {
     send(&message);
 }
 

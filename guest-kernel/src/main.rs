@@ -264,7 +264,11 @@ fn program(app: App, cmdline: &Cmdline) -> Program {
         App::Counter => {
             Program { name: "counter", entry: user::counter::main, args: [cmdline.counter_shutdown, 0, 0, 0] }
         }
-        App::Kv => Program { name: "kv", entry: user::kv::main, args: [cmdline.kv_seed, cmdline.kv_pages, 0, 0] },
+        App::Kv => Program {
+            name: "kv",
+            entry: user::kv::main,
+            args: [cmdline.kv_seed, cmdline.kv_pages, cmdline.kv_verify_every, 0],
+        },
         App::Memtouch => {
             Program { name: "memtouch", entry: user::memtouch::main, args: [regions, kib, dirty, cmdline.memtouch_ms] }
         }

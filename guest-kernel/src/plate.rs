@@ -171,6 +171,8 @@ pub fn write_out(k: &mut Kernel, frame: &mut TrapFrame, from_checkpoint_call: bo
         return Err(WriteOutError::Disabled);
     }
     let t0 = timer::rdtsc();
+    let next = k.plating.as_ref().and_then(|p| p.committed).map_or(1, |(_, g)| g + 1);
+    control::started(nvram::control::Started::new(next));
     // 2. The process table holds every process's registers; the running one's are in `frame`.
     if let Some(current) = k.current {
         if process::from_user(frame) {

@@ -18,6 +18,7 @@
 //! | 1    | [`Booted`]       | the kernel has decided how it boots (cold, resumed, restored)|
 //! | 2    | [`Heartbeat`]    | a workload reports progress                                  |
 //! | 3    | [`Metrics`]      | a write-out was committed, or a restore done                 |
+//! | 4    | [`Started`]      | a write-out begins (a crash from here to its metrics is one inside a write-out) |
 
 /// Version of this interface; bumped at any incompatible change.
 pub const ABI_VERSION: u32 = 1;
@@ -64,6 +65,26 @@ pub const NAME_LEN: usize = 16;
 pub const KIND_BOOTED: u32 = 1;
 pub const KIND_HEARTBEAT: u32 = 2;
 pub const KIND_METRICS: u32 = 3;
+pub const KIND_STARTED: u32 = 4;
+
+/// Kind 4: a write-out of `generation` begins.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Started {
+    pub header: MessageHeader,
+    pub reserved: u64,
+    pub generation: u64,
+}
+
+impl Started {
+    pub fn new(generation: u64) -> Self {
+        Self {
+            header: MessageHeader { kind: KIND_STARTED, len: core::mem::size_of::<Self>() as u32 },
+            reserved: 0,
+            generation,
+        }
+    }
+}
 
 /// What a [`Metrics`] message measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,6 +292,7 @@ pub enum Message {
     Booted { boot_kind: BootKind, boot_count: u64, generation: u64 },
     Heartbeat { name: Name, pid: u32, progress: u64, checksum: u64, verified: Verified },
     Metrics(MetricsReport),
+    Started { generation: u64 },
 }
 
 /// A decoded [`Metrics`] message.
@@ -371,6 +393,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         KIND_BOOTED => core::mem::size_of::<Booted>(),
         KIND_HEARTBEAT => core::mem::size_of::<Heartbeat>(),
         KIND_METRICS => core::mem::size_of::<Metrics>(),
+        KIND_STARTED => core::mem::size_of::<Started>(),
         kind => return Err(DecodeError::UnknownKind(kind)),
     };
     if header.len as usize != size {
@@ -387,6 +410,12 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
                 return Err(DecodeError::Reserved);
             }
             Ok(Message::Booted { boot_kind, boot_count: u64_at(bytes, 16), generation: u64_at(bytes, 24) })
+        }
+        KIND_STARTED => {
+            if u64_at(bytes, 8) != 0 {
+                return Err(DecodeError::Reserved);
+            }
+            Ok(Message::Started { generation: u64_at(bytes, 16) })
         }
         KIND_METRICS => {
             let raw = u32_at(bytes, 8);
@@ -472,6 +501,18 @@ impl Encode for Heartbeat {
     }
 }
 
+impl Encode for Started {
+    fn encode(&self, out: &mut [u8]) -> usize {
+        let fields: [&[u8]; 4] = [
+            &self.header.kind.to_le_bytes(),
+            &self.header.len.to_le_bytes(),
+            &self.reserved.to_le_bytes(),
+            &self.generation.to_le_bytes(),
+        ];
+        put_all(out, &fields)
+    }
+}
+
 impl Encode for Metrics {
     fn encode(&self, out: &mut [u8]) -> usize {
         let mut fields: [[u8; 8]; 13] = [[0; 8]; 13];
@@ -525,6 +566,15 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn started_round_trips() {
+        let (b, n) = bytes(&Started::new(12));
+        assert_eq!(decode(&b[..n]), Ok(Message::Started { generation: 12 }));
+        let (mut b, n) = bytes(&Started::new(12));
+        b[9] = 1;
+        assert_eq!(decode(&b[..n]), Err(DecodeError::Reserved));
     }
 
     #[test]
@@ -606,9 +656,9 @@ mod tests {
             }
             // Make a share of them plausible: a known kind and its length.
             if round % 2 == 0 {
-                buf[0] = 1 + (round % 6 / 2) as u8;
+                buf[0] = 1 + (round % 8 / 2) as u8;
                 buf[1..4].fill(0);
-                buf[4] = [32, 48, 104][buf[0] as usize - 1];
+                buf[4] = [32, 48, 104, 24][buf[0] as usize - 1];
                 buf[5..8].fill(0);
             }
             let len = (state as usize) % 129;

@@ -13,7 +13,9 @@ const BATCH: u64 = 2_000;
 /// Verify the table at every this many reports.
 const VERIFY_EVERY: u64 = 5;
 
-pub extern "C" fn main(seed: u64, pages: u64, _: u64, _: u64) -> ! {
+/// `verify_every`: verify the table at every this many reports (0: the default).
+pub extern "C" fn main(seed: u64, pages: u64, verify_every: u64, _: u64) -> ! {
+    let verify_every = if verify_every == 0 { VERIFY_EVERY } else { verify_every };
     let Some(region) = map(pages) else { super::exit(1) };
     let Ok(mut kv) = Kv::format(region, seed) else { super::exit(2) };
     uprintln!("kv: {} slots, seed {seed}", kv.capacity());
@@ -24,7 +26,7 @@ pub extern "C" fn main(seed: u64, pages: u64, _: u64, _: u64) -> ! {
         let now = time_ns();
         if now - last_report >= REPORT_EVERY_NS {
             last_report = now;
-            let check = if reports.is_multiple_of(VERIFY_EVERY) {
+            let check = if reports.is_multiple_of(verify_every) {
                 match kv.verify() {
                     Ok(()) => Check::Passed,
                     Err(_) => Check::Failed,
