@@ -80,10 +80,10 @@ pub struct CtlArgs {
     #[arg(long, value_name = "SOCK")]
     pub socket: PathBuf,
     /// Print the machine's JSON reply as is.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub json: bool,
     /// For `checkpoint`: how long to wait for the commit.
-    #[arg(long, value_name = "MS")]
+    #[arg(long, value_name = "MS", global = true)]
     pub timeout_ms: Option<u64>,
     #[command(subcommand)]
     pub command: CtlCommand,

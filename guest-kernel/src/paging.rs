@@ -35,6 +35,7 @@ extern "C" {
     static boot_pd: u8;
     static __user_visible_start: u8;
     static __user_visible_end: u8;
+    static __stack_guard: u8;
 }
 
 /// Physical address of the kernel's PML4 (the boot tables).
@@ -47,7 +48,8 @@ pub fn kernel_root() -> u64 {
 pub fn init() {
     // SAFETY: the boot page tables are identity-mapped statics of the kernel image, used by
     // this CPU alone; setting the user bit on the path and on the text pages keeps every
-    // mapping's address and only widens access to read/execute of code and constants.
+    // mapping's address and only widens access to read/execute of code and constants; the
+    // guard page below the kernel stack holds nothing (linker script).
     unsafe {
         let pml4 = &raw const boot_pml4 as *mut u64;
         let pdpt = &raw const boot_pdpt as *mut u64;
@@ -62,6 +64,9 @@ pub fn init() {
         for page in start..end {
             *pt.add(page as usize) |= user;
         }
+        // The guard page below the kernel stack: not present.
+        let guard = &raw const __stack_guard as u64 / PAGE;
+        *pt.add(guard as usize) &= !Flags::PRESENT.bits();
         x86_64::instructions::tlb::flush_all();
     }
 }

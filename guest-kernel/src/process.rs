@@ -140,14 +140,6 @@ pub fn wake_all(k: &mut Kernel) {
     }
 }
 
-const IDLE_STACK_SIZE: usize = 4096;
-
-#[repr(align(16))]
-#[allow(dead_code)] // Only its address is used.
-struct IdleStack([u8; IDLE_STACK_SIZE]);
-
-static mut IDLE_STACK: IdleStack = IdleStack([0; IDLE_STACK_SIZE]);
-
 /// Where the CPU waits, interrupts on, when no process can run.
 extern "C" fn idle() -> ! {
     loop {
@@ -155,9 +147,12 @@ extern "C" fn idle() -> ! {
     }
 }
 
+/// The idle context runs on the kernel stack: nothing else is live on it while the CPU
+/// waits, and an interrupt taken there (no stack switch from kernel mode) may run a whole
+/// write-out, which needs the kernel stack's room.
 fn idle_frame() -> TrapFrame {
     let sel = gdt::selectors();
-    let top = (&raw const IDLE_STACK as u64) + IDLE_STACK_SIZE as u64;
+    let top = gdt::kernel_stack_top();
     TrapFrame {
         rip: idle as *const () as u64,
         cs: u64::from(sel.kernel_code.0),

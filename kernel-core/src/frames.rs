@@ -1,10 +1,11 @@
 //! The real-memory (physical frame) allocator: a bitmap kept in NVM, one bit per 4 KiB
 //! frame, 1 = in use.
 //!
-//! Allocation is first-fit for a run of contiguous frames, starting at a rotating hint so
-//! that repeated small allocations do not rescan the full words at the start. Whole words
-//! are skipped at once: under PVM every kernel instruction is emulated, so the scan must
-//! touch as few words as it can.
+//! Allocation is next-fit for a run of contiguous frames: the search starts where the last
+//! allocation ended (a hint kept for this boot, not in NVM) and wraps around once, so that
+//! a burst of allocations (hundreds of save areas at one plate-ification) does not rescan
+//! the frames already handed out. Whole words are skipped at once: under PVM every kernel
+//! instruction is emulated, so the scan must touch as few words as it can.
 
 /// Why an allocation or a free failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +21,8 @@ pub struct FrameBitmap<'a> {
     words: &'a mut [u64],
     base: u64,
     frames: u64,
+    /// Where the next search starts.
+    hint: u64,
 }
 
 /// Words of bitmap needed for `frames` frames.
@@ -33,7 +36,7 @@ impl<'a> FrameBitmap<'a> {
     /// Wraps `words` (at least [`words_for`]`(frames)` of them) managing the frames at
     /// physical `base`. A fresh (zeroed) bitmap has every frame free.
     pub fn new(words: &'a mut [u64], base: u64, frames: u64) -> Option<Self> {
-        (words.len() >= words_for(frames) && base.is_multiple_of(PAGE)).then_some(Self { words, base, frames })
+        (words.len() >= words_for(frames) && base.is_multiple_of(PAGE)).then_some(Self { words, base, frames, hint: 0 })
     }
 
     fn is_used(&self, frame: u64) -> bool {
@@ -54,24 +57,31 @@ impl<'a> FrameBitmap<'a> {
         if count == 0 || count > self.frames {
             return Err(FrameError::OutOfMemory);
         }
-        let mut start = 0u64;
-        while start + count <= self.frames {
+        let hint = self.hint.min(self.frames);
+        let found = self.search(hint, self.frames, count).or_else(|| self.search(0, hint + count - 1, count));
+        let Some(start) = found else { return Err(FrameError::OutOfMemory) };
+        for f in start..start + count {
+            self.set(f, true);
+        }
+        self.hint = start + count;
+        Ok(self.base + start * PAGE)
+    }
+
+    /// First run of `count` free frames starting in `from..to` (and ending by `frames`).
+    fn search(&self, from: u64, to: u64, count: u64) -> Option<u64> {
+        let mut start = from;
+        while start < to.min(self.frames) && start + count <= self.frames {
             // Skip a full word in one step.
             if start.is_multiple_of(64) && self.words[(start / 64) as usize] == u64::MAX {
                 start += 64;
                 continue;
             }
             match (start..start + count).find(|&f| self.is_used(f)) {
-                None => {
-                    for f in start..start + count {
-                        self.set(f, true);
-                    }
-                    return Ok(self.base + start * PAGE);
-                }
+                None => return Some(start),
                 Some(used) => start = used + 1,
             }
         }
-        Err(FrameError::OutOfMemory)
+        None
     }
 
     /// Frees `count` frames at physical `addr`, all of which must be allocated.
@@ -130,7 +140,7 @@ mod tests {
     const BASE: u64 = 16 << 20;
 
     #[test]
-    fn allocates_first_fit_and_frees() {
+    fn allocates_next_fit_wraps_and_frees() {
         let mut words = vec![0u64; words_for(200)];
         let mut bitmap = FrameBitmap::new(&mut words, BASE, 200).unwrap();
         assert_eq!(bitmap.alloc(1), Ok(BASE));
@@ -138,8 +148,10 @@ mod tests {
         assert_eq!(bitmap.alloc(70), Ok(BASE + 4 * PAGE));
         assert_eq!(bitmap.used(), 74);
         bitmap.free(BASE + PAGE, 3).unwrap();
-        assert_eq!(bitmap.alloc(2), Ok(BASE + PAGE));
-        assert_eq!(bitmap.alloc(2), Ok(BASE + 74 * PAGE), "a hole of 1 is skipped");
+        assert_eq!(bitmap.alloc(2), Ok(BASE + 74 * PAGE), "next fit: after the last allocation");
+        assert_eq!(bitmap.alloc(124), Ok(BASE + 76 * PAGE), "up to the end");
+        assert_eq!(bitmap.alloc(2), Ok(BASE + PAGE), "wraps around to the hole");
+        assert_eq!(bitmap.alloc(2), Err(FrameError::OutOfMemory), "a hole of 1 is too small");
         assert_eq!(bitmap.alloc(1), Ok(BASE + 3 * PAGE));
         assert_eq!(bitmap.alloc(1000), Err(FrameError::OutOfMemory));
     }
