@@ -13,9 +13,15 @@ use serde_json::Value;
 
 /// A VMM with a control socket, booted on the scratch image.
 fn start(scratch: &Scratch, cmdline: &str) -> (Child, String) {
+    start_with(scratch, cmdline, &[])
+}
+
+/// As [`start`], with more arguments for `vmm boot`.
+fn start_with(scratch: &Scratch, cmdline: &str, extra: &[&str]) -> (Child, String) {
     let socket = scratch.path("vmm.sock").display().to_string();
     let mut args = boot_args(scratch, cmdline);
     args.extend(["--control".into(), socket.clone()]);
+    args.extend(extra.iter().map(|a| a.to_string()));
     let child = vmm(&[]).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn vmm");
     let deadline = Instant::now() + BOOT_LIMIT;
     // Ready once the guest has said how it booted.
@@ -266,4 +272,73 @@ fn ctrl_c_shuts_down_gracefully_and_a_second_one_crashes() {
     let out = wait(child, Duration::from_secs(20));
     assert_eq!(out.code(), Some(7), "the second signal crashes: {out:?}");
     assert!(out.stderr.contains("crashed on request"), "{out:?}");
+}
+
+/// Waits until kv has verified its table after the boot, and returns the status.
+fn kv_verified(socket: &str) -> Value {
+    let deadline = Instant::now() + BOOT_LIMIT;
+    loop {
+        let status = json(&ctl(socket, &["--json", "status"]));
+        if status["workloads"]["kv"]["verified"] != "unknown" && !status["workloads"]["kv"]["verified"].is_null() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "kv never verified: {status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Under ADR only what the guest wrote back is in the image: a crash (with half the other
+/// dirty lines evicted) restores the last commit, and a graceful shutdown, which writes
+/// back everything, resumes.
+#[test]
+fn adr_crash_restores_and_adr_shutdown_resumes() {
+    let scratch = Scratch::new();
+    let adr = ["--persistence", "adr", "--crash-evict", "0.5", "--evict-seed", "7"];
+    let (child, socket) = start_with(&scratch, "apps=kv kv_verify_every=1 checkpoint_ms=100", &adr);
+    let committed = json(&ctl(&socket, &["--json", "checkpoint"]))["write_out"]["generation"].as_u64().unwrap();
+    let metrics = json(&ctl(&socket, &["--json", "metrics"]));
+    assert_eq!(metrics["persistence"]["model"], "adr", "{metrics}");
+    assert!(metrics["persistence"]["barriers"].as_u64().unwrap() > 0, "the guest announces barriers: {metrics}");
+    assert!(metrics["persistence"]["bytes_made_durable"].as_u64().unwrap() > 0, "{metrics}");
+    assert_eq!(metrics["persistence"]["rejected"], 0, "{metrics}");
+    assert!(ctl(&socket, &["metrics"]).stdout.contains("persistence: adr"));
+    assert_eq!(ctl(&socket, &["crash"]).code(), Some(0));
+    let vmm = wait(child, Duration::from_secs(10));
+    assert_eq!(vmm.code(), Some(7), "{vmm:?}");
+    assert!(vmm.stderr.contains("what the guest wrote back"), "{vmm:?}");
+
+    let (child, socket) = start_with(&scratch, "", &adr);
+    let status = kv_verified(&socket);
+    assert_eq!(status["boot_kind"], "restored", "{status}");
+    assert!(status["committed_generation"].as_u64().unwrap() >= committed, "{status}");
+    assert_eq!(status["workloads"]["kv"]["verified"], "passed", "{status}");
+    let before = status["workloads"]["kv"]["progress"].as_u64().unwrap();
+    assert_eq!(ctl(&socket, &["shutdown"]).code(), Some(0));
+    assert_eq!(wait(child, Duration::from_secs(20)).code(), Some(0));
+
+    let (child, socket) = start_with(&scratch, "", &["--persistence", "adr"]);
+    let status = kv_verified(&socket);
+    assert_eq!(status["boot_kind"], "resumed", "everything was written back at the shutdown: {status}");
+    assert_eq!(status["workloads"]["kv"]["verified"], "passed", "{status}");
+    assert!(status["workloads"]["kv"]["progress"].as_u64().unwrap() >= before, "{status}");
+    ctl(&socket, &["crash"]);
+    wait(child, Duration::from_secs(10));
+}
+
+/// `--sync`: barriers are announced under eADR too, and each is msync'ed.
+#[test]
+fn sync_makes_the_guest_announce_barriers_under_eadr() {
+    let scratch = Scratch::new();
+    let (child, socket) = start_with(&scratch, "apps=counter", &["--sync"]);
+    json(&ctl(&socket, &["--json", "checkpoint"]));
+    let metrics = json(&ctl(&socket, &["--json", "metrics"]));
+    assert_eq!(metrics["persistence"]["model"], "eadr", "{metrics}");
+    assert!(metrics["persistence"]["barriers"].as_u64().unwrap() > 0, "{metrics}");
+    assert_eq!(ctl(&socket, &["shutdown"]).code(), Some(0));
+    assert_eq!(wait(child, Duration::from_secs(20)).code(), Some(0));
+    let (child, socket) = start(&scratch, "");
+    let metrics = json(&ctl(&socket, &["--json", "metrics"]));
+    assert_eq!(metrics["persistence"]["barriers"], 0, "without --sync, eADR needs no barriers: {metrics}");
+    ctl(&socket, &["crash"]);
+    wait(child, Duration::from_secs(10));
 }

@@ -63,6 +63,60 @@ pub struct TortureArgs {
     /// Longest run between a boot and its crash, in ms.
     #[arg(long, value_name = "MS", default_value_t = 300)]
     pub max_run_ms: u64,
+    /// What copies the bytes of write-outs and restores: the copy engine, or the guest
+    /// kernel's own loop and cache-line flushes (slow under PVM).
+    #[arg(long, value_enum, default_value = "engine")]
+    pub copier: Copier,
+    #[command(flatten)]
+    pub persistence: PersistenceArgs,
+}
+
+/// Which stores survive a crash.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct PersistenceArgs {
+    /// eadr: every store the guest made is in the image after a crash (caches inside the
+    /// persistence domain); adr: only what the guest wrote back (clflushopt/clwb + sfence).
+    #[arg(long, value_enum, value_name = "MODEL", default_value = "eadr")]
+    pub persistence: Model,
+    /// adr: at a crash, write this fraction (0 to 1) of the dirty, unflushed cache lines to
+    /// the image, as evictions before the power went would have.
+    #[arg(long, value_name = "F", value_parser = parse_fraction)]
+    pub crash_evict: Option<f64>,
+    /// Seed of the choice of evicted lines (default: from the clock).
+    #[arg(long = "evict-seed", value_name = "N", requires = "crash_evict")]
+    pub evict_seed: Option<u64>,
+    /// Also msync what each persist barrier makes durable, so that it survives a host crash.
+    #[arg(long)]
+    pub sync: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Copier {
+    Engine,
+    Cpu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Model {
+    Eadr,
+    Adr,
+}
+
+impl PersistenceArgs {
+    /// The configuration, or why the combination makes no sense.
+    pub fn check(&self) -> Result<(), String> {
+        if self.crash_evict.is_some() && self.persistence != Model::Adr {
+            return Err("--crash-evict needs --persistence adr: under eadr every line is durable already".into());
+        }
+        Ok(())
+    }
+}
+
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("\"{text}\" is not a fraction between 0 and 1")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -135,6 +189,8 @@ pub struct BootArgs {
     /// Testing: the copy engine pauses this long halfway through each batch.
     #[arg(long, value_name = "MS", hide = true)]
     pub engine_pause_ms: Option<u64>,
+    #[command(flatten)]
+    pub persistence: PersistenceArgs,
 }
 
 /// Parses a byte size: a number with an optional K, M or G suffix (powers of 1024;

@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use vmm::api::Controller;
+use vmm::config::{CrashEvict, Persistence, PersistenceModel};
 use vmm::control_socket::{ControlSocket, CrashHook};
 use vmm::{ConsoleOutput, KernelSource, Machine, RunOutcome, VmConfig};
 
-use crate::args::BootArgs;
+use crate::args::{BootArgs, Model, PersistenceArgs};
 
 /// Exit status when the VMM itself fails (bad arguments, image, KVM).
 pub const EXIT_VMM_ERROR: u8 = 1;
@@ -44,7 +45,22 @@ impl From<BootArgs> for VmConfig {
         config.console = args.console.map_or(ConsoleOutput::Stdout, ConsoleOutput::File);
         config.kvm_device = args.kvm_device;
         config.engine_pause_ms = args.engine_pause_ms;
+        config.persistence = args.persistence.into();
         config
+    }
+}
+
+impl From<PersistenceArgs> for Persistence {
+    fn from(args: PersistenceArgs) -> Self {
+        let model = match args.persistence {
+            Model::Eadr => PersistenceModel::Eadr,
+            Model::Adr => PersistenceModel::Adr,
+        };
+        let seed = args.evict_seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+        });
+        let crash_evict = args.crash_evict.map(|fraction| CrashEvict { fraction, seed });
+        Persistence { model, crash_evict, sync: args.sync }
     }
 }
 
@@ -52,15 +68,18 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
     let control_path = args.control.clone();
     let config = VmConfig::from(args);
     let mut machine = Machine::build(&config)?;
-    let controller = Controller::new(machine.status(), machine.stopper());
+    let controller = Controller::new(machine.status(), machine.stopper()).with_persistence(machine.persistence());
 
-    // A crash: the vCPU stops, then the process ends at once, as at a power failure.
+    // A crash: the vCPU stops, the persistence model drops what it would lose at a power
+    // failure (when the run returns), and the process ends at once.
     let crash_controller = controller.clone();
     let crash: CrashHook = Arc::new(move || {
         CRASHING.store(true, Ordering::SeqCst);
         crash_controller.crash();
-        eprintln!("vmm: crashed on request: the vCPU stopped dead, the image holds what the guest stored");
-        std::process::exit(i32::from(EXIT_CRASHED));
+        // The vCPU thread ends the process once the power failure is played out.
+        loop {
+            std::thread::park();
+        }
     });
     let _socket = match &control_path {
         Some(path) => Some(ControlSocket::serve(path, controller.clone(), crash.clone())?),
@@ -93,10 +112,13 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
 
     let outcome = machine.run();
     if CRASHING.load(Ordering::SeqCst) {
-        // The crash hook ends the process; nothing of an orderly stop may happen meanwhile.
-        loop {
-            std::thread::park();
-        }
+        // Nothing of an orderly stop may happen after a crash.
+        let held = match config.persistence.model {
+            PersistenceModel::Eadr => "the image holds every store the guest made",
+            PersistenceModel::Adr => "the image holds what the guest wrote back (and the evicted lines)",
+        };
+        eprintln!("vmm: crashed on request: the vCPU stopped dead; {held}");
+        std::process::exit(i32::from(EXIT_CRASHED));
     }
     signal_handle.close();
     print_workloads(&machine.status());

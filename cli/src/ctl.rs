@@ -103,6 +103,13 @@ fn print_human(command: CtlCommand, reply: &Value) {
                 }
             }
             println!("bytes copied: {}", reply["bytes_copied"]);
+            let p = &reply["persistence"];
+            if let Some(model) = p["model"].as_str() {
+                println!(
+                    "persistence: {model}, {} barriers ({} ranges, {} bytes made durable), {} write-backs of everything",
+                    p["barriers"], p["ranges"], p["bytes_made_durable"], p["write_back_alls"]
+                );
+            }
         }
     }
 }

@@ -17,11 +17,23 @@ fn main() -> ExitCode {
     // SAFETY: restoring the default disposition of SIGPIPE, before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = args::Cli::parse();
+    let persistence = match &cli.command {
+        args::Command::Boot(boot) => Some(boot.persistence),
+        args::Command::Torture(torture) => Some(torture.persistence),
+        _ => None,
+    };
+    if let Some(Err(why)) = persistence.map(|p| p.check()) {
+        use clap::CommandFactory;
+        args::Cli::command().error(clap::error::ErrorKind::ArgumentConflict, why).exit();
+    }
+    // Torture boots hundreds of machines under a progress bar: their logs only if asked.
+    let level = match &cli.command {
+        args::Command::Torture(_) if !cli.verbose && !cli.quiet => "warn",
+        _ => cli.log_level(),
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| cli.log_level().into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

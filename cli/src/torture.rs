@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use nvram::control::{BootKind, Operation, Verified};
 use vmm::{ConsoleOutput, Machine, VcpuHandle, VmConfig};
 
-use crate::args::TortureArgs;
+use crate::args::{Copier, Model, TortureArgs};
 
 /// The workloads under torture: a verifying `kv`, and `memtouch` to make write-outs long.
 const CMDLINE: &str = "apps=kv,memtouch memtouch=32,32,256 memtouch_ms=20 kv_verify_every=1 checkpoint_ms=50";
@@ -94,9 +94,13 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
     let console = args.nvram.with_extension("console.log");
     let mut config = VmConfig::new(&args.nvram);
     config.mem_size = Some(args.mem);
-    config.cmdline = CMDLINE.into();
+    config.cmdline = match args.copier {
+        Copier::Engine => CMDLINE.into(),
+        Copier::Cpu => format!("{CMDLINE} plate_copy=cpu"),
+    };
     config.console = ConsoleOutput::File(console.clone());
     config.reformat = true;
+    config.persistence = args.persistence.into();
     if std::fs::metadata(&args.nvram).is_ok_and(|m| m.len() != args.mem) {
         std::fs::remove_file(&args.nvram).with_context(|| format!("cannot replace {}", args.nvram.display()))?;
     }
@@ -112,6 +116,10 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
         if tally.crashes == args.crashes {
             break None;
         }
+        // Each crash evicts other lines, all following from the one seed.
+        if let Some(evict) = config.persistence.crash_evict.as_mut() {
+            evict.seed = rng.next();
+        }
         match round(&args, &config, &mut rng, &mut tally, &mut last_committed) {
             Ok(()) => {
                 config.reformat = false;
@@ -122,14 +130,34 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
         }
     };
     bar.finish_and_clear();
+    let model = match (args.persistence.persistence, args.persistence.crash_evict) {
+        (Model::Eadr, _) => "eADR: every store is durable".to_string(),
+        (Model::Adr, None) => "ADR: only written-back lines are durable, no evictions".to_string(),
+        (Model::Adr, Some(f)) => format!("ADR: only written-back lines are durable, {f} of the others evicted"),
+    };
+    println!("persistence: {model}");
     print_summary(&tally, failure.is_some());
     match failure {
         None => Ok(ExitCode::SUCCESS),
         Some(e) => {
             eprintln!("FAILED after {} crashes: {e:#}", tally.crashes);
             eprintln!("the image is kept: {} (console: {})", args.nvram.display(), console.display());
+            let p = &args.persistence;
+            let mut model = String::new();
+            if p.persistence == Model::Adr {
+                model.push_str(" --persistence adr");
+            }
+            if let Some(fraction) = p.crash_evict {
+                model.push_str(&format!(" --crash-evict {fraction}"));
+            }
+            if p.sync {
+                model.push_str(" --sync");
+            }
+            if args.copier == Copier::Cpu {
+                model.push_str(" --copier cpu");
+            }
             eprintln!(
-                "reproduce: vmm torture --nvram {} --crashes {} --seed {seed} --mem {} --inside-share {} --max-run-ms {}",
+                "reproduce: vmm torture --nvram {} --crashes {} --seed {seed} --mem {} --inside-share {} --max-run-ms {}{model}",
                 args.nvram.display(),
                 args.crashes,
                 args.mem,

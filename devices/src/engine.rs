@@ -5,12 +5,15 @@
 use std::sync::{Arc, Mutex};
 
 use nvram::engine::{
-    BatchHeader, Descriptor, BATCH_MAGIC, DESCRIPTOR_SIZE, DIRTY_MAGIC, DIRTY_REQUEST_SIZE, ENGINE_ID, HEADER_SIZE,
-    MAX_DESCRIPTORS, REG_DIRTY, STATUS_BAD_BATCH, STATUS_BAD_DESCRIPTOR, STATUS_DONE, STATUS_UNSUPPORTED,
+    BatchHeader, Descriptor, BATCH_MAGIC, DESCRIPTOR_SIZE, DIRTY_MAGIC, DIRTY_REQUEST_SIZE, ENGINE_ID, FLAG_DURABLE,
+    HEADER_SIZE, MAX_DESCRIPTORS, REG_DIRTY, STATUS_BAD_BATCH, STATUS_BAD_DESCRIPTOR, STATUS_DONE, STATUS_UNSUPPORTED,
 };
+use nvram::persist::FlushedRange;
 use tracing::warn;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::dirty::{DirtyTracker, DirtyView};
+use crate::persistence::PersistenceDomain;
 use crate::PioDevice;
 
 /// What the engine has done.
@@ -22,14 +25,12 @@ pub struct EngineStats {
     pub rejected: u64,
 }
 
-/// Fetches (and clears) the log of the pages the guest's CPU wrote: one bit per page of
-/// guest RAM from address 0 (KVM's dirty log, provided by the VMM).
-pub type DirtyLog = Box<dyn FnMut() -> Option<Vec<u64>> + Send>;
-
 pub struct CopyEngine {
     mem: GuestMemoryMmap<()>,
     stats: Arc<Mutex<EngineStats>>,
-    dirty_log: Option<DirtyLog>,
+    /// Where the copies become durable.
+    domain: Arc<Mutex<PersistenceDomain>>,
+    dirty_log: Option<(Arc<Mutex<DirtyTracker>>, DirtyView)>,
     /// A pause halfway through every batch (tests: a crash then leaves a batch half done).
     pause: Option<std::time::Duration>,
 }
@@ -37,8 +38,8 @@ pub struct CopyEngine {
 const REJECT_LOG_LIMIT: u64 = 16;
 
 impl CopyEngine {
-    pub fn new(mem: GuestMemoryMmap<()>) -> Self {
-        Self { mem, stats: Arc::default(), dirty_log: None, pause: None }
+    pub fn new(mem: GuestMemoryMmap<()>, domain: Arc<Mutex<PersistenceDomain>>) -> Self {
+        Self { mem, stats: Arc::default(), domain, dirty_log: None, pause: None }
     }
 
     /// Pauses halfway through every batch: a slow engine, for crash tests.
@@ -47,9 +48,25 @@ impl CopyEngine {
         self
     }
 
-    /// An engine that also answers dirty-log requests from `log`.
-    pub fn with_dirty_log(mem: GuestMemoryMmap<()>, log: DirtyLog) -> Self {
-        Self { mem, stats: Arc::default(), dirty_log: Some(log), pause: None }
+    /// Also answers dirty-log requests, from a view of its own of `tracker`.
+    pub fn with_dirty_log(mut self, tracker: Arc<Mutex<DirtyTracker>>) -> Self {
+        let view = lock(&tracker).view();
+        self.dirty_log = Some((tracker, view));
+        self
+    }
+
+    fn domain(&self) -> std::sync::MutexGuard<'_, PersistenceDomain> {
+        lock(&self.domain)
+    }
+
+    /// Writes `bytes` into guest RAM at `addr` for the guest (a status, a bitmap): a store
+    /// like the CPU's, not durable until the guest writes it back.
+    fn store(&self, bytes: &[u8], addr: u64) -> bool {
+        let ok = self.mem.write_slice(bytes, GuestAddress(addr)).is_ok();
+        if ok {
+            self.domain().stored(addr, bytes.len() as u64);
+        }
+        ok
     }
 
     /// Answers the dirty-log request at `addr`; returns its status (`None`: no request there).
@@ -69,7 +86,7 @@ impl CopyEngine {
         if magic != DIRTY_MAGIC || !fits {
             return Some(STATUS_BAD_BATCH);
         }
-        let Some(log) = self.dirty_log.as_mut().and_then(|fetch| fetch()) else {
+        let Some(log) = self.dirty_log.as_ref().and_then(|(tracker, view)| lock(tracker).take(*view)) else {
             return Some(STATUS_UNSUPPORTED);
         };
         let bit = |page: u64| log.get((page / 64) as usize).is_some_and(|w| w & (1 << (page % 64)) != 0);
@@ -88,7 +105,7 @@ impl CopyEngine {
             }
         }
         let bytes: Vec<u8> = bitmap.iter().flat_map(|w| w.to_le_bytes()).collect();
-        if self.mem.write_slice(&bytes, GuestAddress(out)).is_err() {
+        if !self.store(&bytes, out) {
             return Some(STATUS_BAD_BATCH);
         }
         Some(STATUS_DONE)
@@ -148,8 +165,22 @@ impl CopyEngine {
             src.copy_to_volatile_slice(dst);
             bytes += d.len;
         }
-        // With guest RAM a shared mapping of the image, a completed store is in the
-        // persistence domain (eADR): FLAG_DURABLE asks for nothing more here.
+        // Durable copies count as written back (under eADR they are already in the image);
+        // the others are stores like the CPU's.
+        let mut domain = self.domain();
+        let durable: Vec<FlushedRange> = descriptors
+            .iter()
+            .filter(|d| d.flags & FLAG_DURABLE != 0)
+            .map(|d| FlushedRange { addr: d.dst, len: d.len })
+            .collect();
+        if let Err(e) = domain.write_back(&durable) {
+            // Checked above: every destination is inside guest RAM.
+            warn!("copy engine: {e}");
+        }
+        for d in descriptors.iter().filter(|d| d.flags & FLAG_DURABLE == 0) {
+            domain.stored(d.dst, d.len);
+        }
+        drop(domain);
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         stats.batches += 1;
         stats.copies += descriptors.len() as u64;
@@ -164,6 +195,10 @@ impl CopyEngine {
             warn!("{why}");
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl PioDevice for CopyEngine {
@@ -184,7 +219,7 @@ impl PioDevice for CopyEngine {
                             "copy engine: dirty-log request at {addr:#x} failed with status {status}"
                         ));
                     }
-                    let _ = self.mem.write_slice(&status.to_le_bytes(), GuestAddress(addr + 4));
+                    self.store(&status.to_le_bytes(), addr + 4);
                 }
                 None => self.reject(&format_args!("copy engine: no dirty-log request at {addr:#x}")),
             }
@@ -203,7 +238,7 @@ impl PioDevice for CopyEngine {
                 let mut word = [0u8; 8];
                 word[..4].copy_from_slice(&status.to_le_bytes());
                 word[4..].copy_from_slice(&failed.to_le_bytes());
-                let _ = self.mem.write_slice(&word, GuestAddress(addr + 8));
+                self.store(&word, addr + 8);
             }
             None => self.reject(&format_args!("copy engine: no batch at {addr:#x}")),
         }
@@ -215,8 +250,13 @@ mod tests {
     use super::*;
     use nvram::engine::FLAG_DURABLE;
 
+    fn engine_on(mem: GuestMemoryMmap<()>) -> CopyEngine {
+        let domain = Arc::new(Mutex::new(PersistenceDomain::eadr(mem.clone(), false)));
+        CopyEngine::new(mem, domain)
+    }
+
     fn engine() -> CopyEngine {
-        CopyEngine::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap())
+        engine_on(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap())
     }
 
     fn put_batch(e: &CopyEngine, at: u64, descriptors: &[Descriptor]) {
@@ -305,7 +345,8 @@ mod tests {
         for page in [3u64, 64, 70, 200] {
             log[(page / 64) as usize] |= 1 << (page % 64);
         }
-        let mut e = CopyEngine::with_dirty_log(mem, Box::new(move || Some(log.clone())));
+        let tracker = DirtyTracker::new(1 << 20, Some(Box::new(move || Some(log.clone()))));
+        let mut e = engine_on(mem).with_dirty_log(Arc::new(Mutex::new(tracker)));
         put_request(&e, 0x1000, 64, 140, 0x2000);
         e.write(REG_DIRTY, &0x1000u32.to_le_bytes());
         assert_eq!(e.mem.read_obj::<u32>(GuestAddress(0x1004)).unwrap(), STATUS_DONE);

@@ -3,14 +3,19 @@
 //! Every device validates what the guest writes: a value it does not understand is logged
 //! and ignored, never a reason to panic the VMM.
 
+pub mod barrier;
 pub mod bus;
 pub mod control;
+pub mod dirty;
 pub mod engine;
 pub mod exit;
+pub mod persistence;
 pub mod serial;
 
+pub use barrier::PersistBarrier;
 pub use bus::{PioBus, PioDevice};
 pub use control::{MachineControl, MachineStatus, StatusHandle};
 pub use engine::CopyEngine;
 pub use exit::{ExitDevice, GuestExit};
+pub use persistence::{CrashEvict, PersistenceDomain, PersistenceModel};
 pub use serial::SerialConsole;

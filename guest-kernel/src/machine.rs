@@ -29,8 +29,7 @@ pub fn shutdown(k: &mut crate::kernel::Kernel, frame: &crate::interrupts::TrapFr
             }
         }
     }
-    // SAFETY: writing back and invalidating the caches has no effect on memory contents.
-    unsafe { core::arch::asm!("wbinvd", options(nostack, preserves_flags)) };
+    crate::persist::write_back_all();
     k.header.shutdown_flag = nvram::header::ShutdownFlag::Normal as u32;
     k.header.seal();
     crate::nvm::store_header(&k.header);

@@ -65,13 +65,14 @@ extern "C" fn kmain(start_info: u64) -> ! {
     }
     let cmdline = Cmdline::parse(info.cmdline, |item| println!("ignoring unknown command-line item \"{item}\""));
 
-    let flush = persist::init(cmdline.flush);
+    let (flush, announce) = persist::init(cmdline.flush);
     let mut nvm = nvm::open(info.ram_end()).unwrap_or_else(|e| refuse(e));
     println!(
-        "NVM: {} MiB, boot {} of this image, cache flush by {}",
+        "NVM: {} MiB, boot {} of this image, cache flush by {}{}",
         info.ram_end() >> 20,
         nvm.header.boot_count,
-        flush.name()
+        flush.name(),
+        if announce { ", barriers announced to the machine" } else { "" }
     );
     let tsc_khz = control::init();
     let copier = if engine::init(cmdline.plate_copy_engine) { "copy engine" } else { "CPU" };

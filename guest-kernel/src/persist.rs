@@ -5,8 +5,20 @@
 //! The command line can force a choice (`flush=clflushopt`): under PVM the guest sees the
 //! host's own CPUID, which offers `clwb`, but PVM's instruction emulator cannot run it, so
 //! the VMM passes `flush=clflushopt` there.
+//!
+//! On a machine whose caches are outside the persistence domain (ADR) and which cannot see
+//! flush instructions (an emulated one), the persist-barrier device (`nvram::persist`) asks
+//! for each barrier to be announced: the flushed ranges are gathered, and the fence hands
+//! them to the machine, which makes exactly those lines durable.
 
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+use nvram::persist::{
+    FlushedRange, BARRIER_MAGIC, BASE, DEVICE_ID, MAX_RANGES, MODE_ANNOUNCE, REG_BARRIER, REG_MODE, STATUS_DONE,
+    STATUS_PENDING,
+};
+use spin::Mutex;
+use x86_64::instructions::port::Port;
 
 const LINE: u64 = 64;
 
@@ -38,12 +50,38 @@ impl FlushInsn {
 }
 
 static FLUSH: AtomicU8 = AtomicU8::new(FlushInsn::Clflush as u8);
+/// Whether barriers must be announced to it.
+static ANNOUNCE: AtomicBool = AtomicBool::new(false);
 
-/// Picks the flush instruction: `forced` if given, else the best CPUID offers.
-pub fn init(forced: Option<FlushInsn>) -> FlushInsn {
+/// The ranges flushed since the last fence (identity-mapped: its address is physical).
+#[repr(C, align(64))]
+struct Barrier {
+    magic: u32,
+    count: u32,
+    status: u32,
+    failed: u32,
+    ranges: [FlushedRange; MAX_RANGES as usize],
+}
+
+static PENDING: Mutex<Barrier> = Mutex::new(Barrier {
+    magic: BARRIER_MAGIC,
+    count: 0,
+    status: 0,
+    failed: 0,
+    ranges: [FlushedRange { addr: 0, len: 0 }; MAX_RANGES as usize],
+});
+
+/// Picks the flush instruction: `forced` if given, else the best CPUID offers; and finds
+/// out whether the machine wants barriers announced. Returns the instruction and that.
+pub fn init(forced: Option<FlushInsn>) -> (FlushInsn, bool) {
     let insn = forced.unwrap_or_else(best_by_cpuid);
     FLUSH.store(insn as u8, Ordering::Relaxed);
-    insn
+    // SAFETY: reading the device's registers has no side effect; without the device the
+    // ports read all ones.
+    let (id, mode) = unsafe { (Port::<u32>::new(BASE + REG_BARRIER).read(), Port::<u32>::new(BASE + REG_MODE).read()) };
+    let announce = id == DEVICE_ID && mode & MODE_ANNOUNCE != 0;
+    ANNOUNCE.store(announce, Ordering::Relaxed);
+    (insn, announce)
 }
 
 fn best_by_cpuid() -> FlushInsn {
@@ -81,10 +119,65 @@ pub fn flush(addr: u64, len: u64) {
         }
         line += LINE;
     }
+    if ANNOUNCE.load(Ordering::Relaxed) {
+        record(FlushedRange { addr, len });
+    }
 }
 
-/// Orders all earlier flushes and stores before any later store.
+/// Adds a flushed range to the next barrier (announcing the full list early: a flushed
+/// line may become durable any time before the fence).
+fn record(range: FlushedRange) {
+    let mut pending = PENDING.lock();
+    let count = pending.count as usize;
+    if count > 0 && pending.ranges[count - 1].merge(range) {
+        return;
+    }
+    if count == MAX_RANGES as usize {
+        announce(&mut pending);
+    }
+    let count = pending.count as usize;
+    pending.ranges[count] = range;
+    pending.count += 1;
+}
+
+/// Hands the pending ranges to the machine, which makes them durable before returning.
+fn announce(pending: &mut Barrier) {
+    if pending.count == 0 {
+        return;
+    }
+    pending.magic = BARRIER_MAGIC;
+    pending.status = STATUS_PENDING;
+    let addr = pending as *const Barrier as u64;
+    // SAFETY: the doorbell takes the physical address of the list, which stays put and
+    // locked while the machine reads it (the port write returns once it is done).
+    unsafe { Port::<u32>::new(BASE + REG_BARRIER).write(addr as u32) };
+    // SAFETY: the machine wrote the status in place.
+    let status = unsafe { core::ptr::read_volatile(&pending.status) };
+    if status != STATUS_DONE {
+        crate::println!("persist barrier refused (status {status}, range {})", pending.failed);
+    }
+    pending.count = 0;
+}
+
+/// Orders all earlier flushes and stores before any later store: once it returns, every
+/// flushed line is durable.
 pub fn fence() {
     // SAFETY: a fence only orders memory operations.
     unsafe { core::arch::asm!("sfence", options(nostack, preserves_flags)) };
+    if ANNOUNCE.load(Ordering::Relaxed) {
+        announce(&mut PENDING.lock());
+    }
+}
+
+/// Writes back every cache line (`wbinvd`), durably: before a graceful shutdown, so that
+/// the next boot finds all of memory as it was.
+pub fn write_back_all() {
+    // SAFETY: writing back and invalidating the caches has no effect on memory contents.
+    unsafe { core::arch::asm!("wbinvd", options(nostack, preserves_flags)) };
+    if ANNOUNCE.load(Ordering::Relaxed) {
+        let mut pending = PENDING.lock();
+        pending.count = 0;
+        // SAFETY: the write-back-all doorbell only makes memory durable; the value is ignored.
+        unsafe { Port::<u32>::new(BASE + REG_MODE).write(0) };
+    }
 }

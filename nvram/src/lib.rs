@@ -14,4 +14,5 @@ pub mod engine;
 pub mod exit;
 pub mod header;
 pub mod layout;
+pub mod persist;
 pub mod ports;

@@ -5,7 +5,8 @@
 //! | `0x3f8..0x400`| 8     | COM1, a 16550 UART (the console)                           |
 //! | `0xf4`        | 8-32  | exit device, compatible with QEMU's `isa-debug-exit`       |
 //! | `0x500..0x50c`| 32    | machine-control device ([`crate::control`])                |
-//! | `0x520..0x524`| 32    | copy engine ([`crate::engine`])                            |
+//! | `0x520..0x528`| 32    | copy engine ([`crate::engine`])                            |
+//! | `0x530..0x538`| 32    | persist-barrier device ([`crate::persist`])                |
 //!
 //! Any other port reads as all ones and ignores writes; the VMM logs the first accesses.
 

@@ -10,13 +10,16 @@
 //! | `{"cmd":"shutdown"}` | `{}`; the VMM exits 0 once the guest has powered off |
 //! | `{"cmd":"crash"}` | `{}`; the VMM then exits at once (a power failure) |
 //! | `{"cmd":"pause"}`, `{"cmd":"resume"}` | `state` |
-//! | `{"cmd":"metrics"}` | count, min, median, p99, max (ms) of write-outs and restores; bytes copied |
+//! | `{"cmd":"metrics"}` | count, min, median, p99, max (ms) of write-outs and restores; bytes copied; `persistence` (model, persist barriers and bytes made durable) |
 //!
 //! An error is `{"ok":false,"error":"..."}`.
 
 use std::time::{Duration, Instant};
 
+use std::sync::{Arc, Mutex};
+
 use devices::control::{lock, OperationRecord, StatusHandle};
+use devices::{PersistenceDomain, PersistenceModel};
 use nvram::control::{Operation, Request as GuestRequest, Verified};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -55,6 +58,7 @@ pub const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Controller {
     status: StatusHandle,
     vcpu: VcpuHandle,
+    persistence: Option<Arc<Mutex<PersistenceDomain>>>,
     started: Instant,
 }
 
@@ -114,7 +118,27 @@ fn distribution(mut durations: Vec<Duration>) -> Value {
 
 impl Controller {
     pub fn new(status: StatusHandle, vcpu: VcpuHandle) -> Self {
-        Self { status, vcpu, started: Instant::now() }
+        Self { status, vcpu, persistence: None, started: Instant::now() }
+    }
+
+    /// Also reports what the machine's persistence domain did.
+    pub fn with_persistence(mut self, domain: Arc<Mutex<PersistenceDomain>>) -> Self {
+        self.persistence = Some(domain);
+        self
+    }
+
+    fn persistence_json(&self) -> Value {
+        let Some(domain) = &self.persistence else { return Value::Null };
+        let domain = domain.lock().unwrap_or_else(|e| e.into_inner());
+        let stats = domain.stats();
+        json!({
+            "model": match domain.model() { PersistenceModel::Eadr => "eadr", PersistenceModel::Adr => "adr" },
+            "barriers": stats.barriers,
+            "ranges": stats.ranges,
+            "bytes_made_durable": stats.bytes,
+            "write_back_alls": stats.write_back_alls,
+            "rejected": stats.rejected,
+        })
     }
 
     /// Answers `request`; says what to do once the answer is sent.
@@ -220,6 +244,7 @@ impl Controller {
             "bytes_copied": copied,
             "last_write_out": status.of(Operation::WriteOut).last().map(record_json),
             "last_restore": status.of(Operation::Restore).last().map(record_json),
+            "persistence": self.persistence_json(),
         }))
     }
 }

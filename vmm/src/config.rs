@@ -2,6 +2,18 @@
 
 use std::path::PathBuf;
 
+pub use devices::{CrashEvict, PersistenceModel};
+
+/// Which stores survive a power failure, and how much of the rest.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Persistence {
+    pub model: PersistenceModel,
+    /// ADR only: the cache lines evicted at a crash.
+    pub crash_evict: Option<CrashEvict>,
+    /// Persist barriers also `msync` the image (durable across a host crash).
+    pub sync: bool,
+}
+
 /// Where the guest kernel comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelSource {
@@ -36,6 +48,7 @@ pub struct VmConfig {
     /// Makes the copy engine pause halfway through each batch, so that a crash test can
     /// kill the VMM with a batch half applied.
     pub engine_pause_ms: Option<u64>,
+    pub persistence: Persistence,
 }
 
 impl VmConfig {
@@ -50,6 +63,7 @@ impl VmConfig {
             console: ConsoleOutput::Stdout,
             kvm_device: PathBuf::from("/dev/kvm"),
             engine_pause_ms: None,
+            persistence: Persistence::default(),
         }
     }
 }

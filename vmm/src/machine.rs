@@ -6,7 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::{CopyEngine, ExitDevice, GuestExit, MachineControl, PioBus, SerialConsole, StatusHandle};
+use devices::dirty::DirtyTracker;
+use devices::persistence::PowerFailure;
+use devices::{
+    CopyEngine, ExitDevice, GuestExit, MachineControl, PersistBarrier, PersistenceDomain, PersistenceModel, PioBus,
+    SerialConsole, StatusHandle,
+};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use nvram::ports;
 use tracing::info;
@@ -41,6 +46,7 @@ pub struct Machine {
     exit: Arc<Mutex<Option<GuestExit>>>,
     status: StatusHandle,
     control: Arc<StopControl>,
+    domain: Arc<Mutex<PersistenceDomain>>,
     mem: GuestMemory,
     image: NvmImage,
 }
@@ -125,7 +131,8 @@ impl Machine {
         let console = open_console(&config.console)?;
 
         let image = NvmImage::open(&config.image, config.mem_size, config.reformat)?;
-        let mem = memory::map_image(&image)?;
+        let persistence = config.persistence;
+        let mem = memory::map_guest_ram(&image, persistence.model)?;
         let vm_fd = vm::create_vm(&kvm, &mem)?;
         let kernel = loader::load_kernel(&mem, &kernel_bytes, &kernel_name)?;
         let cmdline = vm::host_cmdline_quirks(&config.cmdline);
@@ -150,8 +157,24 @@ impl Machine {
         let vm_fd = Arc::new(vm_fd);
         let log_vm = vm_fd.clone();
         let ram = image.size() as usize;
-        let dirty_log: devices::engine::DirtyLog = Box::new(move || log_vm.get_dirty_log(0, ram).ok());
-        let mut engine = CopyEngine::with_dirty_log(mem.clone(), dirty_log);
+        // KVM's log of the pages the guest's CPU writes, read by one tracker for all its users.
+        let tracker = Arc::new(Mutex::new(DirtyTracker::new(
+            image.size(),
+            Some(Box::new(move || log_vm.get_dirty_log(0, ram).ok())),
+        )));
+        let domain = Arc::new(Mutex::new(match persistence.model {
+            PersistenceModel::Eadr => PersistenceDomain::eadr(mem.clone(), persistence.sync),
+            PersistenceModel::Adr => PersistenceDomain::adr(
+                mem.clone(),
+                memory::map_image(&image)?,
+                tracker.clone(),
+                persistence.crash_evict,
+                persistence.sync,
+            ),
+        }));
+        let barrier = PersistBarrier::new(mem.clone(), domain.clone());
+        bus.register(nvram::persist::BASE, nvram::persist::LEN, Box::new(barrier)).map_err(overlap)?;
+        let mut engine = CopyEngine::new(mem.clone(), domain.clone()).with_dirty_log(tracker);
         if let Some(ms) = config.engine_pause_ms {
             engine = engine.with_pause(Duration::from_millis(ms));
         }
@@ -162,6 +185,7 @@ impl Machine {
             ram_mib = image.size() >> 20,
             created = image.created(),
             kernel = %kernel_name,
+            persistence = ?persistence.model,
             entry = format_args!("{:#x}", kernel.entry),
             setup_ms = started.elapsed().as_secs_f64() * 1e3,
             "machine built"
@@ -174,6 +198,7 @@ impl Machine {
             exit,
             status,
             control: Arc::new(StopControl::default()),
+            domain,
             mem,
             image,
         })
@@ -189,7 +214,12 @@ impl Machine {
         self.status.clone()
     }
 
-    /// Guest RAM (the mapped image).
+    /// The persistence domain, for reports.
+    pub fn persistence(&self) -> Arc<Mutex<PersistenceDomain>> {
+        self.domain.clone()
+    }
+
+    /// Guest RAM (the mapped image under eADR; a private copy of it under ADR).
     pub fn memory(&self) -> &GuestMemory {
         &self.mem
     }
@@ -215,8 +245,24 @@ impl Machine {
         }
         match result? {
             VcpuStop::Guest(exit) => Ok(RunOutcome::Guest(exit)),
-            VcpuStop::Requested => Ok(RunOutcome::Stopped),
+            VcpuStop::Requested => {
+                let lost = self.power_fail();
+                if lost.dirty_lines > 0 {
+                    info!(
+                        dirty_lines = lost.dirty_lines,
+                        evicted_lines = lost.evicted_lines,
+                        "power failure: cache lines the guest had not written back are lost, but the evicted ones"
+                    );
+                }
+                Ok(RunOutcome::Stopped)
+            }
         }
+    }
+
+    /// A stop is a power failure: under ADR, stores not written back are lost but for the
+    /// lines chosen to be evicted (`--crash-evict`); under eADR nothing is lost.
+    fn power_fail(&mut self) -> PowerFailure {
+        self.domain.lock().unwrap_or_else(|e| e.into_inner()).power_fail()
     }
 }
 

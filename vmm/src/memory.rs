@@ -1,6 +1,9 @@
-//! Guest RAM: the image file mapped `MAP_SHARED`, so that guest stores land in the file.
+//! Guest RAM: the image file mapped `MAP_SHARED`, so that guest stores land in the file
+//! (eADR), or `MAP_PRIVATE`, so that they land only where the persistence domain puts them
+//! (ADR, `devices::persistence`).
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use devices::PersistenceModel;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::image::NvmImage;
 
@@ -23,11 +26,36 @@ pub struct MemoryError {
 /// down, which after a SIGKILL may come after the process is reaped, and the lock must go
 /// with the process.
 pub fn map_image(image: &NvmImage) -> Result<GuestMemory, MemoryError> {
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(image.path()).map_err(|e| MemoryError {
-        path: image.path().into(),
-        source: vm_memory::mmap::FromRangesError::MmapRegion(vm_memory::mmap::MmapRegionError::Mmap(e)),
-    })?;
+    let file = reopen(image)?;
     let size = image.size() as usize;
     GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), size, Some(FileOffset::new(file, 0)))])
         .map_err(|source| MemoryError { path: image.path().into(), source })
+}
+
+/// Maps guest RAM for `model`: the image itself under eADR, a private copy of it under ADR
+/// (then [`map_image`] gives the persistence domain its view of the image).
+pub fn map_guest_ram(image: &NvmImage, model: PersistenceModel) -> Result<GuestMemory, MemoryError> {
+    if model == PersistenceModel::Eadr {
+        return map_image(image);
+    }
+    let mmap_err =
+        |e| MemoryError { path: image.path().into(), source: vm_memory::mmap::FromRangesError::MmapRegion(e) };
+    let region = MmapRegion::build(
+        Some(FileOffset::new(reopen(image)?, 0)),
+        image.size() as usize,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+    )
+    .map_err(mmap_err)?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| {
+        mmap_err(vm_memory::mmap::MmapRegionError::Mmap(std::io::Error::other("guest RAM overflows")))
+    })?;
+    GuestMemoryMmap::from_regions(vec![region]).map_err(|e| MemoryError { path: image.path().into(), source: e.into() })
+}
+
+fn reopen(image: &NvmImage) -> Result<std::fs::File, MemoryError> {
+    std::fs::OpenOptions::new().read(true).write(true).open(image.path()).map_err(|e| MemoryError {
+        path: image.path().into(),
+        source: vm_memory::mmap::FromRangesError::MmapRegion(vm_memory::mmap::MmapRegionError::Mmap(e)),
+    })
 }
