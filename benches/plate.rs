@@ -6,14 +6,67 @@
 //! reports a write-out of about 11.5 ms and a restore of about 60.6 ms.
 //!
 //! `cargo bench --bench plate`; the copier is the copy engine unless `PLATE_COPY=cpu`.
+//! After criterion's figures, a report: each operation's median, phase by phase, beside
+//! the paper's, with the share of the guest kernel's bookkeeping (emulated under PVM).
 
 use std::thread;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use devices::control::OperationRecord;
 use devices::control::{lock, StatusHandle};
 use nvram::control::{BootKind, Operation, Request};
 use vmm::{ConsoleOutput, Machine, Stopper, VmConfig};
+
+/// The paper's figures (Tender on QEMU): write-out and restore, in ms.
+const PAPER_WRITE_OUT_MS: f64 = 11.5;
+const PAPER_RESTORE_MS: f64 = 60.6;
+
+/// Median of each phase and of the totals of `records`, in ms.
+fn medians(records: &[OperationRecord]) -> ([f64; 6], f64, u64) {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let phases = std::array::from_fn(|i| median(records.iter().map(|r| ms(r.phases[i])).collect()));
+    let total = median(records.iter().map(|r| ms(r.total)).collect());
+    let mut copied: Vec<u64> = records.iter().map(|r| r.report.copied_bytes).collect();
+    copied.sort();
+    (phases, total, copied.get(copied.len() / 2).copied().unwrap_or(0))
+}
+
+/// One row of the report.
+fn report_row(what: &str, paper: Option<f64>, records: &[OperationRecord]) {
+    if records.is_empty() {
+        return;
+    }
+    let (phases, total, copied) = medians(records);
+    let copier = records[0].report.copier.name();
+    let copy = phases[2] + phases[4];
+    let bookkeeping = total - copy;
+    let paper = paper.map_or("-".to_string(), |p| format!("{p} ms"));
+    let phases: Vec<String> = nvram::control::PHASES
+        .iter()
+        .zip(phases)
+        .filter(|(_, ms)| *ms > 0.0)
+        .map(|(name, ms)| format!("{name} {ms:.2}"))
+        .collect();
+    eprintln!(
+        "| {what} | {copier} | {} | {paper} | {total:.1} ms | {copy:.2} ms ({:.1} MB) | {bookkeeping:.1} ms ({:.0}%) | {} |",
+        records.len(),
+        copied as f64 / 1e6,
+        100.0 * bookkeeping / total,
+        phases.join(", ")
+    );
+}
+
+fn report_header() {
+    eprintln!(
+        "| operation | copier | n | paper | ours, median | copy + flush | bookkeeping (share) | phases, median ms |"
+    );
+    eprintln!("|---|---|---|---|---|---|---|---|");
+}
 
 /// The paper's configuration: 450 regions of 18 KiB (plus the stacks, tables and page-table
 /// pools: 456 plates, 9.2 MB), 1400 KiB dirtied every 100 ms.
@@ -68,6 +121,10 @@ fn write_outs(c: &mut Criterion) {
     let vm = start(config(&image, &console, &paper_cmdline()));
     // Let memtouch map its regions; the first requested write-out plate-ifies them.
     vm.wait("memtouch's regions", |s| s.workloads.get("memtouch").is_some_and(|w| w.progress >= 2));
+    let before = lock(&vm.status).of(Operation::WriteOut).count();
+    lock(&vm.status).pending = Some(Request::Checkpoint);
+    vm.wait("the plate-ification", |s| s.of(Operation::WriteOut).count() > before);
+    let plateification = lock(&vm.status).of(Operation::WriteOut).last().cloned().unwrap();
     let mut group = c.benchmark_group("paper");
     group.sample_size(10).measurement_time(Duration::from_secs(10));
     group.bench_function("write-out, 456 plates, 1.4 MB dirtied per 100 ms", |b| {
@@ -84,16 +141,14 @@ fn write_outs(c: &mut Criterion) {
         })
     });
     group.finish();
-    let last = lock(&vm.status).of(Operation::WriteOut).last().cloned().unwrap();
-    eprintln!(
-        "last write-out: {} plates, {} KiB plated, {} KiB copied by {}, phases {:?}",
-        last.report.plates,
-        last.report.plated_bytes >> 10,
-        last.report.copied_bytes >> 10,
-        last.report.copier.name(),
-        last.phases
-    );
+    // The write-outs measured: those after the plate-ification, the periodic ones between.
+    let write_outs: Vec<OperationRecord> = lock(&vm.status)
+        .of(Operation::WriteOut)
+        .filter(|r| r.report.generation > plateification.report.generation)
+        .cloned()
+        .collect();
     vm.crash();
+    let mut restores = Vec::new();
 
     let mut group = c.benchmark_group("paper");
     group.sample_size(10).measurement_time(Duration::from_secs(10));
@@ -103,13 +158,25 @@ fn write_outs(c: &mut Criterion) {
             for _ in 0..iters {
                 let vm = start(config(&image, &console, "memtouch_ms=100"));
                 vm.wait("the restore", |s| s.boot_kind == Some(BootKind::Restored));
-                total += lock(&vm.status).of(Operation::Restore).last().unwrap().total;
+                let restore = lock(&vm.status).of(Operation::Restore).last().cloned().unwrap();
+                total += restore.total;
+                restores.push(restore);
                 vm.crash();
             }
             total
         })
     });
     group.finish();
+
+    let plates = plateification.report.plates;
+    eprintln!(
+        "\nThe paper's configuration: {plates} plates, {:.1} MB plated; medians, guest-measured:\n",
+        plateification.report.plated_bytes as f64 / 1e6
+    );
+    report_header();
+    report_row("plate-ification (first write-out of the regions)", None, std::slice::from_ref(&plateification));
+    report_row("write-out, 1.4 MB dirtied per 100 ms", Some(PAPER_WRITE_OUT_MS), &write_outs);
+    report_row("restore after a crash", Some(PAPER_RESTORE_MS), &restores);
 }
 
 criterion_group!(benches, write_outs);

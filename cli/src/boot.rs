@@ -68,7 +68,9 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
     let control_path = args.control.clone();
     let config = VmConfig::from(args);
     let mut machine = Machine::build(&config)?;
-    let controller = Controller::new(machine.status(), machine.stopper()).with_persistence(machine.persistence());
+    let controller = Controller::new(machine.status(), machine.stopper())
+        .with_persistence(machine.persistence())
+        .with_engine(machine.engine_stats());
 
     // A crash: the vCPU stops, the persistence model drops what it would lose at a power
     // failure (when the run returns), and the process ends at once.

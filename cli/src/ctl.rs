@@ -103,6 +103,13 @@ fn print_human(command: CtlCommand, reply: &Value) {
                 }
             }
             println!("bytes copied: {}", reply["bytes_copied"]);
+            let e = &reply["engine"];
+            if e.is_object() {
+                println!(
+                    "copy engine: {} batches, {} copies, {} bytes, {} ms of host time",
+                    e["batches"], e["copies"], e["bytes"], e["busy_ms"]
+                );
+            }
             let p = &reply["persistence"];
             if let Some(model) = p["model"].as_str() {
                 println!(

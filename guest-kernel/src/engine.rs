@@ -7,7 +7,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use kernel_core::plates::CopyRange;
 use nvram::engine::{
-    Descriptor, DirtyRequest, BASE, BATCH_MAGIC, DIRTY_MAGIC, ENGINE_ID, FLAG_DURABLE, MAX_DESCRIPTORS, REG_DIRTY,
+    BatchHeader, DirtyRequest, BASE, BATCH_MAGIC, DIRTY_MAGIC, ENGINE_ID, FLAG_DURABLE, MAX_DESCRIPTORS, REG_DIRTY,
     STATUS_DONE, STATUS_PENDING,
 };
 use spin::Mutex;
@@ -15,23 +15,9 @@ use x86_64::instructions::port::Port;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
-#[repr(C, align(64))]
-struct Batch {
-    magic: u32,
-    count: u32,
-    status: u32,
-    failed: u32,
-    descriptors: [Descriptor; MAX_DESCRIPTORS as usize],
-}
-
-/// The batch buffer, in kernel memory (identity-mapped: its address is physical).
-static BATCH: Mutex<Batch> = Mutex::new(Batch {
-    magic: BATCH_MAGIC,
-    count: 0,
-    status: 0,
-    failed: 0,
-    descriptors: [Descriptor { src: 0, dst: 0, len: 0, flags: 0 }; MAX_DESCRIPTORS as usize],
-});
+/// The batch header, in kernel memory (identity-mapped: its address is physical).
+static BATCH: Mutex<BatchHeader> =
+    Mutex::new(BatchHeader { magic: BATCH_MAGIC, count: 0, status: 0, failed: 0, flags: FLAG_DURABLE, descriptors: 0 });
 
 /// Detects the engine; `wanted` is false with `plate_copy=cpu`. Returns whether it is used.
 pub fn init(wanted: bool) -> bool {
@@ -48,19 +34,20 @@ pub fn enabled() -> bool {
 }
 
 /// Copies every range through the engine, durably; `false` if the engine refused the batch
-/// (nothing was copied then, and the caller copies by itself).
+/// (nothing was copied then, and the caller copies by itself). The ranges go to the engine
+/// where they are: kernel memory is identity-mapped, so their address is physical.
 pub fn copy(ranges: &[CopyRange]) -> bool {
     let mut batch = BATCH.lock();
     for chunk in ranges.chunks(MAX_DESCRIPTORS as usize) {
-        for (d, r) in batch.descriptors.iter_mut().zip(chunk) {
-            *d = Descriptor { src: r.src, dst: r.dst, len: r.len, flags: FLAG_DURABLE };
-        }
         batch.magic = BATCH_MAGIC;
         batch.count = chunk.len() as u32;
         batch.status = STATUS_PENDING;
-        let addr = &*batch as *const Batch as u64;
-        // SAFETY: the doorbell takes the physical address of the batch, which stays put and
-        // locked while the engine reads it (the port write returns once the batch is done).
+        batch.flags = FLAG_DURABLE;
+        batch.descriptors = chunk.as_ptr() as u64;
+        let addr = &*batch as *const BatchHeader as u64;
+        // SAFETY: the doorbell takes the physical address of the batch header, which stays
+        // put and locked while the engine reads it, as does the borrowed array of ranges
+        // (the port write returns once the batch is done).
         unsafe { Port::<u32>::new(BASE).write(addr as u32) };
         // SAFETY: the engine wrote the status in place; read it as it is now.
         let status = unsafe { core::ptr::read_volatile(&batch.status) };

@@ -362,13 +362,9 @@ pub fn committed(slots: [&PlateTable; 2]) -> Option<usize> {
     }
 }
 
-/// A run of bytes to copy between physical addresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CopyRange {
-    pub dst: u64,
-    pub src: u64,
-    pub len: u64,
-}
+/// A run of bytes to copy between physical addresses. The copy engine's descriptor
+/// itself, so that a list of copies goes to the engine as it was built.
+pub type CopyRange = nvram::engine::Descriptor;
 
 /// Bits `bit..bit + n` (`n` ≤ 64) of `bitmap`, as the low bits of a word; bits past the
 /// end of the bitmap read as ones (unknown: assume the worst).

@@ -10,7 +10,7 @@
 //! | `{"cmd":"shutdown"}` | `{}`; the VMM exits 0 once the guest has powered off |
 //! | `{"cmd":"crash"}` | `{}`; the VMM then exits at once (a power failure) |
 //! | `{"cmd":"pause"}`, `{"cmd":"resume"}` | `state` |
-//! | `{"cmd":"metrics"}` | count, min, median, p99, max (ms) of write-outs and restores; bytes copied; `persistence` (model, persist barriers and bytes made durable) |
+//! | `{"cmd":"metrics"}` | count, min, median, p99, max (ms) of write-outs and restores; bytes copied; `persistence` (model, persist barriers and bytes made durable); `engine` (batches, copies, bytes, host time) |
 //!
 //! An error is `{"ok":false,"error":"..."}`.
 
@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use std::sync::{Arc, Mutex};
 
 use devices::control::{lock, OperationRecord, StatusHandle};
+use devices::engine::EngineStats;
 use devices::{PersistenceDomain, PersistenceModel};
 use nvram::control::{Operation, Request as GuestRequest, Verified};
 use serde::{Deserialize, Serialize};
@@ -59,6 +60,7 @@ pub struct Controller {
     status: StatusHandle,
     vcpu: VcpuHandle,
     persistence: Option<Arc<Mutex<PersistenceDomain>>>,
+    engine: Option<Arc<Mutex<EngineStats>>>,
     started: Instant,
 }
 
@@ -118,13 +120,31 @@ fn distribution(mut durations: Vec<Duration>) -> Value {
 
 impl Controller {
     pub fn new(status: StatusHandle, vcpu: VcpuHandle) -> Self {
-        Self { status, vcpu, persistence: None, started: Instant::now() }
+        Self { status, vcpu, persistence: None, engine: None, started: Instant::now() }
     }
 
     /// Also reports what the machine's persistence domain did.
     pub fn with_persistence(mut self, domain: Arc<Mutex<PersistenceDomain>>) -> Self {
         self.persistence = Some(domain);
         self
+    }
+
+    /// Also reports what the copy engine did.
+    pub fn with_engine(mut self, stats: Arc<Mutex<EngineStats>>) -> Self {
+        self.engine = Some(stats);
+        self
+    }
+
+    fn engine_json(&self) -> Value {
+        let Some(stats) = &self.engine else { return Value::Null };
+        let stats = *stats.lock().unwrap_or_else(|e| e.into_inner());
+        json!({
+            "batches": stats.batches,
+            "copies": stats.copies,
+            "bytes": stats.bytes,
+            "rejected": stats.rejected,
+            "busy_ms": ms(stats.busy),
+        })
     }
 
     fn persistence_json(&self) -> Value {
@@ -245,6 +265,7 @@ impl Controller {
             "last_write_out": status.of(Operation::WriteOut).last().map(record_json),
             "last_restore": status.of(Operation::Restore).last().map(record_json),
             "persistence": self.persistence_json(),
+            "engine": self.engine_json(),
         }))
     }
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::dirty::DirtyTracker;
+use devices::engine::EngineStats;
 use devices::persistence::PowerFailure;
 use devices::{
     CopyEngine, ExitDevice, GuestExit, MachineControl, PersistBarrier, PersistenceDomain, PersistenceModel, PioBus,
@@ -47,6 +48,7 @@ pub struct Machine {
     status: StatusHandle,
     control: Arc<StopControl>,
     domain: Arc<Mutex<PersistenceDomain>>,
+    engine_stats: Arc<Mutex<EngineStats>>,
     mem: GuestMemory,
     image: NvmImage,
 }
@@ -175,6 +177,7 @@ impl Machine {
         let barrier = PersistBarrier::new(mem.clone(), domain.clone());
         bus.register(nvram::persist::BASE, nvram::persist::LEN, Box::new(barrier)).map_err(overlap)?;
         let mut engine = CopyEngine::new(mem.clone(), domain.clone()).with_dirty_log(tracker);
+        let engine_stats = engine.stats();
         if let Some(ms) = config.engine_pause_ms {
             engine = engine.with_pause(Duration::from_millis(ms));
         }
@@ -199,6 +202,7 @@ impl Machine {
             status,
             control: Arc::new(StopControl::default()),
             domain,
+            engine_stats,
             mem,
             image,
         })
@@ -212,6 +216,11 @@ impl Machine {
     /// What the guest has reported through the machine-control device.
     pub fn status(&self) -> StatusHandle {
         self.status.clone()
+    }
+
+    /// What the copy engine has done, for reports.
+    pub fn engine_stats(&self) -> Arc<Mutex<EngineStats>> {
+        self.engine_stats.clone()
     }
 
     /// The persistence domain, for reports.
