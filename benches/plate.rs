@@ -5,7 +5,8 @@
 //! The paper (Tender on QEMU, 256 MB guest, 456 plates, 8.4 MB plated, 1.4 MB changed)
 //! reports a write-out of about 11.5 ms and a restore of about 60.6 ms.
 //!
-//! `cargo bench --bench plate`; the copier is the copy engine unless `PLATE_COPY=cpu`.
+//! `cargo bench --bench plate`; the copier is the copy engine unless `PLATE_COPY=cpu`;
+//! `PLATE_PREFAULT=all` maps the whole image ahead, as `vmm boot --prefault` does.
 //! After criterion's figures, a report: each operation's median, phase by phase, beside
 //! the paper's, with the share of the guest kernel's bookkeeping (emulated under PVM).
 
@@ -80,6 +81,9 @@ fn config(image: &std::path::Path, console: &std::path::Path, cmdline: &str) -> 
     config.mem_size = Some(256 << 20);
     config.cmdline = cmdline.into();
     config.console = ConsoleOutput::File(console.into());
+    if std::env::var("PLATE_PREFAULT").is_ok_and(|v| v == "all") {
+        config.prefault = vmm::Prefault::All;
+    }
     config
 }
 

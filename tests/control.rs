@@ -293,7 +293,7 @@ fn kv_verified(socket: &str) -> Value {
 #[test]
 fn adr_crash_restores_and_adr_shutdown_resumes() {
     let scratch = Scratch::new();
-    let adr = ["--persistence", "adr", "--crash-evict", "0.5", "--evict-seed", "7"];
+    let adr = ["--persistence", "adr", "--crash-evict", "0.5", "--seed", "7"];
     let (child, socket) = start_with(&scratch, "apps=kv kv_verify_every=1 checkpoint_ms=100", &adr);
     let committed = json(&ctl(&socket, &["--json", "checkpoint"]))["write_out"]["generation"].as_u64().unwrap();
     let metrics = json(&ctl(&socket, &["--json", "metrics"]));

@@ -82,9 +82,6 @@ pub struct PersistenceArgs {
     /// the image, as evictions before the power went would have.
     #[arg(long, value_name = "F", value_parser = parse_fraction)]
     pub crash_evict: Option<f64>,
-    /// Seed of the choice of evicted lines (default: from the clock).
-    #[arg(long = "evict-seed", value_name = "N", requires = "crash_evict")]
-    pub evict_seed: Option<u64>,
     /// Also msync what each persist barrier makes durable, so that it survives a host crash.
     #[arg(long)]
     pub sync: bool,
@@ -189,8 +186,16 @@ pub struct BootArgs {
     /// Testing: the copy engine pauses this long halfway through each batch.
     #[arg(long, value_name = "MS", hide = true)]
     pub engine_pause_ms: Option<u64>,
+    /// Map every page of the image before the guest starts (the image becomes fully
+    /// allocated on disk), so that no first touch of NVM costs a host page fault. Without
+    /// it, only the pages that hold data are mapped ahead, in the background.
+    #[arg(long)]
+    pub prefault: bool,
     #[command(flatten)]
     pub persistence: PersistenceArgs,
+    /// Seed of the choice of lines `--crash-evict` writes (default: from the clock).
+    #[arg(long, visible_alias = "evict-seed", value_name = "N", requires = "crash_evict")]
+    pub seed: Option<u64>,
 }
 
 /// Parses a byte size: a number with an optional K, M or G suffix (powers of 1024;

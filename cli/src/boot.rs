@@ -13,7 +13,7 @@ use std::sync::Arc;
 use vmm::api::Controller;
 use vmm::config::{CrashEvict, Persistence, PersistenceModel};
 use vmm::control_socket::{ControlSocket, CrashHook};
-use vmm::{ConsoleOutput, KernelSource, Machine, RunOutcome, VmConfig};
+use vmm::{ConsoleOutput, KernelSource, Machine, Prefault, RunOutcome, VmConfig};
 
 use crate::args::{BootArgs, Model, PersistenceArgs};
 
@@ -45,23 +45,25 @@ impl From<BootArgs> for VmConfig {
         config.console = args.console.map_or(ConsoleOutput::Stdout, ConsoleOutput::File);
         config.kvm_device = args.kvm_device;
         config.engine_pause_ms = args.engine_pause_ms;
-        config.persistence = args.persistence.into();
+        config.persistence = persistence(args.persistence, args.seed);
+        if args.prefault {
+            config.prefault = Prefault::All;
+        }
         config
     }
 }
 
-impl From<PersistenceArgs> for Persistence {
-    fn from(args: PersistenceArgs) -> Self {
-        let model = match args.persistence {
-            Model::Eadr => PersistenceModel::Eadr,
-            Model::Adr => PersistenceModel::Adr,
-        };
-        let seed = args.evict_seed.unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
-        });
-        let crash_evict = args.crash_evict.map(|fraction| CrashEvict { fraction, seed });
-        Persistence { model, crash_evict, sync: args.sync }
-    }
+/// The persistence model of the command line; `seed` chooses the lines a crash evicts.
+pub fn persistence(args: PersistenceArgs, seed: Option<u64>) -> Persistence {
+    let model = match args.persistence {
+        Model::Eadr => PersistenceModel::Eadr,
+        Model::Adr => PersistenceModel::Adr,
+    };
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
+    let crash_evict = args.crash_evict.map(|fraction| CrashEvict { fraction, seed });
+    Persistence { model, crash_evict, sync: args.sync }
 }
 
 pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {

@@ -100,7 +100,7 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
     };
     config.console = ConsoleOutput::File(console.clone());
     config.reformat = true;
-    config.persistence = args.persistence.into();
+    config.persistence = crate::boot::persistence(args.persistence, None);
     if std::fs::metadata(&args.nvram).is_ok_and(|m| m.len() != args.mem) {
         std::fs::remove_file(&args.nvram).with_context(|| format!("cannot replace {}", args.nvram.display()))?;
     }
@@ -114,7 +114,8 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
     let mut last_committed = 0u64;
     let failure = loop {
         if tally.crashes == args.crashes {
-            break None;
+            // The last crash is checked too: one more boot, verified, then stopped.
+            break check_last(&config, &mut tally, last_committed).err();
         }
         // Each crash evicts other lines, all following from the one seed.
         if let Some(evict) = config.persistence.crash_evict.as_mut() {
@@ -177,17 +178,40 @@ fn round(
     tally: &mut Tally,
     last_committed: &mut u64,
 ) -> anyhow::Result<()> {
+    let vm = boot_and_check(config, tally, *last_committed)?;
+    // Crash: aimed inside a write-out, or at a random moment.
+    if rng.unit() < args.inside_share {
+        let _ = vm.wait(Duration::from_secs(5), "write-out", |s| s.writing_out.is_some());
+    } else {
+        thread::sleep(Duration::from_millis(rng.next() % args.max_run_ms.max(1)));
+    }
+    let (status, inside) = vm.crash()?;
+    *last_committed = (*last_committed).max(status.committed_generation);
+    tally.crashes += 1;
+    tally.inside += u64::from(inside);
+    Ok(())
+}
+
+/// The boot after the last crash: checked as every other, then stopped.
+fn check_last(config: &VmConfig, tally: &mut Tally, last_committed: u64) -> anyhow::Result<()> {
+    let vm = boot_and_check(config, tally, last_committed)?;
+    vm.crash()?;
+    Ok(())
+}
+
+/// Boots, and after a crash checks the restore: boot kind, generation, `kv` verified.
+fn boot_and_check(config: &VmConfig, tally: &mut Tally, last_committed: u64) -> anyhow::Result<Running> {
     let vm = boot(config)?;
     vm.wait(Duration::from_secs(60), "boot report", |s| s.boot_kind.is_some())?;
     let kind = lock(&vm.status).boot_kind;
     if tally.crashes > 0 {
-        if *last_committed > 0 && kind != Some(BootKind::Restored) {
+        if last_committed > 0 && kind != Some(BootKind::Restored) {
             bail!("boot {} was {kind:?}, not a restore", tally.crashes + 1);
         }
         if kind == Some(BootKind::Restored) {
             let status = lock(&vm.status).clone();
             let restore = status.of(Operation::Restore).last().context("the restore reported no metrics")?;
-            if restore.report.generation < *last_committed {
+            if restore.report.generation < last_committed {
                 bail!(
                     "restored generation {} but generation {} was committed",
                     restore.report.generation,
@@ -204,17 +228,7 @@ fn round(
             bail!("kv's verification FAILED after the restore");
         }
     }
-    // Crash: aimed inside a write-out, or at a random moment.
-    if rng.unit() < args.inside_share {
-        let _ = vm.wait(Duration::from_secs(5), "write-out", |s| s.writing_out.is_some());
-    } else {
-        thread::sleep(Duration::from_millis(rng.next() % args.max_run_ms.max(1)));
-    }
-    let (status, inside) = vm.crash()?;
-    *last_committed = (*last_committed).max(status.committed_generation);
-    tally.crashes += 1;
-    tally.inside += u64::from(inside);
-    Ok(())
+    Ok(vm)
 }
 
 fn print_summary(tally: &Tally, failed: bool) {

@@ -164,10 +164,6 @@ impl CopyEngine {
             }
             descriptors.push(d);
         }
-        for d in &descriptors {
-            self.prefault(d.src, d.len, libc::MADV_POPULATE_READ);
-            self.prefault(d.dst, d.len, libc::MADV_POPULATE_WRITE);
-        }
         let mut bytes = 0;
         for (i, d) in descriptors.iter().enumerate() {
             if i == descriptors.len() / 2 {
@@ -207,20 +203,6 @@ impl CopyEngine {
         stats.bytes += bytes;
         stats.busy += started.elapsed();
         Some((STATUS_DONE, 0))
-    }
-
-    /// Maps the pages of `addr..addr + len` (inside guest RAM) in one system call (`advice`:
-    /// `MADV_POPULATE_READ` or `_WRITE`), rather than one page fault at a time as the copy
-    /// touches them: a restore reads and writes thousands of pages that this process has
-    /// never touched. Best effort: an older host kernel faults them in as before.
-    fn prefault(&self, addr: u64, len: u64, advice: libc::c_int) {
-        const PAGE: u64 = 4096;
-        let start = addr & !(PAGE - 1);
-        let end = (addr + len).next_multiple_of(PAGE).min(self.ram());
-        let Ok(host) = self.mem.get_host_address(GuestAddress(start)) else { return };
-        // SAFETY: `start..end` is page-aligned and inside the guest RAM mapping (the
-        // descriptor was checked against it); populating pages does not change their contents.
-        unsafe { libc::madvise(host.cast(), (end - start) as usize, advice) };
     }
 
     fn reject(&mut self, why: &dyn std::fmt::Display) {

@@ -324,6 +324,16 @@ fn clear_dirty(plating: &mut Plating) {
     }
 }
 
+/// Marks `pages` pages from bit `first` of the stale bitmap, 64 at a time.
+fn mark_stale(stale: &mut [u64], first: u64, pages: u64) {
+    let mut done = 0;
+    while done < pages {
+        let n = (pages - done).min(64);
+        plates::set_bits_at(stale, first + done, n, u64::MAX);
+        done += n;
+    }
+}
+
 /// Gives a plate (two save areas) to every resource that has none: the paper's
 /// plate-ification, at each write-out for the spaces made since the last.
 fn plateify(k: &mut Kernel) -> Result<(), WriteOutError> {
@@ -341,12 +351,7 @@ fn plateify(k: &mut Kernel) -> Result<(), WriteOutError> {
             };
             let plate = Plate { kind: kind as u32, id, src, pages, area: [a, b], valid: 0, reserved: 0 };
             // A new plate's areas hold nothing: every page is stale.
-            let base = plating.stale_index(&plate);
-            for bit in base..base + pages {
-                if let Some(w) = plating.stale.get_mut((bit / 64) as usize) {
-                    *w |= 1 << (bit % 64);
-                }
-            }
+            mark_stale(plating.stale, plating.stale_index(&plate), pages);
             plating.live.add(plate).ok_or(WriteOutError::NoRoom).map(|_| ())
         };
     if !plating.live.is_plated(PlateKind::Fixed, FIXED_RESOURCES) {
@@ -357,33 +362,29 @@ fn plateify(k: &mut Kernel) -> Result<(), WriteOutError> {
             (FIXED_FRAME_BITMAP, layout::FRAME_BITMAP, bitmap_pages, layout::FRAME_BITMAP_SAVE),
         ] {
             let plate = Plate { kind: PlateKind::Fixed as u32, id, src, pages, area, valid: 0, reserved: 0 };
-            let base = plating.stale_index(&plate);
-            for bit in base..base + pages {
-                if let Some(w) = plating.stale.get_mut((bit / 64) as usize) {
-                    *w |= 1 << (bit % 64);
-                }
-            }
+            mark_stale(plating.stale, plating.stale_index(&plate), pages);
             plating.live.add(plate).ok_or(WriteOutError::NoRoom)?;
         }
     }
-    for (id, space) in res.kernel_spaces.iter() {
-        if !plating.live.is_plated(PlateKind::KernelSpace, id) {
-            let pages = res.regions.get(space.region).map_or(0, |r| r.pages);
-            add(plating, frames, PlateKind::KernelSpace, id, space.vaddr, pages)?;
-        }
-    }
-    for (id, space) in res.spaces.iter() {
-        if !plating.live.is_plated(PlateKind::PageTables, id) {
-            add(plating, frames, PlateKind::PageTables, id, space.root, TABLE_POOL_PAGES)?;
-        }
-    }
-    for (id, user) in res.user_spaces.iter() {
-        if !plating.live.is_plated(PlateKind::UserSpace, id) {
-            let src = res.regions.get(user.region).and_then(|r| res.real.get(r.real)).map_or(0, |r| r.base);
-            add(plating, frames, PlateKind::UserSpace, id, src, user.pages)?;
-        }
-    }
-    Ok(())
+    // Only the resources without a plate, found a bitmap word at a time (against a copy of
+    // the plated bits: adding a plate sets them).
+    let plated = plating.live.plated[PlateKind::KernelSpace as usize];
+    plates::for_each_unplated(res.kernel_spaces.used_words(), &plated, |id| {
+        let Some(space) = res.kernel_spaces.get(id) else { return Ok(()) };
+        let pages = res.regions.get(space.region).map_or(0, |r| r.pages);
+        add(plating, frames, PlateKind::KernelSpace, id, space.vaddr, pages)
+    })?;
+    let plated = plating.live.plated[PlateKind::PageTables as usize];
+    plates::for_each_unplated(res.spaces.used_words(), &plated, |id| {
+        let Some(space) = res.spaces.get(id) else { return Ok(()) };
+        add(plating, frames, PlateKind::PageTables, id, space.root, TABLE_POOL_PAGES)
+    })?;
+    let plated = plating.live.plated[PlateKind::UserSpace as usize];
+    plates::for_each_unplated(res.user_spaces.used_words(), &plated, |id| {
+        let Some(user) = res.user_spaces.get(id) else { return Ok(()) };
+        let src = res.regions.get(user.region).and_then(|r| res.real.get(r.real)).map_or(0, |r| r.base);
+        add(plating, frames, PlateKind::UserSpace, id, src, user.pages)
+    })
 }
 
 /// Deletion with the plate function: the resource goes at once, its save areas wait in the

@@ -123,6 +123,11 @@ impl<T: Copy, const N: usize> Table<T, N> {
         })
     }
 
+    /// The bitmap of the entries in use (bit `id` of word `id / 64`).
+    pub fn used_words(&self) -> &[u64] {
+        &self.used[..N.div_ceil(64)]
+    }
+
     pub fn live(&self) -> u32 {
         self.live
     }

@@ -131,8 +131,10 @@ impl Copier {
     }
 }
 
-/// Phases of a write-out or restore, in the order of [`Metrics::phases`].
-pub const PHASES: [&str; 6] = ["plate-ification", "dirty scan", "copy", "commit", "flush", "free"];
+/// Phases of a write-out or restore, in the order of [`Metrics::phases`]. "scan and plan" is
+/// finding what changed (the engine's dirty log, or the page tables' dirty bits) and planning
+/// the copies plate by plate: the bookkeeping between plate-ification and the commit.
+pub const PHASES: [&str; 6] = ["plate-ification", "scan and plan", "copy", "commit", "flush", "free"];
 
 /// Kind 3: the figures of one write-out (committed) or restore (done). Times are in TSC
 /// ticks; the VMM converts them with the TSC rate it gave the guest.

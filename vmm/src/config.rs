@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+pub use crate::memory::Prefault;
 pub use devices::{CrashEvict, PersistenceModel};
 
 /// Which stores survive a power failure, and how much of the rest.
@@ -49,6 +50,8 @@ pub struct VmConfig {
     /// kill the VMM with a batch half applied.
     pub engine_pause_ms: Option<u64>,
     pub persistence: Persistence,
+    /// How much of the image to map ahead of the guest.
+    pub prefault: Prefault,
 }
 
 impl VmConfig {
@@ -64,6 +67,7 @@ impl VmConfig {
             kvm_device: PathBuf::from("/dev/kvm"),
             engine_pause_ms: None,
             persistence: Persistence::default(),
+            prefault: Prefault::default(),
         }
     }
 }

@@ -25,6 +25,6 @@ pub mod memory;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{ConsoleOutput, KernelSource, VmConfig};
+pub use config::{ConsoleOutput, KernelSource, Prefault, VmConfig};
 pub use error::Error;
 pub use machine::{Machine, RunOutcome, Stopper, VcpuHandle};

@@ -164,11 +164,21 @@ impl Machine {
             image.size(),
             Some(Box::new(move || log_vm.get_dirty_log(0, ram).ok())),
         )));
-        let domain = Arc::new(Mutex::new(match persistence.model {
-            PersistenceModel::Eadr => PersistenceDomain::eadr(mem.clone(), persistence.sync),
-            PersistenceModel::Adr => PersistenceDomain::adr(
+        // Under ADR the persistence domain writes back into a view of the image of its own.
+        let image_view = match persistence.model {
+            PersistenceModel::Eadr => None,
+            PersistenceModel::Adr => Some(memory::map_image(&image)?),
+        };
+        let mut mappings = vec![mem.clone()];
+        mappings.extend(image_view.clone());
+        // The data worker, if any, runs detached: it holds the mappings it needs.
+        let _ = memory::prefault(image.path(), mappings, config.prefault)
+            .map_err(|source| Error::Setup { what: "prefault guest RAM", source })?;
+        let domain = Arc::new(Mutex::new(match image_view {
+            None => PersistenceDomain::eadr(mem.clone(), persistence.sync),
+            Some(image_view) => PersistenceDomain::adr(
                 mem.clone(),
-                memory::map_image(&image)?,
+                image_view,
                 tracker.clone(),
                 persistence.crash_evict,
                 persistence.sync,

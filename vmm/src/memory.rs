@@ -3,7 +3,9 @@
 //! (ADR, `devices::persistence`).
 
 use devices::PersistenceModel;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
+};
 
 use crate::image::NvmImage;
 
@@ -58,4 +60,169 @@ fn reopen(image: &NvmImage) -> Result<std::fs::File, MemoryError> {
         path: image.path().into(),
         source: vm_memory::mmap::FromRangesError::MmapRegion(vm_memory::mmap::MmapRegionError::Mmap(e)),
     })
+}
+
+/// How much of the image the VMM maps into its address space before the guest needs it.
+///
+/// A page of the image that this process has not touched costs a host page fault the first
+/// time the guest or the copy engine touches it (here, about 1 µs for a page in the host's
+/// page cache, 6 µs for a page of a hole in the sparse file). Real NVM has no such cost, and
+/// the paper's figures do not include it, so the VMM takes it ahead of time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Prefault {
+    /// Map the pages that hold data (the file's data extents, found with `SEEK_DATA`) for
+    /// writing, in a background thread: a restore after a crash finds its save areas and
+    /// spaces mapped and writable (the first write to a clean page of a file costs a fault
+    /// of its own, about 3 µs here). Holes stay holes: the image stays sparse; the host
+    /// writes the data pages back once more.
+    #[default]
+    Data,
+    /// Map every page for writing before the guest starts: no host fault ever, at the cost
+    /// of a slower start and an image fully allocated on disk.
+    All,
+}
+
+/// Maps `mappings` (views of the image at `path`) as `how` says; [`Prefault::Data`] returns
+/// at once and works in a thread of its own, holding the mappings until it is done (the
+/// handle is for those who want to wait).
+pub fn prefault(
+    path: &std::path::Path,
+    mappings: Vec<GuestMemory>,
+    how: Prefault,
+) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
+    match how {
+        Prefault::All => {
+            for mem in &mappings {
+                for region in mem.iter() {
+                    populate(region, 0, region.len(), libc::MADV_POPULATE_WRITE)?;
+                }
+            }
+            Ok(None)
+        }
+        Prefault::Data => {
+            let file = std::fs::File::open(path)?;
+            let worker = std::thread::Builder::new().name("prefault".into()).spawn(move || {
+                let started = std::time::Instant::now();
+                let mut mapped = 0;
+                for (start, end) in data_extents(&file) {
+                    for mem in &mappings {
+                        for region in mem.iter() {
+                            let end = end.min(region.len());
+                            if start < end && populate(region, start, end - start, libc::MADV_POPULATE_WRITE).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    mapped += end - start;
+                }
+                tracing::debug!(mib = mapped >> 20, ms = started.elapsed().as_secs_f64() * 1e3, "image data mapped");
+            })?;
+            Ok(Some(worker))
+        }
+    }
+}
+
+/// The data extents of `file` (holes left out), as byte ranges.
+fn data_extents(file: &std::fs::File) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut extents = Vec::new();
+    let mut at: libc::off_t = 0;
+    loop {
+        // SAFETY: lseek on a file descriptor we own; it changes only that description's offset.
+        let start = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if start < 0 {
+            break; // ENXIO: no data after `at`.
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        if end <= start {
+            break;
+        }
+        extents.push((start as u64, end as u64));
+        at = end;
+    }
+    extents
+}
+
+/// `madvise(advice)` over `offset..offset + len` of `region`, page-aligned.
+fn populate(region: &GuestRegionMmap, offset: u64, len: u64, advice: libc::c_int) -> std::io::Result<()> {
+    const PAGE: u64 = 4096;
+    let start = offset & !(PAGE - 1);
+    let end = (offset + len).next_multiple_of(PAGE).min(region.len());
+    if start >= end {
+        return Ok(());
+    }
+    // SAFETY: `start..end` lies inside the region's mapping, which the caller keeps alive;
+    // populating pages maps them and changes no byte of guest memory.
+    let rc = unsafe { libc::madvise(region.as_ptr().add(start as usize).cast(), (end - start) as usize, advice) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A 32 MiB sparse image with data at 1 MiB and 5 MiB.
+    fn sparse_image(name: &str) -> (NvmImage, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!("nvm-memory-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let image = NvmImage::open(&path, Some(32 * MIB), false).unwrap();
+        let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.seek(SeekFrom::Start(MIB)).unwrap();
+        file.write_all(&[0xa5; 4096]).unwrap();
+        file.seek(SeekFrom::Start(5 * MIB)).unwrap();
+        file.write_all(&[0x5a; 8192]).unwrap();
+        file.sync_all().unwrap();
+        (image, path)
+    }
+
+    fn allocated(path: &std::path::Path) -> u64 {
+        std::fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn data_extents_cover_the_data_and_skip_the_holes() {
+        let (image, path) = sparse_image("extents");
+        let extents = data_extents(image.file());
+        let inside = |at: u64| extents.iter().any(|&(s, e)| s <= at && at < e);
+        assert!(inside(MIB) && inside(5 * MIB + 8191), "{extents:x?}");
+        assert!(!inside(10 * MIB), "a hole is no data: {extents:x?}");
+        assert!(extents.iter().map(|(s, e)| e - s).sum::<u64>() < 32 * MIB, "{extents:x?}");
+        drop(image);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn prefaulting_changes_no_byte_and_data_keeps_the_image_sparse() {
+        let (image, path) = sparse_image("prefault");
+        let before = allocated(&path);
+        let mem = map_image(&image).unwrap();
+        let worker = prefault(&path, vec![mem.clone()], Prefault::Data).unwrap();
+        worker.expect("a background worker").join().unwrap();
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(MIB)).unwrap(), 0xa5a5_a5a5_a5a5_a5a5);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(5 * MIB + 4096)).unwrap(), 0x5a5a_5a5a_5a5a_5a5a);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(9 * MIB)).unwrap(), 0);
+        let region = mem.iter().next().unwrap();
+        // SAFETY: the whole mapping is ours; msync only writes dirty pages back.
+        unsafe { libc::msync(region.as_ptr().cast(), region.len() as usize, libc::MS_SYNC) };
+        assert_eq!(allocated(&path), before, "the holes are still holes");
+
+        assert!(prefault(&path, vec![mem.clone()], Prefault::All).unwrap().is_none(), "done before it returns");
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(MIB)).unwrap(), 0xa5a5_a5a5_a5a5_a5a5);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(9 * MIB)).unwrap(), 0);
+        drop((mem, image));
+        std::fs::remove_file(path).unwrap();
+    }
 }

@@ -395,6 +395,24 @@ fn the_committed_slot_is_the_valid_one_with_the_highest_generation() {
 }
 
 #[test]
+fn a_torn_slot_claiming_a_higher_generation_is_passed_over() {
+    let (mut a, mut b) = (new_table(), new_table());
+    a.generation = 7;
+    a.seal();
+    b.generation = 6;
+    b.seal();
+    assert_eq!(committed([&a, &b]), Some(0), "the newer valid slot, whichever its index");
+    b.generation = 6;
+    a.generation = 6;
+    a.seal();
+    assert_eq!(committed([&a, &b]), Some(0), "equal generations: slot 0");
+    b.generation = u64::MAX; // torn: a garbage generation, a stale checksum
+    assert_eq!(committed([&a, &b]), Some(0));
+    a.checksum ^= 1;
+    assert_eq!(committed([&a, &b]), None);
+}
+
+#[test]
 fn plan_copies_merges_and_tracks_what_the_inactive_area_lacks() {
     let plate = Plate { kind: 3, id: 0, src: 0x10000, pages: 6, area: [0x20000, 0x30000], valid: 1, reserved: 0 };
     let mut stale = [0b000_011u64];
@@ -521,4 +539,28 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn unplated_ids_are_the_used_ones_without_a_plate() {
+    let used = [0b1011u64, 0, 1 << 63];
+    let plated = [0b0010u64, u64::MAX];
+    let mut found = Vec::new();
+    for_each_unplated(&used, &plated, |id| {
+        found.push(id);
+        Ok::<(), ()>(())
+    })
+    .unwrap();
+    assert_eq!(found, [0, 3, 191]);
+    // The first error stops the walk.
+    let mut calls = 0;
+    let stopped = for_each_unplated(&used, &[0], |id| {
+        calls += 1;
+        if id == 1 {
+            Err(id)
+        } else {
+            Ok(())
+        }
+    });
+    assert_eq!((stopped, calls), (Err(1), 2));
 }
