@@ -72,8 +72,12 @@ fn report_header() {
 /// The paper's configuration: 450 regions of 18 KiB (plus the stacks, tables and page-table
 /// pools: 456 plates, 9.2 MB), 1400 KiB dirtied every 100 ms.
 fn paper_cmdline() -> String {
-    let copier = std::env::var("PLATE_COPY").unwrap_or_else(|_| "engine".into());
-    format!("apps=memtouch memtouch=450,18,1400 memtouch_ms=100 plate_copy={copier}")
+    format!("apps=memtouch memtouch=450,18,1400 memtouch_ms=100 {}", copier())
+}
+
+/// The copier item of the command line, which every boot needs (restores too).
+fn copier() -> String {
+    format!("plate_copy={}", std::env::var("PLATE_COPY").unwrap_or_else(|_| "engine".into()))
 }
 
 fn config(image: &std::path::Path, console: &std::path::Path, cmdline: &str) -> VmConfig {
@@ -160,7 +164,7 @@ fn write_outs(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                let vm = start(config(&image, &console, "memtouch_ms=100"));
+                let vm = start(config(&image, &console, &format!("memtouch_ms=100 {}", copier())));
                 vm.wait("the restore", |s| s.boot_kind == Some(BootKind::Restored));
                 let restore = lock(&vm.status).of(Operation::Restore).last().cloned().unwrap();
                 total += restore.total;
