@@ -6,7 +6,7 @@
 
 use kernel_core::frames::{self, FrameBitmap};
 use kernel_core::resources::Resources;
-use nvram::header::{HeaderError, RootHeader, ShutdownFlag, HEADER_SIZE};
+use nvram::header::{self, HeaderCopy, HeaderError, RootHeader, ShutdownFlag, HEADER_SIZE};
 use nvram::layout;
 
 use crate::persist;
@@ -59,8 +59,16 @@ impl core::fmt::Display for ImageError {
     }
 }
 
-fn header_ptr() -> *mut [u8; HEADER_SIZE] {
-    layout::ROOT_HEADER as *mut [u8; HEADER_SIZE]
+fn header_ptr(copy: HeaderCopy) -> *mut [u8; HEADER_SIZE] {
+    match copy {
+        HeaderCopy::First => layout::ROOT_HEADER as *mut [u8; HEADER_SIZE],
+        HeaderCopy::Second => layout::ROOT_HEADER_COPY as *mut [u8; HEADER_SIZE],
+    }
+}
+
+fn load_header(copy: HeaderCopy) -> RootHeader {
+    // SAFETY: both copies are identity-mapped RAM reserved for the header (nvram::layout).
+    RootHeader::from_bytes(&unsafe { header_ptr(copy).read_volatile() })
 }
 
 /// The state found in NVM, opened for this boot.
@@ -78,12 +86,15 @@ pub fn open(ram_end: u64) -> Result<Nvm, ImageError> {
     if ram_end < layout::MIN_RAM {
         return Err(ImageError::TooSmall { ram: ram_end });
     }
-    // SAFETY: ROOT_HEADER is identity-mapped RAM reserved for the header (nvram::layout).
-    let bytes = unsafe { header_ptr().read_volatile() };
-    let mut header = RootHeader::from_bytes(&bytes);
+    let mut header = load_header(HeaderCopy::First);
+    let chosen = header::choose(&header, &load_header(HeaderCopy::Second));
+    if let Ok((second, HeaderCopy::Second)) = chosen {
+        crate::println!("NVM: the root header was torn by a power failure: its second copy is whole");
+        header = second;
+    }
     let available = (ram_end - layout::FRAMES_BASE) / layout::PAGE_SIZE;
     let mut frame_count = available;
-    let found = match header.validate() {
+    let found = match chosen.map(|(h, _)| h.validate()).unwrap_or_else(Err) {
         Ok(_) if header.build_id != BUILD_ID => return Err(ImageError::ForeignBuild { found: header.build_id }),
         // Firmware may reserve a few pages at the top of RAM (QEMU's q35 does): the frames
         // the image was formatted with must all still be RAM.
@@ -143,9 +154,13 @@ impl Nvm {
     }
 }
 
-/// Writes `header` to NVM and makes it durable.
+/// Writes `header` to NVM and makes it durable: its second copy first, then its first, so
+/// that a power failure at any point leaves one of them whole (`nvram::header::choose`).
 pub fn store_header(header: &RootHeader) {
-    // SAFETY: as in `open`; the header page belongs to this module alone.
-    unsafe { header_ptr().write_volatile(header.to_bytes()) };
-    persist::persist(layout::ROOT_HEADER, HEADER_SIZE as u64);
+    let bytes = header.to_bytes();
+    for (copy, at) in [(HeaderCopy::Second, layout::ROOT_HEADER_COPY), (HeaderCopy::First, layout::ROOT_HEADER)] {
+        // SAFETY: as in `load_header`; the header page belongs to this module alone.
+        unsafe { header_ptr(copy).write_volatile(bytes) };
+        persist::persist(at, HEADER_SIZE as u64);
+    }
 }

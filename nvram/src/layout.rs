@@ -12,7 +12,7 @@
 //!               | kernel image (ELF segments),   |  loaded at every boot; its .data/.bss,
 //!               | scratch for one boot           |  stack and boot page tables are scratch
 //!   0x0080_0000 +--------------------------------+
-//!               | root header (one page)         |  magic, version, shutdown flag, roots
+//!               | root header, two copies        |  magic, version, shutdown flag, roots
 //!   0x0080_1000 +--------------------------------+
 //!               | resource tables                |  Tender's management tables
 //!   0x0088_0000 +--------------------------------+
@@ -55,6 +55,10 @@ pub const KERNEL_LIMIT: u64 = 0x80_0000;
 
 /// Physical address of the root header: the first byte that outlives a boot.
 pub const ROOT_HEADER: u64 = KERNEL_LIMIT;
+/// Physical address of the root header's second copy, in the same page. A header update
+/// writes this copy and makes it durable before it writes the first: at every instant one
+/// of the two is whole (`nvram::header::choose`).
+pub const ROOT_HEADER_COPY: u64 = ROOT_HEADER + PAGE_SIZE / 2;
 /// First byte of the persistent area managed by the guest kernel.
 pub const PERSISTENT_BASE: u64 = ROOT_HEADER + PAGE_SIZE;
 

@@ -5,7 +5,7 @@
 
 use kernel_core::plates::{self, PlateKind, PlateTable, TABLE_SIZE};
 use kernel_core::resources::Resources;
-use nvram::header::{HeaderError, RootHeader, ShutdownFlag, HEADER_SIZE};
+use nvram::header::{self, HeaderCopy, HeaderError, RootHeader, ShutdownFlag, HEADER_SIZE};
 use nvram::layout;
 use serde::Serialize;
 
@@ -109,7 +109,16 @@ pub fn inspect(bytes: &[u8]) -> Report {
         );
         return report;
     };
-    let header = RootHeader::from_bytes(raw.try_into().expect("HEADER_SIZE bytes"));
+    let mut header = RootHeader::from_bytes(raw.try_into().expect("HEADER_SIZE bytes"));
+    let at = layout::ROOT_HEADER_COPY as usize;
+    let second =
+        bytes.get(at..at + HEADER_SIZE).map(|raw| RootHeader::from_bytes(raw.try_into().expect("HEADER_SIZE bytes")));
+    let mut torn = false;
+    if let Some(Ok((whole, HeaderCopy::Second))) = second.map(|second| header::choose(&header, &second)) {
+        // A power failure tore the first copy during an update; the kernel reads the second.
+        header = whole;
+        torn = true;
+    }
     match header.validate() {
         Err(HeaderError::Blank) => {
             report.verdict = "blank";
@@ -124,6 +133,12 @@ pub fn inspect(bytes: &[u8]) -> Report {
         Err(e) => {
             report.verdict = "corrupt";
             report.explanation = e.to_string();
+        }
+        Ok(_) if torn => {
+            report.verdict = "formatted";
+            report.explanation =
+                "the root header's first copy was torn by a power failure during an update; its second copy holds"
+                    .into();
         }
         Ok(_) => {
             report.verdict = "formatted";
@@ -222,6 +237,12 @@ mod tests {
         assert_eq!(report.committed, None);
         image[layout::ROOT_HEADER as usize + 30] ^= 1;
         assert_eq!(inspect(&image).verdict, "corrupt");
+        // The first copy torn during an update, the second whole: the kernel boots on it.
+        image[layout::ROOT_HEADER_COPY as usize..][..HEADER_SIZE].copy_from_slice(&header.to_bytes());
+        let report = inspect(&image);
+        assert_eq!(report.verdict, "formatted");
+        assert!(report.explanation.contains("torn"), "{}", report.explanation);
+        assert_eq!(report.header.as_ref().unwrap().boot_count, 3);
     }
 
     #[test]
