@@ -429,8 +429,6 @@ fn install_ops() {
 /// nothing left to flush), else by the CPU.
 struct GuestPersist {
     engine: bool,
-    /// Whether the last copy was the CPU's (its lines must be flushed).
-    flushes_needed: bool,
     copy_ticks: u64,
     flush_ticks: u64,
     slot_ticks: u64,
@@ -438,7 +436,7 @@ struct GuestPersist {
 
 impl Default for GuestPersist {
     fn default() -> Self {
-        Self { engine: crate::engine::enabled(), flushes_needed: true, copy_ticks: 0, flush_ticks: 0, slot_ticks: 0 }
+        Self { engine: crate::engine::enabled(), copy_ticks: 0, flush_ticks: 0, slot_ticks: 0 }
     }
 }
 
@@ -465,21 +463,14 @@ impl GuestPersist {
 }
 
 impl Persist for GuestPersist {
-    fn copy(&mut self, ranges: &[CopyRange]) {
+    fn copy(&mut self, ranges: &[CopyRange]) -> bool {
         let t = timer::rdtsc();
-        if !self.copy_ranges(ranges) {
-            // Durable already: the flushes that follow are for CPU copies only.
-            self.flushes_needed = false;
-        } else {
-            self.flushes_needed = true;
-        }
+        let durable = !self.copy_ranges(ranges);
         self.copy_ticks += timer::rdtsc() - t;
+        durable
     }
 
     fn flush(&mut self, addr: u64, len: u64) {
-        if !self.flushes_needed {
-            return;
-        }
         let t = timer::rdtsc();
         persist::flush(addr, len);
         self.flush_ticks += timer::rdtsc() - t;

@@ -40,16 +40,16 @@
 //! | 40 | 4 | `valid`: 0 no copy yet, 1 area A, 2 area B |
 //! | 44 | 4 | reserved |
 //!
-//! Recovery: pick the committed slot; copy each plate's valid area back to its region, in
-//! kind order (tables, kernel spaces, page tables, user spaces); make it durable; free the
-//! pending save areas; copy the slot into the live table.
+//! Recovery: pick the committed slot; copy each plate's valid area back to its region, the
+//! kernel's structures (tables, kernel spaces, page tables) before the user spaces; make it
+//! durable; free the pending save areas; copy the slot into the live table.
 
 use crate::frames::FrameBitmap;
 
 /// Magic of a plate table.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"TNDRPLT1");
 /// Version of the plate table's layout.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Most plates.
 pub const MAX_PLATES: usize = 1024;
 /// Most save areas pending deletion between two write-outs.
@@ -155,24 +155,76 @@ const _: () =
 /// A 64-bit checksum over words: cheap enough for the emulated kernel mode of PVM (three
 /// operations a word, where a bitwise CRC would take forty), and sensitive to every bit
 /// and to the order of the words. It guards against torn writes, not against an adversary.
+///
+/// Word `i` goes into lane `i % 4`, each lane a chain of bijections (xor, rotate, multiply by
+/// an odd constant), and the lanes and the word count are mixed at the end: a change of any
+/// one word always changes the result, and four lanes let a loop take four words a step.
 pub fn checksum64(words: impl Iterator<Item = u64>) -> u64 {
-    let mut h = CHECKSUM_SEED;
-    for (i, w) in words.enumerate() {
-        h = checksum_step(h, w, i as u64);
+    let mut c = Checksum::new();
+    for w in words {
+        c.word(w);
     }
-    checksum_finish(h)
+    c.finish()
 }
 
-const CHECKSUM_SEED: u64 = 0x6a09_e667_f3bc_c908;
+const CHECKSUM_LANES: usize = 4;
+const CHECKSUM_SEEDS: [u64; CHECKSUM_LANES] =
+    [0x6a09_e667_f3bc_c908, 0xbb67_ae85_84ca_a73b, 0x3c6e_f372_fe94_f82b, 0xa54f_f53a_5f1d_36f1];
+const CHECKSUM_MUL: u64 = 0x9e37_79b9_7f4a_7c15;
 
 #[inline(always)]
-fn checksum_step(h: u64, w: u64, i: u64) -> u64 {
-    (h ^ w ^ i).rotate_left(23).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+fn checksum_step(h: u64, w: u64) -> u64 {
+    (h ^ w).rotate_left(23).wrapping_mul(CHECKSUM_MUL)
 }
 
-#[inline(always)]
-fn checksum_finish(h: u64) -> u64 {
-    h ^ (h >> 29)
+/// [`checksum64`] under way.
+struct Checksum {
+    lanes: [u64; CHECKSUM_LANES],
+    count: usize,
+}
+
+impl Checksum {
+    fn new() -> Self {
+        Self { lanes: CHECKSUM_SEEDS, count: 0 }
+    }
+
+    #[inline(always)]
+    fn word(&mut self, w: u64) {
+        let lane = self.count % CHECKSUM_LANES;
+        self.lanes[lane] = checksum_step(self.lanes[lane], w);
+        self.count += 1;
+    }
+
+    /// The words of `words` in order, four a step once the lanes are aligned.
+    fn words(&mut self, mut words: &[u64]) {
+        while !self.count.is_multiple_of(CHECKSUM_LANES) {
+            let Some((&w, rest)) = words.split_first() else { return };
+            self.word(w);
+            words = rest;
+        }
+        let chunks = words.chunks_exact(CHECKSUM_LANES);
+        let rest = chunks.remainder();
+        let [mut a, mut b, mut c, mut d] = self.lanes;
+        for q in chunks {
+            a = checksum_step(a, q[0]);
+            b = checksum_step(b, q[1]);
+            c = checksum_step(c, q[2]);
+            d = checksum_step(d, q[3]);
+        }
+        self.lanes = [a, b, c, d];
+        self.count += words.len() - rest.len();
+        for &w in rest {
+            self.word(w);
+        }
+    }
+
+    fn finish(self) -> u64 {
+        let mut h = self.count as u64;
+        for lane in self.lanes {
+            h = checksum_step(h, lane);
+        }
+        h ^ (h >> 29)
+    }
 }
 
 /// Why a table cannot be the committed one.
@@ -215,7 +267,7 @@ impl PlateTable {
     }
 
     /// [`checksum64`] of the meaningful words in order (the header but its checksum, the
-    /// bitmaps, the used pending entries, the used plates), with plain loops over slices
+    /// bitmaps, the used pending entries, the used plates), four words a step over slices
     /// (this runs in emulated kernel mode under PVM).
     fn compute_checksum(&self) -> u64 {
         let words = self.as_words();
@@ -223,15 +275,11 @@ impl PlateTable {
         let plates_at = pending_at + PENDING_WORDS * MAX_PENDING;
         let pending = (self.pending_count as usize).min(MAX_PENDING) * PENDING_WORDS;
         let plates = (self.count as usize).min(MAX_PLATES) * PLATE_WORDS;
-        let mut h = CHECKSUM_SEED;
-        let mut i = 0u64;
+        let mut c = Checksum::new();
         for part in [&words[..4], &words[HEADER_WORDS..pending_at + pending], &words[plates_at..plates_at + plates]] {
-            for &w in part {
-                h = checksum_step(h, w, i);
-                i += 1;
-            }
+            c.words(part);
         }
-        checksum_finish(h)
+        c.finish()
     }
 
     /// Recomputes the checksum.
@@ -470,9 +518,10 @@ pub fn plan_copies(
 /// identity-mapped memory (`clflushopt`/`clwb` + `sfence`, or a copy engine); the tests over
 /// a simulated NVM with a cache that a crash may partly lose.
 pub trait Persist {
-    /// Copies every range. All bulk copying goes through here, so that a copy engine can
-    /// take it over.
-    fn copy(&mut self, ranges: &[CopyRange]);
+    /// Copies every range; returns whether the copies are durable already (a copy engine's
+    /// durable writes), or still need [`Persist::flush`]. All bulk copying goes through
+    /// here, so that a copy engine can take it over.
+    fn copy(&mut self, ranges: &[CopyRange]) -> bool;
     /// Writes back the cache lines of `addr..addr + len` (not yet ordered).
     fn flush(&mut self, addr: u64, len: u64);
     /// Waits until every flush before it is durable.
@@ -513,12 +562,6 @@ pub fn write_out<P: Persist>(
     let mut stats = WriteOutStats::default();
     let mut batch = [CopyRange { dst: 0, src: 0, len: 0 }; BATCH];
     let mut used = 0;
-    let flush_batch = |batch: &[CopyRange], nvm: &mut P| {
-        nvm.copy(batch);
-        for r in batch {
-            nvm.flush(r.dst, r.len);
-        }
-    };
     for plate in live.plates_mut() {
         stats.plates += 1;
         stats.plated_pages += plate.pages;
@@ -540,7 +583,7 @@ pub fn write_out<P: Persist>(
             base,
             |r| {
                 if used == BATCH {
-                    flush_batch(&batch, nvm);
+                    copy_durably(nvm, &batch);
                     used = 0;
                 }
                 batch[used] = r;
@@ -551,7 +594,7 @@ pub fn write_out<P: Persist>(
         // The inactive area now holds the plate as of this write-out.
         plate.valid = snapshot.inactive() as u32 + 1;
     }
-    flush_batch(&batch[..used], nvm);
+    copy_durably(nvm, &batch[..used]);
     // The copies are durable before the table that declares them valid is written.
     nvm.fence();
     live.generation = committed_generation + 1;
@@ -561,19 +604,18 @@ pub fn write_out<P: Persist>(
     stats
 }
 
-/// Copies every plate's committed area back to its region, tables first, then kernel
-/// spaces, page tables and user spaces, and makes it durable. Returns the pages copied.
+/// Copies every plate's committed area back to its region and makes it durable: the
+/// kernel's own structures first (the tables, kernel spaces, page tables), then the user
+/// spaces, as the paper does. Returns the pages copied.
 pub fn restore<P: Persist>(committed: &PlateTable, nvm: &mut P) -> u64 {
     let mut batch = [CopyRange { dst: 0, src: 0, len: 0 }; BATCH];
     let mut used = 0;
     let mut pages = 0;
-    for kind in [PlateKind::Fixed, PlateKind::KernelSpace, PlateKind::PageTables, PlateKind::UserSpace] {
-        for plate in committed.plates().iter().filter(|p| p.kind == kind as u32 && p.valid != 0) {
+    let user = PlateKind::UserSpace as u32;
+    for users in [false, true] {
+        for plate in committed.plates().iter().filter(|p| (p.kind == user) == users && p.valid != 0) {
             if used == BATCH {
-                nvm.copy(&batch);
-                for r in &batch {
-                    nvm.flush(r.dst, r.len);
-                }
+                copy_durably(nvm, &batch);
                 used = 0;
             }
             let area = plate.area[(plate.valid - 1) as usize & 1];
@@ -581,15 +623,22 @@ pub fn restore<P: Persist>(committed: &PlateTable, nvm: &mut P) -> u64 {
             used += 1;
             pages += plate.pages;
         }
-        // Kind by kind: a table restored first may be read to restore the next kind.
-        nvm.copy(&batch[..used]);
-        for r in &batch[..used] {
-            nvm.flush(r.dst, r.len);
-        }
+        copy_durably(nvm, &batch[..used]);
         used = 0;
     }
     nvm.fence();
     pages
+}
+
+/// Copies `ranges` and writes their lines back, unless the copier made them durable
+/// itself (the caller fences).
+fn copy_durably<P: Persist>(nvm: &mut P, ranges: &[CopyRange]) {
+    if ranges.is_empty() || nvm.copy(ranges) {
+        return;
+    }
+    for r in ranges {
+        nvm.flush(r.dst, r.len);
+    }
 }
 
 /// Frees the save areas of the pending list (after a commit, or after a restore).

@@ -104,11 +104,12 @@ impl SimNvm {
 }
 
 impl Persist for SimNvm {
-    fn copy(&mut self, ranges: &[CopyRange]) {
+    fn copy(&mut self, ranges: &[CopyRange]) -> bool {
         for r in ranges {
             let data = self.mem[r.src as usize..(r.src + r.len) as usize].to_vec();
             self.store(r.dst, &data);
         }
+        false
     }
 
     fn flush(&mut self, addr: u64, len: u64) {
@@ -563,4 +564,28 @@ fn unplated_ids_are_the_used_ones_without_a_plate() {
         }
     });
     assert_eq!((stopped, calls), (Err(1), 2));
+}
+
+#[test]
+fn the_checksum_is_the_same_however_the_words_are_split() {
+    let words: Vec<u64> = (0..37u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i << 7)).collect();
+    let whole = checksum64(words.iter().copied());
+    for a in 0..words.len() {
+        for b in a..words.len() {
+            let mut c = Checksum::new();
+            for part in [&words[..a], &words[a..b], &words[b..]] {
+                c.words(part);
+            }
+            assert_eq!(c.finish(), whole, "split at {a}, {b}");
+        }
+    }
+    // Every single-bit change and every swap of two different words is seen.
+    for i in 0..words.len() {
+        let mut flipped = words.clone();
+        flipped[i] ^= 1 << (i % 64);
+        assert_ne!(checksum64(flipped.into_iter()), whole);
+        let mut swapped = words.clone();
+        swapped.swap(i, (i + 1) % words.len());
+        assert_ne!(checksum64(swapped.into_iter()), whole);
+    }
 }
