@@ -88,13 +88,15 @@ pub fn open(ram_end: u64) -> Result<Nvm, ImageError> {
     }
     let mut header = load_header(HeaderCopy::First);
     let chosen = header::choose(&header, &load_header(HeaderCopy::Second));
-    if let Ok((second, HeaderCopy::Second)) = chosen {
-        crate::println!("NVM: the root header was torn by a power failure: its second copy is whole");
-        header = second;
+    if let Ok((whole, _, copy)) = chosen {
+        if copy == HeaderCopy::Second {
+            crate::println!("NVM: the root header was torn by a power failure: its second copy is whole");
+        }
+        header = whole;
     }
     let available = (ram_end - layout::FRAMES_BASE) / layout::PAGE_SIZE;
     let mut frame_count = available;
-    let found = match chosen.map(|(h, _)| h.validate()).unwrap_or_else(Err) {
+    let found = match chosen.map(|(_, flag, _)| flag) {
         Ok(_) if header.build_id != BUILD_ID => return Err(ImageError::ForeignBuild { found: header.build_id }),
         // Firmware may reserve a few pages at the top of RAM (QEMU's q35 does): the frames
         // the image was formatted with must all still be RAM.

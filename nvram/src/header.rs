@@ -245,12 +245,13 @@ pub enum HeaderCopy {
 }
 
 /// The header of an image from its two copies: the first if it holds, else the second if
-/// it holds, else the first's error (a blank image is blank in both).
-pub fn choose(first: &RootHeader, second: &RootHeader) -> Result<(RootHeader, HeaderCopy), HeaderError> {
+/// it holds, else the first's error (a blank image is blank in both). With the header, its
+/// shutdown flag and which copy it is.
+pub fn choose(first: &RootHeader, second: &RootHeader) -> Result<(RootHeader, ShutdownFlag, HeaderCopy), HeaderError> {
     match first.validate() {
-        Ok(_) => Ok((*first, HeaderCopy::First)),
+        Ok(flag) => Ok((*first, flag, HeaderCopy::First)),
         Err(e) => match second.validate() {
-            Ok(_) => Ok((*second, HeaderCopy::Second)),
+            Ok(flag) => Ok((*second, flag, HeaderCopy::Second)),
             Err(_) => Err(e),
         },
     }
@@ -313,17 +314,17 @@ mod tests {
         let mut cases = 0;
         for stored in 0..(1u32 << WORDS) {
             // Writing the second copy: the first still holds the old header.
-            let (got, _) = choose(&old, &torn(&old, &new, stored)).unwrap();
+            let (got, _, _) = choose(&old, &torn(&old, &new, stored)).unwrap();
             assert_eq!(got, old);
             // Writing the first copy: the second holds the new header, whole.
-            let (got, _) = choose(&torn(&old, &new, stored), &new).unwrap();
+            let (got, _, _) = choose(&torn(&old, &new, stored), &new).unwrap();
             assert!(got == new || got == old, "stores {stored:#x}: {got:?}");
             cases += 2;
         }
         assert_eq!(cases, 2 << WORDS);
         // The very first header of a blank image, torn: the second copy, or blank.
         let blank = RootHeader::default();
-        assert_eq!(choose(&torn(&blank, &old, 0b1), &old).unwrap(), (old, HeaderCopy::Second));
+        assert_eq!(choose(&torn(&blank, &old, 0b1), &old).unwrap(), (old, ShutdownFlag::Abnormal, HeaderCopy::Second));
         assert_eq!(choose(&blank, &blank), Err(HeaderError::Blank));
     }
 

@@ -114,7 +114,7 @@ pub fn inspect(bytes: &[u8]) -> Report {
     let second =
         bytes.get(at..at + HEADER_SIZE).map(|raw| RootHeader::from_bytes(raw.try_into().expect("HEADER_SIZE bytes")));
     let mut torn = false;
-    if let Some(Ok((whole, HeaderCopy::Second))) = second.map(|second| header::choose(&header, &second)) {
+    if let Some(Ok((whole, _, HeaderCopy::Second))) = second.map(|second| header::choose(&header, &second)) {
         // A power failure tore the first copy during an update; the kernel reads the second.
         header = whole;
         torn = true;
