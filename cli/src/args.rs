@@ -51,7 +51,8 @@ pub struct TortureArgs {
     /// How many crashes.
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub crashes: u64,
-    /// Seed of the crash times (default: from the clock); printed to reproduce a failure.
+    /// Seed of the crash times and of the lines `--crash-evict` writes (default: from the
+    /// clock); printed to reproduce a failure.
     #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
     /// RAM of the image.
