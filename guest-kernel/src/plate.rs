@@ -324,14 +324,17 @@ fn clear_dirty(plating: &mut Plating) {
     }
 }
 
-/// Marks `pages` pages from bit `first` of the stale bitmap, 64 at a time.
-fn mark_stale(stale: &mut [u64], first: u64, pages: u64) {
+/// Adds `plate` to the live table. Its areas hold nothing yet: every page is stale (marked
+/// 64 pages a step).
+fn enlist(plating: &mut Plating, plate: Plate) -> Result<(), WriteOutError> {
+    let first = plating.stale_index(&plate);
     let mut done = 0;
-    while done < pages {
-        let n = (pages - done).min(64);
-        plates::set_bits_at(stale, first + done, n, u64::MAX);
+    while done < plate.pages {
+        let n = (plate.pages - done).min(64);
+        plates::set_bits_at(plating.stale, first + done, n, u64::MAX);
         done += n;
     }
+    plating.live.add(plate).map(|_| ()).ok_or(WriteOutError::NoRoom)
 }
 
 /// Gives a plate (two save areas) to every resource that has none: the paper's
@@ -349,10 +352,7 @@ fn plateify(k: &mut Kernel) -> Result<(), WriteOutError> {
                     return Err(WriteOutError::NoRoom);
                 }
             };
-            let plate = Plate { kind: kind as u32, id, src, pages, area: [a, b], valid: 0, reserved: 0 };
-            // A new plate's areas hold nothing: every page is stale.
-            mark_stale(plating.stale, plating.stale_index(&plate), pages);
-            plating.live.add(plate).ok_or(WriteOutError::NoRoom).map(|_| ())
+            enlist(plating, Plate { kind: kind as u32, id, src, pages, area: [a, b], valid: 0, reserved: 0 })
         };
     if !plating.live.is_plated(PlateKind::Fixed, FIXED_RESOURCES) {
         let pages = (core::mem::size_of::<Resources>() as u64).div_ceil(PAGE);
@@ -361,9 +361,7 @@ fn plateify(k: &mut Kernel) -> Result<(), WriteOutError> {
             (FIXED_RESOURCES, layout::RESOURCES, pages, layout::RESOURCES_SAVE),
             (FIXED_FRAME_BITMAP, layout::FRAME_BITMAP, bitmap_pages, layout::FRAME_BITMAP_SAVE),
         ] {
-            let plate = Plate { kind: PlateKind::Fixed as u32, id, src, pages, area, valid: 0, reserved: 0 };
-            mark_stale(plating.stale, plating.stale_index(&plate), pages);
-            plating.live.add(plate).ok_or(WriteOutError::NoRoom)?;
+            enlist(plating, Plate { kind: PlateKind::Fixed as u32, id, src, pages, area, valid: 0, reserved: 0 })?;
         }
     }
     // Only the resources without a plate, found a bitmap word at a time (against a copy of

@@ -100,8 +100,11 @@ pub fn inspect(bytes: &[u8]) -> Report {
         plates: Vec::new(),
         pending: Vec::new(),
     };
-    let at = layout::ROOT_HEADER as usize;
-    let Some(raw) = bytes.get(at..at + HEADER_SIZE) else {
+    let read = |at: u64| {
+        let at = at as usize;
+        bytes.get(at..at + HEADER_SIZE).map(|raw| RootHeader::from_bytes(raw.try_into().expect("HEADER_SIZE bytes")))
+    };
+    let Some(first) = read(layout::ROOT_HEADER) else {
         report.verdict = "truncated";
         report.explanation = format!(
             "the image has {size} bytes, too few to reach the root header at {:#x}: not an image of this machine, or cut short",
@@ -109,17 +112,18 @@ pub fn inspect(bytes: &[u8]) -> Report {
         );
         return report;
     };
-    let mut header = RootHeader::from_bytes(raw.try_into().expect("HEADER_SIZE bytes"));
-    let at = layout::ROOT_HEADER_COPY as usize;
-    let second =
-        bytes.get(at..at + HEADER_SIZE).map(|raw| RootHeader::from_bytes(raw.try_into().expect("HEADER_SIZE bytes")));
-    let mut torn = false;
-    if let Some(Ok((whole, _, HeaderCopy::Second))) = second.map(|second| header::choose(&header, &second)) {
-        // A power failure tore the first copy during an update; the kernel reads the second.
-        header = whole;
-        torn = true;
-    }
-    match header.validate() {
+    // The kernel's own choice between the header's two copies.
+    let header = match header::choose(&first, &read(layout::ROOT_HEADER_COPY).unwrap_or_default()) {
+        Ok((header, _, copy)) => {
+            report.verdict = "formatted";
+            report.explanation = match copy {
+                HeaderCopy::First => "the root header holds".into(),
+                HeaderCopy::Second => "the root header's first copy was torn by a power failure during an update; \
+                                       its second copy holds"
+                    .into(),
+            };
+            header
+        }
         Err(HeaderError::Blank) => {
             report.verdict = "blank";
             report.explanation = "the root header is all zeros: a new image, formatted at its first boot".into();
@@ -133,18 +137,9 @@ pub fn inspect(bytes: &[u8]) -> Report {
         Err(e) => {
             report.verdict = "corrupt";
             report.explanation = e.to_string();
+            first
         }
-        Ok(_) if torn => {
-            report.verdict = "formatted";
-            report.explanation =
-                "the root header's first copy was torn by a power failure during an update; its second copy holds"
-                    .into();
-        }
-        Ok(_) => {
-            report.verdict = "formatted";
-            report.explanation = "the root header holds".into();
-        }
-    }
+    };
     report.header = Some(HeaderReport {
         format_version: header.format_version,
         build_id: format!("{:016x}", header.build_id),

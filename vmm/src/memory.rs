@@ -92,25 +92,28 @@ pub fn prefault(
 ) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
     match how {
         Prefault::All => {
-            for mem in &mappings {
-                for region in mem.iter() {
-                    populate(region, 0, region.len(), libc::MADV_POPULATE_WRITE)?;
-                }
+            for region in mappings.iter().flat_map(|mem| mem.iter()) {
+                populate(region, 0, region.len()).map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("{e} (MADV_POPULATE_WRITE needs Linux 5.14 or later; boot without --prefault)"),
+                    )
+                })?;
             }
             Ok(None)
         }
         Prefault::Data => {
+            // A file description of its own, as for the mappings: the lock must not outlive
+            // the machine in this thread.
             let file = std::fs::File::open(path)?;
             let worker = std::thread::Builder::new().name("prefault".into()).spawn(move || {
                 let started = std::time::Instant::now();
                 let mut mapped = 0;
                 for (start, end) in data_extents(&file) {
-                    for mem in &mappings {
-                        for region in mem.iter() {
-                            let end = end.min(region.len());
-                            if start < end && populate(region, start, end - start, libc::MADV_POPULATE_WRITE).is_err() {
-                                return;
-                            }
+                    for region in mappings.iter().flat_map(|mem| mem.iter()) {
+                        if let Err(e) = populate(region, start, end - start) {
+                            tracing::debug!("image data not mapped ahead: {e}");
+                            return;
                         }
                     }
                     mapped += end - start;
@@ -145,8 +148,8 @@ fn data_extents(file: &std::fs::File) -> Vec<(u64, u64)> {
     extents
 }
 
-/// `madvise(advice)` over `offset..offset + len` of `region`, page-aligned.
-fn populate(region: &GuestRegionMmap, offset: u64, len: u64, advice: libc::c_int) -> std::io::Result<()> {
+/// Maps `offset..offset + len` of `region` for writing (page-aligned, clipped to the region).
+fn populate(region: &GuestRegionMmap, offset: u64, len: u64) -> std::io::Result<()> {
     const PAGE: u64 = 4096;
     let start = offset & !(PAGE - 1);
     let end = (offset + len).next_multiple_of(PAGE).min(region.len());
@@ -155,7 +158,9 @@ fn populate(region: &GuestRegionMmap, offset: u64, len: u64, advice: libc::c_int
     }
     // SAFETY: `start..end` lies inside the region's mapping, which the caller keeps alive;
     // populating pages maps them and changes no byte of guest memory.
-    let rc = unsafe { libc::madvise(region.as_ptr().add(start as usize).cast(), (end - start) as usize, advice) };
+    let rc = unsafe {
+        libc::madvise(region.as_ptr().add(start as usize).cast(), (end - start) as usize, libc::MADV_POPULATE_WRITE)
+    };
     if rc == 0 {
         Ok(())
     } else {
@@ -188,6 +193,17 @@ mod tests {
         (image, path)
     }
 
+    /// Whether the page at `offset` of `region` is in this process's page tables (bit 63 of
+    /// its entry in /proc/self/pagemap).
+    fn mapped(region: &GuestRegionMmap, offset: u64) -> bool {
+        use std::os::unix::fs::FileExt;
+        let page = (region.as_ptr() as u64 + offset) / 4096;
+        let mut entry = [0u8; 8];
+        let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
+        pagemap.read_exact_at(&mut entry, page * 8).unwrap();
+        u64::from_le_bytes(entry) >> 63 == 1
+    }
+
     fn allocated(path: &std::path::Path) -> u64 {
         std::fs::metadata(path).unwrap().blocks() * 512
     }
@@ -209,17 +225,22 @@ mod tests {
         let (image, path) = sparse_image("prefault");
         let before = allocated(&path);
         let mem = map_image(&image).unwrap();
+        let region = mem.iter().next().unwrap();
+        assert!(!mapped(region, MIB), "a fresh mapping maps nothing yet");
         let worker = prefault(&path, vec![mem.clone()], Prefault::Data).unwrap();
         worker.expect("a background worker").join().unwrap();
+        assert!(mapped(region, MIB) && mapped(region, 5 * MIB + 4096), "the data pages are mapped");
+        assert!(!mapped(region, 9 * MIB), "a hole is not");
         assert_eq!(mem.read_obj::<u64>(GuestAddress(MIB)).unwrap(), 0xa5a5_a5a5_a5a5_a5a5);
         assert_eq!(mem.read_obj::<u64>(GuestAddress(5 * MIB + 4096)).unwrap(), 0x5a5a_5a5a_5a5a_5a5a);
         assert_eq!(mem.read_obj::<u64>(GuestAddress(9 * MIB)).unwrap(), 0);
-        let region = mem.iter().next().unwrap();
         // SAFETY: the whole mapping is ours; msync only writes dirty pages back.
         unsafe { libc::msync(region.as_ptr().cast(), region.len() as usize, libc::MS_SYNC) };
         assert_eq!(allocated(&path), before, "the holes are still holes");
 
+        assert!(!mapped(region, 12 * MIB));
         assert!(prefault(&path, vec![mem.clone()], Prefault::All).unwrap().is_none(), "done before it returns");
+        assert!(mapped(region, 12 * MIB), "every page is mapped, holes too");
         assert_eq!(mem.read_obj::<u64>(GuestAddress(MIB)).unwrap(), 0xa5a5_a5a5_a5a5_a5a5);
         assert_eq!(mem.read_obj::<u64>(GuestAddress(9 * MIB)).unwrap(), 0);
         drop((mem, image));
