@@ -105,6 +105,12 @@ fn every_command_works_through_vmm_ctl() {
         assert!(metrics["write_outs"][q].is_number(), "{metrics}");
     }
     assert!(metrics["bytes_copied"].as_u64().unwrap() > 0);
+    // The write-outs' bytes went through the copy engine, which accounts for them.
+    let engine = &metrics["engine"];
+    assert!(engine["batches"].as_u64().unwrap() >= 3, "{metrics}");
+    assert!(engine["bytes"].as_u64().unwrap() >= metrics["bytes_copied"].as_u64().unwrap(), "{metrics}");
+    assert_eq!(engine["rejected"], 0, "{metrics}");
+    assert!(ctl(&socket, &["metrics"]).stdout.contains("copy engine:"));
 
     let out = ctl(&socket, &["shutdown"]);
     assert_eq!(out.code(), Some(0), "{out:?}");

@@ -324,6 +324,28 @@ mod tests {
         assert_eq!((stats.batches, stats.copies, stats.bytes), (1, 2, 8292));
     }
 
+    /// Under ADR a durable batch's destinations are in the image when the status says done;
+    /// a batch without the flag leaves them as stores, which a power failure loses.
+    #[test]
+    fn a_durable_batch_reaches_the_image_and_a_plain_one_waits_for_a_barrier() {
+        use crate::persistence::tests::setup;
+        let mut s = setup("engine-durable", None);
+        let adr = std::mem::replace(&mut s.domain, PersistenceDomain::eadr(s.guest.clone(), false));
+        let domain = Arc::new(Mutex::new(adr));
+        let mut e = CopyEngine::new(s.guest.clone(), domain.clone());
+        s.store(0x1000, &[5; 4096]);
+        for (flags, dst) in [(FLAG_DURABLE, 0x4000), (0, 0x6000)] {
+            put_batch_with(&e, 0x8000, flags, 0x8040, &[Descriptor { src: 0x1000, dst, len: 4096 }]);
+            e.write(0, &0x8000u32.to_le_bytes());
+            assert_eq!(status(&e, 0x8000), (STATUS_DONE, 0), "flags {flags}");
+        }
+        let image = s.image();
+        assert!(image[0x4000..0x5000].iter().all(|&b| b == 5), "the durable copy is in the image");
+        assert!(image[0x6000..0x7000].iter().all(|&b| b == 0xee), "the plain copy is not, yet");
+        domain.lock().unwrap().power_fail();
+        assert!(s.image()[0x6000..0x7000].iter().all(|&b| b == 0xee), "and a power failure loses it");
+    }
+
     #[test]
     fn a_bad_descriptor_fails_the_whole_batch_and_copies_nothing() {
         let mut e = engine();

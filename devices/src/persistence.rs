@@ -265,23 +265,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
     use vm_memory::FileOffset;
 
-    const RAM: u64 = 64 * PAGE;
+    pub(crate) const RAM: u64 = 64 * PAGE;
 
     /// Guest RAM privately mapped over a file, the file shared, and a dirty log that reports
-    /// every page the test says it wrote.
-    struct Setup {
+    /// every page the test says it wrote. The other tests of the crate use it for ADR too.
+    pub(crate) struct Setup {
         file: std::path::PathBuf,
         log: Arc<Mutex<Vec<u64>>>,
-        domain: PersistenceDomain,
-        guest: GuestMemoryMmap<()>,
+        pub(crate) domain: PersistenceDomain,
+        pub(crate) guest: GuestMemoryMmap<()>,
     }
 
-    fn setup(name: &str, evict: Option<CrashEvict>) -> Setup {
+    pub(crate) fn setup(name: &str, evict: Option<CrashEvict>) -> Setup {
         let file = std::env::temp_dir().join(format!("persistence-{name}-{}", std::process::id()));
         let mut f = std::fs::File::create(&file).unwrap();
         f.write_all(&vec![0xeeu8; RAM as usize]).unwrap();
@@ -312,12 +312,12 @@ mod tests {
 
     impl Setup {
         /// A guest store: into the private copy, and into the dirty log.
-        fn store(&self, addr: u64, bytes: &[u8]) {
+        pub(crate) fn store(&self, addr: u64, bytes: &[u8]) {
             self.guest.write_slice(bytes, GuestAddress(addr)).unwrap();
             self.log.lock().unwrap()[0] |= 1 << (addr / PAGE);
         }
 
-        fn image(&self) -> Vec<u8> {
+        pub(crate) fn image(&self) -> Vec<u8> {
             std::fs::read(&self.file).unwrap()
         }
     }
