@@ -129,8 +129,14 @@ fn sigkill_rounds_with(copier: &str, rounds: u32, extra: &[&str]) {
                 seen.1.push('\n');
             }
         });
-        let delay = 400 + next(&mut rng) % 1200;
-        thread::sleep(Duration::from_millis(delay));
+        // The kill lands at a random moment after the first commit of this run (or of a
+        // restore), not at a time counted from the spawn: on a loaded machine a fixed delay
+        // could end before anything was committed, and then nothing would be tested.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while committed.lock().unwrap().0 == 0 && Instant::now() < deadline && !reader.is_finished() {
+            thread::sleep(Duration::from_millis(5));
+        }
+        thread::sleep(Duration::from_millis(next(&mut rng) % 1000));
         child.kill().expect("SIGKILL the VMM");
         child.wait().unwrap();
         reader.join().unwrap();
