@@ -6,7 +6,9 @@
 //! reports a write-out of about 11.5 ms and a restore of about 60.6 ms.
 //!
 //! `cargo bench --bench plate`; the copier is the copy engine unless `PLATE_COPY=cpu`;
-//! `PLATE_PREFAULT=all` maps the whole image ahead, as `vmm boot --prefault` does.
+//! `PLATE_PREFAULT=all` maps the whole image ahead, as `vmm boot --prefault` does;
+//! `PLATE_BOOKKEEPING=ring0` keeps the guest's bookkeeping in kernel mode (by default it
+//! runs at CPL 3, natively under PVM).
 //! After criterion's figures, a report: each operation's median, phase by phase, beside
 //! the paper's, with the share of the guest kernel's bookkeeping (emulated under PVM).
 
@@ -75,9 +77,14 @@ fn paper_cmdline() -> String {
     format!("apps=memtouch memtouch=450,18,1400 memtouch_ms=100 {}", copier())
 }
 
-/// The copier item of the command line, which every boot needs (restores too).
+/// The copier and bookkeeping items of the command line, which every boot needs (restores
+/// too).
 fn copier() -> String {
-    format!("plate_copy={}", std::env::var("PLATE_COPY").unwrap_or_else(|_| "engine".into()))
+    format!(
+        "plate_copy={} bookkeeping={}",
+        std::env::var("PLATE_COPY").unwrap_or_else(|_| "engine".into()),
+        std::env::var("PLATE_BOOKKEEPING").unwrap_or_else(|_| "ring3".into())
+    )
 }
 
 fn config(image: &std::path::Path, console: &std::path::Path, cmdline: &str) -> VmConfig {

@@ -14,6 +14,7 @@
 //! | `checkpoint_ms=N`   | a write-out every N ms (default: none, only on request)         |
 //! | `plate=off`         | no plate function: no write-outs, nothing to restore            |
 //! | `plate_copy=C`      | who copies plates: `engine` (the copy engine, default when the machine has one) or `cpu` |
+//! | `bookkeeping=M`     | where the plate function's bookkeeping runs: `ring3` (default: at CPL 3, native speed under PVM) or `ring0` |
 //! | `poweroff`          | power off right after the banner                                |
 //! | `flush=INSN`        | cache flush instruction: `clwb`, `clflushopt` or `clflush`      |
 //! |                     | (default: the best CPUID offers)                                |
@@ -78,6 +79,7 @@ pub struct Cmdline {
     pub checkpoint_ms: Option<u64>,
     pub plate: bool,
     pub plate_copy_engine: bool,
+    pub bookkeeping_ring3: bool,
 }
 
 impl Default for Cmdline {
@@ -99,6 +101,7 @@ impl Default for Cmdline {
             checkpoint_ms: None,
             plate: true,
             plate_copy_engine: true,
+            bookkeeping_ring3: true,
         }
     }
 }
@@ -159,6 +162,14 @@ impl Cmdline {
                 }
                 ("plate_copy", "cpu") => {
                     out.plate_copy_engine = false;
+                    true
+                }
+                ("bookkeeping", "ring3") => {
+                    out.bookkeeping_ring3 = true;
+                    true
+                }
+                ("bookkeeping", "ring0") => {
+                    out.bookkeeping_ring3 = false;
                     true
                 }
                 _ => false,

@@ -40,12 +40,16 @@ impl Write for Writer<'_> {
     }
 }
 
+/// Prints `args`; from ring-3 kernel work (`ring3`) too, where the UART's ports are out of
+/// reach and the printing is done in kernel mode.
 #[doc(hidden)]
 pub fn _print(args: fmt::Arguments) {
-    x86_64::instructions::interrupts::without_interrupts(|| {
-        if let Some(uart) = CONSOLE.lock().as_mut() {
-            let _ = Writer(uart).write_fmt(args);
-        }
+    crate::ring3::privileged(|| {
+        x86_64::instructions::interrupts::without_interrupts(|| {
+            if let Some(uart) = CONSOLE.lock().as_mut() {
+                let _ = Writer(uart).write_fmt(args);
+            }
+        })
     });
 }
 

@@ -36,7 +36,14 @@ pub fn enabled() -> bool {
 /// Copies every range through the engine, durably; `false` if the engine refused the batch
 /// (nothing was copied then, and the caller copies by itself). The ranges go to the engine
 /// where they are: kernel memory is identity-mapped, so their address is physical.
+///
+/// From ring-3 kernel work (`ring3`), the whole of it runs in kernel mode, one trap for
+/// all the batches: the doorbell is a port.
 pub fn copy(ranges: &[CopyRange]) -> bool {
+    crate::ring3::privileged(|| copy_in_kernel_mode(ranges))
+}
+
+fn copy_in_kernel_mode(ranges: &[CopyRange]) -> bool {
     let mut batch = BATCH.lock();
     for chunk in ranges.chunks(MAX_DESCRIPTORS as usize) {
         batch.magic = BATCH_MAGIC;
@@ -65,10 +72,16 @@ static DIRTY: Mutex<DirtyRequest> =
 /// Asks the engine for the pages of `first_page..first_page + pages` that the CPU wrote
 /// since the last request, as a bitmap written at physical `out`. `false` if the engine
 /// could not (the caller then finds dirty pages by itself).
+///
+/// From ring-3 kernel work, it runs in kernel mode (the doorbell is a port).
 pub fn dirty_log(first_page: u64, pages: u64, out: u64) -> bool {
     if !enabled() {
         return false;
     }
+    crate::ring3::privileged(|| dirty_log_in_kernel_mode(first_page, pages, out))
+}
+
+fn dirty_log_in_kernel_mode(first_page: u64, pages: u64, out: u64) -> bool {
     let mut request = DIRTY.lock();
     *request = DirtyRequest { magic: DIRTY_MAGIC, status: STATUS_PENDING, first_page, pages, out };
     let addr = &*request as *const DirtyRequest as u64;

@@ -13,6 +13,8 @@
 //! | 0x30     | user code (RPL 3: 0x33)            |
 //! | 0x38     | TSS (two slots)                    |
 
+use core::cell::UnsafeCell;
+
 use spin::Once;
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
 use x86_64::instructions::tables::load_tss;
@@ -31,7 +33,14 @@ struct Stack([u8; FAULT_STACK_SIZE]);
 
 static mut DOUBLE_FAULT_STACK: Stack = Stack([0; FAULT_STACK_SIZE]);
 
-static TSS: Once<TaskStateSegment> = Once::new();
+/// The TSS. The CPU reads it at each entry from user mode; the kernel writes its ring-0
+/// stack while ring-3 kernel work runs (`ring3`), so it is a cell, not a `Once`.
+struct TssCell(UnsafeCell<TaskStateSegment>);
+
+// SAFETY: one CPU; the TSS is written at init and by `ring3` with interrupts off.
+unsafe impl Sync for TssCell {}
+
+static TSS: TssCell = TssCell(UnsafeCell::new(TaskStateSegment::new()));
 static GDT: Once<(GlobalDescriptorTable<10>, Selectors)> = Once::new();
 
 /// The selectors of the GDT.
@@ -54,6 +63,13 @@ pub fn kernel_stack_top() -> u64 {
     &raw const __stack_top as u64
 }
 
+/// The TSS's ring-0 stack slot: where the CPU starts the kernel stack at an entry from user
+/// mode. `ring3` moves it below the live frames while kernel work runs at CPL 3.
+pub fn entry_stack_slot() -> *mut u64 {
+    // SAFETY: only the address is taken; `VirtAddr` is a transparent `u64`.
+    unsafe { (&raw mut (*TSS.0.get()).privilege_stack_table[0]).cast::<u64>() }
+}
+
 /// The GDT's selectors (after [`init`]).
 pub fn selectors() -> Selectors {
     GDT.get().expect("the GDT is loaded first thing at boot").1
@@ -61,13 +77,16 @@ pub fn selectors() -> Selectors {
 
 /// Loads the GDT and the TSS and reloads every segment register.
 pub fn init() -> Selectors {
-    let tss = TSS.call_once(|| {
-        let mut tss = TaskStateSegment::new();
+    // SAFETY: init runs once, first thing at boot, before any entry from user mode reads
+    // the TSS; from here on the TSS is only read through this reference, except for the
+    // ring-0 stack slot (`entry_stack_slot`).
+    let tss: &'static TaskStateSegment = unsafe {
+        let tss = &mut *TSS.0.get();
         let stack_top = VirtAddr::from_ptr(&raw const DOUBLE_FAULT_STACK) + FAULT_STACK_SIZE as u64;
         tss.interrupt_stack_table[DOUBLE_FAULT_IST as usize] = stack_top;
         tss.privilege_stack_table[0] = VirtAddr::new(kernel_stack_top());
-        tss
-    });
+        &*TSS.0.get()
+    };
     let (gdt, selectors) = GDT.call_once(|| {
         let mut gdt = GlobalDescriptorTable::<10>::empty();
         gdt.append(Descriptor::kernel_data_segment()); // 0x08: placeholder

@@ -26,6 +26,7 @@ mod plate;
 mod process;
 mod pvh;
 mod resources;
+mod ring3;
 mod syscall;
 mod timer;
 mod trap;
@@ -74,6 +75,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
         flush.name(),
         if announce { ", barriers announced to the machine" } else { "" }
     );
+    ring3::init(info.ram_end(), cmdline.bookkeeping_ring3);
     let tsc_khz = control::init();
     let copier = if engine::init(cmdline.plate_copy_engine) { "copy engine" } else { "CPU" };
     if cmdline.plate {
@@ -280,6 +282,9 @@ fn program(app: App, cmdline: &Cmdline) -> Program {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
-    console::emergency_print(format_args!("\nKERNEL PANIC: {info}\n"));
-    machine::exit(ExitCode::Panic)
+    // In ring-3 kernel work the console's ports are out of reach: print from kernel mode.
+    ring3::privileged(|| {
+        console::emergency_print(format_args!("\nKERNEL PANIC: {info}\n"));
+        machine::exit(ExitCode::Panic)
+    })
 }

@@ -19,7 +19,7 @@ use nvram::layout;
 use crate::interrupts::TrapFrame;
 use crate::kernel::Kernel;
 use crate::resources::{self, ResError, OPS};
-use crate::{control, paging, persist, println, process, timer};
+use crate::{control, paging, persist, println, process, ring3, timer};
 
 // The pool of page tables is plated whole at creation; only its used part is copied.
 const _: () = assert!(TABLE_POOL_PAGES <= 64);
@@ -106,14 +106,14 @@ pub fn resume(frames: u64) -> Option<Plating> {
     // Pages written after the last write-out, before the shutdown, are in no dirty log this
     // VMM keeps: the next write-out copies every page.
     plating.stale.fill(u64::MAX);
-    plating.committed = plates::committed([slot(0), slot(1)]).map(|i| (i, slot(i).generation));
+    plating.committed = ring3::run(|| plates::committed([slot(0), slot(1)])).map(|i| (i, slot(i).generation));
     install_ops();
     Some(plating)
 }
 
 /// The generation a crash would restore, if any.
 pub fn committed_generation() -> Option<u64> {
-    plates::committed([slot(0), slot(1)]).map(|i| slot(i).generation)
+    ring3::run(|| plates::committed([slot(0), slot(1)])).map(|i| slot(i).generation)
 }
 
 /// After a crash: copies every plate's committed area back (the tables first, so that the
@@ -121,26 +121,28 @@ pub fn committed_generation() -> Option<u64> {
 /// committed table the live one again. Returns the plate function's state and the metrics.
 pub fn restore(frames_count: u64) -> Option<(Plating, Metrics)> {
     let start = timer::rdtsc();
-    let index = plates::committed([slot(0), slot(1)])?;
-    let committed = slot(index);
-    let mut nvm = GuestPersist::default();
-    let pages = plates::restore(committed, &mut nvm);
-    let copied = timer::rdtsc();
-    let mut plating = Plating::open(frames_count);
-    plating.live.copy_from(committed);
-    plating.committed = Some((index, committed.generation));
-    // The restored areas equal their regions; the other areas are behind in unknown pages.
-    plating.stale.fill(u64::MAX);
+    let (plating, mut m) = ring3::run(|| {
+        let index = plates::committed([slot(0), slot(1)])?;
+        let committed = slot(index);
+        let mut nvm = GuestPersist::default();
+        let pages = plates::restore(committed, &mut nvm);
+        let mut plating = Plating::open(frames_count);
+        plating.live.copy_from(committed);
+        plating.committed = Some((index, committed.generation));
+        // The restored areas equal their regions; the other areas are behind in unknown pages.
+        plating.stale.fill(u64::MAX);
+        let mut m = Metrics::new(Operation::Restore);
+        m.copier = nvm.copier() as u32;
+        m.plates = committed.count;
+        m.generation = committed.generation;
+        m.plated_bytes = committed.plates().iter().map(|p| p.pages * PAGE).sum();
+        m.copied_bytes = pages * PAGE;
+        m.phases[2] = nvm.copy_ticks;
+        m.phases[4] = nvm.flush_ticks;
+        Some((plating, m))
+    })?;
     install_ops();
-    let mut m = Metrics::new(Operation::Restore);
-    m.copier = nvm.copier() as u32;
-    m.plates = committed.count;
-    m.generation = committed.generation;
-    m.plated_bytes = committed.plates().iter().map(|p| p.pages * PAGE).sum();
-    m.copied_bytes = pages * PAGE;
-    m.phases[2] = nvm.copy_ticks;
-    m.phases[4] = nvm.flush_ticks;
-    m.total = copied - start;
+    m.total = timer::rdtsc() - start;
     Some((plating, m))
 }
 
@@ -184,13 +186,28 @@ pub fn write_out(k: &mut Kernel, frame: &mut TrapFrame, from_checkpoint_call: bo
             }
         }
     }
+    // 3 to 11, the bookkeeping, at CPL 3 (see `ring3`): natively under PVM.
+    let mut m = ring3::run(|| steps(k, t0))?;
+    // The way back from CPL 3 counts in the last phase.
+    let end = timer::rdtsc();
+    m.phases[5] += end - (t0 + m.total);
+    m.total = end - t0;
+    if from_checkpoint_call {
+        frame.rax = SAVED;
+    }
+    control::metrics(m);
+    Ok(m)
+}
+
+/// Steps 3 to 11 of a write-out (see [`write_out`]), timed from `t0`.
+fn steps(k: &mut Kernel, t0: u64) -> Result<Metrics, WriteOutError> {
     // 3. Plate-ify what has no plate yet.
     plateify(k)?;
     let t1 = timer::rdtsc();
     // Find the dirty pages of user spaces (and clear the page tables' dirty bits).
     let Kernel { res, frames: frame_bitmap, plating, header, .. } = k;
     let res: &Resources = res;
-    let plating = plating.as_mut().expect("checked above");
+    let plating = plating.as_mut().expect("checked by write_out");
     // The copy engine hands over KVM's log of the pages the CPU wrote, for all frames at
     // once; without it, walk the page tables' dirty bits of each user space.
     let logged = crate::engine::dirty_log(layout::FRAMES_BASE / PAGE, plating.frames, layout::PLATE_DIRTY);
@@ -203,7 +220,11 @@ pub fn write_out(k: &mut Kernel, frame: &mut TrapFrame, from_checkpoint_call: bo
         let base = (plate.src - layout::FRAMES_BASE) / PAGE;
         collect_dirty_into(space.root, user.vaddr, user.pages, plating.dirty, base);
     }
-    paging::flush_tlb();
+    // The cleared dirty bits must reach the TLB. At CPL 3 there is nothing to do: the
+    // switch back to the kernel's address space flushes the TLB.
+    if !ring3::in_user_mode() {
+        paging::flush_tlb();
+    }
     let t2 = timer::rdtsc();
 
     // 4-10. Copy, make durable, commit.
@@ -261,9 +282,6 @@ pub fn write_out(k: &mut Kernel, frame: &mut TrapFrame, from_checkpoint_call: bo
     crate::nvm::store_header(header);
     let t4 = timer::rdtsc();
 
-    if from_checkpoint_call {
-        frame.rax = SAVED;
-    }
     let mut m = Metrics::new(Operation::WriteOut);
     m.copier = nvm.copier() as u32;
     m.plates = stats.plates as u32;
@@ -276,7 +294,6 @@ pub fn write_out(k: &mut Kernel, frame: &mut TrapFrame, from_checkpoint_call: bo
     let rest = (t3 - t2).saturating_sub(commit_ticks + copy_ticks + flush_ticks);
     m.phases = [t1 - t0, (t2 - t1) + rest, copy_ticks, commit_ticks, flush_ticks, t4 - t3];
     m.total = t4 - t0;
-    control::metrics(m);
     Ok(m)
 }
 

@@ -4,7 +4,7 @@ use nvram::exit::ExitCode;
 
 use crate::interrupts::{exception_name, ShowRegs, TrapFrame, IRQ_BASE, SYSCALL_VECTOR};
 use crate::process::{self, from_user};
-use crate::{control, kernel, machine, plate, println, syscall, timer};
+use crate::{control, kernel, machine, plate, println, ring3, syscall, timer};
 use nvram::control::Request;
 
 /// A write-out not asked for by the interrupted code (timer or VMM).
@@ -16,6 +16,10 @@ fn checkpoint(k: &mut kernel::Kernel, frame: &mut TrapFrame) {
 
 /// Handles the entry described by `frame`; on return, `frame` is the context to resume.
 pub fn dispatch(frame: &mut TrapFrame) {
+    if ring3::owns(frame) {
+        ring3::trap(frame);
+        return;
+    }
     match frame.vector {
         SYSCALL_VECTOR if from_user(frame) => syscall::handle(frame),
         v if v < u64::from(IRQ_BASE) => exception(frame),

@@ -1,0 +1,271 @@
+//! Kernel work run at CPL 3: the plate function's bookkeeping (plate-ification, the plan and
+//! commit of a write-out, the restore) executed by the CPU in user mode, in an address space
+//! of its own.
+//!
+//! Why: under PVM, the hypervisor of the machines this runs on, kernel mode is emulated at
+//! about a microsecond an instruction while user mode runs natively. The bookkeeping is a
+//! few ten thousand instructions of pure computation over tables in NVM; at CPL 3 it takes
+//! microseconds instead of tens of milliseconds. On VT-x/SVM both modes run natively and
+//! the detour costs two ring crossings. `bookkeeping=ring0` on the command line keeps all of
+//! it in kernel mode (to compare).
+//!
+//! How: [`run`] switches to the *work space*, a page table that maps all of RAM at the same
+//! addresses as the kernel's identity map but open to user mode, and `iretq`s into
+//! [`ring3_main`] on a stack of its own, with interrupts off: nothing else runs meanwhile,
+//! as a write-out requires. The work returns with a trap (`int3`, [`DONE`] in `rax`);
+//! the trap handler ([`trap`]) puts the kernel's address space and entry stack back and
+//! resumes the kernel where it called [`run`]. What must stay privileged (the doorbells of
+//! the copy engine and of the persist barrier, which are port writes) goes through
+//! [`privileged`]: a trap ([`CALL`]) that runs a closure in kernel mode and returns.
+//! While the work runs, an entry from user mode lands below the kernel's live frames
+//! (the entry stack is moved down), never on top of them.
+//!
+//! The work is the kernel's own code, trusted as the kernel is; no process can reach the
+//! work space, which is loaded only between [`run`] and its return.
+
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use x86_64::registers::control::Cr3;
+use x86_64::structures::paging::PageTableFlags as Flags;
+
+use crate::interrupts::{exception_name, ShowRegs, TrapFrame, IRQ_BASE, SYSCALL_VECTOR};
+use crate::{gdt, machine, timer};
+
+/// `rax` of the trap that ends the work.
+pub const DONE: u64 = 0x7e4d_0001;
+/// `rax` of the trap that runs a closure (`rdi`) in kernel mode.
+pub const CALL: u64 = 0x7e4d_0002;
+
+const HUGE: u64 = 2 << 20;
+/// The kernel's identity map covers the first 4 GiB; the work space maps RAM within it.
+const MAPPED_MAX: u64 = 4 << 30;
+const STACK_SIZE: usize = 64 * 1024;
+
+#[repr(C, align(4096))]
+struct Tables {
+    pml4: [u64; 512],
+    pdpt: [u64; 512],
+    pd: [[u64; 512]; 4],
+}
+
+#[repr(C, align(16))]
+struct Stack([u8; STACK_SIZE]);
+
+// Scratch for one boot (rebuilt by `init`), used by this CPU alone.
+static mut TABLES: Tables = Tables { pml4: [0; 512], pdpt: [0; 512], pd: [[0; 512]; 4] };
+static mut STACK: Stack = Stack([0; STACK_SIZE]);
+/// The kernel's stack pointer inside `ring3_enter`, where the work's end resumes it.
+static mut SAVED_RSP: u64 = 0;
+/// The kernel's address space while the work runs.
+static mut SAVED_CR3: u64 = 0;
+
+/// The work space is built and `bookkeeping=ring0` was not asked for.
+static ENABLED: AtomicBool = AtomicBool::new(false);
+/// Between `run`'s switch to ring 3 and the trap that ends the work.
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+
+/// Builds the work space for RAM below `ram_end`: 2 MiB pages, one per 2 MiB of RAM (128
+/// entries for 256 MiB), so that the cost follows the RAM size at 1/512 of a page table's.
+/// `enabled`: false with `bookkeeping=ring0`.
+pub fn init(ram_end: u64, enabled: bool) {
+    let end = ram_end.min(MAPPED_MAX).div_ceil(HUGE) * HUGE;
+    let table = Flags::PRESENT | Flags::WRITABLE | Flags::USER_ACCESSIBLE;
+    let leaf = table | Flags::HUGE_PAGE;
+    // SAFETY: the tables are this module's statics, not in use (no work runs during init);
+    // they are identity-mapped, so their addresses are physical.
+    unsafe {
+        let t: &mut Tables = (&raw mut TABLES).as_mut().expect("a static is not null");
+        t.pml4.fill(0);
+        t.pdpt.fill(0);
+        t.pml4[0] = t.pdpt.as_ptr() as u64 | table.bits();
+        for gib in 0..end.div_ceil(1 << 30) as usize {
+            t.pdpt[gib] = t.pd[gib].as_ptr() as u64 | table.bits();
+        }
+        for (i, addr) in (0..end).step_by(HUGE as usize).enumerate() {
+            t.pd[i / 512][i % 512] = addr | leaf.bits();
+        }
+    }
+    ENABLED.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether the bookkeeping runs at CPL 3.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+core::arch::global_asm!(
+    r#"
+    .section .text
+    .global ring3_enter
+/* rdi: the work, rsi: its stack top, rdx: &SAVED_RSP, rcx: &the TSS's ring-0 stack,
+   r8: user code selector, r9: user data selector */
+ring3_enter:
+    push %rbp
+    push %rbx
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    mov %rsp, (%rdx)
+    /* Entries from user mode now start below this frame. */
+    lea -64(%rsp), %rax
+    and $-16, %rax
+    mov %rax, (%rcx)
+    push %r9
+    push %rsi
+    push $0x2               /* rflags: interrupts off */
+    push %r8
+    lea ring3_main(%rip), %rax
+    push %rax
+    iretq
+
+    .global ring3_leave
+/* rdi: the stack pointer saved by ring3_enter; returns from ring3_enter */
+ring3_leave:
+    mov %rdi, %rsp
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %rbx
+    pop %rbp
+    ret
+"#,
+    options(att_syntax)
+);
+
+type Work<'a> = &'a mut dyn FnMut();
+
+extern "C" {
+    fn ring3_enter(work: *mut (), stack_top: u64, saved_rsp: *mut u64, entry_stack: *mut u64, cs: u64, ss: u64);
+    fn ring3_leave(saved_rsp: u64) -> !;
+}
+
+/// Where the work starts, at CPL 3 (`rdi` is left as `ring3_enter` had it).
+#[no_mangle]
+extern "C" fn ring3_main(work: *mut Work) -> ! {
+    // SAFETY: `work` points at `run`'s closure, alive until the DONE trap below.
+    unsafe { (*work)() };
+    // SAFETY: the DONE trap does not return here: the kernel resumes in `run`.
+    unsafe { core::arch::asm!("int3", in("rax") DONE, options(noreturn)) }
+}
+
+/// Runs `f` at CPL 3 in the work space (in kernel mode if the work space is off), and
+/// returns its result. Called in kernel mode, interrupts off; not from within the work.
+pub fn run<R>(f: impl FnOnce() -> R) -> R {
+    let mut f = Some(f);
+    let mut result = None;
+    {
+        let mut call = || {
+            if let Some(f) = f.take() {
+                result = Some(f());
+            }
+        };
+        if !enabled() || in_user_mode() {
+            call();
+        } else {
+            let mut work: Work = &mut call;
+            let sel = gdt::selectors();
+            ACTIVE.store(true, Ordering::SeqCst);
+            // SAFETY: the work space maps all of RAM (the kernel's code, data, stacks and
+            // NVM) at the kernel's addresses, so everything `call` refers to stays
+            // reachable; the entry stack moves below this frame until `trap` puts it back;
+            // `ring3_enter` returns (through `ring3_leave`) when the work traps with DONE.
+            unsafe {
+                SAVED_CR3 = Cr3::read_raw().0.start_address().as_u64();
+                load_cr3(&raw const TABLES as u64);
+                let top = (&raw mut STACK as u64) + STACK_SIZE as u64 - 8;
+                ring3_enter(
+                    (&raw mut work).cast(),
+                    top,
+                    &raw mut SAVED_RSP,
+                    gdt::entry_stack_slot(),
+                    u64::from(sel.user_code.0),
+                    u64::from(sel.user_data.0),
+                );
+            }
+        }
+    }
+    result.expect("the work ran to its end")
+}
+
+/// Runs `f` in kernel mode: directly when already there, else by a trap from the work.
+pub fn privileged<R>(f: impl FnOnce() -> R) -> R {
+    if !in_user_mode() {
+        return f();
+    }
+    let mut f = Some(f);
+    let mut result = None;
+    {
+        let mut call = || {
+            if let Some(f) = f.take() {
+                result = Some(f());
+            }
+        };
+        let mut work: Work = &mut call;
+        let ptr: *mut Work = &mut work;
+        // SAFETY: the CALL trap runs `work` in kernel mode and returns here, every register
+        // but `rax` as it was (the trap frame restores them).
+        unsafe { core::arch::asm!("int3", inout("rax") CALL => _, in("rdi") ptr) };
+    }
+    result.expect("the kernel ran the call")
+}
+
+/// Whether the CPU runs at CPL 3 now (the work), from the code segment's RPL.
+pub fn in_user_mode() -> bool {
+    let cs: u16;
+    // SAFETY: reading CS has no effect.
+    unsafe { core::arch::asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) };
+    cs & 3 == 3
+}
+
+/// Loads `root` into CR3.
+///
+/// # Safety
+///
+/// `root` must map the running code, its stack and everything it will touch.
+unsafe fn load_cr3(root: u64) {
+    // SAFETY: per the caller's contract.
+    unsafe { core::arch::asm!("mov cr3, {}", in(reg) root, options(nostack, preserves_flags)) };
+}
+
+/// Whether an entry came from the work (it then belongs to [`trap`]).
+pub fn owns(frame: &TrapFrame) -> bool {
+    frame.cs & 3 == 3 && ACTIVE.load(Ordering::SeqCst)
+}
+
+/// Handles an entry from the work: its end, a privileged call, an interrupt (none is
+/// expected, interrupts are off), or a fault, which is a kernel fault.
+pub fn trap(frame: &mut TrapFrame) {
+    match frame.vector {
+        SYSCALL_VECTOR if frame.rax == DONE => {
+            ACTIVE.store(false, Ordering::SeqCst);
+            // SAFETY: back to the kernel's address space and entry stack, as before `run`;
+            // then the kernel resumes in `ring3_enter`'s caller with the registers it
+            // saved; this trap's frame, below them, is abandoned.
+            unsafe {
+                load_cr3(SAVED_CR3);
+                *gdt::entry_stack_slot() = gdt::kernel_stack_top();
+                ring3_leave(SAVED_RSP)
+            }
+        }
+        SYSCALL_VECTOR if frame.rax == CALL => {
+            let work = frame.rdi as *mut Work;
+            // SAFETY: `privileged` passed a pointer to its closure, which lives until this
+            // trap returns to it.
+            unsafe { (*work)() };
+        }
+        v if (u64::from(IRQ_BASE)..u64::from(IRQ_BASE) + 16).contains(&v) => {
+            timer::end_of_interrupt((v - u64::from(IRQ_BASE)) as u8);
+        }
+        v => {
+            crate::console::emergency_print(format_args!(
+                "\nKERNEL FAULT in ring-3 kernel work: {} (vector {v}, error code {:#x})\n{}\n",
+                exception_name(v),
+                frame.error_code,
+                ShowRegs(frame)
+            ));
+            machine::exit(nvram::exit::ExitCode::Exception);
+        }
+    }
+}
