@@ -114,6 +114,25 @@ fn a_guest_exception_is_reported_with_its_registers() {
     assert!(scratch.read_console().contains("page fault (vector 14, error code 0x0, cr2 0x4000000000)"));
 }
 
+/// The plate function's bookkeeping runs at CPL 3 (`ring3` in the guest): a fault or a
+/// panic there is the kernel's, reported as such, not a process to kill.
+#[test]
+fn a_fault_in_ring_3_kernel_work_stops_the_machine_with_its_registers() {
+    let scratch = Scratch::new();
+    let out = run(vmm(&[]).args(boot_args(&scratch, "fault=work-ud")), BOOT_LIMIT);
+    assert_eq!(out.code(), Some(4), "{out:?}");
+    let console = scratch.read_console();
+    assert!(console.contains("KERNEL FAULT in ring-3 kernel work: invalid opcode (vector 6"), "{console}");
+    assert!(console.contains("cs 0x0033"), "the work ran at CPL 3: {console}");
+    assert!(!console.contains("killed"), "{console}");
+
+    let out = run(vmm(&[]).args(boot_args(&scratch, "fault=work-panic")), BOOT_LIMIT);
+    assert_eq!(out.code(), Some(3), "{out:?}");
+    assert!(out.stderr.contains("the guest kernel panicked"), "{out:?}");
+    assert!(scratch.read_console().contains("KERNEL PANIC: panicked at"), "{}", scratch.read_console());
+    assert!(scratch.read_console().contains("provoked in ring-3 kernel work"), "{}", scratch.read_console());
+}
+
 #[test]
 fn a_triple_fault_is_reported_with_the_vcpu_registers() {
     let scratch = Scratch::new();

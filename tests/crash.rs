@@ -50,12 +50,23 @@ fn run_then_crash(config: VmConfig, limit: Duration, mut done: impl FnMut(&Machi
 
 #[test]
 fn a_space_deleted_after_a_checkpoint_comes_back_intact_after_a_crash() {
+    deleted_space_comes_back("");
+}
+
+/// The same with the bookkeeping in kernel mode, as the paper's kernel does it (by default
+/// it runs at CPL 3).
+#[test]
+fn a_space_deleted_after_a_checkpoint_comes_back_intact_with_the_bookkeeping_in_kernel_mode() {
+    deleted_space_comes_back("bookkeeping=ring0");
+}
+
+fn deleted_space_comes_back(extra: &str) {
     let scratch = Scratch::new();
-    run_then_crash(config(&scratch, "apps=deleter,counter"), Duration::from_secs(20), |s| {
+    run_then_crash(config(&scratch, &format!("apps=deleter,counter {extra}")), Duration::from_secs(20), |s| {
         s.workloads.get("deleter").is_some_and(|w| w.progress == 1)
     });
     assert!(scratch.read_console().contains("region deleted after the checkpoint"));
-    let after = run_then_crash(config(&scratch, ""), Duration::from_secs(20), |s| {
+    let after = run_then_crash(config(&scratch, extra), Duration::from_secs(20), |s| {
         s.workloads.get("deleter").is_some_and(|w| w.progress == 2)
     });
     assert_eq!(after.boot_kind, Some(BootKind::Restored));

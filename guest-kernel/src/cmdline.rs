@@ -19,7 +19,7 @@
 //! | `flush=INSN`        | cache flush instruction: `clwb`, `clflushopt` or `clflush`      |
 //! |                     | (default: the best CPUID offers)                                |
 //! | `poke-ports`        | read and write ports no device owns, then go on                 |
-//! | `fault=KIND`        | provoke a CPU fault in the kernel: `ud`, `pf` or `triple`       |
+//! | `fault=KIND`        | provoke a CPU fault in the kernel: `ud`, `pf` or `triple`; in ring-3 kernel work: `work-ud` or `work-panic` |
 //!
 //! An unknown or malformed item is reported on the console and otherwise ignored, so that a
 //! typo is seen.
@@ -32,6 +32,10 @@ pub enum Fault {
     InvalidOpcode,
     Page,
     Triple,
+    /// `ud2` in ring-3 kernel work (`ring3`).
+    WorkInvalidOpcode,
+    /// A panic in ring-3 kernel work.
+    WorkPanic,
 }
 
 /// A workload.
@@ -133,6 +137,8 @@ impl Cmdline {
                         "ud" => Some(Fault::InvalidOpcode),
                         "pf" => Some(Fault::Page),
                         "triple" => Some(Fault::Triple),
+                        "work-ud" => Some(Fault::WorkInvalidOpcode),
+                        "work-panic" => Some(Fault::WorkPanic),
                         _ => None,
                     };
                     out.fault.is_some()

@@ -94,6 +94,9 @@ extern "C" fn kmain(start_info: u64) -> ! {
             println!("unexpected: read {value:#x} from an unmapped address");
         }
         Some(Fault::Triple) => interrupts::triple_fault(),
+        // SAFETY: deliberately raises #UD at CPL 3 to exercise the fault path of the work.
+        Some(Fault::WorkInvalidOpcode) => ring3::run(|| unsafe { core::arch::asm!("ud2", options(noreturn)) }),
+        Some(Fault::WorkPanic) => ring3::run(|| panic!("provoked in ring-3 kernel work")),
         None => {}
     }
     if cmdline.poke_ports {
