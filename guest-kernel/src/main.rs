@@ -75,7 +75,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
         flush.name(),
         if announce { ", barriers announced to the machine" } else { "" }
     );
-    ring3::init(info.ram_end(), cmdline.bookkeeping_ring3);
+    ring3::init(cmdline.bookkeeping_ring3);
     let tsc_khz = control::init();
     let copier = if engine::init(cmdline.plate_copy_engine) { "copy engine" } else { "CPU" };
     if cmdline.plate {

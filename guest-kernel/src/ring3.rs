@@ -26,7 +26,6 @@
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use x86_64::registers::control::Cr3;
-use x86_64::structures::paging::PageTableFlags as Flags;
 
 use crate::interrupts::{exception_name, ShowRegs, TrapFrame, IRQ_BASE, SYSCALL_VECTOR};
 use crate::{gdt, machine, timer};
@@ -36,55 +35,53 @@ pub const DONE: u64 = 0x7e4d_0001;
 /// `rax` of the trap that runs a closure (`rdi`) in kernel mode.
 pub const CALL: u64 = 0x7e4d_0002;
 
-const HUGE: u64 = 2 << 20;
-/// The kernel's identity map covers the first 4 GiB; the work space maps RAM within it.
-const MAPPED_MAX: u64 = 4 << 30;
-const STACK_SIZE: usize = 64 * 1024;
+// The work space: data in the ELF image, like the boot page tables (`boot`), so that the
+// loader writes it and no emulated instruction builds it. It maps the first 4 GiB (all of
+// RAM, `nvram::layout::MAX_RAM` being 3 GiB) in 2 MiB pages, present, writable and open to
+// user mode (0x87).
+core::arch::global_asm!(
+    r#"
+    .section .data.boot, "aw"
+    .p2align 12
+ring3_pml4:
+    .quad ring3_pdpt + 0x7
+    .fill 511, 8, 0
+ring3_pdpt:
+    .quad ring3_pd + 0x7
+    .quad ring3_pd + 0x1000 + 0x7
+    .quad ring3_pd + 0x2000 + 0x7
+    .quad ring3_pd + 0x3000 + 0x7
+    .fill 508, 8, 0
+ring3_pd:
+    .set page, 0
+    .rept 2048
+    .quad (page << 21) | 0x87
+    .set page, page + 1
+    .endr
+"#,
+    options(att_syntax)
+);
 
-#[repr(C, align(4096))]
-struct Tables {
-    pml4: [u64; 512],
-    pdpt: [u64; 512],
-    pd: [[u64; 512]; 4],
+extern "C" {
+    /// The work space's PML4.
+    static ring3_pml4: u8;
+    /// The work's stack (linker script: neither loaded nor zeroed).
+    static __work_stack_top: u8;
 }
 
-#[repr(C, align(16))]
-struct Stack([u8; STACK_SIZE]);
-
-// Scratch for one boot (rebuilt by `init`), used by this CPU alone.
-static mut TABLES: Tables = Tables { pml4: [0; 512], pdpt: [0; 512], pd: [[0; 512]; 4] };
-static mut STACK: Stack = Stack([0; STACK_SIZE]);
 /// The kernel's stack pointer inside `ring3_enter`, where the work's end resumes it.
 static mut SAVED_RSP: u64 = 0;
 /// The kernel's address space while the work runs.
 static mut SAVED_CR3: u64 = 0;
 
-/// The work space is built and `bookkeeping=ring0` was not asked for.
+/// `bookkeeping=ring0` was not asked for.
 static ENABLED: AtomicBool = AtomicBool::new(false);
 /// Between `run`'s switch to ring 3 and the trap that ends the work.
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 
-/// Builds the work space for RAM below `ram_end`: 2 MiB pages, one per 2 MiB of RAM (128
-/// entries for 256 MiB), so that the cost follows the RAM size at 1/512 of a page table's.
-/// `enabled`: false with `bookkeeping=ring0`.
-pub fn init(ram_end: u64, enabled: bool) {
-    let end = ram_end.min(MAPPED_MAX).div_ceil(HUGE) * HUGE;
-    let table = Flags::PRESENT | Flags::WRITABLE | Flags::USER_ACCESSIBLE;
-    let leaf = table | Flags::HUGE_PAGE;
-    // SAFETY: the tables are this module's statics, not in use (no work runs during init);
-    // they are identity-mapped, so their addresses are physical.
-    unsafe {
-        let t: &mut Tables = (&raw mut TABLES).as_mut().expect("a static is not null");
-        t.pml4.fill(0);
-        t.pdpt.fill(0);
-        t.pml4[0] = t.pdpt.as_ptr() as u64 | table.bits();
-        for gib in 0..end.div_ceil(1 << 30) as usize {
-            t.pdpt[gib] = t.pd[gib].as_ptr() as u64 | table.bits();
-        }
-        for (i, addr) in (0..end).step_by(HUGE as usize).enumerate() {
-            t.pd[i / 512][i % 512] = addr | leaf.bits();
-        }
-    }
+/// Turns the work at CPL 3 on (`enabled`) or off (`bookkeeping=ring0`). The work space is
+/// built already: the loader wrote it.
+pub fn init(enabled: bool) {
     ENABLED.store(enabled, Ordering::Relaxed);
 }
 
@@ -173,8 +170,9 @@ pub fn run<R>(f: impl FnOnce() -> R) -> R {
             // `ring3_enter` returns (through `ring3_leave`) when the work traps with DONE.
             unsafe {
                 SAVED_CR3 = Cr3::read_raw().0.start_address().as_u64();
-                load_cr3(&raw const TABLES as u64);
-                let top = (&raw mut STACK as u64) + STACK_SIZE as u64 - 8;
+                load_cr3(&raw const ring3_pml4 as u64);
+                // At the entry of `ring3_main`, as after a call: 8 below a 16-byte boundary.
+                let top = &raw const __work_stack_top as u64 - 8;
                 ring3_enter(
                     (&raw mut work).cast(),
                     top,
