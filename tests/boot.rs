@@ -124,6 +124,7 @@ fn a_fault_in_ring_3_kernel_work_stops_the_machine_with_its_registers() {
     let console = scratch.read_console();
     assert!(console.contains("KERNEL FAULT in ring-3 kernel work: invalid opcode (vector 6"), "{console}");
     assert!(console.contains("cs 0x0033"), "the work ran at CPL 3: {console}");
+    assert!(console.contains("their bookkeeping runs at CPL 3"), "{console}");
     assert!(!console.contains("killed"), "{console}");
 
     let out = run(vmm(&[]).args(boot_args(&scratch, "fault=work-panic")), BOOT_LIMIT);

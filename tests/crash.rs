@@ -73,6 +73,8 @@ fn deleted_space_comes_back(extra: &str) {
     assert_eq!(after.workloads["deleter"].last_check, Verified::Passed, "{after:?}");
     assert!(scratch.read_console().contains("the deleted region is back intact"));
     assert_eq!(after.of(Operation::Restore).count(), 1, "the restore reported its metrics");
+    let mode = if extra.contains("ring0") { "in kernel mode" } else { "at CPL 3" };
+    assert!(scratch.read_console().contains(&format!("bookkeeping runs {mode}")), "{}", scratch.read_console());
 }
 
 /// A tiny deterministic generator for the kill times (the seed is printed on failure).

@@ -79,7 +79,8 @@ extern "C" fn kmain(start_info: u64) -> ! {
     let tsc_khz = control::init();
     let copier = if engine::init(cmdline.plate_copy_engine) { "copy engine" } else { "CPU" };
     if cmdline.plate {
-        println!("plate: write-outs and restores copy by {copier}");
+        let mode = if ring3::enabled() { "at CPL 3" } else { "in kernel mode" };
+        println!("plate: write-outs and restores copy by {copier}, their bookkeeping runs {mode}");
     }
     let kind = decide(&mut nvm, cmdline.plate);
 
