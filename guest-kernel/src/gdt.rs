@@ -64,10 +64,18 @@ pub fn kernel_stack_top() -> u64 {
 }
 
 /// The TSS's ring-0 stack slot: where the CPU starts the kernel stack at an entry from user
-/// mode. `ring3` moves it below the live frames while kernel work runs at CPL 3.
+/// mode. `ring3` moves it below the live frames while kernel work runs at CPL 3. The TSS is
+/// packed: the slot may not be 8-byte aligned (write it with [`set_entry_stack`]).
 pub fn entry_stack_slot() -> *mut u64 {
     // SAFETY: only the address is taken; `VirtAddr` is a transparent `u64`.
     unsafe { (&raw mut (*TSS.0.get()).privilege_stack_table[0]).cast::<u64>() }
+}
+
+/// Sets where entries from user mode start the kernel stack.
+pub fn set_entry_stack(top: u64) {
+    // SAFETY: the slot is inside the TSS static; the CPU reads it only at an entry from user
+    // mode, which cannot happen in the middle of this store (we are in kernel mode).
+    unsafe { entry_stack_slot().write_unaligned(top) };
 }
 
 /// The GDT's selectors (after [`init`]).
@@ -78,15 +86,14 @@ pub fn selectors() -> Selectors {
 /// Loads the GDT and the TSS and reloads every segment register.
 pub fn init() -> Selectors {
     // SAFETY: init runs once, first thing at boot, before any entry from user mode reads
-    // the TSS; from here on the TSS is only read through this reference, except for the
-    // ring-0 stack slot (`entry_stack_slot`).
-    let tss: &'static TaskStateSegment = unsafe {
+    // the TSS; no reference to it outlives this block (the CPU reads it, and `ring3` writes
+    // its ring-0 stack slot through a raw pointer).
+    unsafe {
         let tss = &mut *TSS.0.get();
         let stack_top = VirtAddr::from_ptr(&raw const DOUBLE_FAULT_STACK) + FAULT_STACK_SIZE as u64;
         tss.interrupt_stack_table[DOUBLE_FAULT_IST as usize] = stack_top;
         tss.privilege_stack_table[0] = VirtAddr::new(kernel_stack_top());
-        &*TSS.0.get()
-    };
+    }
     let (gdt, selectors) = GDT.call_once(|| {
         let mut gdt = GlobalDescriptorTable::<10>::empty();
         gdt.append(Descriptor::kernel_data_segment()); // 0x08: placeholder
@@ -95,7 +102,8 @@ pub fn init() -> Selectors {
         gdt.append(Descriptor::user_data_segment()); // 0x20: placeholder
         let user_data = gdt.append(Descriptor::user_data_segment());
         let user_code = gdt.append(Descriptor::user_code_segment());
-        let tss = gdt.append(Descriptor::tss_segment(tss));
+        // SAFETY: the TSS is a static, valid for the whole boot, with no I/O map.
+        let tss = gdt.append(unsafe { Descriptor::tss_segment_unchecked(TSS.0.get()) });
         (gdt, Selectors { kernel_code, kernel_data, user_data, user_code, tss })
     });
     gdt.load();

@@ -224,7 +224,8 @@ fn steps(k: &mut Kernel, t0: u64) -> Result<Metrics, WriteOutError> {
         collect_dirty_into(space.root, user.vaddr, user.pages, plating.dirty, base);
     }
     // The cleared dirty bits must reach the TLB. At CPL 3 there is nothing to do: the
-    // switch back to the kernel's address space flushes the TLB.
+    // switch back to the kernel's address space flushes the TLB (no page is global and
+    // every CR3 load flushes: CR4.PGE is off, and no PCID is kept).
     if !ring3::in_user_mode() {
         paging::flush_tlb();
     }

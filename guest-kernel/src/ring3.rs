@@ -23,7 +23,7 @@
 //! The work is the kernel's own code, trusted as the kernel is; no process can reach the
 //! work space, which is loaded only between [`run`] and its return.
 
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use x86_64::registers::control::Cr3;
 
@@ -34,6 +34,8 @@ use crate::{gdt, machine, timer};
 pub const DONE: u64 = 0x7e4d_0001;
 /// `rax` of the trap that runs a closure (`rdi`) in kernel mode.
 pub const CALL: u64 = 0x7e4d_0002;
+
+const _: () = assert!(nvram::layout::MAX_RAM <= 4 << 30, "the work space maps the first 4 GiB");
 
 // The work space: data in the ELF image, like the boot page tables (`boot`), so that the
 // loader writes it and no emulated instruction builds it. It maps the first 4 GiB (all of
@@ -67,12 +69,18 @@ extern "C" {
     static ring3_pml4: u8;
     /// The work's stack (linker script: neither loaded nor zeroed).
     static __work_stack_top: u8;
+    static __work_stack_bottom: u8;
 }
 
 /// The kernel's stack pointer inside `ring3_enter`, where the work's end resumes it.
 static mut SAVED_RSP: u64 = 0;
 /// The kernel's address space while the work runs.
 static mut SAVED_CR3: u64 = 0;
+
+/// Timer ticks taken while the work ran.
+static MISSED_TICKS: AtomicU64 = AtomicU64::new(0);
+/// Written at the bottom of the work's stack by `run`, checked when the work ends.
+const STACK_CANARY: u64 = 0x5354_4143_4b21_7e4d;
 
 /// `bookkeeping=ring0` was not asked for.
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -148,7 +156,7 @@ extern "C" fn ring3_main(work: *mut Work) -> ! {
 }
 
 /// Runs `f` at CPL 3 in the work space (in kernel mode if the work space is off), and
-/// returns its result. Called in kernel mode, interrupts off; not from within the work.
+/// returns its result. Called in kernel mode, interrupts off; returns with interrupts off.
 pub fn run<R>(f: impl FnOnce() -> R) -> R {
     let mut f = Some(f);
     let mut result = None;
@@ -158,12 +166,16 @@ pub fn run<R>(f: impl FnOnce() -> R) -> R {
                 result = Some(f());
             }
         };
-        if !enabled() || in_user_mode() {
+        // Already in the work, or in a privileged call from it (the work space and the
+        // saved state are in use): run here.
+        if !enabled() || ACTIVE.load(Ordering::SeqCst) || in_user_mode() {
             call();
         } else {
             let mut work: Work = &mut call;
             let sel = gdt::selectors();
             ACTIVE.store(true, Ordering::SeqCst);
+            // SAFETY: the bottom word of the work's stack, ours alone (checked at DONE).
+            unsafe { (&raw const __work_stack_bottom as *mut u64).write_volatile(STACK_CANARY) };
             // SAFETY: the work space maps all of RAM (the kernel's code, data, stacks and
             // NVM) at the kernel's addresses, so everything `call` refers to stays
             // reachable; the entry stack moves below this frame until `trap` puts it back;
@@ -188,8 +200,10 @@ pub fn run<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Runs `f` in kernel mode: directly when already there, else by a trap from the work.
+/// (A process, which runs kernel-linked code too, calls `f` itself: a port write then
+/// faults, and the process is killed, as before there was any work at CPL 3.)
 pub fn privileged<R>(f: impl FnOnce() -> R) -> R {
-    if !in_user_mode() {
+    if !in_user_mode() || !ACTIVE.load(Ordering::SeqCst) {
         return f();
     }
     let mut f = Some(f);
@@ -203,7 +217,7 @@ pub fn privileged<R>(f: impl FnOnce() -> R) -> R {
         let mut work: Work = &mut call;
         let ptr: *mut Work = &mut work;
         // SAFETY: the CALL trap runs `work` in kernel mode and returns here, every register
-        // but `rax` as it was (the trap frame restores them).
+        // as it was (the trap frame restores them).
         unsafe { core::arch::asm!("int3", inout("rax") CALL => _, in("rdi") ptr) };
     }
     result.expect("the kernel ran the call")
@@ -232,18 +246,30 @@ pub fn owns(frame: &TrapFrame) -> bool {
     frame.cs & 3 == 3 && ACTIVE.load(Ordering::SeqCst)
 }
 
-/// Handles an entry from the work: its end, a privileged call, an interrupt (none is
-/// expected, interrupts are off), or a fault, which is a kernel fault.
+/// Handles an entry from the work: its end, a privileged call, an interrupt, or a fault,
+/// which is a kernel fault. The work runs with IF clear; should a hypervisor deliver an
+/// interrupt at CPL 3 regardless (PVM's documentation allows it; none arrived in our runs),
+/// a timer tick is counted (see [`take_missed_ticks`]) and nothing else runs.
 pub fn trap(frame: &mut TrapFrame) {
+    // The entry must have started below the kernel's live frames (the TSS's moved entry
+    // stack): a hypervisor that ignored it would have written over them.
+    // SAFETY: reading a static the kernel set before entering the work.
+    if (frame as *const TrapFrame as u64) >= unsafe { SAVED_RSP } {
+        fatal(frame, "an entry from it did not start below the kernel's frames");
+    }
     match frame.vector {
         SYSCALL_VECTOR if frame.rax == DONE => {
             ACTIVE.store(false, Ordering::SeqCst);
+            // SAFETY: the bottom word of the work's stack, written by `run`.
+            if unsafe { (&raw const __work_stack_bottom as *const u64).read_volatile() } != STACK_CANARY {
+                fatal(frame, "its stack overflowed");
+            }
             // SAFETY: back to the kernel's address space and entry stack, as before `run`;
             // then the kernel resumes in `ring3_enter`'s caller with the registers it
             // saved; this trap's frame, below them, is abandoned.
             unsafe {
                 load_cr3(SAVED_CR3);
-                *gdt::entry_stack_slot() = gdt::kernel_stack_top();
+                gdt::set_entry_stack(gdt::kernel_stack_top());
                 ring3_leave(SAVED_RSP)
             }
         }
@@ -254,11 +280,15 @@ pub fn trap(frame: &mut TrapFrame) {
             unsafe { (*work)() };
         }
         v if (u64::from(IRQ_BASE)..u64::from(IRQ_BASE) + 16).contains(&v) => {
+            if v == u64::from(IRQ_BASE) {
+                MISSED_TICKS.fetch_add(1, Ordering::Relaxed);
+            }
             timer::end_of_interrupt((v - u64::from(IRQ_BASE)) as u8);
         }
         v => {
+            let cr2 = x86_64::registers::control::Cr2::read_raw();
             crate::console::emergency_print(format_args!(
-                "\nKERNEL FAULT in ring-3 kernel work: {} (vector {v}, error code {:#x})\n{}\n",
+                "\nKERNEL FAULT in ring-3 kernel work: {} (vector {v}, error code {:#x}, cr2 {cr2:#x})\n{}\n",
                 exception_name(v),
                 frame.error_code,
                 ShowRegs(frame)
@@ -266,4 +296,19 @@ pub fn trap(frame: &mut TrapFrame) {
             machine::exit(nvram::exit::ExitCode::Exception);
         }
     }
+}
+
+/// Stops the machine: the work broke a rule it cannot recover from.
+fn fatal(frame: &TrapFrame, what: &str) -> ! {
+    crate::console::emergency_print(format_args!(
+        "\nKERNEL FAULT in ring-3 kernel work: {what}\n{}\n",
+        ShowRegs(frame)
+    ));
+    machine::exit(nvram::exit::ExitCode::Exception);
+}
+
+/// Timer ticks that arrived while the work ran (and were acknowledged there), since the
+/// last call: the timer handler adds them to the kernel's tick count.
+pub fn take_missed_ticks() -> u64 {
+    MISSED_TICKS.swap(0, Ordering::Relaxed)
 }

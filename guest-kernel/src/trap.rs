@@ -26,7 +26,7 @@ pub fn dispatch(frame: &mut TrapFrame) {
         v if v == u64::from(IRQ_BASE) => {
             timer::end_of_interrupt(0);
             kernel::with(|k| {
-                k.ticks += 1;
+                k.ticks += 1 + ring3::take_missed_ticks();
                 if machine::power_off_due(k.ticks) {
                     println!("run time over");
                     machine::shutdown(k, frame);
