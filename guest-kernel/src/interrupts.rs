@@ -61,6 +61,8 @@ trap_stub_\n:
     push $\n
     jmp trap_common
     .endr
+    /* The breakpoint gate enters by ring3's fast path, which falls back to this stub. */
+    .global trap_stub_3
 
 trap_common:
     push %rax
@@ -134,7 +136,9 @@ pub fn init() {
             idt.divide_error.set_handler_addr(addr(0));
             idt.debug.set_handler_addr(addr(1));
             idt.non_maskable_interrupt.set_handler_addr(addr(2));
-            idt.breakpoint.set_handler_addr(addr(3)).set_privilege_level(x86_64::PrivilegeLevel::Ring3);
+            idt.breakpoint
+                .set_handler_addr(crate::ring3::int3_entry())
+                .set_privilege_level(x86_64::PrivilegeLevel::Ring3);
             idt.overflow.set_handler_addr(addr(4));
             idt.bound_range_exceeded.set_handler_addr(addr(5));
             idt.invalid_opcode.set_handler_addr(addr(6));

@@ -76,6 +76,10 @@ extern "C" {
 static mut SAVED_RSP: u64 = 0;
 /// The kernel's address space while the work runs.
 static mut SAVED_CR3: u64 = 0;
+/// The address of the TSS's ring-0 stack slot, and what it holds outside the work: for the
+/// fast path of DONE, which puts it back.
+static mut TSS_SLOT: u64 = 0;
+static mut KERNEL_ENTRY_STACK: u64 = 0;
 
 /// Timer ticks taken while the work ran.
 static MISSED_TICKS: AtomicU64 = AtomicU64::new(0);
@@ -90,6 +94,11 @@ static ACTIVE: AtomicBool = AtomicBool::new(false);
 /// Turns the work at CPL 3 on (`enabled`) or off (`bookkeeping=ring0`). The work space is
 /// built already: the loader wrote it.
 pub fn init(enabled: bool) {
+    // SAFETY: set once at boot, before any work runs; read by the fast path of DONE.
+    unsafe {
+        TSS_SLOT = gdt::entry_stack_slot() as u64;
+        KERNEL_ENTRY_STACK = gdt::kernel_stack_top();
+    }
     ENABLED.store(enabled, Ordering::Relaxed);
 }
 
@@ -144,6 +153,94 @@ type Work<'a> = &'a mut dyn FnMut();
 extern "C" {
     fn ring3_enter(work: *mut (), stack_top: u64, saved_rsp: *mut u64, entry_stack: *mut u64, cs: u64, ss: u64);
     fn ring3_leave(saved_rsp: u64) -> !;
+}
+
+// The fast path of the two traps the work makes, before the common trap stub: under PVM
+// each instruction of kernel mode costs about a microsecond, and the common path (every
+// register saved, the dispatcher, the match) is about a hundred of them. Anything else,
+// or a check that fails, goes the common way (`trap_stub_3`, then `trap` below, which
+// reports what went wrong).
+core::arch::global_asm!(
+    r#"
+    .section .text
+    .global ring3_int3
+ring3_int3:
+    cmpb $0, {active}(%rip)         /* no work runs: a system call (two steps spent) */
+    je trap_stub_3
+    testb $3, 8(%rsp)               /* the CS the CPU pushed: from the work, at CPL 3? */
+    jz 1f
+    cmp {saved_rsp}(%rip), %rsp     /* the entry landed below the kernel's frames */
+    jae 1f
+    cmp ${done}, %rax
+    je 2f
+    cmp ${call}, %rax
+    je 3f
+1:  jmp trap_stub_3
+
+2:  /* DONE: the stack canary holds; back to the kernel's space and entry stack; resume
+       the kernel in run(), in ring3_enter's caller. */
+    movabs ${canary}, %rcx
+    cmp %rcx, {stack_bottom}(%rip)
+    jne 1b
+    movb $0, {active}(%rip)
+    mov {saved_cr3}(%rip), %rax
+    mov %rax, %cr3
+    mov {tss_slot}(%rip), %rcx
+    mov {kernel_entry}(%rip), %rax
+    mov %rax, (%rcx)
+    mov {saved_rsp}(%rip), %rdi
+    jmp ring3_leave
+
+3:  /* CALL: run the closure at rdi in kernel mode, saving what a call may clobber (nine
+       registers: with the CPU's five, 16-byte aligned at the call), and return. */
+    push %rax
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    call {call_work}
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rax
+    iretq
+"#,
+    active = sym ACTIVE,
+    saved_rsp = sym SAVED_RSP,
+    saved_cr3 = sym SAVED_CR3,
+    tss_slot = sym TSS_SLOT,
+    kernel_entry = sym KERNEL_ENTRY_STACK,
+    stack_bottom = sym __work_stack_bottom,
+    call_work = sym ring3_call_work,
+    done = const DONE,
+    call = const CALL,
+    canary = const STACK_CANARY,
+    options(att_syntax)
+);
+
+extern "C" {
+    fn ring3_int3();
+}
+
+/// The entry of the breakpoint gate (the system-call trap): the fast path above.
+pub fn int3_entry() -> x86_64::VirtAddr {
+    x86_64::VirtAddr::new(ring3_int3 as *const () as u64)
+}
+
+/// Runs a privileged call's closure, for the fast path.
+extern "C" fn ring3_call_work(work: *mut Work) {
+    // SAFETY: `privileged` passed a pointer to its closure, which lives until the trap
+    // returns to it.
+    unsafe { (*work)() };
 }
 
 /// Where the work starts, at CPL 3 (`rdi` is left as `ring3_enter` had it).
