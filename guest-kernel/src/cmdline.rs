@@ -162,20 +162,12 @@ impl Cmdline {
                     true
                 }
                 ("plate", "on") => true,
-                ("plate_copy", "engine") => {
-                    out.plate_copy_engine = true;
+                ("plate_copy", copier @ ("engine" | "cpu")) => {
+                    out.plate_copy_engine = copier == "engine";
                     true
                 }
-                ("plate_copy", "cpu") => {
-                    out.plate_copy_engine = false;
-                    true
-                }
-                ("bookkeeping", "ring3") => {
-                    out.bookkeeping_ring3 = true;
-                    true
-                }
-                ("bookkeeping", "ring0") => {
-                    out.bookkeeping_ring3 = false;
+                ("bookkeeping", mode @ ("ring3" | "ring0")) => {
+                    out.bookkeeping_ring3 = mode == "ring3";
                     true
                 }
                 _ => false,

@@ -64,18 +64,11 @@ pub fn kernel_stack_top() -> u64 {
 }
 
 /// The TSS's ring-0 stack slot: where the CPU starts the kernel stack at an entry from user
-/// mode. `ring3` moves it below the live frames while kernel work runs at CPL 3. The TSS is
-/// packed: the slot may not be 8-byte aligned (write it with [`set_entry_stack`]).
+/// mode. `ring3` moves it below the live frames while kernel work runs at CPL 3 (from asm:
+/// the TSS is packed, so the slot may not be 8-byte aligned).
 pub fn entry_stack_slot() -> *mut u64 {
     // SAFETY: only the address is taken; `VirtAddr` is a transparent `u64`.
     unsafe { (&raw mut (*TSS.0.get()).privilege_stack_table[0]).cast::<u64>() }
-}
-
-/// Sets where entries from user mode start the kernel stack.
-pub fn set_entry_stack(top: u64) {
-    // SAFETY: the slot is inside the TSS static; the CPU reads it only at an entry from user
-    // mode, which cannot happen in the middle of this store (we are in kernel mode).
-    unsafe { entry_stack_slot().write_unaligned(top) };
 }
 
 /// The GDT's selectors (after [`init`]).

@@ -212,8 +212,8 @@ fn steps(k: &mut Kernel, t0: u64) -> Result<Metrics, WriteOutError> {
     // takes tens of microseconds for the paper's 450 spaces. In (emulated) kernel mode,
     // the copy engine hands over KVM's log of the pages the CPU wrote instead, for all
     // frames at once, if there is an engine.
-    let logged = !ring3::in_user_mode()
-        && crate::engine::dirty_log(layout::FRAMES_BASE / PAGE, plating.frames, layout::PLATE_DIRTY);
+    let at_cpl3 = ring3::in_user_mode();
+    let logged = !at_cpl3 && crate::engine::dirty_log(layout::FRAMES_BASE / PAGE, plating.frames, layout::PLATE_DIRTY);
     for plate in plating.live.plates().iter().filter(|_| !logged) {
         if plate.kind != PlateKind::UserSpace as u32 {
             continue;
@@ -226,7 +226,7 @@ fn steps(k: &mut Kernel, t0: u64) -> Result<Metrics, WriteOutError> {
     // The cleared dirty bits must reach the TLB. At CPL 3 there is nothing to do: the
     // switch back to the kernel's address space flushes the TLB (no page is global and
     // every CR3 load flushes: CR4.PGE is off, and no PCID is kept).
-    if !ring3::in_user_mode() {
+    if !at_cpl3 {
         paging::flush_tlb();
     }
     let t2 = timer::rdtsc();

@@ -13,8 +13,8 @@
 //! addresses as the kernel's identity map but open to user mode, and `iretq`s into
 //! [`ring3_main`] on a stack of its own, with interrupts off: nothing else runs meanwhile,
 //! as a write-out requires. The work returns with a trap (`int3`, [`DONE`] in `rax`);
-//! the trap handler ([`trap`]) puts the kernel's address space and entry stack back and
-//! resumes the kernel where it called [`run`]. What must stay privileged (the doorbells of
+//! the trap's fast path (`ring3_int3`) puts the kernel's address space and entry stack back
+//! and resumes the kernel where it called [`run`]. What must stay privileged (the doorbells of
 //! the copy engine and of the persist barrier, which are port writes) goes through
 //! [`privileged`]: a trap ([`CALL`]) that runs a closure in kernel mode and returns.
 //! While the work runs, an entry from user mode lands below the kernel's live frames
@@ -152,7 +152,6 @@ type Work<'a> = &'a mut dyn FnMut();
 
 extern "C" {
     fn ring3_enter(work: *mut (), stack_top: u64, saved_rsp: *mut u64, entry_stack: *mut u64, cs: u64, ss: u64);
-    fn ring3_leave(saved_rsp: u64) -> !;
 }
 
 // The fast path of the two traps the work makes, before the common trap stub: under PVM
@@ -255,45 +254,35 @@ extern "C" fn ring3_main(work: *mut Work) -> ! {
 /// Runs `f` at CPL 3 in the work space (in kernel mode if the work space is off), and
 /// returns its result. Called in kernel mode, interrupts off; returns with interrupts off.
 pub fn run<R>(f: impl FnOnce() -> R) -> R {
-    let mut f = Some(f);
-    let mut result = None;
-    {
-        let mut call = || {
-            if let Some(f) = f.take() {
-                result = Some(f());
-            }
-        };
-        // Already in the work, or in a privileged call from it (the work space and the
-        // saved state are in use): run here.
-        if !enabled() || ACTIVE.load(Ordering::SeqCst) || in_user_mode() {
-            call();
-        } else {
-            let mut work: Work = &mut call;
-            let sel = gdt::selectors();
-            ACTIVE.store(true, Ordering::SeqCst);
-            // SAFETY: the bottom word of the work's stack, ours alone (checked at DONE).
-            unsafe { (&raw const __work_stack_bottom as *mut u64).write_volatile(STACK_CANARY) };
-            // SAFETY: the work space maps all of RAM (the kernel's code, data, stacks and
-            // NVM) at the kernel's addresses, so everything `call` refers to stays
-            // reachable; the entry stack moves below this frame until `trap` puts it back;
-            // `ring3_enter` returns (through `ring3_leave`) when the work traps with DONE.
-            unsafe {
-                SAVED_CR3 = Cr3::read_raw().0.start_address().as_u64();
-                load_cr3(&raw const ring3_pml4 as u64);
-                // At the entry of `ring3_main`, as after a call: 8 below a 16-byte boundary.
-                let top = &raw const __work_stack_top as u64 - 8;
-                ring3_enter(
-                    (&raw mut work).cast(),
-                    top,
-                    &raw mut SAVED_RSP,
-                    gdt::entry_stack_slot(),
-                    u64::from(sel.user_code.0),
-                    u64::from(sel.user_data.0),
-                );
-            }
-        }
+    // Already in the work, or in a privileged call from it (the work space and the saved
+    // state are in use): run here.
+    if !enabled() || ACTIVE.load(Ordering::SeqCst) || in_user_mode() {
+        return f();
     }
-    result.expect("the work ran to its end")
+    as_work(f, |work| {
+        let sel = gdt::selectors();
+        ACTIVE.store(true, Ordering::SeqCst);
+        // SAFETY: the work space maps all of RAM (the kernel's code, data, stacks and NVM)
+        // at the kernel's addresses, so everything the work refers to stays reachable; the
+        // bottom word of the work's stack is ours alone (the canary, checked at DONE); the
+        // entry stack moves below this frame until DONE puts it back; `ring3_enter` returns
+        // (through `ring3_leave`) when the work traps with DONE.
+        unsafe {
+            (&raw const __work_stack_bottom as *mut u64).write_volatile(STACK_CANARY);
+            SAVED_CR3 = Cr3::read_raw().0.start_address().as_u64();
+            load_cr3(&raw const ring3_pml4 as u64);
+            // At the entry of `ring3_main`, as after a call: 8 below a 16-byte boundary.
+            let top = &raw const __work_stack_top as u64 - 8;
+            ring3_enter(
+                (work as *mut Work).cast(),
+                top,
+                &raw mut SAVED_RSP,
+                gdt::entry_stack_slot(),
+                u64::from(sel.user_code.0),
+                u64::from(sel.user_data.0),
+            );
+        }
+    })
 }
 
 /// Runs `f` in kernel mode: directly when already there, else by a trap from the work.
@@ -303,6 +292,17 @@ pub fn privileged<R>(f: impl FnOnce() -> R) -> R {
     if !in_user_mode() || !ACTIVE.load(Ordering::SeqCst) {
         return f();
     }
+    as_work(f, |work| {
+        let ptr: *mut Work = work;
+        // SAFETY: the CALL trap runs `work` in kernel mode and returns here, every register
+        // as it was (the trap stub restores them).
+        unsafe { core::arch::asm!("int3", inout("rax") CALL => _, in("rdi") ptr) };
+    })
+}
+
+/// Hands `f` to `enter` as a [`Work`] (what the traps and `ring3_main` call through a
+/// pointer), and returns `f`'s result once `enter` has had it run.
+fn as_work<R>(f: impl FnOnce() -> R, enter: impl FnOnce(&mut Work)) -> R {
     let mut f = Some(f);
     let mut result = None;
     {
@@ -312,12 +312,9 @@ pub fn privileged<R>(f: impl FnOnce() -> R) -> R {
             }
         };
         let mut work: Work = &mut call;
-        let ptr: *mut Work = &mut work;
-        // SAFETY: the CALL trap runs `work` in kernel mode and returns here, every register
-        // as it was (the trap frame restores them).
-        unsafe { core::arch::asm!("int3", inout("rax") CALL => _, in("rdi") ptr) };
+        enter(&mut work);
     }
-    result.expect("the kernel ran the call")
+    result.expect("the work ran to its end")
 }
 
 /// Whether the CPU runs at CPL 3 now (the work), from the code segment's RPL.
@@ -343,10 +340,11 @@ pub fn owns(frame: &TrapFrame) -> bool {
     frame.cs & 3 == 3 && ACTIVE.load(Ordering::SeqCst)
 }
 
-/// Handles an entry from the work: its end, a privileged call, an interrupt, or a fault,
-/// which is a kernel fault. The work runs with IF clear; should a hypervisor deliver an
-/// interrupt at CPL 3 regardless (PVM's documentation allows it; none arrived in our runs),
-/// a timer tick is counted (see [`take_missed_ticks`]) and nothing else runs.
+/// Handles an entry from the work that the fast path (`ring3_int3`) did not: an interrupt,
+/// a fault (a kernel fault), or an end or a call whose checks failed. The work runs with IF
+/// clear; should a hypervisor deliver an interrupt at CPL 3 regardless (PVM's documentation
+/// allows it; none arrived in our runs), a timer tick is counted (see
+/// [`take_missed_ticks`]) and nothing else runs.
 pub fn trap(frame: &mut TrapFrame) {
     // The entry must have started below the kernel's live frames (the TSS's moved entry
     // stack): a hypervisor that ignored it would have written over them.
@@ -355,27 +353,8 @@ pub fn trap(frame: &mut TrapFrame) {
         fatal(frame, "an entry from it did not start below the kernel's frames");
     }
     match frame.vector {
-        SYSCALL_VECTOR if frame.rax == DONE => {
-            ACTIVE.store(false, Ordering::SeqCst);
-            // SAFETY: the bottom word of the work's stack, written by `run`.
-            if unsafe { (&raw const __work_stack_bottom as *const u64).read_volatile() } != STACK_CANARY {
-                fatal(frame, "its stack overflowed");
-            }
-            // SAFETY: back to the kernel's address space and entry stack, as before `run`;
-            // then the kernel resumes in `ring3_enter`'s caller with the registers it
-            // saved; this trap's frame, below them, is abandoned.
-            unsafe {
-                load_cr3(SAVED_CR3);
-                gdt::set_entry_stack(gdt::kernel_stack_top());
-                ring3_leave(SAVED_RSP)
-            }
-        }
-        SYSCALL_VECTOR if frame.rax == CALL => {
-            let work = frame.rdi as *mut Work;
-            // SAFETY: `privileged` passed a pointer to its closure, which lives until this
-            // trap returns to it.
-            unsafe { (*work)() };
-        }
+        // The entry was checked above; the fast path declines an end only for the canary.
+        SYSCALL_VECTOR if frame.rax == DONE => fatal(frame, "its stack overflowed"),
         v if (u64::from(IRQ_BASE)..u64::from(IRQ_BASE) + 16).contains(&v) => {
             if v == u64::from(IRQ_BASE) {
                 MISSED_TICKS.fetch_add(1, Ordering::Relaxed);
@@ -395,7 +374,8 @@ pub fn trap(frame: &mut TrapFrame) {
     }
 }
 
-/// Stops the machine: the work broke a rule it cannot recover from.
+/// Stops the machine: the work broke a rule it cannot recover from. (`ACTIVE` stays set:
+/// nothing runs after this.)
 fn fatal(frame: &TrapFrame, what: &str) -> ! {
     crate::console::emergency_print(format_args!(
         "\nKERNEL FAULT in ring-3 kernel work: {what}\n{}\n",
