@@ -100,7 +100,8 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
     };
     config.console = ConsoleOutput::File(console.clone());
     config.reformat = true;
-    config.persistence = crate::boot::persistence(args.persistence, None);
+    // Each crash reseeds the evictions from `rng` (below).
+    config.persistence = crate::boot::persistence(args.persistence, Some(seed));
     if std::fs::metadata(&args.nvram).is_ok_and(|m| m.len() != args.mem) {
         std::fs::remove_file(&args.nvram).with_context(|| format!("cannot replace {}", args.nvram.display()))?;
     }

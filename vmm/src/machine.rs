@@ -169,10 +169,12 @@ impl Machine {
             PersistenceModel::Eadr => None,
             PersistenceModel::Adr => Some(memory::map_image(&image)?),
         };
-        let mut mappings = vec![mem.clone()];
-        mappings.extend(image_view.clone());
+        // Guest RAM is a private mapping under ADR (its stores reach the image only when the
+        // domain writes them back).
+        let mut mappings = vec![memory::Mapping { memory: mem.clone(), private: image_view.is_some() }];
+        mappings.extend(image_view.clone().map(|memory| memory::Mapping { memory, private: false }));
         // The data worker, if any, runs detached: it holds the mappings it needs.
-        let _ = memory::prefault(image.path(), mappings, config.prefault)
+        let _ = memory::prefault(&image, mappings, config.prefault)
             .map_err(|source| Error::Setup { what: "prefault guest RAM", source })?;
         let domain = Arc::new(Mutex::new(match image_view {
             None => PersistenceDomain::eadr(mem.clone(), persistence.sync),

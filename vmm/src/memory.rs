@@ -74,7 +74,8 @@ pub enum Prefault {
     /// writing, in a background thread: a restore after a crash finds its save areas and
     /// spaces mapped and writable (the first write to a clean page of a file costs a fault
     /// of its own, about 3 µs here). Holes stay holes: the image stays sparse; the host
-    /// writes the data pages back once more.
+    /// writes the data pages back once more. A private mapping (guest RAM under ADR) is
+    /// mapped for reading only: mapping it for writing would copy every data page.
     #[default]
     Data,
     /// Map every page for writing before the guest starts: no host fault ever, at the cost
@@ -82,36 +83,45 @@ pub enum Prefault {
     All,
 }
 
-/// Maps `mappings` (views of the image at `path`) as `how` says; [`Prefault::Data`] returns
-/// at once and works in a thread of its own, holding the mappings until it is done (the
-/// handle is for those who want to wait).
+/// A view of the image to prefault, and whether it is a private mapping (its pages are
+/// then mapped for reading only in [`Prefault::Data`]).
+pub struct Mapping {
+    pub memory: GuestMemory,
+    pub private: bool,
+}
+
+/// Maps `mappings` (views of `image`) as `how` says; [`Prefault::Data`] returns at once and
+/// works in a thread of its own, holding the mappings until it is done (the handle is for
+/// those who want to wait).
 pub fn prefault(
-    path: &std::path::Path,
-    mappings: Vec<GuestMemory>,
+    image: &NvmImage,
+    mappings: Vec<Mapping>,
     how: Prefault,
 ) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
     match how {
         Prefault::All => {
-            for region in mappings.iter().flat_map(|mem| mem.iter()) {
-                populate(region, 0, region.len()).map_err(|e| {
-                    std::io::Error::new(
-                        e.kind(),
-                        format!("{e} (MADV_POPULATE_WRITE needs Linux 5.14 or later; boot without --prefault)"),
-                    )
+            for region in mappings.iter().flat_map(|m| m.memory.iter()) {
+                populate(region, 0, region.len(), libc::MADV_POPULATE_WRITE).map_err(|e| {
+                    let hint = if e.raw_os_error() == Some(libc::EINVAL) {
+                        "MADV_POPULATE_WRITE needs Linux 5.14 or later"
+                    } else {
+                        "the image could not be allocated on its file system (full?)"
+                    };
+                    std::io::Error::new(e.kind(), format!("{e} ({hint}; boot without --prefault)"))
                 })?;
             }
             Ok(None)
         }
         Prefault::Data => {
-            // A file description of its own, as for the mappings: the lock must not outlive
-            // the machine in this thread.
-            let file = std::fs::File::open(path)?;
+            // A few lseeks, here; the thread gets the ranges and no file (and so no lock).
+            let extents = data_extents(image.file());
             let worker = std::thread::Builder::new().name("prefault".into()).spawn(move || {
                 let started = std::time::Instant::now();
                 let mut mapped = 0;
-                for (start, end) in data_extents(&file) {
-                    for region in mappings.iter().flat_map(|mem| mem.iter()) {
-                        if let Err(e) = populate(region, start, end - start) {
+                for (start, end) in extents {
+                    for m in &mappings {
+                        let advice = if m.private { libc::MADV_POPULATE_READ } else { libc::MADV_POPULATE_WRITE };
+                        if let Err(e) = m.memory.iter().try_for_each(|r| populate(r, start, end - start, advice)) {
                             tracing::debug!("image data not mapped ahead: {e}");
                             return;
                         }
@@ -125,7 +135,8 @@ pub fn prefault(
     }
 }
 
-/// The data extents of `file` (holes left out), as byte ranges.
+/// The data extents of `file` (holes left out), as byte ranges. Moves the file's offset
+/// (nothing reads or writes the image through it: it is mapped).
 fn data_extents(file: &std::fs::File) -> Vec<(u64, u64)> {
     use std::os::fd::AsRawFd;
     let fd = file.as_raw_fd();
@@ -148,8 +159,9 @@ fn data_extents(file: &std::fs::File) -> Vec<(u64, u64)> {
     extents
 }
 
-/// Maps `offset..offset + len` of `region` for writing (page-aligned, clipped to the region).
-fn populate(region: &GuestRegionMmap, offset: u64, len: u64) -> std::io::Result<()> {
+/// Maps `offset..offset + len` of `region` (page-aligned, clipped to the region), for
+/// writing or for reading as `advice` (`MADV_POPULATE_*`) says.
+fn populate(region: &GuestRegionMmap, offset: u64, len: u64, advice: libc::c_int) -> std::io::Result<()> {
     const PAGE: u64 = 4096;
     let start = offset & !(PAGE - 1);
     let end = (offset + len).next_multiple_of(PAGE).min(region.len());
@@ -158,9 +170,7 @@ fn populate(region: &GuestRegionMmap, offset: u64, len: u64) -> std::io::Result<
     }
     // SAFETY: `start..end` lies inside the region's mapping, which the caller keeps alive;
     // populating pages maps them and changes no byte of guest memory.
-    let rc = unsafe {
-        libc::madvise(region.as_ptr().add(start as usize).cast(), (end - start) as usize, libc::MADV_POPULATE_WRITE)
-    };
+    let rc = unsafe { libc::madvise(region.as_ptr().add(start as usize).cast(), (end - start) as usize, advice) };
     if rc == 0 {
         Ok(())
     } else {
@@ -193,15 +203,28 @@ mod tests {
         (image, path)
     }
 
-    /// Whether the page at `offset` of `region` is in this process's page tables (bit 63 of
-    /// its entry in /proc/self/pagemap).
-    fn mapped(region: &GuestRegionMmap, offset: u64) -> bool {
+    /// The entry of the page at `offset` of `region` in /proc/self/pagemap.
+    fn pagemap(region: &GuestRegionMmap, offset: u64) -> u64 {
         use std::os::unix::fs::FileExt;
         let page = (region.as_ptr() as u64 + offset) / 4096;
         let mut entry = [0u8; 8];
         let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
         pagemap.read_exact_at(&mut entry, page * 8).unwrap();
-        u64::from_le_bytes(entry) >> 63 == 1
+        u64::from_le_bytes(entry)
+    }
+
+    /// Whether the page is in this process's page tables (bit 63).
+    fn mapped(region: &GuestRegionMmap, offset: u64) -> bool {
+        pagemap(region, offset) >> 63 == 1
+    }
+
+    /// Whether the page is the file's own page, not a private copy of it (bit 61).
+    fn file_page(region: &GuestRegionMmap, offset: u64) -> bool {
+        pagemap(region, offset) >> 61 & 1 == 1
+    }
+
+    fn shared(memory: &GuestMemory) -> Vec<Mapping> {
+        vec![Mapping { memory: memory.clone(), private: false }]
     }
 
     fn allocated(path: &std::path::Path) -> u64 {
@@ -227,7 +250,7 @@ mod tests {
         let mem = map_image(&image).unwrap();
         let region = mem.iter().next().unwrap();
         assert!(!mapped(region, MIB), "a fresh mapping maps nothing yet");
-        let worker = prefault(&path, vec![mem.clone()], Prefault::Data).unwrap();
+        let worker = prefault(&image, shared(&mem), Prefault::Data).unwrap();
         worker.expect("a background worker").join().unwrap();
         assert!(mapped(region, MIB) && mapped(region, 5 * MIB + 4096), "the data pages are mapped");
         assert!(!mapped(region, 9 * MIB), "a hole is not");
@@ -239,10 +262,26 @@ mod tests {
         assert_eq!(allocated(&path), before, "the holes are still holes");
 
         assert!(!mapped(region, 12 * MIB));
-        assert!(prefault(&path, vec![mem.clone()], Prefault::All).unwrap().is_none(), "done before it returns");
+        assert!(prefault(&image, shared(&mem), Prefault::All).unwrap().is_none(), "done before it returns");
         assert!(mapped(region, 12 * MIB), "every page is mapped, holes too");
         assert_eq!(mem.read_obj::<u64>(GuestAddress(MIB)).unwrap(), 0xa5a5_a5a5_a5a5_a5a5);
         assert_eq!(mem.read_obj::<u64>(GuestAddress(9 * MIB)).unwrap(), 0);
+        drop((mem, image));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// Guest RAM under ADR is a private mapping: its data pages are mapped, but not copied
+    /// (a copy for writing would take as much anonymous memory as the image holds data).
+    #[test]
+    fn a_private_mapping_is_prefaulted_without_copying_its_pages() {
+        let (image, path) = sparse_image("private");
+        let mem = map_guest_ram(&image, PersistenceModel::Adr).unwrap();
+        let region = mem.iter().next().unwrap();
+        let mappings = vec![Mapping { memory: mem.clone(), private: true }];
+        prefault(&image, mappings, Prefault::Data).unwrap().expect("a background worker").join().unwrap();
+        assert!(mapped(region, MIB), "the data pages are mapped");
+        assert!(file_page(region, MIB), "and still the file's pages, not private copies");
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(MIB)).unwrap(), 0xa5a5_a5a5_a5a5_a5a5);
         drop((mem, image));
         std::fs::remove_file(path).unwrap();
     }
