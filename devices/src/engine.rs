@@ -344,6 +344,13 @@ mod tests {
         assert!(image[0x6000..0x7000].iter().all(|&b| b == 0xee), "the plain copy is not, yet");
         domain.lock().unwrap().power_fail();
         assert!(s.image()[0x6000..0x7000].iter().all(|&b| b == 0xee), "and a power failure loses it");
+        // A plain copy is in the caches, where a barrier (here: write back everything) finds
+        // it: the engine told the domain what it stored.
+        put_batch_with(&e, 0x8000, 0, 0x8040, &[Descriptor { src: 0x1000, dst: 0x6000, len: 4096 }]);
+        e.write(0, &0x8000u32.to_le_bytes());
+        assert_eq!(status(&e, 0x8000), (STATUS_DONE, 0));
+        domain.lock().unwrap().write_back_all();
+        assert!(s.image()[0x6000..0x7000].iter().all(|&b| b == 5), "after a barrier the plain copy is in the image");
     }
 
     #[test]
