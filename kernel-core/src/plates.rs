@@ -567,29 +567,12 @@ pub fn write_out<P: Persist>(
     for plate in live.plates_mut() {
         stats.plates += 1;
         stats.plated_pages += plate.pages;
-        let base = stale_index(plate);
-        // The common case first, in as few steps as possible (emulated kernel mode under
-        // PVM): a small plate unchanged since the last write-out, whose inactive area lacks
-        // nothing, has both areas equal to it; it keeps its valid area.
-        // The dirty bits read for that test serve the plan too.
-        let mut read = None;
-        if plate.pages <= 64 && plate.valid != 0 {
-            let n = plate.pages;
-            let d = dirty(plate, 0, n);
-            if d & low_mask(n) == 0 && bits_at(stale, base, n) == 0 {
-                continue;
-            }
-            read = Some(d);
-        }
         let snapshot = *plate;
-        stats.copied_pages += plan_copies(
+        let copied = plan_copies(
             &snapshot,
-            |first, n| match read {
-                Some(d) if first == 0 => d,
-                _ => dirty(&snapshot, first, n),
-            },
+            |first, n| dirty(&snapshot, first, n),
             stale,
-            base,
+            stale_index(plate),
             |r| {
                 if used == BATCH {
                     copy_durably(nvm, &batch);
@@ -600,8 +583,13 @@ pub fn write_out<P: Persist>(
                 stats.ranges += 1;
             },
         );
-        // The inactive area now holds the plate as of this write-out.
-        plate.valid = snapshot.inactive() as u32 + 1;
+        stats.copied_pages += copied;
+        // Nothing copied: no page changed and the inactive area lacked none, so both areas
+        // equal the plate; it keeps its valid area. Otherwise the inactive area now holds
+        // the plate as of this write-out.
+        if copied != 0 || plate.valid == 0 {
+            plate.valid = snapshot.inactive() as u32 + 1;
+        }
     }
     copy_durably(nvm, &batch[..used]);
     // The copies are durable before the table that declares them valid is written.
