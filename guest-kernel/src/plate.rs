@@ -388,22 +388,23 @@ fn plateify(k: &mut Kernel) -> Result<(), WriteOutError> {
     // Only the resources without a plate, found a bitmap word at a time (against a copy of
     // the plated bits: adding a plate sets them).
     let plated = plating.live.plated[PlateKind::KernelSpace as usize];
-    plates::for_each_unplated(res.kernel_spaces.used_words(), &plated, |id| {
-        let Some(space) = res.kernel_spaces.get(id) else { return Ok(()) };
+    for id in res.kernel_spaces.ids_except(&plated) {
+        let Some(space) = res.kernel_spaces.get(id) else { continue };
         let pages = res.regions.get(space.region).map_or(0, |r| r.pages);
-        add(plating, frames, PlateKind::KernelSpace, id, space.vaddr, pages)
-    })?;
+        add(plating, frames, PlateKind::KernelSpace, id, space.vaddr, pages)?;
+    }
     let plated = plating.live.plated[PlateKind::PageTables as usize];
-    plates::for_each_unplated(res.spaces.used_words(), &plated, |id| {
-        let Some(space) = res.spaces.get(id) else { return Ok(()) };
-        add(plating, frames, PlateKind::PageTables, id, space.root, TABLE_POOL_PAGES)
-    })?;
+    for id in res.spaces.ids_except(&plated) {
+        let Some(space) = res.spaces.get(id) else { continue };
+        add(plating, frames, PlateKind::PageTables, id, space.root, TABLE_POOL_PAGES)?;
+    }
     let plated = plating.live.plated[PlateKind::UserSpace as usize];
-    plates::for_each_unplated(res.user_spaces.used_words(), &plated, |id| {
-        let Some(user) = res.user_spaces.get(id) else { return Ok(()) };
+    for id in res.user_spaces.ids_except(&plated) {
+        let Some(user) = res.user_spaces.get(id) else { continue };
         let src = res.regions.get(user.region).and_then(|r| res.real.get(r.real)).map_or(0, |r| r.base);
-        add(plating, frames, PlateKind::UserSpace, id, src, user.pages)
-    })
+        add(plating, frames, PlateKind::UserSpace, id, src, user.pages)?;
+    }
+    Ok(())
 }
 
 /// Deletion with the plate function: the resource goes at once, its save areas wait in the

@@ -411,20 +411,6 @@ pub fn committed(slots: [&PlateTable; 2]) -> Option<usize> {
     order.into_iter().find(|&i| slots[i].check().is_ok())
 }
 
-/// Calls `f` with every id set in `used` (a resource table's bitmap) but not in `plated`
-/// (the plate table's bitmap of that kind), a word at a time: finding the spaces made since
-/// the last write-out costs a step per 64 ids and one per new space, not one per space.
-pub fn for_each_unplated<E>(used: &[u64], plated: &[u64], mut f: impl FnMut(u32) -> Result<(), E>) -> Result<(), E> {
-    for (w, &word) in used.iter().enumerate() {
-        let mut bits = word & !plated.get(w).copied().unwrap_or(0);
-        while bits != 0 {
-            f((w * 64) as u32 + bits.trailing_zeros())?;
-            bits &= bits - 1;
-        }
-    }
-    Ok(())
-}
-
 /// A run of bytes to copy between physical addresses. The copy engine's descriptor
 /// itself, so that a list of copies goes to the engine as it was built.
 pub type CopyRange = nvram::engine::Descriptor;

@@ -107,11 +107,17 @@ impl<T: Copy, const N: usize> Table<T, N> {
     }
 
     /// Indices of the entries in use, a bitmap word at a time (empty words cost one step:
-    /// this runs in the emulated kernel mode of PVM).
+    /// this may run in the emulated kernel mode of PVM).
     pub fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ids_except(&[])
+    }
+
+    /// Indices of the entries in use whose bit is clear in `skip` (a bitmap laid out as
+    /// the used one: bit `id` of word `id / 64`; missing words skip nothing).
+    pub fn ids_except<'a>(&'a self, skip: &'a [u64]) -> impl Iterator<Item = u32> + 'a {
         let words = N.div_ceil(64);
-        self.used[..words].iter().enumerate().flat_map(|(w, &word)| {
-            let mut bits = word;
+        self.used[..words].iter().enumerate().flat_map(move |(w, &word)| {
+            let mut bits = word & !skip.get(w).copied().unwrap_or(0);
             core::iter::from_fn(move || {
                 if bits == 0 {
                     return None;
@@ -121,11 +127,6 @@ impl<T: Copy, const N: usize> Table<T, N> {
                 Some((w * 64) as u32 + bit)
             })
         })
-    }
-
-    /// The bitmap of the entries in use (bit `id` of word `id / 64`).
-    pub fn used_words(&self) -> &[u64] {
-        &self.used[..N.div_ceil(64)]
     }
 
     pub fn live(&self) -> u32 {
@@ -168,6 +169,20 @@ mod tests {
         assert_eq!(t.live(), 2);
         assert_eq!(t.get(5000), None);
         assert_eq!(t.remove(99), None);
+    }
+
+    #[test]
+    fn ids_except_leaves_out_the_skipped_ones() {
+        let mut t = table::<200>();
+        for v in 0..200 {
+            t.insert(v).unwrap();
+        }
+        for id in (0..200).filter(|&id| ![0, 1, 3, 191].contains(&id)) {
+            t.remove(id);
+        }
+        let skip = [0b0010u64, u64::MAX];
+        assert_eq!(t.ids_except(&skip).collect::<std::vec::Vec<_>>(), [0, 3, 191]);
+        assert_eq!(t.ids().collect::<std::vec::Vec<_>>(), [0, 1, 3, 191]);
     }
 
     #[test]

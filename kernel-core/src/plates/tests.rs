@@ -543,30 +543,6 @@ proptest! {
 }
 
 #[test]
-fn unplated_ids_are_the_used_ones_without_a_plate() {
-    let used = [0b1011u64, 0, 1 << 63];
-    let plated = [0b0010u64, u64::MAX];
-    let mut found = Vec::new();
-    for_each_unplated(&used, &plated, |id| {
-        found.push(id);
-        Ok::<(), ()>(())
-    })
-    .unwrap();
-    assert_eq!(found, [0, 3, 191]);
-    // The first error stops the walk.
-    let mut calls = 0;
-    let stopped = for_each_unplated(&used, &[0], |id| {
-        calls += 1;
-        if id == 1 {
-            Err(id)
-        } else {
-            Ok(())
-        }
-    });
-    assert_eq!((stopped, calls), (Err(1), 2));
-}
-
-#[test]
 fn the_checksum_is_the_same_however_the_words_are_split() {
     let words: Vec<u64> = (0..37u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i << 7)).collect();
     let whole = checksum64(words.iter().copied());
