@@ -57,23 +57,6 @@ fn guest_stores_survive_the_vmm_in_the_image_file() {
     }
 }
 
-/// By default the image stays sparse; `--prefault` maps (and so allocates) all of it before
-/// the guest starts, and the guest boots the same.
-#[test]
-fn prefault_maps_the_whole_image_ahead_and_the_default_keeps_it_sparse() {
-    use std::os::unix::fs::MetadataExt;
-    let allocated = |scratch: &Scratch| std::fs::metadata(scratch.image()).unwrap().blocks() * 512;
-    let scratch = Scratch::new();
-    let out = run(vmm(&[]).args(boot_args(&scratch, "poweroff")), BOOT_LIMIT);
-    assert_eq!(out.code(), Some(0), "{out:?}");
-    assert!(allocated(&scratch) < 16 << 20, "a 32 MiB image, mostly holes");
-    let out = run(vmm(&[]).args(boot_args(&scratch, "poweroff")).arg("--prefault"), BOOT_LIMIT);
-    assert_eq!(out.code(), Some(0), "{out:?}");
-    assert!(scratch.read_console().contains("boot 2 of this image"));
-    assert_eq!(read_header(&scratch).boot_count, 2);
-    assert!(allocated(&scratch) >= 32 << 20, "every page was written once");
-}
-
 #[test]
 fn an_existing_image_keeps_its_size() {
     let scratch = Scratch::new();

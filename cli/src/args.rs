@@ -192,6 +192,12 @@ pub struct BootArgs {
     /// it, only the pages that hold data are mapped ahead, in the background.
     #[arg(long)]
     pub prefault: bool,
+    /// Do not reserve the image's blocks on its file system: the image takes only the
+    /// space of its data, and a file system that fills up stops the machine at the guest's
+    /// next store to a hole. By default the whole image is reserved before the guest
+    /// starts (unwritten blocks: quick to make), so that a lack of space is an error then.
+    #[arg(long, conflicts_with = "prefault")]
+    pub sparse: bool,
     #[command(flatten)]
     pub persistence: PersistenceArgs,
     /// Seed of the choice of lines `--crash-evict` writes (default: from the clock).

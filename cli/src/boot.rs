@@ -49,6 +49,9 @@ impl From<BootArgs> for VmConfig {
         if args.prefault {
             config.prefault = Prefault::All;
         }
+        if args.sparse {
+            config.allocation = vmm::image::Allocation::Sparse;
+        }
         config
     }
 }

@@ -52,6 +52,8 @@ pub struct VmConfig {
     pub persistence: Persistence,
     /// How much of the image to map ahead of the guest.
     pub prefault: Prefault,
+    /// Whether the image's blocks are reserved on its file system before boot.
+    pub allocation: crate::image::Allocation,
 }
 
 impl VmConfig {
@@ -68,6 +70,7 @@ impl VmConfig {
             engine_pause_ms: None,
             persistence: Persistence::default(),
             prefault: Prefault::default(),
+            allocation: crate::image::Allocation::default(),
         }
     }
 }

@@ -1,6 +1,9 @@
-//! The NVM image file: created sparse, sized, locked, and checked before it becomes RAM.
+//! The NVM image file: created, sized, locked, its blocks reserved, and checked before it
+//! becomes RAM.
 
-use std::fs::{File, OpenOptions, TryLockError};
+mod lock;
+
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -23,8 +26,16 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
-    #[error("{path} is in use by another VMM (it holds the image's lock); stop that VMM first")]
-    Locked { path: PathBuf },
+    #[error("{path} is in use by another VMM or program{} (it holds a lock on the image); stop it first", holder.as_ref().map(|h| format!(", {h},")).unwrap_or_default())]
+    Locked { path: PathBuf, holder: Option<String> },
+    #[error("the file system of {path} has no room for the image's {} MiB: the guest would be killed at its first store to a page that cannot be allocated; free space, or give a smaller or sparse image", size >> 20)]
+    NoSpace { path: PathBuf, size: u64 },
+    #[error("cannot reserve the blocks of {path}")]
+    Reserve {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot lock {path}: {source}")]
     Lock {
         path: PathBuf,
@@ -45,6 +56,20 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
+}
+
+/// Whether the image's blocks are allocated on its file system before the guest starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Allocation {
+    /// `fallocate` the whole image: a file system too full to hold it is an error now,
+    /// not a SIGBUS at the guest's first store to a hole. The reserved blocks are
+    /// unwritten extents: cheap to make (no data written, still zeros to readers), and
+    /// still holes to `SEEK_DATA`, so mapping ahead only the data keeps working.
+    #[default]
+    Reserve,
+    /// Leave holes unallocated (the file takes only the space of its data): a full file
+    /// system then stops the machine at the first store that needs a new block.
+    Sparse,
 }
 
 /// An open, locked image. The lock lasts as long as the value.
@@ -71,10 +96,17 @@ pub fn check_size(what: &'static str, size: u64) -> Result<(), ImageError> {
 }
 
 impl NvmImage {
-    /// Opens `path`, or creates it as a sparse file of `requested` bytes (default
-    /// [`nvram::layout::DEFAULT_RAM`]), and locks it. With `reformat`, the image's
-    /// contents are discarded (the file is emptied and re-extended: sparse zeros again).
-    pub fn open(path: &Path, requested: Option<u64>, reformat: bool) -> Result<Self, ImageError> {
+    /// Opens `path`, or creates it as a file of `requested` bytes (default
+    /// [`nvram::layout::DEFAULT_RAM`]), locks it and reserves its blocks as `allocation`
+    /// says. With `reformat`, the image's contents are discarded (the file is emptied and
+    /// re-extended: zeros again). A file this call created is removed again when a later
+    /// step fails, so a refused boot leaves nothing behind.
+    pub fn open(
+        path: &Path,
+        requested: Option<u64>,
+        reformat: bool,
+        allocation: Allocation,
+    ) -> Result<Self, ImageError> {
         if let Some(size) = requested {
             check_size("--mem", size)?;
         }
@@ -94,11 +126,24 @@ impl NvmImage {
             }
             Err(source) => return Err(ImageError::Open { path: path.into(), source }),
         };
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => return Err(ImageError::Locked { path: path.into() }),
-            Err(TryLockError::Error(source)) => return Err(ImageError::Lock { path: path.into(), source }),
+        let result = Self::prepare(file, path, requested, reformat, allocation, created);
+        if result.is_err() && created {
+            // Ours, and nothing was stored in it yet.
+            let _ = std::fs::remove_file(path);
         }
+        result
+    }
+
+    /// Locks, sizes and reserves a freshly opened image file.
+    fn prepare(
+        file: File,
+        path: &Path,
+        requested: Option<u64>,
+        reformat: bool,
+        allocation: Allocation,
+        created: bool,
+    ) -> Result<Self, ImageError> {
+        lock::lock_exclusive(&file, path)?;
         let resize = |file: &File, len: u64| {
             file.set_len(len).map_err(|source| ImageError::Resize { path: path.into(), source })
         };
@@ -107,6 +152,9 @@ impl NvmImage {
             // A new (or empty) file: nothing to lose, give it its size. `set_len` leaves a
             // sparse file: the zeros cost neither disk nor guest time.
             let size = requested.unwrap_or(nvram::layout::DEFAULT_RAM);
+            if !created {
+                tracing::warn!("{} was an empty file: it becomes a new image of {} MiB", path.display(), size >> 20);
+            }
             resize(&file, size)?;
             size
         } else {
@@ -120,6 +168,9 @@ impl NvmImage {
             }
             actual
         };
+        if allocation == Allocation::Reserve {
+            reserve(&file, path, size)?;
+        }
         Ok(Self { file, path: path.into(), size, created: created || actual == 0 })
     }
 
@@ -142,6 +193,25 @@ impl NvmImage {
     }
 }
 
+/// Allocates every block of the image's `size` bytes; data already there stays as it is.
+fn reserve(file: &File, path: &Path, size: u64) -> Result<(), ImageError> {
+    use rustix::fs::{fallocate, FallocateFlags};
+    match fallocate(file, FallocateFlags::empty(), 0, size) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::NOSPC) | Err(rustix::io::Errno::DQUOT) => {
+            Err(ImageError::NoSpace { path: path.into(), size })
+        }
+        Err(rustix::io::Errno::OPNOTSUPP) => {
+            tracing::warn!(
+                "{}: this file system cannot reserve the image's blocks; if it fills up, the machine stops at the guest's next store",
+                path.display()
+            );
+            Ok(())
+        }
+        Err(e) => Err(ImageError::Reserve { path: path.into(), source: e.into() }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,16 +225,16 @@ mod tests {
     #[test]
     fn creates_sparse_and_reopens_with_its_size() {
         let path = temp_path("create");
-        let image = NvmImage::open(&path, Some(32 << 20), false).unwrap();
+        let image = NvmImage::open(&path, Some(32 << 20), false, Allocation::Sparse).unwrap();
         assert!(image.created());
         assert_eq!(image.size(), 32 << 20);
         drop(image);
-        let image = NvmImage::open(&path, None, false).unwrap();
+        let image = NvmImage::open(&path, None, false, Allocation::Sparse).unwrap();
         assert!(!image.created());
         assert_eq!(image.size(), 32 << 20);
         drop(image);
         assert!(matches!(
-            NvmImage::open(&path, Some(64 << 20), false),
+            NvmImage::open(&path, Some(64 << 20), false, Allocation::Sparse),
             Err(ImageError::SizeMismatch { actual, requested, .. }) if actual == 32 << 20 && requested == 64 << 20
         ));
         std::fs::remove_file(path).unwrap();
@@ -173,10 +243,10 @@ mod tests {
     #[test]
     fn a_second_open_is_refused_while_locked() {
         let path = temp_path("lock");
-        let first = NvmImage::open(&path, Some(32 << 20), false).unwrap();
-        assert!(matches!(NvmImage::open(&path, None, false), Err(ImageError::Locked { .. })));
+        let first = NvmImage::open(&path, Some(32 << 20), false, Allocation::Sparse).unwrap();
+        assert!(matches!(NvmImage::open(&path, None, false, Allocation::Sparse), Err(ImageError::Locked { .. })));
         drop(first);
-        NvmImage::open(&path, None, false).unwrap();
+        NvmImage::open(&path, None, false, Allocation::Sparse).unwrap();
         std::fs::remove_file(path).unwrap();
     }
 
@@ -192,12 +262,12 @@ mod tests {
     fn reformat_discards_the_contents() {
         use std::io::{Read, Seek, SeekFrom, Write};
         let path = temp_path("reformat");
-        let image = NvmImage::open(&path, Some(32 << 20), false).unwrap();
+        let image = NvmImage::open(&path, Some(32 << 20), false, Allocation::Sparse).unwrap();
         let mut file = image.file();
         file.seek(SeekFrom::Start(8 << 20)).unwrap();
         file.write_all(b"persistent").unwrap();
         drop(image);
-        let image = NvmImage::open(&path, None, true).unwrap();
+        let image = NvmImage::open(&path, None, true, Allocation::Sparse).unwrap();
         assert_eq!(image.size(), 32 << 20);
         let mut buf = [0u8; 10];
         let mut file = image.file();

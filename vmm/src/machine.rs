@@ -132,7 +132,7 @@ impl Machine {
         };
         let console = open_console(&config.console)?;
 
-        let image = NvmImage::open(&config.image, config.mem_size, config.reformat)?;
+        let image = NvmImage::open(&config.image, config.mem_size, config.reformat, config.allocation)?;
         let persistence = config.persistence;
         let mem = memory::map_guest_ram(&image, persistence.model)?;
         let vm_fd = vm::create_vm(&kvm, &mem)?;

@@ -193,7 +193,7 @@ mod tests {
     fn sparse_image(name: &str) -> (NvmImage, std::path::PathBuf) {
         let path = std::env::temp_dir().join(format!("nvm-memory-test-{}-{name}", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        let image = NvmImage::open(&path, Some(32 * MIB), false).unwrap();
+        let image = NvmImage::open(&path, Some(32 * MIB), false, crate::image::Allocation::Sparse).unwrap();
         let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         file.seek(SeekFrom::Start(MIB)).unwrap();
         file.write_all(&[0xa5; 4096]).unwrap();
