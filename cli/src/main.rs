@@ -12,11 +12,14 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // Output piped into `head` and the like: end quietly when the reader goes, as a shell
-    // tool does, rather than fail on the next write.
-    // SAFETY: restoring the default disposition of SIGPIPE, before any thread exists.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = args::Cli::parse();
+    // Output piped into `head` and the like: a report ends quietly when its reader goes, as
+    // a shell tool does. Not a running machine: SIGPIPE would be a power failure, so `boot`
+    // keeps it ignored and goes on without its console (see devices::serial::ConsoleOut).
+    if !matches!(cli.command, args::Command::Boot(_)) {
+        // SAFETY: restoring the default disposition of SIGPIPE, before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let persistence = match &cli.command {
         args::Command::Boot(boot) => Some(boot.persistence),
         args::Command::Torture(torture) => Some(torture.persistence),

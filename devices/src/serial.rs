@@ -27,13 +27,52 @@ impl Trigger for EventFdTrigger {
 
 /// The guest's console.
 pub struct SerialConsole {
-    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, ConsoleOut>,
 }
 
 impl SerialConsole {
     /// A UART whose transmitted bytes go to `out`.
     pub fn new(interrupt: EventFd, out: Box<dyn Write + Send>) -> Self {
-        Self { uart: Serial::new(EventFdTrigger::new(interrupt), out) }
+        Self { uart: Serial::new(EventFdTrigger::new(interrupt), ConsoleOut::new(out)) }
+    }
+}
+
+/// Where the console's bytes go, until it fails: a reader that went away (`vmm boot |
+/// head -1`), a full disk under `--console FILE`. The machine goes on without its console,
+/// as a computer whose terminal was unplugged does; the loss is said once in the log.
+pub struct ConsoleOut {
+    out: Option<Box<dyn Write + Send>>,
+}
+
+impl ConsoleOut {
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
+        Self { out: Some(out) }
+    }
+
+    fn lost(&mut self, e: &std::io::Error) {
+        tracing::warn!(
+            "the guest's console output is lost ({e}); the machine goes on, its console is dropped from now on"
+        );
+        self.out = None;
+    }
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(out) = &mut self.out {
+            // Whole writes, so that a short write is not taken for a loss.
+            if let Err(e) = out.write_all(buf) {
+                self.lost(&e);
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if let Some(Err(e)) = self.out.as_mut().map(|out| out.flush()) {
+            self.lost(&e);
+        }
+        Ok(())
     }
 }
 
@@ -47,8 +86,54 @@ impl PioDevice for SerialConsole {
 
     fn write(&mut self, offset: u16, data: &[u8]) {
         if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
-            // A failing console (a closed pipe) must not stop the machine; the bytes are lost.
-            let _ = self.uart.write(offset, *byte);
+            // The output cannot fail (a lost console drops its bytes); an error here could
+            // only come from raising the interrupt, which the guest then does not get.
+            if let Err(e) = self.uart.write(offset, *byte) {
+                tracing::debug!("serial write: {e:?}");
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::ConsoleOut;
+
+    /// Takes `room` bytes, then fails as a closed pipe does; counts the writes tried.
+    struct Closing {
+        room: usize,
+        kept: Arc<Mutex<Vec<u8>>>,
+        tries: Arc<Mutex<usize>>,
+    }
+
+    impl Write for Closing {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            *self.tries.lock().unwrap() += 1;
+            let mut kept = self.kept.lock().unwrap();
+            if kept.len() + buf.len() > self.room {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            kept.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_console_whose_reader_left_drops_its_bytes_and_stops_trying() {
+        let (kept, tries) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(0)));
+        let mut out = ConsoleOut::new(Box::new(Closing { room: 4, kept: kept.clone(), tries: tries.clone() }));
+        for byte in b"hello, world" {
+            assert_eq!(out.write(&[*byte]).unwrap(), 1, "the guest never sees the loss");
+        }
+        out.flush().unwrap();
+        assert_eq!(kept.lock().unwrap().as_slice(), b"hell");
+        assert_eq!(*tries.lock().unwrap(), 5, "four bytes, one failure, then no more tries");
     }
 }
