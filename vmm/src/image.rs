@@ -1,7 +1,10 @@
 //! The NVM image file: created, sized, locked, its blocks reserved, and checked before it
 //! becomes RAM.
 
+mod fate;
 mod lock;
+
+pub use fate::ImageFate;
 
 use std::fs::{File, OpenOptions};
 use std::io;

@@ -22,6 +22,7 @@ pub mod kernel;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod sigbus;
 pub mod vcpu;
 pub mod vm;
 
