@@ -144,7 +144,7 @@ pub fn inspect(bytes: &[u8]) -> Report {
         format_version: header.format_version,
         build_id: format!("{:016x}", header.build_id),
         boot_count: header.boot_count,
-        shutdown_flag: match ShutdownFlag::from_raw(header.shutdown_flag) {
+        shutdown_flag: match ShutdownFlag::try_from(header.shutdown_flag).ok() {
             Some(ShutdownFlag::Normal) => "normal",
             Some(ShutdownFlag::Abnormal) => "abnormal",
             None => "invalid",
