@@ -41,7 +41,8 @@ pub const MAGIC: [u8; 8] = *b"TNDRNVM\0";
 pub const FORMAT_VERSION: u32 = 3;
 
 /// How the previous run of the kernel on this image ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, TryFromPrimitive, IntoPrimitive)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, TryFromPrimitive, IntoPrimitive, strum::IntoStaticStr)]
+#[strum(serialize_all = "lowercase")]
 #[repr(u32)]
 pub enum ShutdownFlag {
     /// Set during boot: if it is still there at the next boot, the machine stopped abruptly.

@@ -13,6 +13,11 @@ pub mod control;
 pub mod engine;
 pub mod exit;
 pub mod header;
+#[cfg(feature = "std")]
+pub mod inspect;
 pub mod layout;
 pub mod persist;
+pub mod plate;
 pub mod ports;
+pub mod resources;
+pub mod table;
