@@ -19,5 +19,6 @@ pub mod layout;
 pub mod persist;
 pub mod plate;
 pub mod ports;
+pub mod pvh;
 pub mod resources;
 pub mod table;
