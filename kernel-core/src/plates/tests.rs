@@ -10,6 +10,8 @@ use std::vec;
 use std::vec::Vec;
 
 use proptest::prelude::*;
+use rand::rngs::SmallRng;
+use rand::{Rng, RngExt, SeedableRng};
 
 use super::*;
 
@@ -291,13 +293,8 @@ fn bit_windows_read_and_write_across_words() {
 /// The word-wise planner agrees with a page-by-page model on random plates.
 #[test]
 fn plan_copies_agrees_with_a_page_by_page_model() {
-    let mut state = 0x1234_5678u64;
-    let mut rnd = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut rng = SmallRng::seed_from_u64(0x1234_5678);
+    let mut rnd = || rng.next_u64();
     for _ in 0..500 {
         let pages = 1 + rnd() % 300;
         let base = rnd() % 200;
@@ -436,8 +433,8 @@ proptest! {
             w.write_out(&set);
         }
         let volatile = w.nvm.volatile_lines();
-        let mut state = keep_seed | 1;
-        let kept: Vec<u64> = volatile.into_iter().filter(|_| { state ^= state << 13; state ^= state >> 7; state ^= state << 17; state & 1 == 1 }).collect();
+        let mut rng = SmallRng::seed_from_u64(keep_seed);
+        let kept: Vec<u64> = volatile.into_iter().filter(|_| rng.random::<bool>()).collect();
         check_recovery(w.nvm.crash_image(&kept), &w.history, at_least);
     }
 
