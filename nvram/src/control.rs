@@ -276,46 +276,33 @@ impl Name {
 }
 
 /// Why a message is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// Fewer bytes than a header, or than the header's length says.
-    Truncated {
-        have: usize,
-        need: usize,
-    },
+    #[error("message truncated: {have} bytes of {need}")]
+    Truncated { have: usize, need: usize },
     /// The header's length is not the kind's size.
-    Length {
-        kind: u32,
-        len: u32,
-    },
+    #[error("message of kind {kind} claims {len} bytes, which is not its size")]
+    Length { kind: u32, len: u32 },
+    #[error("unknown message kind {0}")]
     UnknownKind(u32),
+    #[error("boot kind {0} is not cold (0), resumed (1) or restored (2)")]
     BadBootKind(u32),
+    #[error("verification result {0} is not unknown (0), passed (1) or failed (2)")]
     BadVerified(u32),
+    #[error("operation {0} is not a write-out (0) or a restore (1)")]
     BadOperation(u32),
+    #[error("copier {0} is not the CPU (0) or the engine (1)")]
     BadCopier(u32),
     /// The phases add up to more than the total.
+    #[error("the phases take longer than the whole operation")]
     BadTimes,
     /// The name is empty, not printable ASCII, or not NUL-padded.
+    #[error("workload name is not 1 to 16 printable ASCII bytes, NUL-padded")]
     BadName,
     /// A reserved field is not zero.
+    #[error("a reserved field is not zero")]
     Reserved,
-}
-
-impl core::fmt::Display for DecodeError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            Self::Truncated { have, need } => write!(f, "message truncated: {have} bytes of {need}"),
-            Self::Length { kind, len } => write!(f, "message of kind {kind} claims {len} bytes, which is not its size"),
-            Self::UnknownKind(kind) => write!(f, "unknown message kind {kind}"),
-            Self::BadBootKind(v) => write!(f, "boot kind {v} is not cold (0), resumed (1) or restored (2)"),
-            Self::BadVerified(v) => write!(f, "verification result {v} is not unknown (0), passed (1) or failed (2)"),
-            Self::BadOperation(v) => write!(f, "operation {v} is not a write-out (0) or a restore (1)"),
-            Self::BadCopier(v) => write!(f, "copier {v} is not the CPU (0) or the engine (1)"),
-            Self::BadTimes => write!(f, "the phases take longer than the whole operation"),
-            Self::BadName => write!(f, "workload name is not 1 to 16 printable ASCII bytes, NUL-padded"),
-            Self::Reserved => write!(f, "a reserved field is not zero"),
-        }
-    }
 }
 
 /// Reads the header of a message: its kind and total length.

@@ -78,37 +78,26 @@ const CHECKED_LEN: usize = 88;
 const _: () = assert!(core::mem::size_of::<RootHeader>() == HEADER_SIZE);
 
 /// Why a root header cannot be trusted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HeaderError {
     /// All bytes are zero: a new image that was never formatted.
+    #[error("the image is blank (never formatted)")]
     Blank,
     /// The magic is wrong: not an image of ours, or overwritten.
+    #[error("the root header has no valid magic: not an image of this machine")]
     BadMagic,
     /// Formatted by a kernel with another image format.
+    #[error("the image has format version {found}, this kernel reads version {FORMAT_VERSION}")]
     Version { found: u32 },
     /// The header size field disagrees with this format's header.
+    #[error("the root header claims {found} bytes, expected {HEADER_SIZE}")]
     Size { found: u32 },
     /// The checksum does not match: a torn or corrupted header.
+    #[error("the root header checksum is {stored:#010x}, its bytes give {computed:#010x}")]
     Checksum { stored: u32, computed: u32 },
     /// The shutdown flag holds a value no kernel writes.
+    #[error("the shutdown flag holds {found}, which no kernel writes")]
     Flag { found: u32 },
-}
-
-impl core::fmt::Display for HeaderError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            Self::Blank => write!(f, "the image is blank (never formatted)"),
-            Self::BadMagic => write!(f, "the root header has no valid magic: not an image of this machine"),
-            Self::Version { found } => {
-                write!(f, "the image has format version {found}, this kernel reads version {FORMAT_VERSION}")
-            }
-            Self::Size { found } => write!(f, "the root header claims {found} bytes, expected {HEADER_SIZE}"),
-            Self::Checksum { stored, computed } => {
-                write!(f, "the root header checksum is {stored:#010x}, its bytes give {computed:#010x}")
-            }
-            Self::Flag { found } => write!(f, "the shutdown flag holds {found}, which no kernel writes"),
-        }
-    }
 }
 
 impl RootHeader {

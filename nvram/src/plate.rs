@@ -143,8 +143,10 @@ pub const TABLE_SIZE: usize = core::mem::size_of::<PlateTable>();
 const _: () =
     assert!(TABLE_SIZE == 8 * (HEADER_WORDS + PLATED_WORDS + PENDING_WORDS * MAX_PENDING + PLATE_WORDS * MAX_PLATES));
 // The offsets of the module docs: the image format.
-const _: () = assert!(TABLE_SIZE == 61_992 && core::mem::size_of::<Plate>() == 48 && core::mem::size_of::<Pending>() == 24);
-const _: () = assert!(core::mem::offset_of!(PlateTable, checksum) == 32 && core::mem::offset_of!(PlateTable, plated) == 40);
+const _: () =
+    assert!(TABLE_SIZE == 61_992 && core::mem::size_of::<Plate>() == 48 && core::mem::size_of::<Pending>() == 24);
+const _: () =
+    assert!(core::mem::offset_of!(PlateTable, checksum) == 32 && core::mem::offset_of!(PlateTable, plated) == 40);
 const _: () =
     assert!(core::mem::offset_of!(PlateTable, pending) == 552 && core::mem::offset_of!(PlateTable, plates) == 12_840);
 const _: () = assert!(core::mem::offset_of!(Plate, valid) == 40);
