@@ -173,8 +173,7 @@ mod tests {
         let size = core::mem::size_of::<Resources>() as u64;
         assert!(size <= crate::layout::RESOURCES_MAX, "{size} bytes");
         assert!(size <= crate::layout::RESOURCES_SAVE_MAX, "{size} bytes");
-        // SAFETY: every bit pattern is a valid `Resources` (integers only).
-        let mut block: std::boxed::Box<Resources> = unsafe { std::boxed::Box::new_zeroed().assume_init() };
+        let mut block = <Resources as zerocopy::FromZeros>::new_box_zeroed().expect("the block fits in memory");
         assert_eq!(block.check(), Err(CorruptTable(Kind::RealMemory)));
         block.format();
         assert_eq!(block.check(), Ok(()));

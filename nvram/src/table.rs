@@ -153,8 +153,7 @@ mod tests {
     use std::boxed::Box;
 
     fn table<const N: usize>() -> Box<Table<u64, N>> {
-        // SAFETY: every bit pattern is a valid `Table<u64, N>` (integers only).
-        let mut t: Box<Table<u64, N>> = unsafe { Box::new_zeroed().assume_init() };
+        let mut t = <Table<u64, N> as zerocopy::FromZeros>::new_box_zeroed().expect("the table fits in memory");
         t.format(7);
         t
     }

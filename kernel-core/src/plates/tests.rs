@@ -12,6 +12,7 @@ use std::vec::Vec;
 use proptest::prelude::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, RngExt, SeedableRng};
+use zerocopy::{FromZeros, IntoBytes};
 
 use super::*;
 
@@ -98,9 +99,7 @@ impl SimNvm {
 
     fn table(&self, addr: u64) -> Box<PlateTable> {
         let mut t = new_table();
-        let bytes = &self.mem[addr as usize..addr as usize + TABLE_SIZE];
-        // SAFETY: a PlateTable is plain integers; any bytes are a valid value.
-        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), &mut *t as *mut PlateTable as *mut u8, TABLE_SIZE) };
+        t.as_mut_bytes().copy_from_slice(&self.mem[addr as usize..addr as usize + TABLE_SIZE]);
         t
     }
 }
@@ -137,8 +136,7 @@ impl Persist for SimNvm {
     }
 
     fn write_slot(&mut self, slot: usize, table: &PlateTable) {
-        // SAFETY: reading the table's bytes; it is plain integers.
-        let all = unsafe { core::slice::from_raw_parts(table as *const PlateTable as *const u8, TABLE_SIZE) };
+        let all = table.as_bytes();
         for (at, len) in table.used_ranges() {
             let bytes = all[at..at + len].to_vec();
             self.store(SLOTS[slot] + at as u64, &bytes);
@@ -148,8 +146,7 @@ impl Persist for SimNvm {
 }
 
 fn new_table() -> Box<PlateTable> {
-    // SAFETY: a PlateTable is plain integers; all zeros is a valid value.
-    let mut t: Box<PlateTable> = unsafe { Box::new_zeroed().assume_init() };
+    let mut t = PlateTable::new_box_zeroed().expect("a plate table fits in memory");
     t.format();
     t
 }
