@@ -45,7 +45,7 @@ fn report_row(what: &str, paper: Option<f64>, records: &[OperationRecord]) {
         return;
     }
     let (phases, total, copied) = medians(records);
-    let copier = records[0].report.copier.name();
+    let copier = <&str>::from(records[0].report.copier);
     let copy = phases[2] + phases[4];
     let bookkeeping = total - copy;
     let paper = paper.map_or("-".to_string(), |p| format!("{p} ms"));

@@ -4,12 +4,14 @@
 
 use std::sync::{Arc, Mutex};
 
+use nvram::engine::Completion;
 use nvram::persist::{
-    FlushedRange, BARRIER_MAGIC, DEVICE_ID, HEADER_SIZE, MAX_RANGES, MODE_ANNOUNCE, RANGE_SIZE, REG_BARRIER, REG_MODE,
-    STATUS_BAD_LIST, STATUS_BAD_RANGE, STATUS_DONE,
+    BarrierHeader, FlushedRange, BARRIER_MAGIC, COMPLETION_OFFSET, DEVICE_ID, HEADER_SIZE, MAX_RANGES, MODE_ANNOUNCE,
+    REG_BARRIER, REG_MODE, STATUS_BAD_LIST, STATUS_BAD_RANGE, STATUS_DONE,
 };
 use tracing::warn;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use zerocopy::IntoBytes;
 
 use crate::persistence::PersistenceDomain;
 use crate::PioDevice;
@@ -33,26 +35,17 @@ impl PersistBarrier {
 
     /// Runs the barrier list at `addr`; its status and failing index (`None`: no list).
     fn barrier(&mut self, addr: u64) -> Option<(u32, u32)> {
-        let mut head = [0u8; HEADER_SIZE as usize];
-        if !addr.is_multiple_of(8) || self.mem.read_slice(&mut head, GuestAddress(addr)).is_err() {
+        let mut head = BarrierHeader::default();
+        if !addr.is_multiple_of(8) || self.mem.read_slice(head.as_mut_bytes(), GuestAddress(addr)).is_err() {
             return None;
         }
-        let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
-        let (magic, count) = (word(0), word(4));
-        if magic != BARRIER_MAGIC || count > MAX_RANGES {
+        if head.magic != BARRIER_MAGIC || head.count > MAX_RANGES {
             return Some((STATUS_BAD_LIST, 0));
         }
-        let mut raw = vec![0u8; (u64::from(count) * RANGE_SIZE) as usize];
-        if self.mem.read_slice(&mut raw, GuestAddress(addr + HEADER_SIZE)).is_err() {
+        let mut ranges = vec![FlushedRange::default(); head.count as usize];
+        if self.mem.read_slice(ranges.as_mut_bytes(), GuestAddress(addr + HEADER_SIZE)).is_err() {
             return Some((STATUS_BAD_LIST, 0));
         }
-        let ranges: Vec<FlushedRange> = raw
-            .chunks_exact(RANGE_SIZE as usize)
-            .map(|c| FlushedRange {
-                addr: u64::from_le_bytes(c[..8].try_into().expect("8 bytes")),
-                len: u64::from_le_bytes(c[8..].try_into().expect("8 bytes")),
-            })
-            .collect();
         let result = self.domain().write_back(&ranges);
         match result {
             Ok(()) => Some((STATUS_DONE, 0)),
@@ -94,11 +87,10 @@ impl PioDevice for PersistBarrier {
                 let addr = u64::from(u32::from_le_bytes([a, b, c, d]));
                 match self.barrier(addr) {
                     Some((status, failed)) => {
-                        let mut word = [0u8; 8];
-                        word[..4].copy_from_slice(&status.to_le_bytes());
-                        word[4..].copy_from_slice(&failed.to_le_bytes());
-                        if self.mem.write_slice(&word, GuestAddress(addr + 8)).is_ok() {
-                            self.domain().stored(addr + 8, 8);
+                        let completion = Completion { status, failed };
+                        let at = addr + COMPLETION_OFFSET;
+                        if self.mem.write_slice(completion.as_bytes(), GuestAddress(at)).is_ok() {
+                            self.domain().stored(at, completion.as_bytes().len() as u64);
                         }
                         if status == STATUS_BAD_LIST {
                             self.reject(&format_args!("persist barrier: bad list at {addr:#x}"));
@@ -123,19 +115,27 @@ mod tests {
     }
 
     fn put_list(d: &PersistBarrier, at: u64, magic: u32, ranges: &[(u64, u64)]) {
-        let mut bytes = Vec::new();
-        for w in [magic, ranges.len() as u32, 0, 0] {
-            bytes.extend_from_slice(&w.to_le_bytes());
-        }
-        for &(addr, len) in ranges {
-            bytes.extend_from_slice(&addr.to_le_bytes());
-            bytes.extend_from_slice(&len.to_le_bytes());
-        }
-        d.mem.write_slice(&bytes, GuestAddress(at)).unwrap();
+        let head = BarrierHeader { magic, count: ranges.len() as u32, status: 0, failed: 0 };
+        d.mem.write_slice(head.as_bytes(), GuestAddress(at)).unwrap();
+        let ranges: Vec<FlushedRange> = ranges.iter().map(|&(addr, len)| FlushedRange { addr, len }).collect();
+        d.mem.write_slice(ranges.as_bytes(), GuestAddress(at + HEADER_SIZE)).unwrap();
+    }
+
+    fn header(d: &PersistBarrier, at: u64) -> BarrierHeader {
+        let mut head = BarrierHeader::default();
+        d.mem.read_slice(head.as_mut_bytes(), GuestAddress(at)).unwrap();
+        head
     }
 
     fn status(d: &PersistBarrier, at: u64) -> (u32, u32) {
-        (d.mem.read_obj(GuestAddress(at + 8)).unwrap(), d.mem.read_obj(GuestAddress(at + 12)).unwrap())
+        let head = header(d, at);
+        (head.status, head.failed)
+    }
+
+    /// Sets the count of the list at `at` (a test's corruption).
+    fn set_count(d: &PersistBarrier, at: u64, count: u32) {
+        let head = BarrierHeader { count, ..header(d, at) };
+        d.mem.write_slice(head.as_bytes(), GuestAddress(at)).unwrap();
     }
 
     #[test]
@@ -159,11 +159,11 @@ mod tests {
         d.write(REG_BARRIER, &0x1000u32.to_le_bytes());
         assert_eq!(status(&d, 0x1000).0, STATUS_BAD_LIST);
         put_list(&d, 0x1000, BARRIER_MAGIC, &[]);
-        d.mem.write_obj(MAX_RANGES + 1, GuestAddress(0x1004)).unwrap();
+        set_count(&d, 0x1000, MAX_RANGES + 1);
         d.write(REG_BARRIER, &0x1000u32.to_le_bytes());
         assert_eq!(status(&d, 0x1000).0, STATUS_BAD_LIST, "too many ranges");
         put_list(&d, (1 << 20) - 16, BARRIER_MAGIC, &[]);
-        d.mem.write_obj(4u32, GuestAddress((1 << 20) - 12)).unwrap();
+        set_count(&d, (1 << 20) - 16, 4);
         d.write(REG_BARRIER, &(((1u32 << 20) - 16).to_le_bytes()));
         assert_eq!(status(&d, (1 << 20) - 16).0, STATUS_BAD_LIST, "ranges past the end of RAM");
         d.write(REG_BARRIER, &0x1004u32.to_le_bytes()); // misaligned

@@ -128,7 +128,7 @@ impl MachineControl {
         status.accepted += 1;
         match message {
             Message::Booted { boot_kind, boot_count, generation } => {
-                info!(kind = boot_kind.name(), boot_count, generation, "guest booted");
+                info!(kind = <&str>::from(boot_kind), boot_count, generation, "guest booted");
                 status.boot_kind = Some(boot_kind);
                 status.boot_count = boot_count;
                 status.committed_generation = generation;
@@ -162,7 +162,7 @@ impl MachineControl {
                     plates = report.plates,
                     plated_kib = report.plated_bytes >> 10,
                     copied_kib = report.copied_bytes >> 10,
-                    copier = report.copier.name(),
+                    copier = <&str>::from(report.copier),
                     ms = ms(record.total),
                     plateify_ms = ms(record.phases[0]),
                     scan_ms = ms(record.phases[1]),
@@ -254,17 +254,16 @@ impl PioDevice for MachineControl {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nvram::control::{Booted, Encode, Heartbeat};
+    use nvram::control::{Booted, Heartbeat};
+    use zerocopy::{Immutable, IntoBytes};
 
     fn device() -> MachineControl {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         MachineControl::new(mem, 2_600_000)
     }
 
-    fn put<T: Encode>(dev: &MachineControl, addr: u64, message: &T) {
-        let mut bytes = [0u8; 64];
-        let n = message.encode(&mut bytes);
-        dev.mem.write_slice(&bytes[..n], GuestAddress(addr)).unwrap();
+    fn put<T: IntoBytes + Immutable>(dev: &MachineControl, addr: u64, message: &T) {
+        dev.mem.write_slice(message.as_bytes(), GuestAddress(addr)).unwrap();
     }
 
     fn ring(dev: &mut MachineControl, addr: u32) {

@@ -5,12 +5,14 @@
 use std::sync::{Arc, Mutex};
 
 use nvram::engine::{
-    BatchHeader, Descriptor, BATCH_MAGIC, DESCRIPTOR_SIZE, DIRTY_MAGIC, DIRTY_REQUEST_SIZE, ENGINE_ID, FLAG_DURABLE,
-    HEADER_SIZE, MAX_DESCRIPTORS, REG_DIRTY, STATUS_BAD_BATCH, STATUS_BAD_DESCRIPTOR, STATUS_DONE, STATUS_UNSUPPORTED,
+    BatchHeader, Completion, Descriptor, DirtyRequest, BATCH_MAGIC, COMPLETION_OFFSET, DIRTY_MAGIC,
+    DIRTY_STATUS_OFFSET, ENGINE_ID, FLAG_DURABLE, MAX_DESCRIPTORS, REG_DIRTY, STATUS_BAD_BATCH, STATUS_BAD_DESCRIPTOR,
+    STATUS_DONE, STATUS_UNSUPPORTED,
 };
 use nvram::persist::FlushedRange;
 use tracing::warn;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use zerocopy::IntoBytes;
 
 use crate::dirty::{DirtyTracker, DirtyView};
 use crate::persistence::PersistenceDomain;
@@ -74,13 +76,11 @@ impl CopyEngine {
 
     /// Answers the dirty-log request at `addr`; returns its status (`None`: no request there).
     fn dirty(&mut self, addr: u64) -> Option<u32> {
-        let mut raw = [0u8; DIRTY_REQUEST_SIZE as usize];
-        if !addr.is_multiple_of(8) || self.mem.read_slice(&mut raw, GuestAddress(addr)).is_err() {
+        let mut request = DirtyRequest::default();
+        if !addr.is_multiple_of(8) || self.mem.read_slice(request.as_mut_bytes(), GuestAddress(addr)).is_err() {
             return None;
         }
-        let field = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
-        let magic = u32::from_le_bytes(raw[0..4].try_into().expect("4 bytes"));
-        let (first, pages, out) = (field(8), field(16), field(24));
+        let DirtyRequest { magic, first_page: first, pages, out, .. } = request;
         let ram_pages = self.ram() / 4096;
         let words = pages.div_ceil(64);
         let fits = first.checked_add(pages).is_some_and(|end| end <= ram_pages)
@@ -107,8 +107,7 @@ impl CopyEngine {
                 }
             }
         }
-        let bytes: Vec<u8> = bitmap.iter().flat_map(|w| w.to_le_bytes()).collect();
-        if !self.store(&bytes, out) {
+        if !self.store(bitmap.as_bytes(), out) {
             return Some(STATUS_BAD_BATCH);
         }
         Some(STATUS_DONE)
@@ -125,21 +124,11 @@ impl CopyEngine {
     /// Runs the batch at `addr`; returns its status and failing index.
     fn run(&mut self, addr: u64) -> Option<(u32, u32)> {
         let started = std::time::Instant::now();
-        let mut head = [0u8; HEADER_SIZE as usize];
-        if !addr.is_multiple_of(8) || self.mem.read_slice(&mut head, GuestAddress(addr)).is_err() {
+        let mut header = BatchHeader::default();
+        if !addr.is_multiple_of(8) || self.mem.read_slice(header.as_mut_bytes(), GuestAddress(addr)).is_err() {
             // No header to write a status into.
             return None;
         }
-        let word = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().expect("4 bytes"));
-        let quad = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
-        let header = BatchHeader {
-            magic: word(0),
-            count: word(4),
-            status: word(8),
-            failed: word(12),
-            flags: quad(16),
-            descriptors: quad(24),
-        };
         if header.magic != BATCH_MAGIC
             || header.count > MAX_DESCRIPTORS
             || header.flags & !FLAG_DURABLE != 0
@@ -147,22 +136,18 @@ impl CopyEngine {
         {
             return Some((STATUS_BAD_BATCH, 0));
         }
-        let mut raw = vec![0u8; (header.count as u64 * DESCRIPTOR_SIZE) as usize];
-        if self.mem.read_slice(&mut raw, GuestAddress(header.descriptors)).is_err() {
+        let mut descriptors = vec![Descriptor::default(); header.count as usize];
+        if self.mem.read_slice(descriptors.as_mut_bytes(), GuestAddress(header.descriptors)).is_err() {
             return Some((STATUS_BAD_BATCH, 0));
         }
         let ram = self.ram();
-        let mut descriptors = Vec::with_capacity(header.count as usize);
-        for (i, chunk) in raw.chunks_exact(DESCRIPTOR_SIZE as usize).enumerate() {
-            let field = |at: usize| u64::from_le_bytes(chunk[at..at + 8].try_into().expect("8 bytes"));
-            let d = Descriptor { dst: field(0), src: field(8), len: field(16) };
+        for (i, &d) in descriptors.iter().enumerate() {
             if let Err(e) = d.check(ram) {
                 self.reject(&format_args!(
                     "copy engine: descriptor {i} of the batch at {addr:#x} refused ({e:?}): {d:x?}"
                 ));
                 return Some((STATUS_BAD_DESCRIPTOR, i as u32));
             }
-            descriptors.push(d);
         }
         let mut bytes = 0;
         for (i, d) in descriptors.iter().enumerate() {
@@ -236,7 +221,7 @@ impl PioDevice for CopyEngine {
                             "copy engine: dirty-log request at {addr:#x} failed with status {status}"
                         ));
                     }
-                    self.store(&status.to_le_bytes(), addr + 4);
+                    self.store(status.as_bytes(), addr + DIRTY_STATUS_OFFSET);
                 }
                 None => self.reject(&format_args!("copy engine: no dirty-log request at {addr:#x}")),
             }
@@ -252,10 +237,7 @@ impl PioDevice for CopyEngine {
                 if status != STATUS_DONE {
                     self.reject(&format_args!("copy engine: batch at {addr:#x} failed with status {status}"));
                 }
-                let mut word = [0u8; 8];
-                word[..4].copy_from_slice(&status.to_le_bytes());
-                word[4..].copy_from_slice(&failed.to_le_bytes());
-                self.store(&word, addr + 8);
+                self.store(Completion { status, failed }.as_bytes(), addr + COMPLETION_OFFSET);
             }
             None => self.reject(&format_args!("copy engine: no batch at {addr:#x}")),
         }
@@ -278,28 +260,39 @@ mod tests {
 
     /// A batch header at `at`, its descriptors right after it.
     fn put_batch(e: &CopyEngine, at: u64, descriptors: &[Descriptor]) {
-        put_batch_with(e, at, FLAG_DURABLE, at + HEADER_SIZE, descriptors);
+        put_batch_with(e, at, FLAG_DURABLE, at + nvram::engine::HEADER_SIZE, descriptors);
     }
 
     fn put_batch_with(e: &CopyEngine, at: u64, flags: u64, array: u64, descriptors: &[Descriptor]) {
-        let mut head = Vec::new();
-        for w in [BATCH_MAGIC, descriptors.len() as u32, 0, 0] {
-            head.extend_from_slice(&w.to_le_bytes());
-        }
-        head.extend_from_slice(&flags.to_le_bytes());
-        head.extend_from_slice(&array.to_le_bytes());
-        e.mem.write_slice(&head, GuestAddress(at)).unwrap();
-        let mut bytes = Vec::new();
-        for d in descriptors {
-            for w in [d.dst, d.src, d.len] {
-                bytes.extend_from_slice(&w.to_le_bytes());
-            }
-        }
-        e.mem.write_slice(&bytes, GuestAddress(array)).unwrap();
+        let head = BatchHeader {
+            magic: BATCH_MAGIC,
+            count: descriptors.len() as u32,
+            status: 0,
+            failed: 0,
+            flags,
+            descriptors: array,
+        };
+        e.mem.write_slice(head.as_bytes(), GuestAddress(at)).unwrap();
+        e.mem.write_slice(descriptors.as_bytes(), GuestAddress(array)).unwrap();
+    }
+
+    /// The batch header at `at`, as the engine left it.
+    fn header(e: &CopyEngine, at: u64) -> BatchHeader {
+        let mut head = BatchHeader::default();
+        e.mem.read_slice(head.as_mut_bytes(), GuestAddress(at)).unwrap();
+        head
     }
 
     fn status(e: &CopyEngine, at: u64) -> (u32, u32) {
-        (e.mem.read_obj::<u32>(GuestAddress(at + 8)).unwrap(), e.mem.read_obj::<u32>(GuestAddress(at + 12)).unwrap())
+        let head = header(e, at);
+        (head.status, head.failed)
+    }
+
+    /// Writes one field of the batch header at `at` (a test's corruption).
+    fn poke(e: &CopyEngine, at: u64, change: impl FnOnce(&mut BatchHeader)) {
+        let mut head = header(e, at);
+        change(&mut head);
+        e.mem.write_slice(head.as_bytes(), GuestAddress(at)).unwrap();
     }
 
     #[test]
@@ -377,7 +370,7 @@ mod tests {
         assert_eq!(status(&e, 0x1000), (STATUS_DONE, 0), "an array away from its header");
         for (flags, array) in [(2, 0x8000), (FLAG_DURABLE, 0x8004), (FLAG_DURABLE, (1 << 20) - 8)] {
             put_batch_with(&e, 0x1000, flags, 0x8000, &d);
-            e.mem.write_obj(array, GuestAddress(0x1018)).unwrap();
+            poke(&e, 0x1000, |h| h.descriptors = array);
             e.write(0, &0x1000u32.to_le_bytes());
             assert_eq!(status(&e, 0x1000).0, STATUS_BAD_BATCH, "flags {flags}, array at {array:#x}");
         }
@@ -393,13 +386,14 @@ mod tests {
     }
 
     fn put_request(e: &CopyEngine, at: u64, first: u64, pages: u64, out: u64) {
-        let mut bytes = Vec::new();
-        bytes.extend_from_slice(&DIRTY_MAGIC.to_le_bytes());
-        bytes.extend_from_slice(&0u32.to_le_bytes());
-        for w in [first, pages, out] {
-            bytes.extend_from_slice(&w.to_le_bytes());
-        }
-        e.mem.write_slice(&bytes, GuestAddress(at)).unwrap();
+        let request = DirtyRequest { magic: DIRTY_MAGIC, status: 0, first_page: first, pages, out };
+        e.mem.write_slice(request.as_bytes(), GuestAddress(at)).unwrap();
+    }
+
+    fn request_status(e: &CopyEngine, at: u64) -> u32 {
+        let mut request = DirtyRequest::default();
+        e.mem.read_slice(request.as_mut_bytes(), GuestAddress(at)).unwrap();
+        request.status
     }
 
     #[test]
@@ -414,7 +408,7 @@ mod tests {
         let mut e = engine_on(mem).with_dirty_log(Arc::new(Mutex::new(tracker)));
         put_request(&e, 0x1000, 64, 140, 0x2000);
         e.write(REG_DIRTY, &0x1000u32.to_le_bytes());
-        assert_eq!(e.mem.read_obj::<u32>(GuestAddress(0x1004)).unwrap(), STATUS_DONE);
+        assert_eq!(request_status(&e, 0x1000), STATUS_DONE);
         assert_eq!(e.mem.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), 1 | 1 << 6);
         assert_eq!(e.mem.read_obj::<u64>(GuestAddress(0x2008)).unwrap(), 0);
         assert_eq!(e.mem.read_obj::<u64>(GuestAddress(0x2010)).unwrap(), 1 << (200 - 64 - 128));
@@ -424,27 +418,27 @@ mod tests {
         for (first, pages, out) in [(250, 10, 0x2000), (0, 8, (1 << 20) - 4), (0, 8, 0x2004)] {
             put_request(&e, 0x1000, first, pages, out);
             e.write(REG_DIRTY, &0x1000u32.to_le_bytes());
-            assert_eq!(e.mem.read_obj::<u32>(GuestAddress(0x1004)).unwrap(), STATUS_BAD_BATCH);
+            assert_eq!(request_status(&e, 0x1000), STATUS_BAD_BATCH);
         }
         let mut plain = engine();
         put_request(&plain, 0x1000, 0, 8, 0x2000);
         plain.write(REG_DIRTY, &0x1000u32.to_le_bytes());
-        assert_eq!(plain.mem.read_obj::<u32>(GuestAddress(0x1004)).unwrap(), STATUS_UNSUPPORTED);
+        assert_eq!(request_status(&plain, 0x1000), STATUS_UNSUPPORTED);
     }
 
     #[test]
     fn bad_batches_are_refused_without_harm() {
         let mut e = engine();
         put_batch(&e, 0x1000, &[]);
-        e.mem.write_obj(0xdeadu32, GuestAddress(0x1000)).unwrap();
+        poke(&e, 0x1000, |h| h.magic = 0xdead);
         e.write(0, &0x1000u32.to_le_bytes());
         assert_eq!(status(&e, 0x1000).0, STATUS_BAD_BATCH, "bad magic");
         put_batch(&e, 0x1000, &[]);
-        e.mem.write_obj(MAX_DESCRIPTORS + 1, GuestAddress(0x1004)).unwrap();
+        poke(&e, 0x1000, |h| h.count = MAX_DESCRIPTORS + 1);
         e.write(0, &0x1000u32.to_le_bytes());
         assert_eq!(status(&e, 0x1000).0, STATUS_BAD_BATCH, "too many descriptors");
         put_batch_with(&e, 0x1000, FLAG_DURABLE, (1 << 20) - 48, &[]);
-        e.mem.write_obj(10u32, GuestAddress(0x1004)).unwrap();
+        poke(&e, 0x1000, |h| h.count = 10);
         e.write(0, &0x1000u32.to_le_bytes());
         assert_eq!(status(&e, 0x1000).0, STATUS_BAD_BATCH, "descriptors past the end of RAM");
         e.write(0, &(((1u32 << 20) - 16).to_le_bytes())); // a header past the end of RAM

@@ -31,6 +31,8 @@
 //! has already built, as it is: under PVM each instruction of the guest kernel is emulated,
 //! and rewriting hundreds of descriptors into another format costs more than the copies.
 
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
 /// Version of this interface.
 pub const ABI_VERSION: u32 = 2;
 /// What offset 0 reads as: "NVCE" with the version in the low byte.
@@ -52,7 +54,7 @@ pub const DIRTY_MAGIC: u32 = 0x5954_5244; // "DRTY"
 ///
 /// The VMM's log covers its own lifetime only: a kernel must not trust it for writes made
 /// before this VMM started (after a resume, say).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct DirtyRequest {
     pub magic: u32,
@@ -63,7 +65,9 @@ pub struct DirtyRequest {
 }
 
 /// Size of a dirty-log request.
-pub const DIRTY_REQUEST_SIZE: u64 = 32;
+pub const DIRTY_REQUEST_SIZE: u64 = core::mem::size_of::<DirtyRequest>() as u64;
+/// Where the engine writes a dirty-log request's status, from the request's start.
+pub const DIRTY_STATUS_OFFSET: u64 = core::mem::offset_of!(DirtyRequest, status) as u64;
 /// Magic of a batch header.
 pub const BATCH_MAGIC: u32 = 0x4843_5442; // "BTCH"
 /// Most descriptors in a batch.
@@ -85,12 +89,26 @@ pub const STATUS_BAD_DESCRIPTOR: u32 = 3;
 pub const STATUS_UNSUPPORTED: u32 = 4;
 
 /// Size of the batch header.
-pub const HEADER_SIZE: u64 = 32;
+pub const HEADER_SIZE: u64 = core::mem::size_of::<BatchHeader>() as u64;
 /// Size of a descriptor.
-pub const DESCRIPTOR_SIZE: u64 = 24;
+pub const DESCRIPTOR_SIZE: u64 = core::mem::size_of::<Descriptor>() as u64;
+/// Where the engine writes a batch's [`Completion`], from the header's start.
+pub const COMPLETION_OFFSET: u64 = core::mem::offset_of!(BatchHeader, status) as u64;
+
+const _: () = assert!(DIRTY_REQUEST_SIZE == 32 && DIRTY_STATUS_OFFSET == 4);
+const _: () = assert!(HEADER_SIZE == 32 && DESCRIPTOR_SIZE == 24 && COMPLETION_OFFSET == 8);
+const _: () = assert!(core::mem::offset_of!(BatchHeader, failed) as u64 == COMPLETION_OFFSET + 4);
+
+/// What the engine writes back into a batch header (`status`, `failed`), as one store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct Completion {
+    pub status: u32,
+    pub failed: u32,
+}
 
 /// The batch header, as laid out in guest memory.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct BatchHeader {
     pub magic: u32,
@@ -102,7 +120,7 @@ pub struct BatchHeader {
 }
 
 /// One copy: `len` bytes from `src` to `dst`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct Descriptor {
     pub dst: u64,

@@ -4,8 +4,10 @@
 //! so under QEMU a power-off exits with status 1, a panic with 3, and so on. Our VMM
 //! decodes the value and reports it in words.
 
+use num_enum::{IntoPrimitive, TryFromPrimitive};
+
 /// Why the guest stopped the machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, TryFromPrimitive, IntoPrimitive)]
 #[repr(u8)]
 pub enum ExitCode {
     /// A requested power-off: the normal end.
@@ -22,13 +24,7 @@ pub enum ExitCode {
 impl ExitCode {
     /// Decodes a value written to the exit port; `None` for a value no kernel of ours writes.
     pub fn from_raw(value: u32) -> Option<Self> {
-        match value {
-            0 => Some(Self::PowerOff),
-            1 => Some(Self::Panic),
-            2 => Some(Self::Exception),
-            3 => Some(Self::BadImage),
-            _ => None,
-        }
+        u8::try_from(value).ok().and_then(|v| Self::try_from(v).ok())
     }
 
     /// The value to write to the exit port.

@@ -30,6 +30,9 @@
 //! reader takes the first copy if it holds, else the second ([`choose`]). Either way it gets
 //! the header as it was before the update or as it is after it, never a mix.
 
+use num_enum::{IntoPrimitive, TryFromPrimitive};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
 /// Magic bytes at the start of a formatted image's root header.
 pub const MAGIC: [u8; 8] = *b"TNDRNVM\0";
 
@@ -38,7 +41,8 @@ pub const MAGIC: [u8; 8] = *b"TNDRNVM\0";
 pub const FORMAT_VERSION: u32 = 3;
 
 /// How the previous run of the kernel on this image ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, TryFromPrimitive, IntoPrimitive, strum::IntoStaticStr)]
+#[strum(serialize_all = "lowercase")]
 #[repr(u32)]
 pub enum ShutdownFlag {
     /// Set during boot: if it is still there at the next boot, the machine stopped abruptly.
@@ -47,19 +51,8 @@ pub enum ShutdownFlag {
     Normal = 1,
 }
 
-impl ShutdownFlag {
-    /// Decodes the raw field.
-    pub fn from_raw(raw: u32) -> Option<Self> {
-        match raw {
-            0 => Some(Self::Abnormal),
-            1 => Some(Self::Normal),
-            _ => None,
-        }
-    }
-}
-
 /// The root header, as laid out in NVM (see the module docs for offsets).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct RootHeader {
     pub magic: [u8; 8],
@@ -85,66 +78,26 @@ const CHECKED_LEN: usize = 88;
 const _: () = assert!(core::mem::size_of::<RootHeader>() == HEADER_SIZE);
 
 /// Why a root header cannot be trusted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HeaderError {
     /// All bytes are zero: a new image that was never formatted.
+    #[error("the image is blank (never formatted)")]
     Blank,
     /// The magic is wrong: not an image of ours, or overwritten.
+    #[error("the root header has no valid magic: not an image of this machine")]
     BadMagic,
     /// Formatted by a kernel with another image format.
+    #[error("the image has format version {found}, this kernel reads version {FORMAT_VERSION}")]
     Version { found: u32 },
     /// The header size field disagrees with this format's header.
+    #[error("the root header claims {found} bytes, expected {HEADER_SIZE}")]
     Size { found: u32 },
     /// The checksum does not match: a torn or corrupted header.
+    #[error("the root header checksum is {stored:#010x}, its bytes give {computed:#010x}")]
     Checksum { stored: u32, computed: u32 },
     /// The shutdown flag holds a value no kernel writes.
+    #[error("the shutdown flag holds {found}, which no kernel writes")]
     Flag { found: u32 },
-}
-
-impl core::fmt::Display for HeaderError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            Self::Blank => write!(f, "the image is blank (never formatted)"),
-            Self::BadMagic => write!(f, "the root header has no valid magic: not an image of this machine"),
-            Self::Version { found } => {
-                write!(f, "the image has format version {found}, this kernel reads version {FORMAT_VERSION}")
-            }
-            Self::Size { found } => write!(f, "the root header claims {found} bytes, expected {HEADER_SIZE}"),
-            Self::Checksum { stored, computed } => {
-                write!(f, "the root header checksum is {stored:#010x}, its bytes give {computed:#010x}")
-            }
-            Self::Flag { found } => write!(f, "the shutdown flag holds {found}, which no kernel writes"),
-        }
-    }
-}
-
-/// Little-endian field writer and reader over the header's bytes.
-struct Cursor<'a, B> {
-    bytes: B,
-    at: usize,
-    _life: core::marker::PhantomData<&'a ()>,
-}
-
-impl Cursor<'_, &mut [u8; HEADER_SIZE]> {
-    fn put(&mut self, field: &[u8]) {
-        self.bytes[self.at..self.at + field.len()].copy_from_slice(field);
-        self.at += field.len();
-    }
-}
-
-impl Cursor<'_, &[u8; HEADER_SIZE]> {
-    fn take<const N: usize>(&mut self) -> [u8; N] {
-        let mut out = [0u8; N];
-        out.copy_from_slice(&self.bytes[self.at..self.at + N]);
-        self.at += N;
-        out
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.take())
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.take())
-    }
 }
 
 impl RootHeader {
@@ -155,53 +108,21 @@ impl RootHeader {
             format_version: FORMAT_VERSION,
             header_size: HEADER_SIZE as u32,
             build_id,
-            shutdown_flag: ShutdownFlag::Abnormal as u32,
+            shutdown_flag: ShutdownFlag::Abnormal.into(),
             ..Self::default()
         };
         header.seal();
         header
     }
 
-    /// The header's bytes, as stored in NVM.
+    /// The header's bytes, as stored in NVM (little endian, no padding: the struct's own).
     pub fn to_bytes(&self) -> [u8; HEADER_SIZE] {
-        let mut out = [0u8; HEADER_SIZE];
-        let mut c = Cursor { bytes: &mut out, at: 0, _life: core::marker::PhantomData };
-        c.put(&self.magic);
-        c.put(&self.format_version.to_le_bytes());
-        c.put(&self.header_size.to_le_bytes());
-        for v in [self.build_id, self.boot_count] {
-            c.put(&v.to_le_bytes());
-        }
-        c.put(&self.shutdown_flag.to_le_bytes());
-        c.put(&self.reserved.to_le_bytes());
-        for v in [self.resources, self.frame_bitmap, self.frames_base, self.frames, self.generation, self.plate_table] {
-            c.put(&v.to_le_bytes());
-        }
-        c.put(&self.checksum.to_le_bytes());
-        c.put(&self.reserved2.to_le_bytes());
-        out
+        zerocopy::transmute!(*self)
     }
 
     /// Reads a header from its stored bytes, without checking it.
     pub fn from_bytes(bytes: &[u8; HEADER_SIZE]) -> Self {
-        let mut c = Cursor { bytes, at: 0, _life: core::marker::PhantomData };
-        Self {
-            magic: c.take(),
-            format_version: c.u32(),
-            header_size: c.u32(),
-            build_id: c.u64(),
-            boot_count: c.u64(),
-            shutdown_flag: c.u32(),
-            reserved: c.u32(),
-            resources: c.u64(),
-            frame_bitmap: c.u64(),
-            frames_base: c.u64(),
-            frames: c.u64(),
-            generation: c.u64(),
-            plate_table: c.u64(),
-            checksum: c.u32(),
-            reserved2: c.u32(),
-        }
+        zerocopy::transmute!(*bytes)
     }
 
     /// The checksum the header's other fields call for.
@@ -232,7 +153,7 @@ impl RootHeader {
         if computed != self.checksum {
             return Err(HeaderError::Checksum { stored: self.checksum, computed });
         }
-        ShutdownFlag::from_raw(self.shutdown_flag).ok_or(HeaderError::Flag { found: self.shutdown_flag })
+        ShutdownFlag::try_from(self.shutdown_flag).map_err(|e| HeaderError::Flag { found: e.number })
     }
 }
 
@@ -257,33 +178,15 @@ pub fn choose(first: &RootHeader, second: &RootHeader) -> Result<(RootHeader, Sh
     }
 }
 
-/// CRC-32 (IEEE 802.3, reflected, as zlib), a byte a step through a table built at compile
-/// time: the guest computes it at every header write, in PVM's emulated kernel mode, where a
-/// bitwise CRC costs eight times the instructions.
+/// CRC-32 (IEEE 802.3, reflected, as zlib: `CRC_32_ISO_HDLC`), a byte a step through the
+/// crate's 256-entry table built at compile time: the guest computes it at every header
+/// write, in PVM's emulated kernel mode, where a bitwise CRC costs eight times the
+/// instructions.
 pub fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in bytes {
-        crc = CRC_TABLE[((crc ^ u32::from(byte)) & 0xff) as usize] ^ (crc >> 8);
-    }
-    !crc
+    CRC32.checksum(bytes)
 }
 
-const CRC_TABLE: [u32; 256] = {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut crc = i as u32;
-        let mut bit = 0;
-        while bit < 8 {
-            let mask = (crc & 1).wrapping_neg();
-            crc = (crc >> 1) ^ (0xedb8_8320 & mask);
-            bit += 1;
-        }
-        table[i] = crc;
-        i += 1;
-    }
-    table
-};
+const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
 
 #[cfg(test)]
 mod tests {
@@ -301,7 +204,7 @@ mod tests {
         let mut new = old;
         new.generation = 9;
         new.plate_table = 0xa4_0000;
-        new.shutdown_flag = ShutdownFlag::Normal as u32;
+        new.shutdown_flag = ShutdownFlag::Normal.into();
         new.seal();
         const WORDS: usize = HEADER_SIZE / 8;
         let torn = |from: &RootHeader, to: &RootHeader, stored: u32| {

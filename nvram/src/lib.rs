@@ -2,17 +2,28 @@
 //!
 //! This crate is `no_std` so that the guest kernel can use the very same definitions as
 //! the host: the physical layout of the NVM image ([`layout`]), the I/O ports and the
-//! values written to them ([`ports`], [`exit`]), and the on-NVM structures ([`header`]).
-//! Host-only helpers sit behind the `std` feature.
+//! values written to them ([`ports`], [`exit`]), the devices' records ([`control`],
+//! [`engine`], [`persist`]), the PVH boot information ([`pvh`]) and the on-NVM structures
+//! ([`header`], [`table`], [`resources`], [`plate`]). Each record is defined once, as a
+//! `repr(C)` struct deriving `zerocopy`'s traits, so that both sides read and write it as
+//! the struct itself: no offsets written out by hand anywhere. Host-only helpers (the
+//! offline image decoder, [`inspect`]) sit behind the `std` feature.
 //!
 //! Any change to a `#[repr(C)]` structure here or to the meaning of a field is a change
-//! of the image format and must bump [`header::FORMAT_VERSION`].
+//! of the image format and must bump [`header::FORMAT_VERSION`]; the compile-time size
+//! checks beside each record catch an accidental one.
 #![cfg_attr(not(feature = "std"), no_std)]
 
 pub mod control;
 pub mod engine;
 pub mod exit;
 pub mod header;
+#[cfg(feature = "std")]
+pub mod inspect;
 pub mod layout;
 pub mod persist;
+pub mod plate;
 pub mod ports;
+pub mod pvh;
+pub mod resources;
+pub mod table;

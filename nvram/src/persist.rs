@@ -23,6 +23,8 @@
 //! Layout (little endian): `magic` u32 ([`BARRIER_MAGIC`]), `count` u32, `status` u32,
 //! `failed` u32, then `count` ranges of 16 bytes: `addr` u64, `len` u64.
 
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
 /// Version of this interface.
 pub const ABI_VERSION: u32 = 1;
 /// What offset 0 reads as: "NVPB" with the version in the low byte.
@@ -52,12 +54,18 @@ pub const STATUS_BAD_LIST: u32 = 2;
 pub const STATUS_BAD_RANGE: u32 = 3;
 
 /// Size of the list header.
-pub const HEADER_SIZE: u64 = 16;
+pub const HEADER_SIZE: u64 = core::mem::size_of::<BarrierHeader>() as u64;
 /// Size of a range.
-pub const RANGE_SIZE: u64 = 16;
+pub const RANGE_SIZE: u64 = core::mem::size_of::<FlushedRange>() as u64;
+/// Where the machine writes a list's [`crate::engine::Completion`] (`status`, `failed`),
+/// from the header's start.
+pub const COMPLETION_OFFSET: u64 = core::mem::offset_of!(BarrierHeader, status) as u64;
+
+const _: () = assert!(HEADER_SIZE == 16 && RANGE_SIZE == 16 && COMPLETION_OFFSET == 8);
+const _: () = assert!(core::mem::offset_of!(BarrierHeader, failed) as u64 == COMPLETION_OFFSET + 4);
 
 /// The list header, as laid out in guest memory.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct BarrierHeader {
     pub magic: u32,
@@ -66,8 +74,34 @@ pub struct BarrierHeader {
     pub failed: u32,
 }
 
+/// A whole barrier list as the guest keeps it: the header and room for [`MAX_RANGES`]
+/// ranges, of which `header.count` are meaningful. Aligned to a cache line, so that the
+/// machine's read of it touches as few lines as possible.
+#[derive(Debug, Clone, Copy, FromBytes, KnownLayout, Immutable)]
+#[repr(C, align(64))]
+pub struct BarrierList {
+    pub header: BarrierHeader,
+    pub ranges: [FlushedRange; MAX_RANGES as usize],
+}
+
+impl BarrierList {
+    /// An empty list, ready to fill (usable in a `static`).
+    pub const fn new() -> Self {
+        Self {
+            header: BarrierHeader { magic: BARRIER_MAGIC, count: 0, status: STATUS_PENDING, failed: 0 },
+            ranges: [FlushedRange { addr: 0, len: 0 }; MAX_RANGES as usize],
+        }
+    }
+}
+
+impl Default for BarrierList {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Guest-physical bytes the guest wrote back: `addr..addr + len`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct FlushedRange {
     pub addr: u64,

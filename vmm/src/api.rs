@@ -96,7 +96,7 @@ fn record_json(r: &OperationRecord) -> Value {
         "plates": r.report.plates,
         "plated_bytes": r.report.plated_bytes,
         "copied_bytes": r.report.copied_bytes,
-        "copier": r.report.copier.name(),
+        "copier": <&str>::from(r.report.copier),
         "total_ms": ms(r.total),
         "phases_ms": phases,
     })
@@ -218,7 +218,7 @@ impl Controller {
             .collect();
         ok(json!({
             "state": if self.vcpu.is_paused() { "paused" } else { "running" },
-            "boot_kind": status.boot_kind.map(|k| k.name()),
+            "boot_kind": status.boot_kind.map(<&str>::from),
             "boot_count": status.boot_count,
             "committed_generation": status.committed_generation,
             "uptime_ms": self.started.elapsed().as_millis() as u64,

@@ -3,24 +3,23 @@
 //! Both are rewritten at every boot: the kernel's segments (so its `.data`/`.bss` are
 //! scratch for one boot) and the boot area below 1 MiB (`nvram::layout`). Nothing lasting
 //! may live there.
+//!
+//! The PVH start info and memory map are `nvram::pvh`'s, the very structs the guest reads
+//! (not linux-loader's `hvm_start_info`, which the no_std guest cannot use): one definition
+//! of each on both sides.
 
 use std::io::Cursor;
 use std::path::PathBuf;
 
 use linux_loader::cmdline::Cmdline;
-use linux_loader::configurator::pvh::PvhBootConfigurator;
-use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
 use nvram::layout;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use nvram::pvh::{MemoryRegion, StartInfo, E820_RAM, E820_RESERVED, START_MAGIC, START_VERSION};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use zerocopy::IntoBytes;
 
 use crate::memory::GuestMemory;
-
-const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
-const E820_RAM: u32 = 1;
-const E820_RESERVED: u32 = 2;
 
 /// Why the kernel cannot be booted.
 #[derive(Debug, thiserror::Error)]
@@ -96,33 +95,30 @@ pub fn write_boot_params(mem: &GuestMemory, cmdline: &str) -> Result<u64, LoadEr
         .map_err(|e| LoadError::Cmdline(e.to_string()))?;
 
     let memmap = [
-        memmap_entry(0, layout::LOW_RAM_END, E820_RAM),
-        memmap_entry(layout::LOW_RAM_END, layout::KERNEL_START - layout::LOW_RAM_END, E820_RESERVED),
-        memmap_entry(layout::KERNEL_START, ram - layout::KERNEL_START, E820_RAM),
+        MemoryRegion::new(0, layout::LOW_RAM_END, E820_RAM),
+        MemoryRegion::new(layout::LOW_RAM_END, layout::KERNEL_START - layout::LOW_RAM_END, E820_RESERVED),
+        MemoryRegion::new(layout::KERNEL_START, ram - layout::KERNEL_START, E820_RAM),
     ];
-    let start_info = hvm_start_info {
-        magic: XEN_HVM_START_MAGIC_VALUE,
-        version: 1,
+    const { assert!(3 <= layout::MEMMAP_MAX_ENTRIES) };
+    let start_info = StartInfo {
+        magic: START_MAGIC,
+        version: START_VERSION,
         cmdline_paddr: layout::CMDLINE,
         memmap_paddr: layout::MEMMAP,
         memmap_entries: memmap.len() as u32,
         ..Default::default()
     };
-    let mut params = BootParams::new::<hvm_start_info>(&start_info, GuestAddress(layout::START_INFO));
-    params.set_sections::<hvm_memmap_table_entry>(&memmap, GuestAddress(layout::MEMMAP));
-    PvhBootConfigurator::write_bootparams::<GuestMemory>(&params, mem)
-        .map_err(|e| LoadError::BootParams(e.to_string()))?;
+    for (bytes, at) in [(start_info.as_bytes(), layout::START_INFO), (memmap.as_bytes(), layout::MEMMAP)] {
+        mem.write_slice(bytes, GuestAddress(at)).map_err(|e| LoadError::BootParams(e.to_string()))?;
+    }
     Ok(layout::START_INFO)
-}
-
-fn memmap_entry(addr: u64, size: u64, type_: u32) -> hvm_memmap_table_entry {
-    hvm_memmap_table_entry { addr, size, type_, reserved: 0 }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemoryMmap};
+    use vm_memory::GuestMemoryMmap;
+    use zerocopy::FromZeros;
 
     fn ram(size: usize) -> GuestMemory {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()
@@ -158,11 +154,14 @@ mod tests {
     fn writes_start_info_memory_map_and_command_line() {
         let mem = ram(16 << 20);
         let addr = write_boot_params(&mem, "poweroff fault=ud").unwrap();
-        let info: hvm_start_info = mem.read_obj(GuestAddress(addr)).unwrap();
-        assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
+        let mut info = StartInfo::new_zeroed();
+        mem.read_slice(info.as_mut_bytes(), GuestAddress(addr)).unwrap();
+        assert_eq!(info.magic, START_MAGIC);
         assert_eq!(info.memmap_entries, 3);
-        let last: hvm_memmap_table_entry = mem.read_obj(GuestAddress(info.memmap_paddr + 2 * 24)).unwrap();
-        assert_eq!(last.addr + last.size, 16 << 20);
+        let mut map = [MemoryRegion::new_zeroed(); 3];
+        mem.read_slice(map.as_mut_bytes(), GuestAddress(info.memmap_paddr)).unwrap();
+        assert_eq!(map[2].addr + map[2].size, 16 << 20);
+        assert!(map[0].is_ram() && !map[1].is_ram() && map[2].is_ram());
         let mut line = [0u8; 18];
         mem.read_slice(&mut line, GuestAddress(info.cmdline_paddr)).unwrap();
         assert_eq!(&line, b"poweroff fault=ud\0");

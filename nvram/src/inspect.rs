@@ -2,12 +2,23 @@
 //! and which one is committed, the plates and the deletion-pending list, the resource tables'
 //! headers, and whether every checksum holds. Any bytes decode to a report, never a panic:
 //! every offset is checked against the image's length first.
+//!
+//! It lives beside the records it decodes (host only: the `std` feature), so that a tool
+//! reads an image with no part of the guest kernel's logic.
 
-use kernel_core::plates::{self, PlateKind, PlateTable, TABLE_SIZE};
-use kernel_core::resources::Resources;
-use nvram::header::{self, HeaderCopy, HeaderError, RootHeader, ShutdownFlag, HEADER_SIZE};
-use nvram::layout;
+use std::boxed::Box;
+use std::format;
+use std::string::String;
+use std::vec;
+use std::vec::Vec;
+
 use serde::Serialize;
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
+
+use crate::header::{self, HeaderCopy, HeaderError, RootHeader, ShutdownFlag, HEADER_SIZE};
+use crate::layout;
+use crate::plate::{self, PlateKind, PlateTable, TABLE_SIZE};
+use crate::resources::Resources;
 
 /// What an image holds, as far as it can be read.
 #[derive(Debug, Serialize)]
@@ -66,24 +77,26 @@ pub struct PendingReport {
 }
 
 fn kind_name(raw: u32) -> &'static str {
-    match PlateKind::from_raw(raw) {
-        Some(PlateKind::Fixed) => "fixed table",
-        Some(PlateKind::KernelSpace) => "kernel space",
-        Some(PlateKind::PageTables) => "page tables",
-        Some(PlateKind::UserSpace) => "user space",
-        None => "unknown",
-    }
+    PlateKind::try_from(raw).map_or("unknown", <&str>::from)
 }
 
-/// A plate table read from `bytes` at `at`, if the image holds all of it.
+/// A plate table read from `bytes` at `at`, if the image holds all of it (copied: the image
+/// need not be aligned, and a table is too large for a stack).
 fn table_at(bytes: &[u8], at: u64) -> Option<Box<PlateTable>> {
     let at = usize::try_from(at).ok()?;
     let src = bytes.get(at..at.checked_add(TABLE_SIZE)?)?;
-    // SAFETY: every bit pattern is a valid PlateTable (integers only), so a zeroed box is one.
-    let mut table: Box<PlateTable> = unsafe { Box::new_zeroed().assume_init() };
-    // SAFETY: `src` holds TABLE_SIZE bytes; the box holds a PlateTable of TABLE_SIZE bytes.
-    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), &mut *table as *mut PlateTable as *mut u8, TABLE_SIZE) };
+    let mut table = PlateTable::new_box_zeroed().ok()?;
+    table.as_mut_bytes().copy_from_slice(src);
     Some(table)
+}
+
+/// Whether the resource tables in `raw` (their block's bytes) check out. The block has no
+/// `IntoBytes` (its tables are generic), so its bytes go through aligned words.
+fn resources_ok(raw: &[u8]) -> Option<bool> {
+    let mut words = vec![0u64; raw.len().div_ceil(8)];
+    words.as_mut_bytes()[..raw.len()].copy_from_slice(raw);
+    let (resources, _) = Resources::ref_from_prefix(words.as_bytes()).ok()?;
+    Some(resources.check().is_ok())
 }
 
 /// Decodes `bytes`, the contents of an image.
@@ -144,22 +157,14 @@ pub fn inspect(bytes: &[u8]) -> Report {
         format_version: header.format_version,
         build_id: format!("{:016x}", header.build_id),
         boot_count: header.boot_count,
-        shutdown_flag: match ShutdownFlag::from_raw(header.shutdown_flag) {
-            Some(ShutdownFlag::Normal) => "normal",
-            Some(ShutdownFlag::Abnormal) => "abnormal",
-            None => "invalid",
-        },
+        shutdown_flag: ShutdownFlag::try_from(header.shutdown_flag).map_or("invalid", <&str>::from),
         generation: header.generation,
         frames: header.frames,
         checksum_ok: header.compute_checksum() == header.checksum,
     });
     let res_at = layout::RESOURCES as usize;
-    if let Some(raw) = bytes.get(res_at..res_at + std::mem::size_of::<Resources>()) {
-        // SAFETY: every bit pattern is a valid Resources (integers only).
-        let mut resources: Box<Resources> = unsafe { Box::new_zeroed().assume_init() };
-        // SAFETY: `raw` holds size_of::<Resources>() bytes.
-        unsafe { std::ptr::copy_nonoverlapping(raw.as_ptr(), &mut *resources as *mut Resources as *mut u8, raw.len()) };
-        report.resources_ok = Some(resources.check().is_ok());
+    if let Some(raw) = bytes.get(res_at..res_at + core::mem::size_of::<Resources>()) {
+        report.resources_ok = resources_ok(raw);
     }
     let tables: Vec<Option<Box<PlateTable>>> = layout::PLATE_SLOTS.iter().map(|&a| table_at(bytes, a)).collect();
     for (i, table) in tables.iter().enumerate() {
@@ -184,7 +189,7 @@ pub fn inspect(bytes: &[u8]) -> Report {
         report.slots.push(slot);
     }
     if let [Some(a), Some(b)] = &tables[..] {
-        report.committed = plates::committed([a, b]);
+        report.committed = plate::committed([a, b]);
     }
     if let Some(table) = report.committed.and_then(|i| tables[i].as_ref()) {
         report.plates = table
@@ -211,6 +216,8 @@ pub fn inspect(bytes: &[u8]) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::rngs::SmallRng;
+    use rand::{RngExt, SeedableRng};
 
     #[test]
     fn empty_truncated_blank_and_foreign_images_are_explained() {
@@ -242,24 +249,19 @@ mod tests {
 
     #[test]
     fn random_and_truncated_bytes_never_panic() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut rng = SmallRng::seed_from_u64(0x2545_f491_4f6c_dd1d);
         let mut image = vec![0u8; 12 << 20];
         for round in 0..40 {
             // Garbage in the interesting places: the header, the slots, the tables.
             for at in [layout::ROOT_HEADER, layout::PLATE_SLOTS[0], layout::PLATE_SLOTS[1], layout::RESOURCES] {
-                for b in image[at as usize..at as usize + 4096].iter_mut() {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    *b = state as u8;
-                }
+                rng.fill(&mut image[at as usize..at as usize + 4096]);
             }
             if round % 3 == 0 {
                 // A valid header, so that decoding goes on to the slots.
                 let h = RootHeader::new(7);
                 image[layout::ROOT_HEADER as usize..][..HEADER_SIZE].copy_from_slice(&h.to_bytes());
             }
-            let cut = (state as usize) % image.len();
+            let cut = rng.random_range(0..image.len());
             let _ = inspect(&image);
             let _ = inspect(&image[..cut]);
         }
