@@ -9,6 +9,7 @@
 //! of the image format and must bump [`header::FORMAT_VERSION`].
 #![cfg_attr(not(feature = "std"), no_std)]
 
+pub mod cmdline;
 pub mod control;
 pub mod engine;
 pub mod exit;
