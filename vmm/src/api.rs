@@ -13,6 +13,10 @@
 //! | `{"cmd":"metrics"}` | count, min, median, p99, max (ms) of write-outs and restores; bytes copied; `persistence` (model, persist barriers and bytes made durable); `engine` (batches, copies, bytes, host time) |
 //!
 //! An error is `{"ok":false,"error":"..."}`.
+//!
+//! Each reply is a typed struct ([`StatusReply`], [`CheckpointReply`], ...) and a
+//! [`Response`] serializes as the reply's fields beside `ok`: `vmm ctl` reads the same types
+//! back, so the two ends of the socket cannot drift apart.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

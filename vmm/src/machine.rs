@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::io::{self, LineWriter, Write};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use devices::dirty::DirtyTracker;
 use devices::engine::EngineStats;
@@ -126,12 +126,13 @@ impl Machine {
         }));
         let barrier = PersistBarrier::new(mem.clone(), domain.clone());
         bus.register(nvram::persist::BASE, nvram::persist::LEN, Box::new(barrier)).map_err(overlap)?;
-        let mut engine = CopyEngine::new(mem.clone(), domain.clone()).with_dirty_log(tracker);
+        let engine = CopyEngine::new(mem.clone(), domain.clone()).with_dirty_log(tracker);
         let engine_stats = engine.stats();
         #[cfg(feature = "test-knobs")]
-        if let Some(ms) = config.engine_pause_ms {
-            engine = engine.with_pause(Duration::from_millis(ms));
-        }
+        let engine = match config.engine_pause_ms {
+            Some(ms) => engine.with_pause(std::time::Duration::from_millis(ms)),
+            None => engine,
+        };
         bus.register(nvram::engine::BASE, nvram::engine::LEN, Box::new(engine)).map_err(overlap)?;
 
         info!(

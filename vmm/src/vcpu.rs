@@ -1,14 +1,13 @@
 //! The vCPU: its state at the PVH entry, and the run loop that serves its exits.
 //!
-//! State machine of the loop (one vCPU):
+//! How the loop ends (the states the VMM drives, running, paused, stopping, are those of
+//! [`crate::vcpu_state::VcpuState`]):
 //!
 //! ```text
-//!   Running --(port I/O)--> Running            devices on the port bus
-//!   Running --(pause + kick)--> Paused         parked on a condition variable, no guest code
-//!   Paused  --(resume)--> Running
-//!   Running|Paused --(stop + kick)--> Stopped(Requested)   the VMM asked to stop
-//!   Running --(exit port)--> Stopped(Guest)    the guest asked to stop
-//!   Running --(triple fault, internal error, unexpected exit)--> Failed(GuestError)
+//!   port I/O                                    served by the devices on the port bus; go on
+//!   a stop asked for (and kicked)               VcpuStop::Requested
+//!   the exit port                               VcpuStop::Guest
+//!   triple fault, internal error, odd exit      GuestError
 //! ```
 //!
 //! A kick is a signal to the vCPU thread that sets `immediate_exit`: a running `KVM_RUN`
