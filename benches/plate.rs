@@ -13,13 +13,17 @@
 //! the paper's, with the share of the guest kernel's bookkeeping (emulated under PVM).
 
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use devices::control::OperationRecord;
-use devices::control::{lock, StatusHandle};
-use nvram::control::{BootKind, Operation, Request};
-use vmm::{ConsoleOutput, Machine, Stopper, VmConfig};
+use nvram::control::{BootKind, Operation};
+use vmm::harness::{crash, start, wait};
+use vmm::quantile::quantile;
+use vmm::{ConsoleOutput, VmConfig};
+
+/// The longest wait for anything the guest does.
+const LIMIT: Duration = Duration::from_secs(60);
 
 /// The paper's figures (Tender on QEMU): write-out and restore, in ms.
 const PAPER_WRITE_OUT_MS: f64 = 11.5;
@@ -29,14 +33,14 @@ const PAPER_RESTORE_MS: f64 = 60.6;
 fn medians(records: &[OperationRecord]) -> ([f64; 6], f64, u64) {
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        quantile(&v, 0.5).unwrap_or(f64::NAN)
     };
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let phases = std::array::from_fn(|i| median(records.iter().map(|r| ms(r.phases[i])).collect()));
     let total = median(records.iter().map(|r| ms(r.total)).collect());
     let mut copied: Vec<u64> = records.iter().map(|r| r.report.copied_bytes).collect();
     copied.sort();
-    (phases, total, copied.get(copied.len() / 2).copied().unwrap_or(0))
+    (phases, total, quantile(&copied, 0.5).unwrap_or(0))
 }
 
 /// One row of the report.
@@ -98,71 +102,35 @@ fn config(image: &std::path::Path, console: &std::path::Path, cmdline: &str) -> 
     config
 }
 
-struct Running {
-    status: StatusHandle,
-    stopper: Stopper,
-    runner: thread::JoinHandle<()>,
-}
-
-fn start(config: VmConfig) -> Running {
-    let mut machine = Machine::build(&config).expect("build the machine");
-    let status = machine.status();
-    let stopper = machine.stopper();
-    let runner = thread::spawn(move || {
-        machine.run().expect("run the machine");
-    });
-    Running { status, stopper, runner }
-}
-
-impl Running {
-    fn wait(&self, what: &str, done: impl Fn(&devices::MachineStatus) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !done(&lock(&self.status)) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// A power failure: the vCPU stops, the image keeps every store.
-    fn crash(self) {
-        self.stopper.stop();
-        self.runner.join().expect("vCPU thread");
-    }
-}
-
 fn write_outs(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let (image, console) = (dir.path().join("paper.img"), dir.path().join("console.log"));
-    let vm = start(config(&image, &console, &paper_cmdline()));
+    let vm = start(&config(&image, &console, &paper_cmdline()));
+    let controller = vm.controller().clone();
     // Let memtouch map its regions; the first requested write-out plate-ifies them.
-    vm.wait("memtouch's regions", |s| s.workloads.get("memtouch").is_some_and(|w| w.progress >= 2));
-    let before = lock(&vm.status).of(Operation::WriteOut).count();
-    lock(&vm.status).pending = Some(Request::Checkpoint);
-    vm.wait("the plate-ification", |s| s.of(Operation::WriteOut).count() > before);
-    let plateification = lock(&vm.status).of(Operation::WriteOut).last().cloned().unwrap();
+    wait(&vm, LIMIT, "memtouch's regions", |s| s.workloads.get("memtouch").is_some_and(|w| w.progress >= 2));
+    let plateification = controller.checkpoint(LIMIT).expect("the plate-ification");
     let mut group = c.benchmark_group("paper");
     group.sample_size(10).measurement_time(Duration::from_secs(10));
     group.bench_function("write-out, 456 plates, 1.4 MB dirtied per 100 ms", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                let before = lock(&vm.status).of(Operation::WriteOut).count();
                 thread::sleep(Duration::from_millis(100));
-                lock(&vm.status).pending = Some(Request::Checkpoint);
-                vm.wait("a write-out", |s| s.of(Operation::WriteOut).count() > before);
-                total += lock(&vm.status).of(Operation::WriteOut).last().unwrap().total;
+                total += controller.checkpoint(LIMIT).expect("a write-out").total;
             }
             total
         })
     });
     group.finish();
     // The write-outs measured: those after the plate-ification, the periodic ones between.
-    let write_outs: Vec<OperationRecord> = lock(&vm.status)
+    let write_outs: Vec<OperationRecord> = controller
+        .snapshot()
         .of(Operation::WriteOut)
         .filter(|r| r.report.generation > plateification.report.generation)
         .cloned()
         .collect();
-    vm.crash();
+    crash(vm);
     let mut restores = Vec::new();
 
     let mut group = c.benchmark_group("paper");
@@ -171,12 +139,12 @@ fn write_outs(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                let vm = start(config(&image, &console, &format!("memtouch_ms=100 {}", copier())));
-                vm.wait("the restore", |s| s.boot_kind == Some(BootKind::Restored));
-                let restore = lock(&vm.status).of(Operation::Restore).last().cloned().unwrap();
+                let vm = start(&config(&image, &console, &format!("memtouch_ms=100 {}", copier())));
+                let status = wait(&vm, LIMIT, "the restore", |s| s.boot_kind == Some(BootKind::Restored));
+                let restore = status.of(Operation::Restore).last().cloned().unwrap();
                 total += restore.total;
                 restores.push(restore);
-                vm.crash();
+                crash(vm);
             }
             total
         })

@@ -12,9 +12,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{vmm_bin, Scratch};
-use devices::control::{lock, MachineStatus};
 use nvram::control::{BootKind, Copier, Operation, Verified};
-use vmm::{ConsoleOutput, Machine, RunOutcome, VmConfig};
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+use vmm::harness::run_then_crash;
+use vmm::{ConsoleOutput, VmConfig};
 
 fn config(scratch: &Scratch, cmdline: &str) -> VmConfig {
     let mut config = VmConfig::new(scratch.image());
@@ -22,30 +24,6 @@ fn config(scratch: &Scratch, cmdline: &str) -> VmConfig {
     config.cmdline = cmdline.into();
     config.console = ConsoleOutput::File(scratch.console());
     config
-}
-
-/// Boots in-process until `done` holds, then stops the vCPU dead: no guest instruction runs
-/// after that, and guest RAM is the image file: a power failure.
-fn run_then_crash(config: VmConfig, limit: Duration, mut done: impl FnMut(&MachineStatus) -> bool) -> MachineStatus {
-    let mut machine = Machine::build(&config).expect("build the machine");
-    let status = machine.status();
-    let stopper = machine.stopper();
-    let runner = thread::spawn(move || machine.run());
-    let deadline = Instant::now() + limit;
-    loop {
-        let snapshot = lock(&status).clone();
-        if done(&snapshot) {
-            stopper.stop();
-            assert_eq!(runner.join().unwrap().unwrap(), RunOutcome::Stopped);
-            return snapshot;
-        }
-        if runner.is_finished() || Instant::now() > deadline {
-            stopper.stop();
-            let outcome = runner.join().unwrap();
-            panic!("condition not reached in {limit:?} (run: {outcome:?}); status: {snapshot:?}");
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
 }
 
 #[test]
@@ -62,11 +40,11 @@ fn a_space_deleted_after_a_checkpoint_comes_back_intact_with_the_bookkeeping_in_
 
 fn deleted_space_comes_back(extra: &str) {
     let scratch = Scratch::new();
-    run_then_crash(config(&scratch, &format!("apps=deleter,counter {extra}")), Duration::from_secs(20), |s| {
+    run_then_crash(&config(&scratch, &format!("apps=deleter,counter {extra}")), Duration::from_secs(20), |s| {
         s.workloads.get("deleter").is_some_and(|w| w.progress == 1)
     });
     assert!(scratch.read_console().contains("region deleted after the checkpoint"));
-    let after = run_then_crash(config(&scratch, extra), Duration::from_secs(20), |s| {
+    let after = run_then_crash(&config(&scratch, extra), Duration::from_secs(20), |s| {
         s.workloads.get("deleter").is_some_and(|w| w.progress == 2)
     });
     assert_eq!(after.boot_kind, Some(BootKind::Restored));
@@ -75,14 +53,6 @@ fn deleted_space_comes_back(extra: &str) {
     assert_eq!(after.of(Operation::Restore).count(), 1, "the restore reported its metrics");
     let mode = if extra.contains("ring0") { "in kernel mode" } else { "at CPL 3" };
     assert!(scratch.read_console().contains(&format!("bookkeeping runs {mode}")), "{}", scratch.read_console());
-}
-
-/// A tiny deterministic generator for the kill times (the seed is printed on failure).
-fn next(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
 }
 
 #[test]
@@ -117,7 +87,8 @@ fn sigkill_rounds(copier: &str, rounds: u32) {
 fn sigkill_rounds_with(copier: &str, rounds: u32, extra: &[&str]) {
     let scratch = Scratch::new();
     let seed = 0x5eed_u64 ^ u64::from(std::process::id());
-    let mut rng = seed;
+    // Deterministic kill times (the seed is printed on failure).
+    let mut rng = SmallRng::seed_from_u64(seed);
     let image = scratch.image().display().to_string();
     let cmdline = format!("apps=kv,memtouch memtouch=48,32,256 memtouch_ms=20 checkpoint_ms=100 {copier}");
     let cmdline = cmdline.as_str();
@@ -156,7 +127,7 @@ fn sigkill_rounds_with(copier: &str, rounds: u32, extra: &[&str]) {
         while committed.lock().unwrap().0 == 0 && Instant::now() < deadline && !reader.is_finished() {
             thread::sleep(Duration::from_millis(5));
         }
-        thread::sleep(Duration::from_millis(next(&mut rng) % 1000));
+        thread::sleep(Duration::from_millis(rng.random_range(0..1000)));
         child.kill().expect("SIGKILL the VMM");
         child.wait().unwrap();
         reader.join().unwrap();
@@ -164,7 +135,7 @@ fn sigkill_rounds_with(copier: &str, rounds: u32, extra: &[&str]) {
         assert!(last_committed > 0, "round {round} (seed {seed:#x}): no generation committed before the kill:\n{log}");
 
         // The next boot restores, and kv's table verifies.
-        let after = run_then_crash(config(&scratch, copier), Duration::from_secs(30), |s| {
+        let after = run_then_crash(&config(&scratch, copier), Duration::from_secs(30), |s| {
             s.boot_kind.is_some() && s.workloads.get("kv").is_some_and(|w| w.last_check != Verified::Unknown)
         });
         assert_eq!(after.boot_kind, Some(BootKind::Restored), "round {round} (seed {seed:#x}): {after:?}");
@@ -183,7 +154,7 @@ fn sigkill_rounds_with(copier: &str, rounds: u32, extra: &[&str]) {
 #[test]
 fn with_plate_off_nothing_is_committed_and_a_crash_starts_afresh() {
     let scratch = Scratch::new();
-    let before = run_then_crash(config(&scratch, "apps=deleter plate=off"), Duration::from_secs(20), |_| {
+    let before = run_then_crash(&config(&scratch, "apps=deleter plate=off"), Duration::from_secs(20), |_| {
         scratch.read_console().contains("deleter:") || scratch.read_console().contains("exited with code 3")
     });
     assert!(before.of(Operation::WriteOut).next().is_none(), "{before:?}");
@@ -192,7 +163,7 @@ fn with_plate_off_nothing_is_committed_and_a_crash_starts_afresh() {
         "checkpoint() refused: {}",
         scratch.read_console()
     );
-    let after = run_then_crash(config(&scratch, "plate=off"), Duration::from_secs(20), |s| s.boot_kind.is_some());
+    let after = run_then_crash(&config(&scratch, "plate=off"), Duration::from_secs(20), |s| s.boot_kind.is_some());
     assert_eq!(after.boot_kind, Some(BootKind::Cold));
     assert!(scratch.read_console().contains("nothing was committed: starting afresh"));
 }

@@ -257,3 +257,36 @@ fn inspect_shows_the_committed_plate_table() {
     let human = run(&mut vmm(&["inspect", &image]), BOOT_LIMIT);
     assert!(human.stdout.contains("(committed)"), "{human:?}");
 }
+
+#[test]
+fn an_unknown_cmdline_key_is_a_usage_error_that_lists_the_known_ones() {
+    let scratch = Scratch::new();
+    let out = run(vmm(&[]).args(boot_args(&scratch, "apps=kv chekpoint_ms=50")), BOOT_LIMIT);
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("--cmdline") && out.stderr.contains("`chekpoint_ms=50`"), "{out:?}");
+    for key in ["checkpoint_ms", "kv_verify_every", "counter_shutdown", "plate_copy"] {
+        assert!(out.stderr.contains(key), "{key} is listed: {out:?}");
+    }
+    assert!(!scratch.image().exists(), "nothing is created for a bad command line");
+}
+
+#[test]
+fn a_known_cmdline_key_with_a_bad_value_is_a_usage_error() {
+    let scratch = Scratch::new();
+    let out = run(vmm(&[]).args(boot_args(&scratch, "poweroff plate_copy=gpu")), BOOT_LIMIT);
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("`plate_copy=gpu` has a bad value"), "{out:?}");
+    assert!(!scratch.image().exists());
+}
+
+#[test]
+fn crash_evict_under_eadr_is_a_usage_error_for_boot_too() {
+    // It used to be dropped silently by `vmm boot`: under eADR nothing is evicted.
+    let scratch = Scratch::new();
+    let mut args = boot_args(&scratch, "poweroff");
+    args.extend(["--crash-evict".into(), "0.5".into()]);
+    let out = run(vmm(&[]).args(args), BOOT_LIMIT);
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("--persistence adr"), "{out:?}");
+    assert!(!scratch.image().exists());
+}

@@ -4,13 +4,12 @@
 
 mod common;
 
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::Scratch;
-use devices::control::{lock, MachineStatus};
+use devices::MachineStatus;
 use nvram::control::{BootKind, Verified};
-use vmm::{ConsoleOutput, Machine, RunOutcome, VmConfig};
+use vmm::{harness, ConsoleOutput, RunOutcome, VmConfig};
 
 fn config(scratch: &Scratch, cmdline: &str) -> VmConfig {
     let mut config = VmConfig::new(scratch.image());
@@ -20,31 +19,10 @@ fn config(scratch: &Scratch, cmdline: &str) -> VmConfig {
     config
 }
 
-/// Boots `config` on a thread; polls the status until `done` holds (or fails after
-/// `limit`), then stops the machine. Returns the last status.
-fn run_until(config: VmConfig, limit: Duration, mut done: impl FnMut(&MachineStatus) -> bool) -> MachineStatus {
-    let mut machine = Machine::build(&config).expect("build the machine");
-    let status = machine.status();
-    let stopper = machine.stopper();
-    let runner = thread::spawn(move || machine.run());
-    let deadline = Instant::now() + limit;
-    loop {
-        let snapshot = lock(&status).clone();
-        if done(&snapshot) {
-            break;
-        }
-        if runner.is_finished() || Instant::now() > deadline {
-            stopper.stop();
-            let outcome = runner.join().expect("the vCPU thread");
-            panic!("condition not reached within {limit:?}; run ended as {outcome:?}; status {snapshot:?}");
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    stopper.stop();
-    let outcome = runner.join().expect("the vCPU thread").expect("the run");
-    assert_eq!(outcome, RunOutcome::Stopped);
-    let last = lock(&status).clone();
-    last
+/// Boots `config` on a thread until `done` holds (or fails after `limit`), then stops the
+/// machine. Returns the status that satisfied `done`.
+fn run_until(config: VmConfig, limit: Duration, done: impl FnMut(&MachineStatus) -> bool) -> MachineStatus {
+    harness::run_then_crash(&config, limit, done)
 }
 
 fn progress(status: &MachineStatus, name: &str) -> u64 {
@@ -102,11 +80,8 @@ fn a_faulting_process_is_killed_and_the_others_go_on() {
 fn a_graceful_shutdown_resumes_exactly_where_it_stopped() {
     let scratch = Scratch::new();
     // First run: the kernel shuts down by itself after run_ms (a graceful shutdown).
-    let mut machine = Machine::build(&config(&scratch, "apps=counter,kv run_ms=800")).unwrap();
-    let status = machine.status();
-    assert!(matches!(machine.run().unwrap(), RunOutcome::Guest(_)));
-    let before = lock(&status).clone();
-    drop(machine);
+    let (outcome, before) = harness::run_to_end(&config(&scratch, "apps=counter,kv run_ms=800"));
+    assert!(matches!(outcome, RunOutcome::Guest(_)));
     assert!(scratch.read_console().contains("shut down"));
     let (counter_before, kv_before) = (progress(&before, "counter"), progress(&before, "kv"));
     assert!(counter_before > 0 && kv_before > 0, "{before:?}");
@@ -135,9 +110,8 @@ fn complete_line_after(console: &str, prefix: &str) -> Option<String> {
 #[test]
 fn a_shutdown_by_system_call_resumes_the_counter_at_exactly_its_value() {
     let scratch = Scratch::new();
-    let mut machine = Machine::build(&config(&scratch, "apps=counter counter_shutdown=3")).unwrap();
-    assert!(matches!(machine.run().unwrap(), RunOutcome::Guest(_)), "the guest powered itself off");
-    drop(machine);
+    let (outcome, _) = harness::run_to_end(&config(&scratch, "apps=counter counter_shutdown=3"));
+    assert!(matches!(outcome, RunOutcome::Guest(_)), "the guest powered itself off");
     let console = scratch.read_console();
     let at = complete_line_after(&console, "counter: shutting the machine down at ")
         .unwrap_or_else(|| panic!("no shutdown in:\n{console}"));

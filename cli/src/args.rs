@@ -100,15 +100,18 @@ pub enum Model {
     Adr,
 }
 
-impl PersistenceArgs {
-    /// The configuration, or why the combination makes no sense.
-    pub fn check(&self) -> Result<(), String> {
-        if self.crash_evict.is_some() && self.persistence != Model::Adr {
-            return Err("--crash-evict needs --persistence adr: under eadr every line is durable already".into());
-        }
-        Ok(())
+/// Arguments that parse but make no sense together (checked by [`vmm::VmConfig::validate`]):
+/// the VMM exits with status 2, as for any other bad usage.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
+
+impl std::error::Error for UsageError {}
 
 fn parse_fraction(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
@@ -184,7 +187,8 @@ pub struct BootArgs {
     /// Listen for control requests on this Unix socket (see `vmm ctl`).
     #[arg(long, value_name = "SOCK")]
     pub control: Option<PathBuf>,
-    /// Testing: the copy engine pauses this long halfway through each batch.
+    /// Testing: the copy engine pauses this long halfway through each batch (refused unless
+    /// the VMM is built with the `test-knobs` feature, as the tests build it).
     #[arg(long, value_name = "MS", hide = true)]
     pub engine_pause_ms: Option<u64>,
     /// Map every page of the image before the guest starts (the image becomes fully

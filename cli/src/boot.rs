@@ -2,20 +2,21 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
-use devices::GuestExit;
-use nvram::exit::ExitCode as GuestCode;
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use vmm::api::Controller;
-use vmm::config::{CrashEvict, Persistence, PersistenceModel};
+use anyhow::Context;
+use devices::GuestExit;
+use nvram::control::Verified;
+use nvram::exit::ExitCode as GuestCode;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use vmm::config::{ConfigError, CrashEvict, Persistence, PersistenceModel};
 use vmm::control_socket::{ControlSocket, CrashHook};
-use vmm::{ConsoleOutput, KernelSource, Machine, Prefault, RunOutcome, VmConfig};
+use vmm::image::ImageError;
+use vmm::{ConsoleOutput, Controller, KernelSource, Machine, Prefault, RunOutcome, VmConfig};
 
-use crate::args::{BootArgs, Model, PersistenceArgs};
+use crate::args::{BootArgs, Model, PersistenceArgs, UsageError};
 
 /// Exit status when the VMM itself fails (bad arguments, image, KVM).
 pub const EXIT_VMM_ERROR: u8 = 1;
@@ -35,24 +36,49 @@ static CRASHING: AtomicBool = AtomicBool::new(false);
 /// Exit status after a crash asked for (control socket, or a second Ctrl-C): a power failure.
 pub const EXIT_CRASHED: u8 = 7;
 
-impl From<BootArgs> for VmConfig {
-    fn from(args: BootArgs) -> Self {
-        let mut config = VmConfig::new(args.nvram);
-        config.mem_size = args.mem;
-        config.reformat = args.reformat;
-        config.kernel = args.kernel.map_or(KernelSource::Bundled, KernelSource::File);
-        config.cmdline = args.cmdline;
-        config.console = args.console.map_or(ConsoleOutput::Stdout, ConsoleOutput::File);
-        config.kvm_device = args.kvm_device;
-        config.engine_pause_ms = args.engine_pause_ms;
-        config.persistence = persistence(args.persistence, args.seed);
-        if args.prefault {
-            config.prefault = Prefault::All;
+/// The machine the arguments describe, validated: a configuration that makes no sense is a
+/// usage error, worded with the flags that made it.
+pub fn config(args: BootArgs) -> Result<VmConfig, UsageError> {
+    let mut config = VmConfig::new(args.nvram);
+    config.mem_size = args.mem;
+    config.reformat = args.reformat;
+    config.kernel = args.kernel.map_or(KernelSource::Bundled, KernelSource::File);
+    config.cmdline = args.cmdline;
+    config.console = args.console.map_or(ConsoleOutput::Stdout, ConsoleOutput::File);
+    config.kvm_device = args.kvm_device;
+    config.set_engine_pause_ms(args.engine_pause_ms).map_err(usage)?;
+    config.persistence = persistence(args.persistence, args.seed);
+    if args.prefault {
+        config.prefault = Prefault::All;
+    }
+    if args.sparse {
+        config.allocation = vmm::image::Allocation::Sparse;
+    }
+    config.validate().map_err(usage)?;
+    Ok(config)
+}
+
+/// A configuration error in the words of the command line.
+pub fn usage(e: ConfigError) -> UsageError {
+    UsageError(match e {
+        ConfigError::CrashEvictUnderEadr => {
+            "--crash-evict needs --persistence adr: under eadr every line is durable already".into()
         }
-        if args.sparse {
-            config.allocation = vmm::image::Allocation::Sparse;
-        }
-        config
+        ConfigError::EvictFraction(_) => format!("--crash-evict: {e}"),
+        ConfigError::UnknownCmdlineItem { .. } | ConfigError::BadCmdlineValue { .. } => format!("--cmdline: {e}"),
+        ConfigError::TestKnobsOff => format!("--engine-pause-ms: {e}"),
+    })
+}
+
+/// A library error that names what the user typed, in the words of the command line.
+fn in_cli_terms(e: vmm::Error, prefault: bool) -> anyhow::Error {
+    match e {
+        vmm::Error::Image(ImageError::SizeMismatch { path, actual, requested }) => anyhow::anyhow!(
+            "{} holds {actual} bytes of RAM but --mem asks for {requested}; drop --mem to use the image as it is, or use another image",
+            path.display()
+        ),
+        e @ vmm::Error::Prefault(_) if prefault => anyhow::Error::new(e).context("--prefault failed (boot without it)"),
+        e => e.into(),
     }
 }
 
@@ -71,11 +97,10 @@ pub fn persistence(args: PersistenceArgs, seed: Option<u64>) -> Persistence {
 
 pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
     let control_path = args.control.clone();
-    let config = VmConfig::from(args);
-    let mut machine = Machine::build(&config)?;
-    let controller = Controller::new(machine.status(), machine.stopper())
-        .with_persistence(machine.persistence())
-        .with_engine(machine.engine_stats());
+    let prefault = args.prefault;
+    let config = config(args)?;
+    let machine = Machine::build(&config).map_err(|e| in_cli_terms(e, prefault))?;
+    let controller = machine.controller();
 
     // A crash: the vCPU stops, the persistence model drops what it would lose at a power
     // failure (when the run returns), and the process ends at once.
@@ -97,8 +122,7 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
     // one: a crash.
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install the Ctrl-C handler")?;
     let signal_handle = signals.handle();
-    let stopper = machine.stopper();
-    let status = machine.status();
+    let signal_controller = controller.clone();
     let signal_thread = std::thread::spawn(move || {
         let mut first = None;
         for signal in signals.forever() {
@@ -106,18 +130,18 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
                 crash();
             }
             first = Some(signal);
-            if devices::control::lock(&status).boot_kind.is_some() {
+            if signal_controller.has_booted() {
                 eprintln!("vmm: asking the guest to shut down (again to crash)");
-                controller.request_shutdown();
+                signal_controller.request_shutdown();
             } else {
-                stopper.stop();
+                signal_controller.crash();
                 break;
             }
         }
         first
     });
 
-    let outcome = machine.run();
+    let outcome = machine.spawn().and_then(vmm::RunningMachine::wait);
     if CRASHING.load(Ordering::SeqCst) {
         // Nothing of an orderly stop may happen after a crash.
         let held = match config.persistence.model {
@@ -128,7 +152,7 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
         std::process::exit(i32::from(EXIT_CRASHED));
     }
     signal_handle.close();
-    print_workloads(&machine.status());
+    print_workloads(&controller);
     let signal = signal_thread.join().ok().flatten();
 
     let (code, message) = match outcome {
@@ -164,13 +188,12 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// One line per workload that reported, from the machine-control device's last values.
-fn print_workloads(status: &devices::StatusHandle) {
-    let status = devices::control::lock(status);
-    for (name, w) in &status.workloads {
+fn print_workloads(controller: &Controller) {
+    for (name, w) in &controller.snapshot().workloads {
         let check = match w.last_check {
-            nvram::control::Verified::Passed => "verify passed",
-            nvram::control::Verified::Failed => "verify FAILED",
-            nvram::control::Verified::Unknown => "not verified",
+            Verified::Passed => "verify passed",
+            Verified::Failed => "verify FAILED",
+            Verified::Unknown => "not verified",
         };
         eprintln!(
             "vmm: workload {name} (process {}): progress {}, checksum {:#018x}, {check}, {} heartbeats",

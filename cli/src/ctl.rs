@@ -5,23 +5,21 @@ use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use vmm::api::{CheckpointReply, Distribution, MetricsReply, Request, StateReply, StatusReply};
 
 use crate::args::{CtlArgs, CtlCommand};
 
-fn request(args: &CtlArgs) -> Value {
-    let cmd = match args.command {
-        CtlCommand::Status => "status",
-        CtlCommand::Checkpoint => "checkpoint",
-        CtlCommand::Shutdown => "shutdown",
-        CtlCommand::Crash => "crash",
-        CtlCommand::Pause => "pause",
-        CtlCommand::Resume => "resume",
-        CtlCommand::Metrics => "metrics",
-    };
-    match (args.command, args.timeout_ms) {
-        (CtlCommand::Checkpoint, Some(ms)) => json!({ "cmd": cmd, "timeout_ms": ms }),
-        _ => json!({ "cmd": cmd }),
+fn request(args: &CtlArgs) -> Request {
+    match args.command {
+        CtlCommand::Status => Request::Status,
+        CtlCommand::Checkpoint => Request::Checkpoint { timeout_ms: args.timeout_ms },
+        CtlCommand::Shutdown => Request::Shutdown,
+        CtlCommand::Crash => Request::Crash,
+        CtlCommand::Pause => Request::Pause,
+        CtlCommand::Resume => Request::Resume,
+        CtlCommand::Metrics => Request::Metrics,
     }
 }
 
@@ -29,7 +27,8 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
     let mut stream = UnixStream::connect(&args.socket).with_context(|| {
         format!("cannot reach a machine at {} (is `vmm boot --control` running?)", args.socket.display())
     })?;
-    writeln!(stream, "{}", request(&args)).context("cannot send the request")?;
+    let line = serde_json::to_string(&request(&args)).context("cannot encode the request")?;
+    writeln!(stream, "{line}").context("cannot send the request")?;
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line).context("cannot read the reply")?;
     if line.trim().is_empty() {
@@ -42,81 +41,96 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
     } else if !ok {
         eprintln!("error: {}", reply["error"].as_str().unwrap_or("the machine refused the request"));
     } else {
-        print_human(args.command, &reply);
+        print_human(args.command, reply)?;
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-fn print_human(command: CtlCommand, reply: &Value) {
+/// The reply as the type its request answers with.
+fn typed<T: DeserializeOwned>(reply: Value) -> anyhow::Result<T> {
+    serde_json::from_value(reply).context("the machine's reply is not what this request answers with")
+}
+
+fn print_human(command: CtlCommand, reply: Value) -> anyhow::Result<()> {
     match command {
         CtlCommand::Status => {
+            let status: StatusReply = typed(reply)?;
             println!(
                 "state {}, boot {} (boot {} of the image), committed generation {}, up {:.1} s",
-                reply["state"].as_str().unwrap_or("?"),
-                reply["boot_kind"].as_str().unwrap_or("not yet reported"),
-                reply["boot_count"],
-                reply["committed_generation"],
-                reply["uptime_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
+                name(&status.state),
+                status.boot_kind.as_deref().unwrap_or("not yet reported"),
+                status.boot_count,
+                status.committed_generation,
+                status.uptime_ms as f64 / 1000.0
             );
-            if let Some(workloads) = reply["workloads"].as_object() {
-                for (name, w) in workloads {
-                    println!(
-                        "  {name:<10} progress {:<14} checksum {}  verified {}",
-                        w["progress"],
-                        w["checksum"].as_str().unwrap_or("?"),
-                        w["verified"].as_str().unwrap_or("?")
-                    );
-                }
+            for (workload, w) in &status.workloads {
+                println!(
+                    "  {workload:<10} progress {:<14} checksum {}  verified {}",
+                    w.progress,
+                    w.checksum,
+                    name(&w.verified)
+                );
             }
         }
         CtlCommand::Checkpoint => {
-            let w = &reply["write_out"];
+            let w = typed::<CheckpointReply>(reply)?.write_out;
             println!(
                 "committed generation {}: {} plates, {} KiB plated, {} KiB copied by {}, {} ms",
-                w["generation"],
-                w["plates"],
-                w["plated_bytes"].as_u64().unwrap_or(0) >> 10,
-                w["copied_bytes"].as_u64().unwrap_or(0) >> 10,
-                w["copier"].as_str().unwrap_or("?"),
-                w["total_ms"]
+                w.generation,
+                w.plates,
+                w.plated_bytes >> 10,
+                w.copied_bytes >> 10,
+                w.copier,
+                w.total_ms
             );
-            if let Some(phases) = w["phases_ms"].as_object() {
-                let list: Vec<String> = phases.iter().map(|(k, v)| format!("{k} {v} ms")).collect();
-                println!("  {}", list.join(", "));
-            }
+            let list: Vec<String> = w.phases_ms.iter().map(|(k, v)| format!("{k} {v} ms")).collect();
+            println!("  {}", list.join(", "));
         }
         CtlCommand::Shutdown => {
             println!("shutdown requested: the machine powers off once the guest has saved its state")
         }
         CtlCommand::Crash => println!("crashed: the machine stopped dead, as at a power failure"),
-        CtlCommand::Pause | CtlCommand::Resume => println!("{}", reply["state"].as_str().unwrap_or("?")),
+        CtlCommand::Pause | CtlCommand::Resume => println!("{}", name(&typed::<StateReply>(reply)?.state)),
         CtlCommand::Metrics => {
-            for (what, key) in [("write-outs", "write_outs"), ("restores", "restores")] {
-                let d = &reply[key];
-                if d["count"] == 0 {
-                    println!("{what}: none");
-                } else {
-                    println!(
-                        "{what}: {} (min {} ms, median {} ms, p99 {} ms, max {} ms)",
-                        d["count"], d["min_ms"], d["median_ms"], d["p99_ms"], d["max_ms"]
-                    );
-                }
+            let m: MetricsReply = typed(reply)?;
+            for (what, d) in [("write-outs", &m.write_outs), ("restores", &m.restores)] {
+                print_distribution(what, d);
             }
-            println!("bytes copied: {}", reply["bytes_copied"]);
-            let e = &reply["engine"];
-            if e.is_object() {
+            println!("bytes copied: {}", m.bytes_copied);
+            if let Some(e) = &m.engine {
                 println!(
                     "copy engine: {} batches, {} copies, {} bytes, {} ms of host time",
-                    e["batches"], e["copies"], e["bytes"], e["busy_ms"]
+                    e.batches, e.copies, e.bytes, e.busy_ms
                 );
             }
-            let p = &reply["persistence"];
-            if let Some(model) = p["model"].as_str() {
+            if let Some(p) = &m.persistence {
                 println!(
-                    "persistence: {model}, {} barriers ({} ranges, {} bytes made durable), {} write-backs of everything",
-                    p["barriers"], p["ranges"], p["bytes_made_durable"], p["write_back_alls"]
+                    "persistence: {}, {} barriers ({} ranges, {} bytes made durable), {} write-backs of everything",
+                    p.model, p.barriers, p.ranges, p.bytes_made_durable, p.write_back_alls
                 );
             }
         }
     }
+    Ok(())
+}
+
+fn print_distribution(what: &str, d: &Distribution) {
+    let ms = |v: Option<f64>| v.map_or("?".to_string(), |v| v.to_string());
+    if d.count == 0 {
+        println!("{what}: none");
+    } else {
+        println!(
+            "{what}: {} (min {} ms, median {} ms, p99 {} ms, max {} ms)",
+            d.count,
+            ms(d.min_ms),
+            ms(d.median_ms),
+            ms(d.p99_ms),
+            ms(d.max_ms)
+        );
+    }
+}
+
+/// The wire name of a state or verdict (its serde name).
+fn name(value: &impl serde::Serialize) -> String {
+    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_else(|| "?".into())
 }

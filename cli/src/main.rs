@@ -20,15 +20,6 @@ fn main() -> ExitCode {
         // SAFETY: restoring the default disposition of SIGPIPE, before any thread exists.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
-    let persistence = match &cli.command {
-        args::Command::Boot(boot) => Some(boot.persistence),
-        args::Command::Torture(torture) => Some(torture.persistence),
-        _ => None,
-    };
-    if let Some(Err(why)) = persistence.map(|p| p.check()) {
-        use clap::CommandFactory;
-        args::Cli::command().error(clap::error::ErrorKind::ArgumentConflict, why).exit();
-    }
     // Torture boots hundreds of machines under a progress bar: their logs only if asked.
     let level = match &cli.command {
         args::Command::Torture(_) if !cli.verbose && !cli.quiet => "warn",
@@ -48,25 +39,16 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(err) => {
-            eprintln!("error: {}", describe(&err));
-            ExitCode::from(boot::EXIT_VMM_ERROR)
-        }
-    }
-}
-
-/// The error and its causes on one line, each cause once: many library errors repeat
-/// their source in their own message, and a chain printed blindly says things twice.
-fn describe(err: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in err.chain() {
-        let message = cause.to_string();
-        if !text.contains(&message) {
-            if !text.is_empty() {
-                text.push_str(": ");
+        Err(err) => match err.downcast_ref::<args::UsageError>() {
+            Some(usage) => {
+                use clap::CommandFactory;
+                args::Cli::command().error(clap::error::ErrorKind::ValueValidation, usage).exit()
             }
-            text.push_str(&message);
-        }
+            // Each error of the chain says only its own part: `{:#}` joins them.
+            None => {
+                eprintln!("error: {err:#}");
+                ExitCode::from(boot::EXIT_VMM_ERROR)
+            }
+        },
     }
-    text
 }

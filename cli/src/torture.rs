@@ -5,77 +5,30 @@
 
 use std::process::ExitCode;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use devices::control::{lock, MachineStatus, StatusHandle};
+use devices::MachineStatus;
 use indicatif::{ProgressBar, ProgressStyle};
 use nvram::control::{BootKind, Operation, Verified};
-use vmm::{ConsoleOutput, Machine, VcpuHandle, VmConfig};
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+use vmm::quantile::quantile;
+use vmm::{ConsoleOutput, Machine, RunningMachine, VmConfig};
 
 use crate::args::{Copier, Model, TortureArgs};
 
 /// The workloads under torture: a verifying `kv`, and `memtouch` to make write-outs long.
 const CMDLINE: &str = "apps=kv,memtouch memtouch=32,32,256 memtouch_ms=20 kv_verify_every=1 checkpoint_ms=50";
 
-/// xorshift64: reproducible crash times from the seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-struct Running {
-    status: StatusHandle,
-    vcpu: VcpuHandle,
-    runner: thread::JoinHandle<Result<vmm::RunOutcome, vmm::Error>>,
-}
-
-fn boot(config: &VmConfig) -> anyhow::Result<Running> {
-    let mut machine = Machine::build(config)?;
-    let (status, vcpu) = (machine.status(), machine.stopper());
-    let runner = thread::spawn(move || machine.run());
-    Ok(Running { status, vcpu, runner })
-}
-
-impl Running {
-    /// Waits until `done`, failing after `limit` or if the machine stopped.
-    fn wait(&self, limit: Duration, what: &str, done: impl Fn(&MachineStatus) -> bool) -> anyhow::Result<()> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if done(&lock(&self.status)) {
-                return Ok(());
-            }
-            if self.runner.is_finished() {
-                bail!("the machine stopped while waiting for {what}");
-            }
-            if Instant::now() > deadline {
-                bail!("no {what} within {limit:?}");
-            }
-            thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// A power failure: the vCPU stops dead; returns whether a write-out was under way.
-    fn crash(self) -> anyhow::Result<(MachineStatus, bool)> {
-        self.vcpu.stop();
-        let status = lock(&self.status).clone();
-        let inside = status.writing_out.is_some();
-        match self.runner.join() {
-            Ok(Ok(_)) => Ok((status, inside)),
-            Ok(Err(e)) => Err(e).context("the machine failed"),
-            Err(_) => bail!("the vCPU thread panicked"),
-        }
-    }
+/// A power failure: the vCPU stops dead; returns the last status and whether a write-out
+/// was under way.
+fn crash(vm: RunningMachine) -> anyhow::Result<(MachineStatus, bool)> {
+    vm.controller().crash();
+    let status = vm.controller().snapshot();
+    let inside = status.writing_out.is_some();
+    vm.wait().context("the machine failed")?;
+    Ok((status, inside))
 }
 
 #[derive(Default)]
@@ -90,7 +43,8 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
     });
-    let mut rng = Rng(seed | 1);
+    // Reproducible crash times and evictions, all from the one seed.
+    let mut rng = SmallRng::seed_from_u64(seed);
     let console = args.nvram.with_extension("console.log");
     let mut config = VmConfig::new(&args.nvram);
     config.mem_size = Some(args.mem);
@@ -102,6 +56,7 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
     config.reformat = true;
     // Each crash reseeds the evictions from `rng` (below).
     config.persistence = crate::boot::persistence(args.persistence, Some(seed));
+    config.validate().map_err(crate::boot::usage)?;
     if std::fs::metadata(&args.nvram).is_ok_and(|m| m.len() != args.mem) {
         std::fs::remove_file(&args.nvram).with_context(|| format!("cannot replace {}", args.nvram.display()))?;
     }
@@ -120,7 +75,7 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
         }
         // Each crash evicts other lines, all following from the one seed.
         if let Some(evict) = config.persistence.crash_evict.as_mut() {
-            evict.seed = rng.next();
+            evict.seed = rng.random();
         }
         match round(&args, &config, &mut rng, &mut tally, &mut last_committed) {
             Ok(()) => {
@@ -175,18 +130,18 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
 fn round(
     args: &TortureArgs,
     config: &VmConfig,
-    rng: &mut Rng,
+    rng: &mut SmallRng,
     tally: &mut Tally,
     last_committed: &mut u64,
 ) -> anyhow::Result<()> {
     let vm = boot_and_check(config, tally, *last_committed)?;
     // Crash: aimed inside a write-out, or at a random moment.
-    if rng.unit() < args.inside_share {
-        let _ = vm.wait(Duration::from_secs(5), "write-out", |s| s.writing_out.is_some());
+    if rng.random::<f64>() < args.inside_share {
+        let _ = vm.wait_for(Duration::from_secs(5), "write-out", |s| s.writing_out.is_some());
     } else {
-        thread::sleep(Duration::from_millis(rng.next() % args.max_run_ms.max(1)));
+        thread::sleep(Duration::from_millis(rng.random_range(0..args.max_run_ms.max(1))));
     }
-    let (status, inside) = vm.crash()?;
+    let (status, inside) = crash(vm)?;
     *last_committed = (*last_committed).max(status.committed_generation);
     tally.crashes += 1;
     tally.inside += u64::from(inside);
@@ -196,21 +151,20 @@ fn round(
 /// The boot after the last crash: checked as every other, then stopped.
 fn check_last(config: &VmConfig, tally: &mut Tally, last_committed: u64) -> anyhow::Result<()> {
     let vm = boot_and_check(config, tally, last_committed)?;
-    vm.crash()?;
+    crash(vm)?;
     Ok(())
 }
 
 /// Boots, and after a crash checks the restore: boot kind, generation, `kv` verified.
-fn boot_and_check(config: &VmConfig, tally: &mut Tally, last_committed: u64) -> anyhow::Result<Running> {
-    let vm = boot(config)?;
-    vm.wait(Duration::from_secs(60), "boot report", |s| s.boot_kind.is_some())?;
-    let kind = lock(&vm.status).boot_kind;
+fn boot_and_check(config: &VmConfig, tally: &mut Tally, last_committed: u64) -> anyhow::Result<RunningMachine> {
+    let vm = Machine::build(config)?.spawn()?;
+    let status = vm.wait_for(Duration::from_secs(60), "boot report", |s| s.boot_kind.is_some())?;
+    let kind = status.boot_kind;
     if tally.crashes > 0 {
         if last_committed > 0 && kind != Some(BootKind::Restored) {
             bail!("boot {} was {kind:?}, not a restore", tally.crashes + 1);
         }
         if kind == Some(BootKind::Restored) {
-            let status = lock(&vm.status).clone();
             let restore = status.of(Operation::Restore).last().context("the restore reported no metrics")?;
             if restore.report.generation < last_committed {
                 bail!(
@@ -222,10 +176,10 @@ fn boot_and_check(config: &VmConfig, tally: &mut Tally, last_committed: u64) -> 
             tally.restores += 1;
             tally.restore_times.push(restore.total);
         }
-        vm.wait(Duration::from_secs(30), "kv verification", |s| {
+        let status = vm.wait_for(Duration::from_secs(30), "kv verification", |s| {
             s.workloads.get("kv").is_some_and(|w| w.last_check != Verified::Unknown)
         })?;
-        if lock(&vm.status).workloads["kv"].last_check != Verified::Passed {
+        if status.workloads["kv"].last_check != Verified::Passed {
             bail!("kv's verification FAILED after the restore");
         }
     }
@@ -235,7 +189,7 @@ fn boot_and_check(config: &VmConfig, tally: &mut Tally, last_committed: u64) -> 
 fn print_summary(tally: &Tally, failed: bool) {
     let mut times = tally.restore_times.clone();
     times.sort();
-    let at = |q: f64| times.get(((times.len().max(1) - 1) as f64 * q).round() as usize).copied();
+    let at = |q: f64| quantile(&times, q);
     let ms = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3));
     println!("| crashes | inside write-outs | restores | failures | restore median | restore p99 |");
     println!("|---|---|---|---|---|---|");

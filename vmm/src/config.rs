@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use nvram::cmdline::{Cmdline, KEYS};
+
 pub use crate::memory::Prefault;
 pub use devices::{CrashEvict, PersistenceModel};
 
@@ -47,7 +49,9 @@ pub struct VmConfig {
     /// The KVM device node (tests point it elsewhere to check the error).
     pub kvm_device: PathBuf,
     /// Makes the copy engine pause halfway through each batch, so that a crash test can
-    /// kill the VMM with a batch half applied.
+    /// kill the VMM with a batch half applied. A test knob: only in builds with the
+    /// `test-knobs` feature, so that a production VMM cannot be slowed by it.
+    #[cfg(feature = "test-knobs")]
     pub engine_pause_ms: Option<u64>,
     pub persistence: Persistence,
     /// How much of the image to map ahead of the guest.
@@ -56,7 +60,83 @@ pub struct VmConfig {
     pub allocation: crate::image::Allocation,
 }
 
+/// A configuration that makes no sense, found before anything is built. The messages speak
+/// of the machine, not of any front end's flags (the CLI words its own).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("lines evicted at a crash need the ADR persistence model: under eADR every line is durable already")]
+    CrashEvictUnderEadr,
+    #[error("the fraction of lines evicted at a crash is {0}, not a number between 0 and 1")]
+    EvictFraction(f64),
+    #[error("the kernel command line has an unknown item `{item}`; the known keys are {}", KEYS.join(", "))]
+    UnknownCmdlineItem { item: String },
+    #[error("the kernel command line item `{item}` has a bad value for its key (see the README's table of items)")]
+    BadCmdlineValue { item: String },
+    #[error("the copy engine's pause is a test knob, and this build has none (cargo feature `test-knobs`)")]
+    TestKnobsOff,
+}
+
+impl Persistence {
+    /// The cross-field checks of the persistence model.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(evict) = self.crash_evict {
+            if self.model != PersistenceModel::Adr {
+                return Err(ConfigError::CrashEvictUnderEadr);
+            }
+            if !(0.0..=1.0).contains(&evict.fraction) {
+                return Err(ConfigError::EvictFraction(evict.fraction));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a kernel command line with the guest's own parser: the first unknown or malformed
+/// item is an error (the guest would only print it on its console and go on).
+pub fn validate_cmdline(line: &str) -> Result<Cmdline, ConfigError> {
+    let mut first_bad = None;
+    let parsed = Cmdline::parse(line, |item| {
+        first_bad.get_or_insert_with(|| item.to_string());
+    });
+    match first_bad {
+        None => Ok(parsed),
+        Some(item) => {
+            let key = item.split_once('=').map_or(item.as_str(), |(key, _)| key);
+            Err(if Cmdline::is_known_key(key) {
+                ConfigError::BadCmdlineValue { item }
+            } else {
+                ConfigError::UnknownCmdlineItem { item }
+            })
+        }
+    }
+}
+
 impl VmConfig {
+    /// Makes the copy engine pause `ms` halfway through each batch (a test knob); refused by
+    /// a build without the `test-knobs` feature, so that front ends need no feature of their
+    /// own to pass it on.
+    pub fn set_engine_pause_ms(&mut self, ms: Option<u64>) -> Result<(), ConfigError> {
+        #[cfg(feature = "test-knobs")]
+        {
+            self.engine_pause_ms = ms;
+            Ok(())
+        }
+        #[cfg(not(feature = "test-knobs"))]
+        match ms {
+            None => Ok(()),
+            Some(_) => Err(ConfigError::TestKnobsOff),
+        }
+    }
+
+    /// Every check that needs more than one field, or the guest's view of the command line:
+    /// [`crate::Machine::build`] calls it first, and a front end may call it earlier to
+    /// report a usage error before it does anything else.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.persistence.validate()?;
+        validate_cmdline(&self.cmdline)?;
+        Ok(())
+    }
+
     /// A configuration with defaults for everything but the image.
     pub fn new(image: impl Into<PathBuf>) -> Self {
         Self {
@@ -67,10 +147,53 @@ impl VmConfig {
             cmdline: String::new(),
             console: ConsoleOutput::Stdout,
             kvm_device: PathBuf::from("/dev/kvm"),
+            #[cfg(feature = "test-knobs")]
             engine_pause_ms: None,
             persistence: Persistence::default(),
             prefault: Prefault::default(),
             allocation: crate::image::Allocation::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crash_evict_under_eadr_is_refused_not_dropped() {
+        let mut config = VmConfig::new("x.img");
+        config.persistence.crash_evict = Some(CrashEvict { fraction: 0.5, seed: 1 });
+        assert_eq!(config.validate(), Err(ConfigError::CrashEvictUnderEadr));
+        // Refused before anything is touched: no KVM, no image.
+        config.kvm_device = "/nonexistent/kvm".into();
+        assert!(matches!(crate::Machine::build(&config), Err(crate::Error::Config(ConfigError::CrashEvictUnderEadr))));
+        config.persistence.model = PersistenceModel::Adr;
+        assert_eq!(config.validate(), Ok(()));
+        config.persistence.crash_evict = Some(CrashEvict { fraction: 1.5, seed: 1 });
+        assert_eq!(config.validate(), Err(ConfigError::EvictFraction(1.5)));
+    }
+
+    #[test]
+    fn the_command_line_is_checked_with_the_guests_parser() {
+        let mut config = VmConfig::new("x.img");
+        config.cmdline = "apps=kv,counter kv_verify_every=1 counter_shutdown=3 plate_copy=cpu".into();
+        assert_eq!(config.validate(), Ok(()));
+        config.cmdline = "apps=kv bogus=1".into();
+        let err = config.validate().unwrap_err();
+        assert_eq!(err, ConfigError::UnknownCmdlineItem { item: "bogus=1".into() });
+        let message = err.to_string();
+        assert!(KEYS.iter().all(|key| message.contains(key)), "{message}");
+        assert!(!message.contains("--"), "a library error names no flag: {message}");
+        config.cmdline = "checkpoint_ms=0".into();
+        assert_eq!(config.validate(), Err(ConfigError::BadCmdlineValue { item: "checkpoint_ms=0".into() }));
+    }
+
+    #[test]
+    fn the_engine_pause_is_a_test_knob() {
+        let mut config = VmConfig::new("x.img");
+        assert_eq!(config.set_engine_pause_ms(None), Ok(()));
+        let set = config.set_engine_pause_ms(Some(30));
+        assert_eq!(set.is_ok(), cfg!(feature = "test-knobs"), "{set:?}");
     }
 }

@@ -12,7 +12,7 @@ use std::thread;
 
 use tracing::{debug, warn};
 
-use crate::api::{self, AfterReply, Controller};
+use crate::api::{self, AfterReply, ApiError, Controller, Response};
 
 /// Longest request line, newline included.
 pub const MAX_LINE: usize = 4096;
@@ -20,11 +20,11 @@ pub const MAX_LINE: usize = 4096;
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
-    #[error("another VMM is listening on {}; give another --control path or stop that VMM", path.display())]
+    #[error("another VMM is listening on {}; give another control socket path or stop that VMM", path.display())]
     InUse { path: PathBuf },
-    #[error("{} exists and is not a socket; remove it or give another --control path", path.display())]
+    #[error("{} exists and is not a socket; remove it or give another control socket path", path.display())]
     NotASocket { path: PathBuf },
-    #[error("cannot listen on {}: {source}", path.display())]
+    #[error("cannot listen on {}", path.display())]
     Bind {
         path: PathBuf,
         #[source]
@@ -93,8 +93,8 @@ fn serve_client(stream: UnixStream, controller: &Controller, on_crash: &CrashHoo
             Ok(0) => return,
             Ok(_) if line.last() != Some(&b'\n') => {
                 if line.len() >= MAX_LINE {
-                    let reply = api::error(format!("request longer than {MAX_LINE} bytes; closing"));
-                    let _ = writeln!(writer, "{reply}");
+                    let reply = Response::from(ApiError::TooLong(MAX_LINE));
+                    let _ = writeln!(writer, "{}", reply.to_line());
                 }
                 // Over-long, or the client left mid-line: this connection ends.
                 return;
@@ -112,9 +112,9 @@ fn serve_client(stream: UnixStream, controller: &Controller, on_crash: &CrashHoo
         }
         let (reply, after) = match api::parse(text) {
             Ok(request) => controller.handle(&request),
-            Err(e) => (api::error(e), AfterReply::Nothing),
+            Err(e) => (e.into(), AfterReply::Nothing),
         };
-        if writeln!(writer, "{reply}").and_then(|_| writer.flush()).is_err() {
+        if writeln!(writer, "{}", reply.to_line()).and_then(|_| writer.flush()).is_err() {
             return;
         }
         if after == AfterReply::Crash {

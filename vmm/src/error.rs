@@ -3,34 +3,41 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::config::ConfigError;
 use crate::image::ImageError;
 use crate::loader::LoadError;
-use crate::memory::MemoryError;
+use crate::memory::{MemoryError, PrefaultError};
 use crate::vcpu::GuestError;
 use crate::vm::VmError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error("cannot map guest RAM ahead")]
+    Prefault(#[from] PrefaultError),
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error(transparent)]
     Guest(#[from] GuestError),
-    #[error("cannot open the console file {path}: {source}")]
+    #[error("cannot open the console file {path}")]
     Console {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot set up the {what}: {source}")]
+    #[error("cannot set up the {what}")]
     Setup {
         what: &'static str,
         #[source]
         source: io::Error,
     },
+    #[error("cannot lay out the port bus")]
+    PortBus(#[source] devices::bus::OverlapError),
 }

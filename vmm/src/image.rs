@@ -17,13 +17,13 @@ use nvram::layout::{MAX_RAM, MIN_RAM, PAGE_SIZE};
 pub enum ImageError {
     #[error("{path} is a directory; give the path of an image file (it is created when missing)")]
     IsDirectory { path: PathBuf },
-    #[error("cannot open {path} for reading and writing: {source}; the VMM needs both to use it as guest RAM")]
+    #[error("cannot open {path} for reading and writing (the VMM needs both to use it as guest RAM)")]
     Open {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot create {path}: {source}")]
+    #[error("cannot create {path}")]
     Create {
         path: PathBuf,
         #[source]
@@ -39,13 +39,15 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot lock {path}: {source}")]
+    #[error("cannot lock {path}")]
     Lock {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("{path} holds {actual} bytes of RAM but --mem asks for {requested}; drop --mem to use the image as it is, or use another image")]
+    #[error(
+        "{path} holds {actual} bytes of RAM but {requested} are asked for; use the image at its size, or another image"
+    )]
     SizeMismatch { path: PathBuf, actual: u64, requested: u64 },
     #[error("{what} of {size} bytes is not a multiple of 4 KiB")]
     Unaligned { what: &'static str, size: u64 },
@@ -53,7 +55,7 @@ pub enum ImageError {
     TooSmall { what: &'static str, size: u64, min: u64 },
     #[error("{what} of {size} bytes is too large: at most {max} bytes ({} GiB) of RAM fit below the 32-bit MMIO hole", max >> 30)]
     TooLarge { what: &'static str, size: u64, max: u64 },
-    #[error("cannot size {path}: {source}")]
+    #[error("cannot size {path}")]
     Resize {
         path: PathBuf,
         #[source]
@@ -111,7 +113,7 @@ impl NvmImage {
         allocation: Allocation,
     ) -> Result<Self, ImageError> {
         if let Some(size) = requested {
-            check_size("--mem", size)?;
+            check_size("the RAM size asked for", size)?;
         }
         if path.is_dir() {
             return Err(ImageError::IsDirectory { path: path.into() });

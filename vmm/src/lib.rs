@@ -10,7 +10,8 @@
 //! 3. create the VM with KVM's in-kernel irqchip and PIT ([`vm`]);
 //! 4. load the kernel ELF and write the PVH boot parameters ([`loader`]);
 //! 5. set the vCPU up for the PVH entry ([`vcpu`]);
-//! 6. run until the guest stops the machine or the user stops the VMM ([`Machine::run`]).
+//! 6. run until the guest stops the machine or the user stops the VMM ([`Machine::run`], or
+//!    [`Machine::spawn`] for a thread of its own, driven through its [`Controller`]).
 
 pub mod api;
 pub mod config;
@@ -23,10 +24,19 @@ pub mod kernel;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod quantile;
+pub mod running;
 pub mod sigbus;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
 
-pub use config::{ConsoleOutput, KernelSource, Prefault, VmConfig};
+#[cfg(feature = "harness")]
+pub mod harness;
+
+pub use api::Controller;
+pub use config::{ConfigError, ConsoleOutput, KernelSource, Prefault, VmConfig};
 pub use error::Error;
-pub use machine::{Machine, RunOutcome, Stopper, VcpuHandle};
+pub use machine::{Machine, RunOutcome};
+pub use running::{RunningMachine, WaitError};
+pub use vcpu_state::{VcpuHandle, VcpuState};

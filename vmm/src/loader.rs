@@ -24,19 +24,19 @@ use crate::memory::GuestMemory;
 /// Why the kernel cannot be booted.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read the kernel {path}: {source}")]
+    #[error("cannot read the kernel {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{what} is not a loadable x86-64 ELF kernel: {source}")]
+    #[error("{what} is not a loadable x86-64 ELF kernel")]
     NotElf {
         what: String,
         #[source]
         source: linux_loader::loader::Error,
     },
-    #[error("{what} does not fit in {ram} bytes of RAM: {source}; give the machine more memory (--mem)")]
+    #[error("{what} does not fit in {ram} bytes of RAM; give the machine more memory")]
     TooBig {
         what: String,
         ram: u64,
@@ -47,10 +47,12 @@ pub enum LoadError {
         "{what} is an ELF without a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); this machine boots PVH kernels only"
     )]
     NotPvh { what: String },
-    #[error("the kernel command line is invalid: {0}")]
-    Cmdline(String),
-    #[error("cannot write the boot parameters into guest RAM: {0}")]
-    BootParams(String),
+    #[error("the kernel command line is invalid")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    #[error("cannot write the kernel command line into guest RAM")]
+    WriteCmdline(#[source] linux_loader::loader::Error),
+    #[error("cannot write the boot parameters into guest RAM")]
+    BootParams(#[source] vm_memory::GuestMemoryError),
 }
 
 /// A kernel loaded into RAM, ready to be entered.
@@ -87,12 +89,12 @@ pub fn load_kernel(mem: &GuestMemory, image: &[u8], what: &str) -> Result<Loaded
 /// address, which the vCPU gets in `rbx`.
 pub fn write_boot_params(mem: &GuestMemory, cmdline: &str) -> Result<u64, LoadError> {
     let ram = mem.last_addr().0 + 1;
-    let mut line = Cmdline::new(layout::CMDLINE_MAX as usize).map_err(|e| LoadError::Cmdline(e.to_string()))?;
+    let mut line = Cmdline::new(layout::CMDLINE_MAX as usize).map_err(LoadError::Cmdline)?;
     if !cmdline.is_empty() {
-        line.insert_str(cmdline).map_err(|e| LoadError::Cmdline(e.to_string()))?;
+        line.insert_str(cmdline).map_err(LoadError::Cmdline)?;
     }
     linux_loader::loader::load_cmdline(mem, GuestAddress(layout::CMDLINE), &line)
-        .map_err(|e| LoadError::Cmdline(e.to_string()))?;
+        .map_err(LoadError::WriteCmdline)?;
 
     let memmap = [
         MemoryRegion::new(0, layout::LOW_RAM_END, E820_RAM),
@@ -109,7 +111,7 @@ pub fn write_boot_params(mem: &GuestMemory, cmdline: &str) -> Result<u64, LoadEr
         ..Default::default()
     };
     for (bytes, at) in [(start_info.as_bytes(), layout::START_INFO), (memmap.as_bytes(), layout::MEMMAP)] {
-        mem.write_slice(bytes, GuestAddress(at)).map_err(|e| LoadError::BootParams(e.to_string()))?;
+        mem.write_slice(bytes, GuestAddress(at)).map_err(LoadError::BootParams)?;
     }
     Ok(layout::START_INFO)
 }

@@ -2,9 +2,8 @@
 
 use std::fs::File;
 use std::io::{self, LineWriter, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use devices::dirty::DirtyTracker;
 use devices::engine::EngineStats;
@@ -17,14 +16,17 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use nvram::ports;
 use tracing::info;
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+use vmm_sys_util::signal::register_signal_handler;
 
+use crate::api::Controller;
 use crate::config::{ConsoleOutput, KernelSource, VmConfig};
 use crate::error::Error;
 use crate::image::NvmImage;
 use crate::loader::{self, LoadError};
 use crate::memory::{self, GuestMemory};
-use crate::vcpu::{self, VcpuControl, VcpuStop};
+use crate::running::RunningMachine;
+use crate::vcpu::{self, VcpuStop};
+use crate::vcpu_state::{kick_signal, on_kick, VcpuHandle, VcpuShared};
 use crate::vm;
 
 /// How a run ended.
@@ -32,7 +34,7 @@ use crate::vm;
 pub enum RunOutcome {
     /// The guest stopped the machine through the exit port.
     Guest(GuestExit),
-    /// The VMM was asked to stop ([`Stopper::stop`]).
+    /// The VMM was asked to stop ([`VcpuHandle::stop`]).
     Stopped,
 }
 
@@ -46,80 +48,17 @@ pub struct Machine {
     bus: PioBus,
     exit: Arc<Mutex<Option<GuestExit>>>,
     status: StatusHandle,
-    control: Arc<StopControl>,
+    control: Arc<VcpuShared>,
     domain: Arc<Mutex<PersistenceDomain>>,
     engine_stats: Arc<Mutex<EngineStats>>,
     mem: GuestMemory,
     image: NvmImage,
 }
 
-/// Shared between the running vCPU and its [`VcpuHandle`]s.
-#[derive(Default)]
-struct StopControl {
-    vcpu: VcpuControl,
-    finished: AtomicBool,
-    thread: Mutex<Option<libc::pthread_t>>,
-}
-
-/// Stops, pauses and resumes a running machine, from any thread.
-#[derive(Clone)]
-pub struct VcpuHandle(Arc<StopControl>);
-
-/// The old name of [`VcpuHandle`], for code that only stops.
-pub type Stopper = VcpuHandle;
-
-impl VcpuHandle {
-    /// Kicks the vCPU out of `KVM_RUN` until `done` holds or the loop has ended. A signal sent
-    /// just before the vCPU enters `KVM_RUN` would be lost, so it is repeated.
-    fn kick_until(&self, done: impl Fn() -> bool) {
-        let control = &self.0;
-        loop {
-            if done() || control.finished.load(Ordering::Acquire) {
-                return;
-            }
-            let thread = *control.thread.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(thread) = thread else { return };
-            // SAFETY: `thread` is the vCPU thread, alive until `finished` is set (it clears
-            // `thread` under the same lock before exiting `run`), and the signal's
-            // handler is installed.
-            unsafe { libc::pthread_kill(thread, kick_signal()) };
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// Stops the vCPU: no further guest instruction runs once this returns.
-    pub fn stop(&self) {
-        self.0.vcpu.stop.store(true, Ordering::Release);
-        self.0.vcpu.wake();
-        self.kick_until(|| false);
-    }
-
-    /// Pauses the vCPU: no guest instruction runs from the return until [`VcpuHandle::resume`].
-    pub fn pause(&self) {
-        self.0.vcpu.want_pause(true);
-        self.kick_until(|| self.0.vcpu.is_parked());
-    }
-
-    pub fn resume(&self) {
-        self.0.vcpu.want_pause(false);
-    }
-
-    pub fn is_paused(&self) -> bool {
-        self.0.vcpu.is_paused()
-    }
-}
-
-fn kick_signal() -> i32 {
-    SIGRTMIN()
-}
-
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // Nothing to do: the signal's only purpose is to make KVM_RUN return EINTR.
-}
-
 impl Machine {
     /// Builds the machine described by `config` (steps 1 to 5 of the crate docs).
     pub fn build(config: &VmConfig) -> Result<Self, Error> {
+        config.validate()?;
         let started = Instant::now();
         // KVM first: if it is missing, fail before touching the image.
         let kvm = vm::open_kvm(&config.kvm_device)?;
@@ -148,7 +87,7 @@ impl Machine {
         let exit_device = ExitDevice::new();
         let exit = exit_device.handle();
         let mut bus = PioBus::new();
-        let overlap = |e: devices::bus::OverlapError| Error::Setup { what: "port bus", source: io::Error::other(e) };
+        let overlap = Error::PortBus;
         bus.register(ports::COM1, ports::COM1_LEN, Box::new(SerialConsole::new(irq, console))).map_err(overlap)?;
         bus.register(ports::EXIT, 4, Box::new(exit_device)).map_err(overlap)?;
         // The guest's TSC rate, so that it need not calibrate (an emulated loop under PVM).
@@ -174,8 +113,7 @@ impl Machine {
         let mut mappings = vec![memory::Mapping { memory: mem.clone(), private: image_view.is_some() }];
         mappings.extend(image_view.clone().map(|memory| memory::Mapping { memory, private: false }));
         // The data worker, if any, runs detached: it holds the mappings it needs.
-        let _ = memory::prefault(&image, mappings, config.prefault)
-            .map_err(|source| Error::Setup { what: "prefault guest RAM", source })?;
+        let _ = memory::prefault(&image, mappings, config.prefault)?;
         let domain = Arc::new(Mutex::new(match image_view {
             None => PersistenceDomain::eadr(mem.clone(), persistence.sync),
             Some(image_view) => PersistenceDomain::adr(
@@ -188,11 +126,13 @@ impl Machine {
         }));
         let barrier = PersistBarrier::new(mem.clone(), domain.clone());
         bus.register(nvram::persist::BASE, nvram::persist::LEN, Box::new(barrier)).map_err(overlap)?;
-        let mut engine = CopyEngine::new(mem.clone(), domain.clone()).with_dirty_log(tracker);
+        let engine = CopyEngine::new(mem.clone(), domain.clone()).with_dirty_log(tracker);
         let engine_stats = engine.stats();
-        if let Some(ms) = config.engine_pause_ms {
-            engine = engine.with_pause(Duration::from_millis(ms));
-        }
+        #[cfg(feature = "test-knobs")]
+        let engine = match config.engine_pause_ms {
+            Some(ms) => engine.with_pause(std::time::Duration::from_millis(ms)),
+            None => engine,
+        };
         bus.register(nvram::engine::BASE, nvram::engine::LEN, Box::new(engine)).map_err(overlap)?;
 
         info!(
@@ -212,7 +152,7 @@ impl Machine {
             bus,
             exit,
             status,
-            control: Arc::new(StopControl::default()),
+            control: Arc::new(VcpuShared::default()),
             domain,
             engine_stats,
             mem,
@@ -220,24 +160,18 @@ impl Machine {
         })
     }
 
-    /// A handle that stops, pauses and resumes this machine from another thread.
-    pub fn stopper(&self) -> VcpuHandle {
-        VcpuHandle(self.control.clone())
+    /// The one way to watch and drive this machine from other threads: status, checkpoint,
+    /// pause, resume, shutdown, crash ([`crate::api`]).
+    pub fn controller(&self) -> Controller {
+        Controller::new(self.status.clone(), VcpuHandle(self.control.clone()))
+            .with_persistence(self.domain.clone())
+            .with_engine(self.engine_stats.clone())
     }
 
-    /// What the guest has reported through the machine-control device.
-    pub fn status(&self) -> StatusHandle {
-        self.status.clone()
-    }
-
-    /// What the copy engine has done, for reports.
-    pub fn engine_stats(&self) -> Arc<Mutex<EngineStats>> {
-        self.engine_stats.clone()
-    }
-
-    /// The persistence domain, for reports.
-    pub fn persistence(&self) -> Arc<Mutex<PersistenceDomain>> {
-        self.domain.clone()
+    /// Runs the machine on a thread of its own; the handle owns that thread and offers the
+    /// [`Controller`].
+    pub fn spawn(self) -> Result<RunningMachine, Error> {
+        RunningMachine::start(self)
     }
 
     /// Guest RAM (the mapped image under eADR; a private copy of it under ADR).
@@ -251,19 +185,15 @@ impl Machine {
     }
 
     /// Runs the vCPU on the calling thread until the guest stops the machine, a
-    /// [`Stopper`] stops it, or the guest fails.
+    /// [`VcpuHandle`] stops it, or the guest fails.
     pub fn run(&mut self) -> Result<RunOutcome, Error> {
-        // SAFETY: `on_kick` is async-signal-safe (it does nothing).
+        // SAFETY: `on_kick` is async-signal-safe: it reads a thread-local pointer and
+        // writes one byte of the vCPU's `kvm_run` mapping.
         register_signal_handler(kick_signal(), on_kick)
             .map_err(|e| Error::Setup { what: "vCPU kick signal", source: io::Error::from_raw_os_error(e.errno()) })?;
-        // SAFETY: pthread_self has no preconditions.
-        *self.control.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(unsafe { libc::pthread_self() });
-        let result = vcpu::run(&mut self.vcpu, &mut self.bus, &self.exit, &self.control.vcpu);
-        {
-            let mut thread = self.control.thread.lock().unwrap_or_else(|e| e.into_inner());
-            *thread = None;
-            self.control.finished.store(true, Ordering::Release);
-        }
+        self.control.enter();
+        let result = vcpu::run(&mut self.vcpu, &mut self.bus, &self.exit, &self.control);
+        self.control.leave();
         match result? {
             VcpuStop::Guest(exit) => Ok(RunOutcome::Guest(exit)),
             VcpuStop::Requested => {

@@ -3,6 +3,8 @@
 //! (ADR, `devices::persistence`).
 
 use devices::PersistenceModel;
+use rustix::fs::{seek, SeekFrom};
+use rustix::mm::{madvise, Advice};
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
 };
@@ -14,11 +16,13 @@ pub type GuestMemory = GuestMemoryMmap<()>;
 
 /// Mapping the image failed.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot map {path} as guest RAM: {source}")]
-pub struct MemoryError {
-    path: std::path::PathBuf,
-    #[source]
-    source: vm_memory::mmap::FromRangesError,
+// vm-memory's error says its own cause in its message and returns it as its source too:
+// it is shown here, and the chain stops at it, so that the cause is said once.
+pub enum MemoryError {
+    #[error("cannot map {path} as guest RAM: {cause}")]
+    Map { path: std::path::PathBuf, cause: vm_memory::mmap::FromRangesError },
+    #[error("cannot map {path} as guest RAM: its mapping would overflow the guest's address space")]
+    Overflow { path: std::path::PathBuf },
 }
 
 /// Maps the whole image as guest RAM. vm-memory maps a file `MAP_SHARED | MAP_NORESERVE`.
@@ -31,7 +35,7 @@ pub fn map_image(image: &NvmImage) -> Result<GuestMemory, MemoryError> {
     let file = reopen(image)?;
     let size = image.size() as usize;
     GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), size, Some(FileOffset::new(file, 0)))])
-        .map_err(|source| MemoryError { path: image.path().into(), source })
+        .map_err(|source| MemoryError::Map { path: image.path().into(), cause: source })
 }
 
 /// Maps guest RAM for `model`: the image itself under eADR, a private copy of it under ADR
@@ -41,7 +45,7 @@ pub fn map_guest_ram(image: &NvmImage, model: PersistenceModel) -> Result<GuestM
         return map_image(image);
     }
     let mmap_err =
-        |e| MemoryError { path: image.path().into(), source: vm_memory::mmap::FromRangesError::MmapRegion(e) };
+        |e| MemoryError::Map { path: image.path().into(), cause: vm_memory::mmap::FromRangesError::MmapRegion(e) };
     let region = MmapRegion::build(
         Some(FileOffset::new(reopen(image)?, 0)),
         image.size() as usize,
@@ -49,17 +53,28 @@ pub fn map_guest_ram(image: &NvmImage, model: PersistenceModel) -> Result<GuestM
         libc::MAP_PRIVATE | libc::MAP_NORESERVE,
     )
     .map_err(mmap_err)?;
-    let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| {
-        mmap_err(vm_memory::mmap::MmapRegionError::Mmap(std::io::Error::other("guest RAM overflows")))
-    })?;
-    GuestMemoryMmap::from_regions(vec![region]).map_err(|e| MemoryError { path: image.path().into(), source: e.into() })
+    let region = GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| MemoryError::Overflow { path: image.path().into() })?;
+    GuestMemoryMmap::from_regions(vec![region])
+        .map_err(|e| MemoryError::Map { path: image.path().into(), cause: e.into() })
 }
 
 fn reopen(image: &NvmImage) -> Result<std::fs::File, MemoryError> {
-    std::fs::OpenOptions::new().read(true).write(true).open(image.path()).map_err(|e| MemoryError {
+    std::fs::OpenOptions::new().read(true).write(true).open(image.path()).map_err(|e| MemoryError::Map {
         path: image.path().into(),
-        source: vm_memory::mmap::FromRangesError::MmapRegion(vm_memory::mmap::MmapRegionError::Mmap(e)),
+        cause: vm_memory::mmap::FromRangesError::MmapRegion(vm_memory::mmap::MmapRegionError::Mmap(e)),
     })
+}
+
+/// Mapping the whole image ahead ([`Prefault::All`]) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PrefaultError {
+    #[error("mapping guest RAM ahead needs MADV_POPULATE_WRITE, of Linux 5.14 or later")]
+    Unsupported(#[source] std::io::Error),
+    #[error("the image could not be allocated on its file system (full?)")]
+    Allocate(#[source] std::io::Error),
+    #[error("cannot start the thread that maps guest RAM ahead")]
+    Thread(#[source] std::io::Error),
 }
 
 /// How much of the image the VMM maps into its address space before the guest needs it.
@@ -97,17 +112,16 @@ pub fn prefault(
     image: &NvmImage,
     mappings: Vec<Mapping>,
     how: Prefault,
-) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
+) -> Result<Option<std::thread::JoinHandle<()>>, PrefaultError> {
     match how {
         Prefault::All => {
             for region in mappings.iter().flat_map(|m| m.memory.iter()) {
-                populate(region, 0, region.len(), libc::MADV_POPULATE_WRITE).map_err(|e| {
-                    let hint = if e.raw_os_error() == Some(libc::EINVAL) {
-                        "MADV_POPULATE_WRITE needs Linux 5.14 or later"
+                populate(region, 0, region.len(), Advice::LinuxPopulateWrite).map_err(|e| {
+                    if e.raw_os_error() == Some(libc::EINVAL) {
+                        PrefaultError::Unsupported(e)
                     } else {
-                        "the image could not be allocated on its file system (full?)"
-                    };
-                    std::io::Error::new(e.kind(), format!("{e} ({hint}; boot without --prefault)"))
+                        PrefaultError::Allocate(e)
+                    }
                 })?;
             }
             Ok(None)
@@ -115,21 +129,28 @@ pub fn prefault(
         Prefault::Data => {
             // A few lseeks, here; the thread gets the ranges and no file (and so no lock).
             let extents = data_extents(image.file());
-            let worker = std::thread::Builder::new().name("prefault".into()).spawn(move || {
-                let started = std::time::Instant::now();
-                let mut mapped = 0;
-                for (start, end) in extents {
-                    for m in &mappings {
-                        let advice = if m.private { libc::MADV_POPULATE_READ } else { libc::MADV_POPULATE_WRITE };
-                        if let Err(e) = m.memory.iter().try_for_each(|r| populate(r, start, end - start, advice)) {
-                            tracing::debug!("image data not mapped ahead: {e}");
-                            return;
+            let worker = std::thread::Builder::new()
+                .name("prefault".into())
+                .spawn(move || {
+                    let started = std::time::Instant::now();
+                    let mut mapped = 0;
+                    for (start, end) in extents {
+                        for m in &mappings {
+                            let advice = if m.private { Advice::LinuxPopulateRead } else { Advice::LinuxPopulateWrite };
+                            if let Err(e) = m.memory.iter().try_for_each(|r| populate(r, start, end - start, advice)) {
+                                tracing::debug!("image data not mapped ahead: {e}");
+                                return;
+                            }
                         }
+                        mapped += end - start;
                     }
-                    mapped += end - start;
-                }
-                tracing::debug!(mib = mapped >> 20, ms = started.elapsed().as_secs_f64() * 1e3, "image data mapped");
-            })?;
+                    tracing::debug!(
+                        mib = mapped >> 20,
+                        ms = started.elapsed().as_secs_f64() * 1e3,
+                        "image data mapped"
+                    );
+                })
+                .map_err(PrefaultError::Thread)?;
             Ok(Some(worker))
         }
     }
@@ -138,30 +159,22 @@ pub fn prefault(
 /// The data extents of `file` (holes left out), as byte ranges. Moves the file's offset
 /// (nothing reads or writes the image through it: it is mapped).
 fn data_extents(file: &std::fs::File) -> Vec<(u64, u64)> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
     let mut extents = Vec::new();
-    let mut at: libc::off_t = 0;
-    loop {
-        // SAFETY: lseek on a file descriptor we own; it changes only that description's offset.
-        let start = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
-        if start < 0 {
-            break; // ENXIO: no data after `at`.
+    let mut at = 0;
+    // ENXIO ends the walk: no data after `at`.
+    while let Ok(start) = seek(file, SeekFrom::Data(at)) {
+        match seek(file, SeekFrom::Hole(start)) {
+            Ok(end) if end > start => extents.push((start, end)),
+            _ => break,
         }
-        // SAFETY: as above.
-        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
-        if end <= start {
-            break;
-        }
-        extents.push((start as u64, end as u64));
-        at = end;
+        at = extents.last().map_or(start, |&(_, end)| end);
     }
     extents
 }
 
 /// Maps `offset..offset + len` of `region` (page-aligned, clipped to the region), for
 /// writing or for reading as `advice` (`MADV_POPULATE_*`) says.
-fn populate(region: &GuestRegionMmap, offset: u64, len: u64, advice: libc::c_int) -> std::io::Result<()> {
+fn populate(region: &GuestRegionMmap, offset: u64, len: u64, advice: Advice) -> std::io::Result<()> {
     const PAGE: u64 = 4096;
     let start = offset & !(PAGE - 1);
     let end = (offset + len).next_multiple_of(PAGE).min(region.len());
@@ -170,12 +183,8 @@ fn populate(region: &GuestRegionMmap, offset: u64, len: u64, advice: libc::c_int
     }
     // SAFETY: `start..end` lies inside the region's mapping, which the caller keeps alive;
     // populating pages maps them and changes no byte of guest memory.
-    let rc = unsafe { libc::madvise(region.as_ptr().add(start as usize).cast(), (end - start) as usize, advice) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    unsafe { madvise(region.as_ptr().add(start as usize).cast(), (end - start) as usize, advice) }
+        .map_err(std::io::Error::from)
 }
 
 #[cfg(test)]

@@ -1,27 +1,27 @@
 //! The vCPU: its state at the PVH entry, and the run loop that serves its exits.
 //!
-//! State machine of the loop (one vCPU):
+//! How the loop ends (the states the VMM drives, running, paused, stopping, are those of
+//! [`crate::vcpu_state::VcpuState`]):
 //!
 //! ```text
-//!   Running --(port I/O)--> Running            devices on the port bus
-//!   Running --(pause + kick)--> Paused         parked on a condition variable, no guest code
-//!   Paused  --(resume)--> Running
-//!   Running|Paused --(stop + kick)--> Stopped(Requested)   the VMM asked to stop
-//!   Running --(exit port)--> Stopped(Guest)    the guest asked to stop
-//!   Running --(triple fault, internal error, unexpected exit)--> Failed(GuestError)
+//!   port I/O                                    served by the devices on the port bus; go on
+//!   a stop asked for (and kicked)               VcpuStop::Requested
+//!   the exit port                               VcpuStop::Guest
+//!   triple fault, internal error, odd exit      GuestError
 //! ```
 //!
-//! A kick is a signal to the vCPU thread: it makes a running `KVM_RUN` return `EINTR`.
+//! A kick is a signal to the vCPU thread that sets `immediate_exit`: a running `KVM_RUN`
+//! returns `EINTR`, and so does one about to start ([`crate::vcpu_state`]).
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
 use devices::{GuestExit, PioBus};
 use kvm_bindings::{kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use tracing::{debug, warn};
 
+use crate::vcpu_state::{KickTarget, Step, VcpuShared};
 use crate::vm::{kvm_err, VmError};
 
 /// A stop of the guest the VMM cannot continue from.
@@ -35,7 +35,7 @@ pub enum GuestError {
     FailEntry { reason: u64, regs: RegisterDump },
     #[error("unexpected vCPU exit: {exit}; registers:\n{regs}")]
     Unexpected { exit: String, regs: RegisterDump },
-    #[error("KVM_RUN failed: {0}")]
+    #[error("KVM_RUN failed")]
     Run(#[source] kvm_ioctls::Error),
 }
 
@@ -178,72 +178,23 @@ fn adjust_cpuid(cpuid: &mut CpuId) {
     }
 }
 
-/// What the VMM asks of the vCPU loop, and what the loop tells back.
-#[derive(Default)]
-pub struct VcpuControl {
-    pub(crate) stop: AtomicBool,
-    paused: Mutex<Paused>,
-    changed: Condvar,
-}
-
-#[derive(Default)]
-struct Paused {
-    /// The VMM wants the vCPU paused.
-    wanted: bool,
-    /// The vCPU is parked (no guest code runs).
-    parked: bool,
-}
-
-impl VcpuControl {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Paused> {
-        self.paused.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Asks for a pause; [`VcpuControl::is_parked`] tells when it took effect.
-    pub(crate) fn want_pause(&self, wanted: bool) {
-        self.lock().wanted = wanted;
-        self.changed.notify_all();
-    }
-
-    pub(crate) fn is_parked(&self) -> bool {
-        self.lock().parked
-    }
-
-    pub fn is_paused(&self) -> bool {
-        self.lock().wanted
-    }
-
-    /// Called by the loop: parks while a pause is wanted and no stop is.
-    fn park_if_wanted(&self) {
-        let mut state = self.lock();
-        while state.wanted && !self.stop.load(Ordering::Acquire) {
-            state.parked = true;
-            self.changed.notify_all();
-            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
-        }
-        state.parked = false;
-    }
-
-    /// Wakes a parked loop (to see a stop).
-    pub(crate) fn wake(&self) {
-        self.changed.notify_all();
-    }
-}
-
 /// Runs the vCPU until the guest stops the machine, a stop is asked for, or the guest
 /// fails; parks while a pause is asked for.
 ///
-/// The control is checked before each entry; the VMM also kicks a running `KVM_RUN` with a
-/// signal ([`crate::machine::VcpuHandle`]).
-pub fn run(
+/// The state is looked at before each entry; a request kicks a running `KVM_RUN` out
+/// ([`crate::vcpu_state`]). The caller has entered `shared` on this thread.
+pub(crate) fn run(
     vcpu: &mut VcpuFd,
     bus: &mut PioBus,
     exit: &Arc<Mutex<Option<GuestExit>>>,
-    control: &VcpuControl,
+    shared: &VcpuShared,
 ) -> Result<VcpuStop, GuestError> {
+    let _target = KickTarget::register(vcpu);
     loop {
-        control.park_if_wanted();
-        if control.stop.load(Ordering::Acquire) {
+        // Cleared before the look at the state: a kick after this either is seen by the
+        // look or makes the next KVM_RUN return at once.
+        vcpu.set_kvm_immediate_exit(0);
+        if shared.next_step() == Step::Stop {
             return Ok(VcpuStop::Requested);
         }
         match vcpu.run() {

@@ -20,7 +20,7 @@ pub enum VmError {
     KvmMissing { path: PathBuf },
     #[error("no permission to open {}: add your user to the kvm group (usermod -aG kvm $USER, then log in again) or run as root", path.display())]
     KvmDenied { path: PathBuf },
-    #[error("cannot open {}: {source}", path.display())]
+    #[error("cannot open {}", path.display())]
     KvmOpen {
         path: PathBuf,
         #[source]
@@ -28,7 +28,7 @@ pub enum VmError {
     },
     #[error("{} is not a usable KVM device (API version {found}, expected 12)", path.display())]
     NotKvm { path: PathBuf, found: i32 },
-    #[error("KVM refused to {what}: {source}")]
+    #[error("KVM refused to {what}")]
     Kvm {
         what: &'static str,
         #[source]

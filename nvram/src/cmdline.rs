@@ -1,0 +1,315 @@
+//! The guest kernel's command line, typed once for both sides: the VMM validates a
+//! `--cmdline` with it before boot (an unknown key is refused there, where a user sees it),
+//! and the guest parses the same text with the same code. `no_std` and without allocation,
+//! so that the guest can use it as is.
+//!
+//! Space-separated `word` or `key=value` items; numbers are decimal or `0x` hexadecimal.
+//!
+//! | item                | effect                                                          |
+//! |---------------------|-----------------------------------------------------------------|
+//! | `apps=A,B,...`      | workloads to start on a fresh image: `counter`, `kv`, `memtouch`, `fault`, `deleter` |
+//! | `kv_seed=N`         | seed of `kv`'s operation stream (default 1)                     |
+//! | `kv_pages=N`        | pages of `kv`'s table region (default 64, at least 1)           |
+//! | `kv_verify_every=N` | `kv` verifies its whole table every N reports (0, the default: the guest's own, 5) |
+//! | `memtouch=R,S,D`    | `memtouch` maps R regions of S KiB and dirties D KiB per interval (default 4,64,16) |
+//! | `memtouch_ms=N`     | `memtouch`'s interval in ms (default 100)                       |
+//! | `fault_ms=N`        | `fault` runs N ms before it faults (default 300)                |
+//! | `counter_shutdown=N`| `counter` shuts the machine down (system call) after N reports (0: never) |
+//! | `run_ms=N`          | shut down gracefully after N ms                                 |
+//! | `checkpoint_ms=N`   | a write-out every N ms (N > 0; default: only on request)        |
+//! | `plate=on\|off`     | the plate function (default on)                                 |
+//! | `plate_copy=C`      | who copies plates: `engine` (default) or `cpu`                  |
+//! | `bookkeeping=M`     | where the plate function's bookkeeping runs: `ring3` (default) or `ring0` |
+//! | `poweroff`          | power off right after the banner                                |
+//! | `flush=INSN`        | cache flush instruction: `clwb`, `clflushopt` or `clflush`      |
+//! | `poke-ports`        | read and write ports no device owns, then go on                 |
+//! | `fault=KIND`        | provoke a fault: `ud`, `pf`, `triple`, `work-ud` or `work-panic` |
+//!
+//! [`Cmdline::parse`] reports each unknown or malformed item through a callback and goes
+//! on, as a kernel must (it cannot refuse to boot over a typo); the VMM turns the first
+//! report into an error.
+
+/// A fault the kernel provokes on request, to test the exception path end to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    InvalidOpcode,
+    Page,
+    Triple,
+    /// `ud2` in ring-3 kernel work.
+    WorkInvalidOpcode,
+    /// A panic in ring-3 kernel work.
+    WorkPanic,
+}
+
+/// A workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum App {
+    Counter,
+    Kv,
+    Memtouch,
+    Fault,
+    Deleter,
+}
+
+impl App {
+    /// The workload called `name` on the command line.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "counter" => Some(Self::Counter),
+            "kv" => Some(Self::Kv),
+            "memtouch" => Some(Self::Memtouch),
+            "fault" => Some(Self::Fault),
+            "deleter" => Some(Self::Deleter),
+            _ => None,
+        }
+    }
+}
+
+/// A cache flush instruction, as `flush=` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flush {
+    Clflush,
+    Clflushopt,
+    Clwb,
+}
+
+impl Flush {
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "clflush" => Some(Self::Clflush),
+            "clflushopt" => Some(Self::Clflushopt),
+            "clwb" => Some(Self::Clwb),
+            _ => None,
+        }
+    }
+}
+
+/// Most workloads on one command line.
+pub const MAX_APPS: usize = 8;
+
+/// The keys (and words) the parser knows, for an error message.
+pub const KEYS: &[&str] = &[
+    "apps",
+    "kv_seed",
+    "kv_pages",
+    "kv_verify_every",
+    "memtouch",
+    "memtouch_ms",
+    "fault_ms",
+    "counter_shutdown",
+    "run_ms",
+    "checkpoint_ms",
+    "plate",
+    "plate_copy",
+    "bookkeeping",
+    "poweroff",
+    "flush",
+    "poke-ports",
+    "fault",
+];
+
+/// The parsed command line: every item typed, the defaults where an item is absent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cmdline {
+    pub poweroff: bool,
+    pub fault: Option<Fault>,
+    pub flush: Option<Flush>,
+    pub poke_ports: bool,
+    pub apps: [Option<App>; MAX_APPS],
+    pub kv_seed: u64,
+    pub kv_pages: u64,
+    /// 0: the guest's own interval.
+    pub kv_verify_every: u64,
+    pub memtouch: [u64; 3],
+    pub memtouch_ms: u64,
+    pub fault_ms: u64,
+    /// 0: never.
+    pub counter_shutdown: u64,
+    pub run_ms: Option<u64>,
+    pub checkpoint_ms: Option<u64>,
+    pub plate: bool,
+    pub plate_copy_engine: bool,
+    pub bookkeeping_ring3: bool,
+}
+
+impl Default for Cmdline {
+    fn default() -> Self {
+        Self {
+            poweroff: false,
+            fault: None,
+            flush: None,
+            poke_ports: false,
+            apps: [None; MAX_APPS],
+            kv_seed: 1,
+            kv_pages: 64,
+            kv_verify_every: 0,
+            memtouch: [4, 64, 16],
+            memtouch_ms: 100,
+            fault_ms: 300,
+            counter_shutdown: 0,
+            run_ms: None,
+            checkpoint_ms: None,
+            plate: true,
+            plate_copy_engine: true,
+            bookkeeping_ring3: true,
+        }
+    }
+}
+
+fn number(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
+impl Cmdline {
+    /// Parses `line`; each unknown or malformed item goes to `on_unknown` (whole, as
+    /// `key=value`) and leaves the field at what it was.
+    pub fn parse(line: &str, mut on_unknown: impl FnMut(&str)) -> Self {
+        let mut out = Self::default();
+        for item in line.split_ascii_whitespace() {
+            if !out.item(item) {
+                on_unknown(item);
+            }
+        }
+        out
+    }
+
+    /// Applies one item; false if it is unknown or malformed.
+    fn item(&mut self, item: &str) -> bool {
+        let (key, value) = item.split_once('=').unwrap_or((item, ""));
+        match (key, value) {
+            ("poweroff", "") => self.poweroff = true,
+            ("poke-ports", "") => self.poke_ports = true,
+            ("fault", kind) => {
+                self.fault = Some(match kind {
+                    "ud" => Fault::InvalidOpcode,
+                    "pf" => Fault::Page,
+                    "triple" => Fault::Triple,
+                    "work-ud" => Fault::WorkInvalidOpcode,
+                    "work-panic" => Fault::WorkPanic,
+                    _ => return false,
+                })
+            }
+            ("flush", name) => match Flush::from_name(name) {
+                Some(flush) => self.flush = Some(flush),
+                None => return false,
+            },
+            ("apps", list) => return self.parse_apps(list),
+            ("kv_seed", n) => return number(n).map(|n| self.kv_seed = n).is_some(),
+            ("kv_verify_every", n) => return number(n).map(|n| self.kv_verify_every = n).is_some(),
+            ("kv_pages", n) => return number(n).filter(|&n| n > 0).map(|n| self.kv_pages = n).is_some(),
+            ("memtouch", spec) => return self.parse_memtouch(spec),
+            ("memtouch_ms", n) => return number(n).map(|n| self.memtouch_ms = n).is_some(),
+            ("fault_ms", n) => return number(n).map(|n| self.fault_ms = n).is_some(),
+            ("counter_shutdown", n) => return number(n).map(|n| self.counter_shutdown = n).is_some(),
+            ("run_ms", n) => return number(n).map(|n| self.run_ms = Some(n)).is_some(),
+            ("checkpoint_ms", n) => {
+                return number(n).filter(|&n| n > 0).map(|n| self.checkpoint_ms = Some(n)).is_some()
+            }
+            ("plate", "off") => self.plate = false,
+            ("plate", "on") => self.plate = true,
+            ("plate_copy", copier @ ("engine" | "cpu")) => self.plate_copy_engine = copier == "engine",
+            ("bookkeeping", mode @ ("ring3" | "ring0")) => self.bookkeeping_ring3 = mode == "ring3",
+            _ => return false,
+        }
+        true
+    }
+
+    fn parse_apps(&mut self, list: &str) -> bool {
+        let mut apps = [None; MAX_APPS];
+        for (i, name) in list.split(',').enumerate() {
+            match (apps.get_mut(i), App::from_name(name)) {
+                (Some(slot), Some(app)) => *slot = Some(app),
+                _ => return false,
+            }
+        }
+        self.apps = apps;
+        true
+    }
+
+    fn parse_memtouch(&mut self, spec: &str) -> bool {
+        let mut values = [0u64; 3];
+        let mut parts = spec.split(',');
+        for value in &mut values {
+            match parts.next().and_then(number) {
+                Some(n) => *value = n,
+                None => return false,
+            }
+        }
+        if parts.next().is_some() || values[0] == 0 || values[1] == 0 {
+            return false;
+        }
+        self.memtouch = values;
+        true
+    }
+
+    /// The workloads, in command-line order.
+    pub fn apps(&self) -> impl Iterator<Item = App> + '_ {
+        self.apps.iter().flatten().copied()
+    }
+
+    /// Whether `key` (the part before `=`) is one the parser knows: a known key with a bad
+    /// value is told apart from an unknown key.
+    pub fn is_known_key(key: &str) -> bool {
+        KEYS.contains(&key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(line: &str) -> (Cmdline, usize) {
+        let mut bad = 0;
+        let parsed = Cmdline::parse(line, |_| bad += 1);
+        (parsed, bad)
+    }
+
+    #[test]
+    fn an_empty_line_is_the_defaults() {
+        assert_eq!(parse_all(""), (Cmdline::default(), 0));
+        assert_eq!(parse_all("   "), (Cmdline::default(), 0));
+    }
+
+    #[test]
+    fn every_item_sets_its_field() {
+        let line = "apps=kv,memtouch kv_seed=0x10 kv_pages=8 kv_verify_every=1 memtouch=32,32,256 memtouch_ms=20 \
+                    fault_ms=5 counter_shutdown=3 run_ms=800 checkpoint_ms=50 plate=off plate_copy=cpu \
+                    bookkeeping=ring0 poweroff flush=clwb poke-ports fault=work-panic";
+        let (c, bad) = parse_all(line);
+        assert_eq!(bad, 0);
+        assert_eq!(c.apps().collect::<Vec<_>>(), [App::Kv, App::Memtouch]);
+        assert_eq!((c.kv_seed, c.kv_pages, c.kv_verify_every), (16, 8, 1));
+        assert_eq!((c.memtouch, c.memtouch_ms, c.fault_ms), ([32, 32, 256], 20, 5));
+        assert_eq!((c.counter_shutdown, c.run_ms, c.checkpoint_ms), (3, Some(800), Some(50)));
+        assert!(!c.plate && !c.plate_copy_engine && !c.bookkeeping_ring3);
+        assert!(c.poweroff && c.poke_ports);
+        assert_eq!((c.flush, c.fault), (Some(Flush::Clwb), Some(Fault::WorkPanic)));
+    }
+
+    #[test]
+    fn bad_items_are_reported_whole_and_change_nothing() {
+        let mut seen = Vec::new();
+        let c = Cmdline::parse(
+            "bogus kv_pages=0 checkpoint_ms=0 memtouch=0,1,1 memtouch=1,2 apps=kv,fly flush=no fault=x poweroff=1 \
+             plate=maybe apps=a,b,c,d,e,f,g,h,i kv_seed=x",
+            |item| seen.push(item.to_string()),
+        );
+        assert_eq!(seen.len(), 12, "{seen:?}");
+        assert_eq!(seen[0], "bogus");
+        assert_eq!(c, Cmdline::default());
+        let (c, bad) = parse_all("apps=counter,counter,counter,counter,counter,counter,counter,counter");
+        assert_eq!((c.apps().count(), bad), (MAX_APPS, 0));
+    }
+
+    #[test]
+    fn every_key_is_listed() {
+        for item in ["apps=kv", "kv_seed=1", "memtouch=1,1,1", "plate=on", "poweroff", "poke-ports", "fault=ud"] {
+            let key = item.split_once('=').map_or(item, |(k, _)| k);
+            assert!(Cmdline::is_known_key(key), "{key}");
+        }
+        assert!(!Cmdline::is_known_key("bogus"));
+    }
+}
