@@ -2,8 +2,9 @@
 //!
 //! Every entry builds the same [`TrapFrame`] on the kernel stack (a zero error code where the
 //! CPU pushes none, then the vector), saves the general registers and calls
-//! [`crate::trap::dispatch`], which may rewrite the frame to switch processes; the common
-//! exit restores the registers from the frame and returns with `iretq`. (The
+//! `trap_dispatch`, which may rewrite the frame to switch processes. That symbol is defined
+//! by the top layer (`proc::trap`), not imported: this layer stays below everything it
+//! dispatches to, and the linker fails if no layer defines it. The common exit restores the registers from the frame and returns with `iretq`. (The
 //! `x86-interrupt` calling convention would generate this, but needs nightly.)
 //!
 //! System calls enter by `int3` ([`SYSCALL_VECTOR`], the breakpoint gate, open to ring 3)
@@ -18,7 +19,7 @@ use spin::Once;
 use x86_64::structures::idt::InterruptDescriptorTable;
 use x86_64::VirtAddr;
 
-use crate::{gdt, println};
+use crate::arch::gdt;
 
 /// The state of the interrupted code, as the stubs leave it on the stack; the same layout
 /// as a process's saved registers in NVM.
@@ -137,7 +138,7 @@ pub fn init() {
             idt.debug.set_handler_addr(addr(1));
             idt.non_maskable_interrupt.set_handler_addr(addr(2));
             idt.breakpoint
-                .set_handler_addr(crate::ring3::int3_entry())
+                .set_handler_addr(crate::arch::ring3::int3_entry())
                 .set_privilege_level(x86_64::PrivilegeLevel::Ring3);
             idt.overflow.set_handler_addr(addr(4));
             idt.bound_range_exceeded.set_handler_addr(addr(5));
@@ -196,18 +197,11 @@ pub fn exception_name(vector: u64) -> &'static str {
     NAMES.get(vector as usize).copied().unwrap_or("exception")
 }
 
-/// Called by the stubs with the saved state.
-#[no_mangle]
-extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
-    crate::trap::dispatch(frame);
-}
-
-/// Loads an empty IDT and faults: with no handler the CPU escalates to a triple fault,
+/// Loads an empty IDT and faults (the caller announces it: this layer has no console): with no handler the CPU escalates to a triple fault,
 /// which resets (here: stops) the machine. Used to test how the VMM reports it.
 pub fn triple_fault() -> ! {
     static EMPTY: x86_64::structures::DescriptorTablePointer =
         x86_64::structures::DescriptorTablePointer { limit: 0, base: VirtAddr::zero() };
-    println!("provoking a triple fault");
     // SAFETY: deliberately breaks interrupt handling; the next instruction faults and the
     // CPU shuts down. Nothing runs after it.
     unsafe {

@@ -87,7 +87,7 @@ unsafe impl FrameAllocator<Size4KiB> for TablePool<'_> {
             return None;
         }
         let addr = self.base + index * PAGE;
-        crate::memory::zero(addr, PAGE);
+        crate::arch::memory::zero(addr, PAGE);
         *self.used += 1;
         Some(PhysFrame::containing_address(PhysAddr::new(addr)))
     }
@@ -107,7 +107,7 @@ unsafe fn tables(root: u64) -> OffsetPageTable<'static> {
 /// Makes `root` (a frame of the space's own) the PML4 of a new space: the kernel's entry 0,
 /// nothing else.
 pub fn init_root(root: u64) {
-    crate::memory::zero(root, PAGE);
+    crate::arch::memory::zero(root, PAGE);
     // SAFETY: `root` is a frame owned by the new space, identity-mapped; the kernel PML4 is
     // the boot one.
     unsafe { *(root as *mut u64) = *(kernel_root() as *const u64) };

@@ -151,7 +151,7 @@ fn announce(pending: &mut Barrier) {
     // SAFETY: the doorbell takes the physical address of the list, which stays put and
     // locked while the machine reads it (the port write returns once it is done).
     // (From ring-3 kernel work, the port write is made in kernel mode.)
-    crate::ring3::privileged(|| unsafe { Port::<u32>::new(BASE + REG_BARRIER).write(addr as u32) });
+    crate::arch::ring3::privileged(|| unsafe { Port::<u32>::new(BASE + REG_BARRIER).write(addr as u32) });
     // SAFETY: the machine wrote the status in place.
     let status = unsafe { core::ptr::read_volatile(&pending.status) };
     if status != STATUS_DONE {
