@@ -30,6 +30,11 @@ pub const SYSCALL_VECTOR: u64 = 3;
 /// First vector of the PIC's interrupts (IRQ 0, the timer).
 pub const IRQ_BASE: u8 = 32;
 
+/// Whether `frame` interrupted user mode.
+pub fn from_user(frame: &TrapFrame) -> bool {
+    frame.cs & 3 == 3
+}
+
 /// Prints a frame's registers.
 pub struct ShowRegs<'a>(pub &'a TrapFrame);
 

@@ -4,7 +4,7 @@
 use kernel_core::plates::PlateKind;
 use nvram::layout;
 
-use super::{Plating, PAGE};
+use super::state::{Plating, PAGE};
 use crate::arch::paging;
 
 /// Collects dirty bits of one user space into the frame-indexed `dirty` bitmap.

@@ -16,8 +16,7 @@
 mod copy;
 mod dirty;
 mod plateify;
-
-use core::sync::atomic::{AtomicBool, Ordering};
+mod state;
 
 use kernel_core::frames::FrameBitmap;
 use kernel_core::plates::{self, PlateKind, PlateTable};
@@ -31,92 +30,12 @@ use crate::dev::{control, engine, persist};
 use crate::nvm::root;
 use copy::GuestPersist;
 use plateify::{install_ops, plateify};
-
-// The pool of page tables is plated whole at creation; only its used part is copied.
-const _: () = assert!(TABLE_POOL_PAGES <= 64);
-
-const PAGE: u64 = 4096;
-
-/// Most pages of a fixed plate (the stale bitmap reserves this many bits for each).
-const FIXED_PAGES_MAX: u64 = layout::RESOURCES_SAVE_MAX / PAGE;
-
-/// The plate function's fixed areas in NVM (`nvram::layout`): the live table, the two
-/// commit slots, the stale and dirty bitmaps. Referenced once per boot ([`Areas::take`]);
-/// every later access goes through these references, so none is ever made twice.
-pub struct Areas {
-    live: &'static mut PlateTable,
-    slots: [&'static mut PlateTable; 2],
-    stale: &'static mut [u64],
-    dirty: &'static mut [u64],
-    /// Frames managed (bit index of the first fixed-plate page in `stale`).
-    frames: u64,
-}
-
-impl Areas {
-    /// Takes the references to the areas, for `frames` managed frames. Once per boot: a
-    /// second call panics (it would alias the first's references).
-    pub fn take(frames: u64) -> Self {
-        static TAKEN: AtomicBool = AtomicBool::new(false);
-        assert!(!TAKEN.swap(true, Ordering::Relaxed), "the plate areas are taken once per boot");
-        let words = (frames + 2 * FIXED_PAGES_MAX).div_ceil(64) as usize;
-        assert!((words * 8) as u64 <= layout::PLATE_BITMAP_MAX);
-        // SAFETY: the plate tables and the bitmaps have their own fixed, disjoint areas
-        // (nvram::layout, sized above the table's size by kernel-core's constants and above
-        // `words` by the assertion), identity-mapped; `TAKEN` makes these the only references.
-        unsafe {
-            Self {
-                live: &mut *(layout::PLATE_LIVE as *mut PlateTable),
-                slots: [
-                    &mut *(layout::PLATE_SLOTS[0] as *mut PlateTable),
-                    &mut *(layout::PLATE_SLOTS[1] as *mut PlateTable),
-                ],
-                stale: core::slice::from_raw_parts_mut(layout::PLATE_STALE as *mut u64, words),
-                dirty: core::slice::from_raw_parts_mut(layout::PLATE_DIRTY as *mut u64, words),
-                frames,
-            }
-        }
-    }
-
-    /// The committed slot, if any (at CPL 3: checking a table is pure computation).
-    fn committed(&self) -> Option<usize> {
-        ring3::run(|| plates::committed([&*self.slots[0], &*self.slots[1]]))
-    }
-
-    /// The generation a crash would restore, if any.
-    pub fn committed_generation(&self) -> Option<u64> {
-        self.committed().map(|i| self.slots[i].generation)
-    }
-
-    /// Becomes the plate function's state (the slots are reached by address from now on).
-    fn into_plating(self, committed: Option<(usize, u64)>) -> Plating {
-        Plating { live: self.live, committed, stale: self.stale, dirty: self.dirty, frames: self.frames }
-    }
-}
-
-/// The plate function's state for this boot.
-pub struct Plating {
-    pub live: &'static mut PlateTable,
-    /// The committed slot and its generation (`None`: nothing committed yet).
-    pub committed: Option<(usize, u64)>,
-    stale: &'static mut [u64],
-    dirty: &'static mut [u64],
-    /// Frames managed (bit index of the first fixed-plate page in `stale`).
-    frames: u64,
-}
+pub use state::{Areas, Plating, WriteOutError};
+use state::{FIXED_PAGES_MAX, PAGE};
 
 /// `checkpoint()`'s result in the running process, and in the one restored from it.
 pub const SAVED: u64 = 0;
 pub const RESTORED: u64 = 1;
-
-impl Plating {
-    /// Index in the stale bitmap of a plate's first page.
-    fn stale_index(&self, plate: &plates::Plate) -> u64 {
-        match PlateKind::from_raw(plate.kind) {
-            Some(PlateKind::Fixed) => self.frames + u64::from(plate.id) * FIXED_PAGES_MAX,
-            _ => (plate.src - layout::FRAMES_BASE) / PAGE,
-        }
-    }
-}
 
 /// Enables the plate function on a freshly formatted image: an empty plate table, no
 /// commit, every save area stale; and the deletion of spaces replaced by one that defers
@@ -183,15 +102,6 @@ pub fn restore(areas: Areas) -> Option<(Plating, Metrics)> {
 pub fn free_pending_after_restore(plating: &mut Plating, frames: &mut FrameBitmap) {
     plates::free_pending(plating.live.pending(), frames);
     plating.live.pending_count = 0;
-}
-
-/// Why a write-out did not happen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriteOutError {
-    /// `plate=off`.
-    Disabled,
-    /// No frames (or table room) for the save areas of a new plate.
-    NoRoom,
 }
 
 /// A write-out: occupies the system (the caller runs with interrupts off, on the one CPU),

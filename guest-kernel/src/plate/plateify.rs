@@ -7,7 +7,7 @@ use kernel_core::plates::{self, Plate, PlateKind, FIXED_FRAME_BITMAP, FIXED_RESO
 use kernel_core::resources::{Resources, TABLE_POOL_PAGES};
 use nvram::layout;
 
-use super::{Plating, WriteOutError, PAGE};
+use super::state::{Plating, WriteOutError, PAGE};
 use crate::nvm::resources::{self, Mem, ResError, OPS};
 use crate::println;
 

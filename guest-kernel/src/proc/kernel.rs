@@ -7,13 +7,17 @@ use kernel_core::frames::FrameBitmap;
 use kernel_core::process::ProcessTable;
 use kernel_core::resources::Resources;
 use nvram::control::Metrics;
+use nvram::exit::ExitCode;
 use nvram::header::RootHeader;
+use nvram::header::ShutdownFlag;
 use spin::Mutex;
 
-use crate::arch::interrupts::TrapFrame;
+use crate::arch::interrupts::{from_user, TrapFrame};
+use crate::dev::{machine, persist};
 use crate::nvm::resources::Mem;
+use crate::nvm::root;
 use crate::plate::{self, Plating, WriteOutError, RESTORED, SAVED};
-use crate::proc::process;
+use crate::println;
 
 pub struct Kernel {
     /// The root header as last written.
@@ -65,7 +69,7 @@ impl Kernel {
         let interrupted: &TrapFrame = frame;
         let save = || {
             let Some(current) = *current else { return };
-            if !process::from_user(interrupted) {
+            if !from_user(interrupted) {
                 return;
             }
             if let Some(p) = procs.get_mut(current) {
@@ -80,5 +84,25 @@ impl Kernel {
             frame.rax = SAVED;
         }
         Ok(m)
+    }
+
+    /// A graceful shutdown: everything needed to resume is already in NVM (the process
+    /// table holds every process's registers, once the interrupted one's are saved); write
+    /// back every cache line, then set the shutdown flag to "normal", last, and power off.
+    /// The next boot resumes exactly here (NVM continuation).
+    pub fn shutdown(&mut self, frame: &TrapFrame) -> ! {
+        if let Some(current) = self.current {
+            if from_user(frame) {
+                if let Some(p) = self.procs.get_mut(current) {
+                    p.regs = *frame;
+                }
+            }
+        }
+        persist::write_back_all();
+        self.header.shutdown_flag = ShutdownFlag::Normal as u32;
+        self.header.seal();
+        root::store_header(&self.header);
+        println!("shut down: the machine's state is kept in NVM");
+        machine::exit(ExitCode::PowerOff)
     }
 }

@@ -8,7 +8,7 @@
 use kernel_core::process::{self, Process, Regs, State};
 use kernel_core::resources::USER_WRITABLE;
 
-use crate::arch::interrupts::TrapFrame;
+use crate::arch::interrupts::{from_user, TrapFrame};
 use crate::arch::{gdt, paging};
 use crate::nvm::resources::ResError;
 use crate::println;
@@ -115,11 +115,6 @@ pub fn schedule(k: &mut Kernel, frame: &mut TrapFrame) {
             *frame = idle_frame();
         }
     }
-}
-
-/// Whether `frame` interrupted user mode.
-pub fn from_user(frame: &TrapFrame) -> bool {
-    frame.cs & 3 == 3
 }
 
 /// Puts the current process to sleep for `ticks` timer ticks.

@@ -26,7 +26,7 @@ use crate::plate::{WriteOutError, SAVED};
 use crate::print;
 use crate::println;
 use crate::proc::kernel::{self, Kernel};
-use crate::proc::{process, trap};
+use crate::proc::process;
 use crate::res_op;
 
 /// System call numbers.
@@ -91,7 +91,7 @@ pub fn handle(frame: &mut TrapFrame) {
             nr::SHUTDOWN => {
                 // The caller resumes from here after the next boot, with a 0 result.
                 frame.rax = 0;
-                trap::shutdown(k, frame);
+                k.shutdown(frame);
             }
             _ => err::NO_SUCH_CALL,
         };

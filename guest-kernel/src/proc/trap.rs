@@ -1,17 +1,15 @@
-//! What the kernel does at each entry: exceptions, timer interrupts, system calls; and
-//! the graceful shutdown they may end in.
+//! What the kernel does at each entry: exceptions, timer interrupts, system calls.
 
 use nvram::control::Request;
 use nvram::exit::ExitCode;
-use nvram::header::ShutdownFlag;
 
+use crate::arch::interrupts::from_user;
 use crate::arch::interrupts::{exception_name, ShowRegs, TrapFrame, IRQ_BASE, SYSCALL_VECTOR};
 use crate::arch::{ring3, timer};
-use crate::dev::{console, control, machine, persist};
-use crate::nvm::root;
+use crate::dev::{console, control, machine};
 use crate::println;
 use crate::proc::kernel::{self, Kernel};
-use crate::proc::process::{self, from_user};
+use crate::proc::process;
 use crate::proc::syscall;
 
 /// Called by the entry stubs (`arch::interrupts`) with the saved state: defined here, at the
@@ -19,26 +17,6 @@ use crate::proc::syscall;
 #[no_mangle]
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     dispatch(frame);
-}
-
-/// A graceful shutdown: everything needed to resume is already in NVM (the process table
-/// holds every process's registers, once the interrupted one's are saved); write back every
-/// cache line, then set the shutdown flag to "normal", last, and power off. The next boot
-/// resumes exactly here (NVM continuation).
-pub fn shutdown(k: &mut Kernel, frame: &TrapFrame) -> ! {
-    if let Some(current) = k.current {
-        if from_user(frame) {
-            if let Some(p) = k.procs.get_mut(current) {
-                p.regs = *frame;
-            }
-        }
-    }
-    persist::write_back_all();
-    k.header.shutdown_flag = ShutdownFlag::Normal as u32;
-    k.header.seal();
-    root::store_header(&k.header);
-    println!("shut down: the machine's state is kept in NVM");
-    machine::exit(ExitCode::PowerOff)
 }
 
 /// A write-out not asked for by the interrupted code (timer or VMM).
@@ -63,14 +41,14 @@ pub fn dispatch(frame: &mut TrapFrame) {
                 k.ticks += 1 + ring3::take_missed_ticks();
                 if machine::power_off_due(k.ticks) {
                     println!("run time over");
-                    shutdown(k, frame);
+                    k.shutdown(frame);
                 }
                 let periodic = k.ticks >= k.next_checkpoint;
                 if periodic {
                     k.next_checkpoint = k.ticks + k.checkpoint_ticks;
                 }
                 match control::request() {
-                    Request::Shutdown => shutdown(k, frame),
+                    Request::Shutdown => k.shutdown(frame),
                     Request::Checkpoint => checkpoint(k, frame),
                     Request::None if periodic => checkpoint(k, frame),
                     Request::None => {}
