@@ -22,6 +22,7 @@ mod nvm;
 mod plate;
 mod proc;
 
+use arch::frame::TrapFrame;
 use arch::{gdt, interrupts, paging, pvh, ring3, timer};
 use cmdline::{App, Cmdline, Fault};
 use dev::{console, control, engine, machine, persist};
@@ -193,7 +194,7 @@ fn start(nvm: nvm_root::Nvm, areas: Option<plate::Areas>, kind: BootKind, cmdlin
         if kind == BootKind::Cold && k.plating.is_some() {
             // Plate-ify everything and commit the initial state: a crash from here on
             // always has a checkpoint to come back to.
-            let mut frame = interrupts::TrapFrame::default();
+            let mut frame = TrapFrame::default();
             match k.write_out(&mut frame, false) {
                 Ok(m) => println!(
                     "plate: first write-out committed: {} plates, {} KiB plated, {} KiB copied",
@@ -211,7 +212,7 @@ fn start(nvm: nvm_root::Nvm, areas: Option<plate::Areas>, kind: BootKind, cmdlin
     if let Some(ms) = cmdline.run_ms {
         machine::power_off_at(timer::ms_to_ticks(ms));
     }
-    let mut frame = interrupts::TrapFrame::default();
+    let mut frame = TrapFrame::default();
     kernel::with(|k| process::schedule(k, &mut frame));
     if frame.cs & 3 == 0 {
         println!("idle");

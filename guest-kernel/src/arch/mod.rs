@@ -7,6 +7,7 @@
 //! the machine through the hook of [`fatal`] (installed at boot, see `main.rs`).
 
 pub mod boot;
+pub mod frame;
 pub mod gdt;
 pub mod interrupts;
 pub mod memory;

@@ -27,7 +27,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use x86_64::registers::control::Cr3;
 
-use crate::arch::interrupts::{exception_name, ShowRegs, TrapFrame, IRQ_BASE, SYSCALL_VECTOR};
+use crate::arch::frame::{exception_name, ShowRegs, TrapFrame, IRQ_BASE, SYSCALL_VECTOR};
 use crate::arch::{fatal, gdt, timer};
 
 /// `rax` of the trap that ends the work.

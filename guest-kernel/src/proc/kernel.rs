@@ -12,7 +12,7 @@ use nvram::header::RootHeader;
 use nvram::header::ShutdownFlag;
 use spin::Mutex;
 
-use crate::arch::interrupts::{from_user, TrapFrame};
+use crate::arch::frame::{from_user, TrapFrame};
 use crate::dev::{machine, persist};
 use crate::nvm::resources::Mem;
 use crate::nvm::root;

@@ -8,7 +8,7 @@
 use kernel_core::process::{self, Process, Regs, State};
 use kernel_core::resources::USER_WRITABLE;
 
-use crate::arch::interrupts::{from_user, TrapFrame};
+use crate::arch::frame::{from_user, TrapFrame};
 use crate::arch::{gdt, paging};
 use crate::nvm::resources::ResError;
 use crate::println;

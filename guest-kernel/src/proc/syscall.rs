@@ -18,7 +18,7 @@
 use kernel_core::resources::USER_WRITABLE;
 use nvram::control::{Heartbeat, Verified, NAME_LEN};
 
-use crate::arch::interrupts::TrapFrame;
+use crate::arch::frame::TrapFrame;
 use crate::arch::{paging, timer};
 use crate::dev::control;
 use crate::nvm::resources;

@@ -3,8 +3,8 @@
 use nvram::control::Request;
 use nvram::exit::ExitCode;
 
-use crate::arch::interrupts::from_user;
-use crate::arch::interrupts::{exception_name, ShowRegs, TrapFrame, IRQ_BASE, SYSCALL_VECTOR};
+use crate::arch::frame::from_user;
+use crate::arch::frame::{exception_name, ShowRegs, TrapFrame, IRQ_BASE, SYSCALL_VECTOR};
 use crate::arch::{ring3, timer};
 use crate::dev::{console, control, machine};
 use crate::println;
