@@ -97,7 +97,7 @@ unsafe impl FrameAllocator<Size4KiB> for TablePool<'_> {
 ///
 /// # Safety
 ///
-/// `root` must be a PML4 made by [`new_root`] (or the kernel's), identity-mapped, used by
+/// `root` must be a PML4 made by [`init_root`] (or the kernel's), identity-mapped, used by
 /// no one else while the returned value lives.
 unsafe fn tables(root: u64) -> OffsetPageTable<'static> {
     // SAFETY: per the caller's contract; physical memory is identity-mapped (offset 0).

@@ -2,14 +2,17 @@
 //!
 //! One CPU, and the kernel runs with interrupts off, so a spin lock taken at each entry
 //! (trap, system call) is never contended; it makes the exclusive access explicit.
+//!
+//! The layers below take only the parts they work on: the resource operations a [`Mem`]
+//! view ([`Kernel::mem`]), the plate function the tables and a closure that saves the
+//! interrupted process ([`Kernel::write_out`]).
 
 use kernel_core::frames::FrameBitmap;
 use kernel_core::process::ProcessTable;
 use kernel_core::resources::Resources;
 use nvram::control::Metrics;
 use nvram::exit::ExitCode;
-use nvram::header::RootHeader;
-use nvram::header::ShutdownFlag;
+use nvram::header::{RootHeader, ShutdownFlag};
 use spin::Mutex;
 
 use crate::arch::frame::{from_user, TrapFrame};

@@ -99,8 +99,9 @@ pub fn handle(frame: &mut TrapFrame) {
     });
 }
 
-/// The bytes `addr..addr + len` of the current process, if it may read them.
-fn user_bytes(k: &Kernel, addr: u64, len: u64) -> Option<&'static [u8]> {
+/// The bytes `addr..addr + len` of the current process, if it may read them; borrowed as
+/// long as the kernel's state is, so that no unmap can free them meanwhile.
+fn user_bytes(k: &Kernel, addr: u64, len: u64) -> Option<&[u8]> {
     let space = k.procs.get(k.current?)?.space;
     let readable =
         resources::user_space_at(k.res, space, addr, len).is_some() || paging::in_user_visible_image(addr, len);

@@ -68,7 +68,12 @@ pub fn map(pages: u64) -> Option<&'static mut [u8]> {
 }
 
 /// Deletes the user space mapped at `addr`; 0 on success.
-pub fn unmap(addr: u64) -> u64 {
+///
+/// # Safety
+///
+/// No reference into the mapping (the slice [`map`] returned) may be used afterwards: its
+/// pages are gone.
+pub unsafe fn unmap(addr: u64) -> u64 {
     syscall(nr::UNMAP, addr, 0, 0, 0)
 }
 
