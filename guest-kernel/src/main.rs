@@ -22,25 +22,23 @@ mod nvm;
 mod plate;
 mod proc;
 
-use arch::frame::TrapFrame;
 use arch::{gdt, interrupts, paging, pvh, ring3, timer};
 use cmdline::{App, Cmdline, Fault};
 use dev::{console, control, engine, machine, persist};
-use kernel_core::process::ProcessTable;
-use kernel_core::resources::{KernelSpaceUse, Kind};
+use kernel_core::resources::Kind;
 use nvm::root as nvm_root;
-use nvram::control::{BootKind, Booted};
+use nvram::control::BootKind;
 use nvram::exit::ExitCode;
 use nvram::header::ShutdownFlag;
-use proc::process::{self, Program};
-use proc::{kernel, user};
+use proc::process::Program;
+use proc::{boot, user};
 
 /// Rust entry, called by the boot code in long mode with `start_info` the physical address
 /// of the PVH `hvm_start_info`.
 #[no_mangle]
 extern "C" fn kmain(start_info: u64) -> ! {
-    console::init();
     arch::set_fatal_hook(stop);
+    console::init();
     gdt::init();
     interrupts::init();
     paging::init();
@@ -63,7 +61,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
     let cmdline = Cmdline::parse(info.cmdline, |item| println!("ignoring unknown command-line item \"{item}\""));
 
     let (flush, announce) = persist::init(cmdline.flush);
-    let mut nvm = nvm_root::open(info.ram_end()).unwrap_or_else(|e| refuse(e));
+    let mut nvm = nvm_root::open(info.ram_end()).unwrap_or_else(|e| nvm_root::refuse(e));
     println!(
         "NVM: {} MiB, boot {} of this image, cache flush by {}{}",
         info.ram_end() >> 20,
@@ -117,17 +115,19 @@ extern "C" fn kmain(start_info: u64) -> ! {
     start(nvm, areas, kind, &cmdline, tsc_khz)
 }
 
-/// Decides how to boot from what NVM holds, installs the kernel state, starts (or resumes)
-/// the workloads and the timer, and enters the first process (or the idle loop).
+/// Prepares the plate function as the boot's kind requires (restores a crashed run's
+/// checkpoint), and hands over to the processes' layer (`proc::boot`), which installs the
+/// kernel state, starts (or resumes) the workloads and the timer, and enters the first
+/// process (or the idle loop).
 fn start(nvm: nvm_root::Nvm, areas: Option<plate::Areas>, kind: BootKind, cmdline: &Cmdline, tsc_khz: u64) -> ! {
     let (plating, restored) = match (kind, areas) {
         (BootKind::Restored, Some(areas)) => {
             // Restore first: it rewrites the very tables the kernel state points into.
             let Some((plating, metrics)) = plate::restore(areas) else {
-                refuse(nvm_root::ImageError::Table(Kind::VirtualSpace))
+                nvm_root::refuse(nvm_root::ImageError::Table(Kind::VirtualSpace))
             };
             if let Err(e) = nvm.check() {
-                refuse(e);
+                nvm_root::refuse(e);
             }
             (Some(plating), Some(metrics))
         }
@@ -135,89 +135,11 @@ fn start(nvm: nvm_root::Nvm, areas: Option<plate::Areas>, kind: BootKind, cmdlin
         (_, Some(areas)) => (Some(plate::format(areas)), None),
         (_, None) => (None, None),
     };
-    let header = nvm.header;
-    let nvm_root::Nvm { resources, frames, .. } = nvm;
+    let nvm_root::Nvm { header, resources, frames, .. } = nvm;
     let checkpoint_ticks = cmdline.checkpoint_ms.map_or(0, timer::ms_to_ticks);
-    kernel::install(kernel::Kernel {
-        header,
-        res: resources,
-        frames,
-        procs: placeholder_procs(),
-        current: None,
-        ticks: 0,
-        plating,
-        next_checkpoint: if checkpoint_ticks == 0 { u64::MAX } else { checkpoint_ticks },
-        checkpoint_ticks,
-    });
-    if let Some(metrics) = restored {
-        kernel::with(|k| {
-            if let Some(plating) = k.plating.as_mut() {
-                plate::free_pending_after_restore(plating, &mut k.frames);
-            }
-            k.header.generation = metrics.generation;
-        });
-        println!(
-            "NVM: restored generation {}: {} plates, {} KiB copied",
-            metrics.generation,
-            metrics.plates,
-            metrics.copied_bytes >> 10
-        );
-        control::metrics(metrics);
-    }
-    kernel::with(|k| {
-        if kind == BootKind::Cold {
-            let pages = (core::mem::size_of::<ProcessTable>() as u64).div_ceil(4096);
-            let space = res_op!(kernel_space.create(&mut k.mem(), pages, KernelSpaceUse::ProcessTable))
-                .expect("room for the process table");
-            let addr = k.res.kernel_spaces.get(space).map(|s| s.vaddr).expect("just created");
-            // SAFETY: the kernel space was just allocated (zeroed) for the table, identity-mapped.
-            k.procs = unsafe { &mut *(addr as *mut ProcessTable) };
-            k.procs.format(Kind::Process as u32);
-            for app in cmdline.apps() {
-                let program = program(app, cmdline);
-                if let Err(e) = process::spawn(k, &program) {
-                    println!("cannot start {}: {e:?}", program.name);
-                }
-            }
-        } else {
-            let table = k.res.kernel_spaces.iter().find(|(_, s)| s.usage == KernelSpaceUse::ProcessTable as u32);
-            let Some(addr) = table.map(|(_, s)| s.vaddr) else { refuse(nvm_root::ImageError::Table(Kind::Process)) };
-            // SAFETY: the kernel space holding the process table, identity-mapped, ours alone.
-            k.procs = unsafe { &mut *(addr as *mut ProcessTable) };
-            if let Err(e) = k.procs.check(Kind::Process as u32) {
-                println!("NVM: process table header {e:?}");
-                refuse(nvm_root::ImageError::Table(Kind::Process));
-            }
-            process::wake_all(k);
-            println!("NVM: {} processes to resume", k.procs.live());
-        }
-        if kind == BootKind::Cold && k.plating.is_some() {
-            // Plate-ify everything and commit the initial state: a crash from here on
-            // always has a checkpoint to come back to.
-            let mut frame = TrapFrame::default();
-            match k.write_out(&mut frame, false) {
-                Ok(m) => println!(
-                    "plate: first write-out committed: {} plates, {} KiB plated, {} KiB copied",
-                    m.plates,
-                    m.plated_bytes >> 10,
-                    m.copied_bytes >> 10
-                ),
-                Err(e) => println!("plate: first write-out failed: {e:?}"),
-            }
-        }
-        control::booted(Booted::new(kind, k.header.boot_count, k.header.generation));
-    });
-    timer::init(tsc_khz);
-    println!("timer at {} Hz, TSC {} kHz", timer::HZ, timer::tsc_khz());
-    if let Some(ms) = cmdline.run_ms {
-        machine::power_off_at(timer::ms_to_ticks(ms));
-    }
-    let mut frame = TrapFrame::default();
-    kernel::with(|k| process::schedule(k, &mut frame));
-    if frame.cs & 3 == 0 {
-        println!("idle");
-    }
-    interrupts::enter(&frame)
+    boot::install(header, resources, frames, plating, checkpoint_ticks, restored);
+    let programs = cmdline.apps().map(|app| program(app, cmdline));
+    boot::run(kind, programs, tsc_khz, cmdline.run_ms)
 }
 
 /// Decides from what NVM holds how this boot goes on, and prepares the tables for it.
@@ -233,7 +155,7 @@ fn decide(nvm: &mut nvm_root::Nvm, areas: Option<&plate::Areas>) -> BootKind {
                 println!("NVM: previous run shut down normally: resuming where it stopped");
                 BootKind::Resumed
             }
-            Err(e) => refuse(e),
+            Err(e) => nvm_root::refuse(e),
         },
         nvm_root::Found::Known(ShutdownFlag::Abnormal) => match areas.and_then(plate::Areas::committed_generation) {
             Some(generation) => {
@@ -247,24 +169,6 @@ fn decide(nvm: &mut nvm_root::Nvm, areas: Option<&plate::Areas>) -> BootKind {
             }
         },
     }
-}
-
-/// Stops the machine over an image this kernel must not use.
-fn refuse(e: nvm_root::ImageError) -> ! {
-    println!("NVM: refusing this image: {e}");
-    println!("NVM: `vmm boot --reformat` starts it afresh (its contents are lost)");
-    machine::exit(ExitCode::BadImage);
-}
-
-/// Until the process table's kernel space exists, an empty table in scratch memory.
-/// Once per boot (a second call panics): it hands out a `&'static mut` to a static.
-fn placeholder_procs() -> &'static mut ProcessTable {
-    static mut EMPTY: core::mem::MaybeUninit<ProcessTable> = core::mem::MaybeUninit::zeroed();
-    static TAKEN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-    assert!(!TAKEN.swap(true, core::sync::atomic::Ordering::Relaxed), "one placeholder per boot");
-    // SAFETY: `TAKEN` makes this the only reference to `EMPTY`, taken at boot before the
-    // real table replaces it; all-zero is a valid (empty, unformatted) table.
-    unsafe { &mut *(&raw mut EMPTY).cast::<ProcessTable>() }
 }
 
 fn program(app: App, cmdline: &Cmdline) -> Program {

@@ -164,6 +164,13 @@ impl Nvm {
     }
 }
 
+/// Stops the machine over an image this kernel must not use.
+pub fn refuse(e: ImageError) -> ! {
+    crate::println!("NVM: refusing this image: {e}");
+    crate::println!("NVM: `vmm boot --reformat` starts it afresh (its contents are lost)");
+    crate::dev::machine::exit(nvram::exit::ExitCode::BadImage);
+}
+
 /// Writes `header` to NVM and makes it durable: its second copy first, then its first, so
 /// that a power failure at any point leaves one of them whole (`nvram::header::choose`).
 pub fn store_header(header: &RootHeader) {
