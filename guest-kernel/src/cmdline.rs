@@ -24,7 +24,7 @@
 //! An unknown or malformed item is reported on the console and otherwise ignored, so that a
 //! typo is seen.
 
-use crate::persist::FlushInsn;
+use crate::dev::persist::FlushInsn;
 
 /// A fault the kernel provokes on request, to test the exception path end to end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

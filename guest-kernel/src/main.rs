@@ -1,49 +1,43 @@
 //! The persistent guest kernel of the NVM machine.
 //!
-//! Booted by the PVH protocol ([`boot`]), it keeps everything that must outlive a boot in
-//! NVM, reachable from the root header ([`nvm`]): Tender's memory-resource tables
-//! ([`resources`]), the frame allocator and the process table. Its own `.data`/`.bss` are
-//! scratch for one boot, since the loader writes the kernel image anew at every boot.
-//! Workloads ([`user`]) run in ring 3, preempted by the timer ([`timer`], [`process`]), and
-//! report to the VMM through the machine-control device ([`control`]).
+//! Booted by the PVH protocol ([`arch::boot`]), it keeps everything that must outlive a
+//! boot in NVM, reachable from the root header ([`nvm::root`]): Tender's memory-resource
+//! tables ([`nvm::resources`]), the frame allocator and the process table. Its own
+//! `.data`/`.bss` are scratch for one boot, since the loader writes the kernel image anew at
+//! every boot. Workloads ([`proc::user`]) run in ring 3, preempted by the timer
+//! ([`arch::timer`], [`proc::process`]), and report to the VMM through the machine-control
+//! device ([`dev::control`]).
+//!
+//! The kernel is in layers, each using only those below it (`LAYERS.md`, checked by
+//! `scripts/check-layers.sh`): `arch`, `dev`, `nvm`, `plate`, `proc`, and this file (with
+//! the command line), which decides how the boot goes on and installs what the lower layers
+//! call back: the fatal-path hook of `arch`.
 #![no_std]
 #![no_main]
 
-mod boot;
+mod arch;
 mod cmdline;
-pub mod console;
-mod control;
-mod engine;
-mod gdt;
-mod interrupts;
-mod kernel;
-mod machine;
-mod memory;
+mod dev;
 mod nvm;
-mod paging;
-mod persist;
 mod plate;
-mod process;
-mod pvh;
-mod resources;
-mod ring3;
-mod syscall;
-mod timer;
-mod trap;
-mod user;
+mod proc;
 
+use arch::{gdt, interrupts, paging, pvh, ring3, timer};
 use cmdline::{App, Cmdline, Fault};
-use kernel_core::process::ProcessTable;
-use kernel_core::resources::{KernelSpaceUse, Kind};
-use nvram::control::{BootKind, Booted};
+use dev::{console, control, engine, machine, persist};
+use kernel_core::resources::Kind;
+use nvm::root as nvm_root;
+use nvram::control::BootKind;
 use nvram::exit::ExitCode;
 use nvram::header::ShutdownFlag;
-use process::Program;
+use proc::process::Program;
+use proc::{boot, user};
 
 /// Rust entry, called by the boot code in long mode with `start_info` the physical address
 /// of the PVH `hvm_start_info`.
 #[no_mangle]
 extern "C" fn kmain(start_info: u64) -> ! {
+    arch::set_fatal_hook(stop);
     console::init();
     gdt::init();
     interrupts::init();
@@ -53,7 +47,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
         "Tender NVM kernel {} (image format {}, build {:016x})",
         env!("CARGO_PKG_VERSION"),
         nvram::header::FORMAT_VERSION,
-        nvm::BUILD_ID
+        nvm_root::BUILD_ID
     );
     // SAFETY: `start_info` is what the boot loader passed in ebx.
     let info = match unsafe { pvh::BootInfo::from_start_info(start_info) } {
@@ -67,7 +61,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
     let cmdline = Cmdline::parse(info.cmdline, |item| println!("ignoring unknown command-line item \"{item}\""));
 
     let (flush, announce) = persist::init(cmdline.flush);
-    let mut nvm = nvm::open(info.ram_end()).unwrap_or_else(|e| refuse(e));
+    let mut nvm = nvm_root::open(info.ram_end()).unwrap_or_else(|e| nvm_root::refuse(e));
     println!(
         "NVM: {} MiB, boot {} of this image, cache flush by {}{}",
         info.ram_end() >> 20,
@@ -82,7 +76,8 @@ extern "C" fn kmain(start_info: u64) -> ! {
         let mode = if ring3::enabled() { "at CPL 3" } else { "in kernel mode" };
         println!("plate: write-outs and restores copy by {copier}, their bookkeeping runs {mode}");
     }
-    let kind = decide(&mut nvm, cmdline.plate);
+    let areas = cmdline.plate.then(|| plate::Areas::take(nvm.frames.frames()));
+    let kind = decide(&mut nvm, areas.as_ref());
 
     match cmdline.fault {
         Some(Fault::InvalidOpcode) => {
@@ -94,7 +89,10 @@ extern "C" fn kmain(start_info: u64) -> ! {
             let value = unsafe { core::ptr::read_volatile(0x40_0000_0000 as *const u64) };
             println!("unexpected: read {value:#x} from an unmapped address");
         }
-        Some(Fault::Triple) => interrupts::triple_fault(),
+        Some(Fault::Triple) => {
+            println!("provoking a triple fault");
+            interrupts::triple_fault()
+        }
         // SAFETY: deliberately raises #UD at CPL 3 to exercise the fault path of the work.
         Some(Fault::WorkInvalidOpcode) => ring3::run(|| unsafe { core::arch::asm!("ud2", options(noreturn)) }),
         Some(Fault::WorkPanic) => ring3::run(|| panic!("provoked in ring-3 kernel work")),
@@ -108,135 +106,58 @@ extern "C" fn kmain(start_info: u64) -> ! {
             // Nothing ran: the state found is still whole, and the next boot resumes it.
             nvm.header.shutdown_flag = ShutdownFlag::Normal as u32;
             nvm.header.seal();
-            nvm::store_header(&nvm.header);
+            nvm_root::store_header(&nvm.header);
         }
         println!("powering off");
         machine::exit(ExitCode::PowerOff);
     }
 
-    start(nvm, kind, &cmdline, tsc_khz)
+    start(nvm, areas, kind, &cmdline, tsc_khz)
 }
 
-/// Decides how to boot from what NVM holds, installs the kernel state, starts (or resumes)
-/// the workloads and the timer, and enters the first process (or the idle loop).
-fn start(nvm: nvm::Nvm, kind: BootKind, cmdline: &Cmdline, tsc_khz: u64) -> ! {
-    let frame_count = nvm.frames.frames();
-    let (plating, restored) = match kind {
-        BootKind::Restored => {
+/// Prepares the plate function as the boot's kind requires (restores a crashed run's
+/// checkpoint), and hands over to the processes' layer (`proc::boot`), which installs the
+/// kernel state, starts (or resumes) the workloads and the timer, and enters the first
+/// process (or the idle loop).
+fn start(nvm: nvm_root::Nvm, areas: Option<plate::Areas>, kind: BootKind, cmdline: &Cmdline, tsc_khz: u64) -> ! {
+    let (plating, restored) = match (kind, areas) {
+        (BootKind::Restored, Some(areas)) => {
             // Restore first: it rewrites the very tables the kernel state points into.
-            let Some((plating, metrics)) = plate::restore(frame_count) else {
-                refuse(nvm::ImageError::Table(Kind::VirtualSpace))
+            let Some((plating, metrics)) = plate::restore(areas) else {
+                nvm_root::refuse(nvm_root::ImageError::Table(Kind::VirtualSpace))
             };
             if let Err(e) = nvm.check() {
-                refuse(e);
+                nvm_root::refuse(e);
             }
             (Some(plating), Some(metrics))
         }
-        BootKind::Resumed if cmdline.plate => {
-            (Some(plate::resume(frame_count).unwrap_or_else(|| plate::format(frame_count))), None)
-        }
-        _ if cmdline.plate => (Some(plate::format(frame_count)), None),
-        _ => (None, None),
+        (BootKind::Resumed, Some(areas)) => (Some(plate::resume(areas).unwrap_or_else(plate::format)), None),
+        (_, Some(areas)) => (Some(plate::format(areas)), None),
+        (_, None) => (None, None),
     };
-    let header = nvm.header;
-    let nvm::Nvm { resources, frames, .. } = nvm;
+    let nvm_root::Nvm { header, resources, frames, .. } = nvm;
     let checkpoint_ticks = cmdline.checkpoint_ms.map_or(0, timer::ms_to_ticks);
-    kernel::install(kernel::Kernel {
-        header,
-        res: resources,
-        frames,
-        procs: placeholder_procs(),
-        current: None,
-        ticks: 0,
-        plating,
-        next_checkpoint: if checkpoint_ticks == 0 { u64::MAX } else { checkpoint_ticks },
-        checkpoint_ticks,
-    });
-    if let Some(metrics) = restored {
-        kernel::with(|k| {
-            plate::free_pending_after_restore(k);
-            k.header.generation = metrics.generation;
-        });
-        println!(
-            "NVM: restored generation {}: {} plates, {} KiB copied",
-            metrics.generation,
-            metrics.plates,
-            metrics.copied_bytes >> 10
-        );
-        control::metrics(metrics);
-    }
-    kernel::with(|k| {
-        if kind == BootKind::Cold {
-            let pages = (core::mem::size_of::<ProcessTable>() as u64).div_ceil(4096);
-            let space = res_op!(kernel_space.create(k, pages, KernelSpaceUse::ProcessTable))
-                .expect("room for the process table");
-            let addr = k.res.kernel_spaces.get(space).map(|s| s.vaddr).expect("just created");
-            // SAFETY: the kernel space was just allocated (zeroed) for the table, identity-mapped.
-            k.procs = unsafe { &mut *(addr as *mut ProcessTable) };
-            k.procs.format(Kind::Process as u32);
-            for app in cmdline.apps() {
-                let program = program(app, cmdline);
-                if let Err(e) = process::spawn(k, &program) {
-                    println!("cannot start {}: {e:?}", program.name);
-                }
-            }
-        } else {
-            let table = k.res.kernel_spaces.iter().find(|(_, s)| s.usage == KernelSpaceUse::ProcessTable as u32);
-            let Some(addr) = table.map(|(_, s)| s.vaddr) else { refuse(nvm::ImageError::Table(Kind::Process)) };
-            // SAFETY: the kernel space holding the process table, identity-mapped, ours alone.
-            k.procs = unsafe { &mut *(addr as *mut ProcessTable) };
-            if let Err(e) = k.procs.check(Kind::Process as u32) {
-                println!("NVM: process table header {e:?}");
-                refuse(nvm::ImageError::Table(Kind::Process));
-            }
-            process::wake_all(k);
-            println!("NVM: {} processes to resume", k.procs.live());
-        }
-        if kind == BootKind::Cold && k.plating.is_some() {
-            // Plate-ify everything and commit the initial state: a crash from here on
-            // always has a checkpoint to come back to.
-            let mut frame = interrupts::TrapFrame::default();
-            match plate::write_out(k, &mut frame, false) {
-                Ok(m) => println!(
-                    "plate: first write-out committed: {} plates, {} KiB plated, {} KiB copied",
-                    m.plates,
-                    m.plated_bytes >> 10,
-                    m.copied_bytes >> 10
-                ),
-                Err(e) => println!("plate: first write-out failed: {e:?}"),
-            }
-        }
-        control::booted(Booted::new(kind, k.header.boot_count, k.header.generation));
-    });
-    timer::init(tsc_khz);
-    println!("timer at {} Hz, TSC {} kHz", timer::HZ, timer::tsc_khz());
-    if let Some(ms) = cmdline.run_ms {
-        machine::power_off_at(timer::ms_to_ticks(ms));
-    }
-    let mut frame = interrupts::TrapFrame::default();
-    kernel::with(|k| process::schedule(k, &mut frame));
-    if frame.cs & 3 == 0 {
-        println!("idle");
-    }
-    interrupts::enter(&frame)
+    boot::install(header, resources, frames, plating, checkpoint_ticks, restored);
+    let programs = cmdline.apps().map(|app| program(app, cmdline));
+    boot::run(kind, programs, tsc_khz, cmdline.run_ms)
 }
 
 /// Decides from what NVM holds how this boot goes on, and prepares the tables for it.
-fn decide(nvm: &mut nvm::Nvm, plate: bool) -> BootKind {
+fn decide(nvm: &mut nvm_root::Nvm, areas: Option<&plate::Areas>) -> BootKind {
     match nvm.found {
-        nvm::Found::Blank => {
+        nvm_root::Found::Blank => {
             println!("NVM: blank image: formatting (cold boot)");
             nvm.format();
             BootKind::Cold
         }
-        nvm::Found::Known(ShutdownFlag::Normal) => match nvm.check() {
+        nvm_root::Found::Known(ShutdownFlag::Normal) => match nvm.check() {
             Ok(()) => {
                 println!("NVM: previous run shut down normally: resuming where it stopped");
                 BootKind::Resumed
             }
-            Err(e) => refuse(e),
+            Err(e) => nvm_root::refuse(e),
         },
-        nvm::Found::Known(ShutdownFlag::Abnormal) => match plate.then(plate::committed_generation).flatten() {
+        nvm_root::Found::Known(ShutdownFlag::Abnormal) => match areas.and_then(plate::Areas::committed_generation) {
             Some(generation) => {
                 println!("NVM: previous run stopped abruptly: restoring the write-out of generation {generation}");
                 BootKind::Restored
@@ -248,21 +169,6 @@ fn decide(nvm: &mut nvm::Nvm, plate: bool) -> BootKind {
             }
         },
     }
-}
-
-/// Stops the machine over an image this kernel must not use.
-fn refuse(e: nvm::ImageError) -> ! {
-    println!("NVM: refusing this image: {e}");
-    println!("NVM: `vmm boot --reformat` starts it afresh (its contents are lost)");
-    machine::exit(ExitCode::BadImage);
-}
-
-/// Until the process table's kernel space exists, an empty table in scratch memory.
-fn placeholder_procs() -> &'static mut ProcessTable {
-    static mut EMPTY: core::mem::MaybeUninit<ProcessTable> = core::mem::MaybeUninit::zeroed();
-    // SAFETY: used once, at boot, before the real table replaces it; all-zero is a valid
-    // (empty, unformatted) table.
-    unsafe { &mut *(&raw mut EMPTY).cast::<ProcessTable>() }
 }
 
 fn program(app: App, cmdline: &Cmdline) -> Program {
@@ -284,11 +190,17 @@ fn program(app: App, cmdline: &Cmdline) -> Program {
     }
 }
 
+/// The fatal-path hook of `arch` (`arch::set_fatal_hook`): prints even if the fault struck
+/// while the console was locked, and stops the machine. In ring-3 kernel work the ports are
+/// out of reach: both are done in kernel mode.
+fn stop(args: core::fmt::Arguments, code: ExitCode) -> ! {
+    ring3::privileged(|| {
+        console::emergency_print(args);
+        machine::exit(code)
+    })
+}
+
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
-    // In ring-3 kernel work the console's ports are out of reach: print from kernel mode.
-    ring3::privileged(|| {
-        console::emergency_print(format_args!("\nKERNEL PANIC: {info}\n"));
-        machine::exit(ExitCode::Panic)
-    })
+    stop(format_args!("\nKERNEL PANIC: {info}\n"), ExitCode::Panic)
 }

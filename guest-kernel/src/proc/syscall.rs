@@ -18,9 +18,16 @@
 use kernel_core::resources::USER_WRITABLE;
 use nvram::control::{Heartbeat, Verified, NAME_LEN};
 
-use crate::interrupts::TrapFrame;
-use crate::kernel::Kernel;
-use crate::{control, kernel, paging, print, process, res_op, resources, timer};
+use crate::arch::frame::TrapFrame;
+use crate::arch::{paging, timer};
+use crate::dev::control;
+use crate::nvm::resources;
+use crate::plate::{WriteOutError, SAVED};
+use crate::print;
+use crate::println;
+use crate::proc::kernel::{self, Kernel};
+use crate::proc::process;
+use crate::res_op;
 
 /// System call numbers.
 pub mod nr {
@@ -70,21 +77,21 @@ pub fn handle(frame: &mut TrapFrame) {
             nr::MAP => map(k, a),
             nr::UNMAP => unmap(k, a),
             nr::EXIT => {
-                crate::println!("process {pid} exited with code {a}");
+                println!("process {pid} exited with code {a}");
                 process::kill(k, pid);
                 process::schedule(k, frame);
                 return;
             }
-            nr::CHECKPOINT => match crate::plate::write_out(k, frame, true) {
-                Ok(_) => crate::plate::SAVED,
-                Err(crate::plate::WriteOutError::Disabled) => err::UNSUPPORTED,
-                Err(crate::plate::WriteOutError::NoRoom) => err::NO_MEMORY,
+            nr::CHECKPOINT => match k.write_out(frame, true) {
+                Ok(_) => SAVED,
+                Err(WriteOutError::Disabled) => err::UNSUPPORTED,
+                Err(WriteOutError::NoRoom) => err::NO_MEMORY,
             },
             nr::REPORT => report(k, pid, a, b, c, d),
             nr::SHUTDOWN => {
                 // The caller resumes from here after the next boot, with a 0 result.
                 frame.rax = 0;
-                crate::machine::shutdown(k, frame);
+                k.shutdown(frame);
             }
             _ => err::NO_SUCH_CALL,
         };
@@ -92,10 +99,12 @@ pub fn handle(frame: &mut TrapFrame) {
     });
 }
 
-/// The bytes `addr..addr + len` of the current process, if it may read them.
-fn user_bytes(k: &Kernel, addr: u64, len: u64) -> Option<&'static [u8]> {
+/// The bytes `addr..addr + len` of the current process, if it may read them; borrowed as
+/// long as the kernel's state is, so that no unmap can free them meanwhile.
+fn user_bytes(k: &Kernel, addr: u64, len: u64) -> Option<&[u8]> {
     let space = k.procs.get(k.current?)?.space;
-    let readable = resources::user_space_at(k, space, addr, len).is_some() || paging::in_user_visible_image(addr, len);
+    let readable =
+        resources::user_space_at(k.res, space, addr, len).is_some() || paging::in_user_visible_image(addr, len);
     // SAFETY: the range lies in a user space of the current process (mapped, since its
     // space is loaded) or in the kernel's read-only image.
     readable.then(|| unsafe { core::slice::from_raw_parts(addr as *const u8, len as usize) })
@@ -117,7 +126,7 @@ fn map(k: &mut Kernel, pages: u64) -> u64 {
         return err::INVALID;
     }
     let Some(space) = k.current.and_then(|c| k.procs.get(c)).map(|p| p.space) else { return err::INVALID };
-    match res_op!(user_space.create(k, space, pages, USER_WRITABLE)) {
+    match res_op!(user_space.create(&mut k.mem(), space, pages, USER_WRITABLE)) {
         Ok(id) => k.res.user_spaces.get(id).map_or(err::NO_MEMORY, |u| u.vaddr),
         Err(_) => err::NO_MEMORY,
     }
@@ -125,8 +134,8 @@ fn map(k: &mut Kernel, pages: u64) -> u64 {
 
 fn unmap(k: &mut Kernel, addr: u64) -> u64 {
     let Some(space) = k.current.and_then(|c| k.procs.get(c)).map(|p| p.space) else { return err::INVALID };
-    match resources::user_space_at(k, space, addr, 1) {
-        Some((id, user)) if user.vaddr == addr => match res_op!(user_space.delete(k, id)) {
+    match resources::user_space_at(k.res, space, addr, 1) {
+        Some((id, user)) if user.vaddr == addr => match res_op!(user_space.delete(&mut k.mem(), id)) {
             Ok(()) => 0,
             Err(_) => err::INVALID,
         },

@@ -4,7 +4,7 @@
 //! and read-only data (see `paging`), but nothing else of the kernel's: so their code must
 //! keep every piece of state in its stack or in the memory it maps, never in a static. Their
 //! data structures come from `kernel-core`, which is tested on the host. The numbers of the
-//! system calls are in `crate::syscall`.
+//! system calls are in `crate::proc::syscall`.
 
 pub mod counter;
 pub mod deleter;
@@ -14,7 +14,7 @@ pub mod memtouch;
 
 use core::fmt::{self, Write};
 
-use crate::syscall::nr;
+use crate::proc::syscall::nr;
 
 #[inline(always)]
 fn syscall(number: u64, a: u64, b: u64, c: u64, d: u64) -> u64 {
@@ -68,7 +68,12 @@ pub fn map(pages: u64) -> Option<&'static mut [u8]> {
 }
 
 /// Deletes the user space mapped at `addr`; 0 on success.
-pub fn unmap(addr: u64) -> u64 {
+///
+/// # Safety
+///
+/// No reference into the mapping (the slice [`map`] returned) may be used afterwards: its
+/// pages are gone.
+pub unsafe fn unmap(addr: u64) -> u64 {
     syscall(nr::UNMAP, addr, 0, 0, 0)
 }
 
@@ -138,10 +143,10 @@ impl Write for Line {
 #[macro_export]
 macro_rules! uprintln {
     ($($arg:tt)*) => {{
-        let mut line = $crate::user::Line::new();
+        let mut line = $crate::proc::user::Line::new();
         let _ = core::fmt::Write::write_fmt(&mut line, format_args!($($arg)*));
         let _ = core::fmt::Write::write_str(&mut line, "\n");
-        $crate::user::write(line.as_str());
+        $crate::proc::user::write(line.as_str());
     }};
 }
 

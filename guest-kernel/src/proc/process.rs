@@ -8,10 +8,12 @@
 use kernel_core::process::{self, Process, Regs, State};
 use kernel_core::resources::USER_WRITABLE;
 
-use crate::interrupts::TrapFrame;
-use crate::kernel::Kernel;
-use crate::resources::ResError;
-use crate::{gdt, paging, println, res_op};
+use crate::arch::frame::{from_user, TrapFrame};
+use crate::arch::{gdt, paging};
+use crate::nvm::resources::ResError;
+use crate::println;
+use crate::proc::kernel::Kernel;
+use crate::res_op;
 
 /// Pages of a process's stack.
 const STACK_PAGES: u64 = 8;
@@ -34,8 +36,8 @@ pub fn spawn(k: &mut Kernel, program: &Program) -> Result<u32, ResError> {
     let placeholder = Process { state: 0, space: 0, name, wake_at: 0, regs: Regs::default() };
     let pid = k.procs.insert(placeholder).ok_or(ResError::Exhausted)?;
     let made = (|| {
-        let space = res_op!(space.create(k, pid))?;
-        let stack = res_op!(user_space.create(k, space, STACK_PAGES, USER_WRITABLE))?;
+        let space = res_op!(space.create(&mut k.mem(), pid))?;
+        let stack = res_op!(user_space.create(&mut k.mem(), space, STACK_PAGES, USER_WRITABLE))?;
         Ok((space, stack))
     })();
     let (space, stack) = match made {
@@ -82,7 +84,7 @@ pub fn kill(k: &mut Kernel, pid: u32) {
         k.current = None;
         paging::switch_to(paging::kernel_root());
     }
-    if let Err(e) = res_op!(space.delete(k, p.space)) {
+    if let Err(e) = res_op!(space.delete(&mut k.mem(), p.space)) {
         println!("process {pid}: freeing its space failed: {e:?}");
     }
 }
@@ -113,11 +115,6 @@ pub fn schedule(k: &mut Kernel, frame: &mut TrapFrame) {
             *frame = idle_frame();
         }
     }
-}
-
-/// Whether `frame` interrupted user mode.
-pub fn from_user(frame: &TrapFrame) -> bool {
-    frame.cs & 3 == 3
 }
 
 /// Puts the current process to sleep for `ticks` timer ticks.

@@ -87,7 +87,7 @@ unsafe impl FrameAllocator<Size4KiB> for TablePool<'_> {
             return None;
         }
         let addr = self.base + index * PAGE;
-        crate::memory::zero(addr, PAGE);
+        crate::arch::memory::zero(addr, PAGE);
         *self.used += 1;
         Some(PhysFrame::containing_address(PhysAddr::new(addr)))
     }
@@ -97,7 +97,7 @@ unsafe impl FrameAllocator<Size4KiB> for TablePool<'_> {
 ///
 /// # Safety
 ///
-/// `root` must be a PML4 made by [`new_root`] (or the kernel's), identity-mapped, used by
+/// `root` must be a PML4 made by [`init_root`] (or the kernel's), identity-mapped, used by
 /// no one else while the returned value lives.
 unsafe fn tables(root: u64) -> OffsetPageTable<'static> {
     // SAFETY: per the caller's contract; physical memory is identity-mapped (offset 0).
@@ -107,7 +107,7 @@ unsafe fn tables(root: u64) -> OffsetPageTable<'static> {
 /// Makes `root` (a frame of the space's own) the PML4 of a new space: the kernel's entry 0,
 /// nothing else.
 pub fn init_root(root: u64) {
-    crate::memory::zero(root, PAGE);
+    crate::arch::memory::zero(root, PAGE);
     // SAFETY: `root` is a frame owned by the new space, identity-mapped; the kernel PML4 is
     // the boot one.
     unsafe { *(root as *mut u64) = *(kernel_root() as *const u64) };
@@ -197,10 +197,7 @@ pub fn in_user_visible_image(addr: u64, len: u64) -> bool {
 /// Walks each page table once per 2 MiB, not once per page: the work is one load per page,
 /// which under PVM's emulated kernel mode is what a write-out must stay proportional to.
 pub fn collect_dirty(root: u64, va: u64, pages: u64, dirty: &mut [u64]) -> u64 {
-    const DIRTY: u64 = 1 << 6;
-    const PRESENT: u64 = 1;
-    const ADDR: u64 = 0x000f_ffff_ffff_f000;
-    let entry = |table: u64, index: u64| (table + index * 8) as *mut u64;
+    const DIRTY: u64 = Flags::DIRTY.bits();
     let mut found = 0;
     let mut page = 0;
     while page < pages {
@@ -208,30 +205,54 @@ pub fn collect_dirty(root: u64, va: u64, pages: u64, dirty: &mut [u64]) -> u64 {
         // Pages left in this page table (2 MiB).
         let in_table = (512 - (addr >> 12) % 512).min(pages - page);
         // SAFETY: `root` is a space's PML4; every table it leads to is an identity-mapped
-        // frame of the space's pool; entries are read and their dirty bit cleared in place.
-        unsafe {
-            let l4 = *entry(root, (addr >> 39) & 511);
-            let l3 = if l4 & PRESENT != 0 { *entry(l4 & ADDR, (addr >> 30) & 511) } else { 0 };
-            let l2 = if l3 & PRESENT != 0 { *entry(l3 & ADDR, (addr >> 21) & 511) } else { 0 };
-            if l2 & PRESENT != 0 {
-                let table = l2 & ADDR;
-                let first = (addr >> 12) & 511;
-                for i in 0..in_table {
-                    let pte = entry(table, first + i);
-                    if *pte & DIRTY != 0 {
-                        *pte &= !DIRTY;
-                        let bit = page + i;
-                        if let Some(word) = dirty.get_mut((bit / 64) as usize) {
-                            *word |= 1 << (bit % 64);
-                        }
-                        found += 1;
+        // frame of the space's pool, which nothing else references while the kernel (or its
+        // ring-3 work) runs alone with interrupts off.
+        if let Some(table) = unsafe { leaf_table(root, addr) } {
+            // The leaf's entries as words: the walk down is `PageTable`/`PageTableEntry`'s,
+            // but the hot loop tests and clears the dirty bit on the raw entry. Measured on
+            // the host (this loop runs natively, at CPL 3), over 450 spaces of 20 pages,
+            // 15% dirty: 19 µs a write-out for raw words, 26 µs with `pte.flags()` and
+            // `pte.set_flags()` (which rebuild the entry from its address and flags); the
+            // same for 5 pages: 13.5 µs against 15 µs.
+            // SAFETY: `PageTable` is `repr(C)` over 512 `repr(transparent)` u64 entries.
+            let entries = unsafe { &mut *(table as *mut PageTable).cast::<[u64; 512]>() };
+            let first = ((addr >> 12) & 511) as usize;
+            let run = &mut entries[first..first + in_table as usize];
+            for (i, pte) in (0..).zip(run.iter_mut()) {
+                if *pte & DIRTY != 0 {
+                    *pte &= !DIRTY;
+                    let bit = page + i;
+                    if let Some(word) = dirty.get_mut((bit / 64) as usize) {
+                        *word |= 1 << (bit % 64);
                     }
+                    found += 1;
                 }
             }
         }
         page += in_table;
     }
     found
+}
+
+/// The page table (level 1) that maps `addr` in the space `root`, if every table on the
+/// way is present.
+///
+/// # Safety
+///
+/// `root` must be a PML4 whose tables are identity-mapped frames, and nothing else may
+/// reference the returned table while it is in use.
+unsafe fn leaf_table<'a>(root: u64, addr: u64) -> Option<&'a mut PageTable> {
+    let mut table = root;
+    for shift in [39, 30, 21] {
+        // SAFETY: per the contract, `table` is one of the space's page tables.
+        let entry = unsafe { &(&*(table as *const PageTable))[((addr >> shift) & 511) as usize] };
+        if !entry.flags().contains(Flags::PRESENT) {
+            return None;
+        }
+        table = entry.addr().as_u64();
+    }
+    // SAFETY: per the contract.
+    Some(unsafe { &mut *(table as *mut PageTable) })
 }
 
 /// Reloads CR3, flushing the TLB's non-global entries (after dirty bits were cleared).

@@ -44,7 +44,7 @@ impl Write for Writer<'_> {
 /// reach and the printing is done in kernel mode.
 #[doc(hidden)]
 pub fn _print(args: fmt::Arguments) {
-    crate::ring3::privileged(|| {
+    crate::arch::ring3::privileged(|| {
         x86_64::instructions::interrupts::without_interrupts(|| {
             if let Some(uart) = CONSOLE.lock().as_mut() {
                 let _ = Writer(uart).write_fmt(args);
@@ -64,7 +64,7 @@ pub fn emergency_print(args: fmt::Arguments) {
 /// Prints to the serial console.
 #[macro_export]
 macro_rules! print {
-    ($($arg:tt)*) => ($crate::console::_print(format_args!($($arg)*)));
+    ($($arg:tt)*) => ($crate::dev::console::_print(format_args!($($arg)*)));
 }
 
 /// Prints a line to the serial console.

@@ -27,8 +27,8 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use x86_64::registers::control::Cr3;
 
-use crate::interrupts::{exception_name, ShowRegs, TrapFrame, IRQ_BASE, SYSCALL_VECTOR};
-use crate::{gdt, machine, timer};
+use crate::arch::frame::{exception_name, ShowRegs, TrapFrame, IRQ_BASE, SYSCALL_VECTOR};
+use crate::arch::{fatal, gdt, timer};
 
 /// `rax` of the trap that ends the work.
 pub const DONE: u64 = 0x7e4d_0001;
@@ -350,11 +350,11 @@ pub fn trap(frame: &mut TrapFrame) {
     // stack): a hypervisor that ignored it would have written over them.
     // SAFETY: reading a static the kernel set before entering the work.
     if (frame as *const TrapFrame as u64) >= unsafe { SAVED_RSP } {
-        fatal(frame, "an entry from it did not start below the kernel's frames");
+        broke_rule(frame, "an entry from it did not start below the kernel's frames");
     }
     match frame.vector {
         // The entry was checked above; the fast path declines an end only for the canary.
-        SYSCALL_VECTOR if frame.rax == DONE => fatal(frame, "its stack overflowed"),
+        SYSCALL_VECTOR if frame.rax == DONE => broke_rule(frame, "its stack overflowed"),
         v if (u64::from(IRQ_BASE)..u64::from(IRQ_BASE) + 16).contains(&v) => {
             if v == u64::from(IRQ_BASE) {
                 MISSED_TICKS.fetch_add(1, Ordering::Relaxed);
@@ -363,25 +363,26 @@ pub fn trap(frame: &mut TrapFrame) {
         }
         v => {
             let cr2 = x86_64::registers::control::Cr2::read_raw();
-            crate::console::emergency_print(format_args!(
-                "\nKERNEL FAULT in ring-3 kernel work: {} (vector {v}, error code {:#x}, cr2 {cr2:#x})\n{}\n",
-                exception_name(v),
-                frame.error_code,
-                ShowRegs(frame)
-            ));
-            machine::exit(nvram::exit::ExitCode::Exception);
+            fatal(
+                format_args!(
+                    "\nKERNEL FAULT in ring-3 kernel work: {} (vector {v}, error code {:#x}, cr2 {cr2:#x})\n{}\n",
+                    exception_name(v),
+                    frame.error_code,
+                    ShowRegs(frame)
+                ),
+                nvram::exit::ExitCode::Exception,
+            );
         }
     }
 }
 
 /// Stops the machine: the work broke a rule it cannot recover from. (`ACTIVE` stays set:
 /// nothing runs after this.)
-fn fatal(frame: &TrapFrame, what: &str) -> ! {
-    crate::console::emergency_print(format_args!(
-        "\nKERNEL FAULT in ring-3 kernel work: {what}\n{}\n",
-        ShowRegs(frame)
-    ));
-    machine::exit(nvram::exit::ExitCode::Exception);
+fn broke_rule(frame: &TrapFrame, what: &str) -> ! {
+    fatal(
+        format_args!("\nKERNEL FAULT in ring-3 kernel work: {what}\n{}\n", ShowRegs(frame)),
+        nvram::exit::ExitCode::Exception,
+    );
 }
 
 /// Timer ticks that arrived while the work ran (and were acknowledged there), since the

@@ -5,6 +5,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use raw_cpuid::CpuId;
 use x86_64::instructions::port::Port;
 
 /// Timer interrupts per second.
@@ -41,8 +42,15 @@ pub fn init(tsc_khz: u64) {
     outb(0x43, 0x34); // channel 0, lobyte/hibyte, rate generator
     outb(0x40, divisor as u8);
     outb(0x40, (divisor >> 8) as u8);
-    let khz = if tsc_khz != 0 { tsc_khz } else { calibrate_tsc_khz() };
+    let khz = if tsc_khz != 0 { tsc_khz } else { cpuid_tsc_khz().unwrap_or_else(calibrate_tsc_khz) };
     TSC_KHZ.store(khz, Ordering::Relaxed);
+}
+
+/// The TSC frequency as CPUID tells it (leaf 0x15: the crystal's frequency and the TSC's
+/// ratio to it), when the CPU enumerates it: exact, and no 10 ms of emulated polling.
+fn cpuid_tsc_khz() -> Option<u64> {
+    let hz = CpuId::new().get_tsc_info()?.tsc_frequency()?;
+    Some(hz / 1000).filter(|&khz| khz != 0)
 }
 
 /// Measures the TSC against the PIT's channel 2 when the VMM does not tell the frequency

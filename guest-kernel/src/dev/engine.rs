@@ -40,7 +40,7 @@ pub fn enabled() -> bool {
 /// From ring-3 kernel work (`ring3`), the whole of it runs in kernel mode, one trap for
 /// all the batches: the doorbell is a port.
 pub fn copy(ranges: &[CopyRange]) -> bool {
-    crate::ring3::privileged(|| copy_in_kernel_mode(ranges))
+    crate::arch::ring3::privileged(|| copy_in_kernel_mode(ranges))
 }
 
 fn copy_in_kernel_mode(ranges: &[CopyRange]) -> bool {
@@ -78,7 +78,7 @@ pub fn dirty_log(first_page: u64, pages: u64, out: u64) -> bool {
     if !enabled() {
         return false;
     }
-    crate::ring3::privileged(|| dirty_log_in_kernel_mode(first_page, pages, out))
+    crate::arch::ring3::privileged(|| dirty_log_in_kernel_mode(first_page, pages, out))
 }
 
 fn dirty_log_in_kernel_mode(first_page: u64, pages: u64, out: u64) -> bool {

@@ -1,15 +1,27 @@
 //! What the kernel does at each entry: exceptions, timer interrupts, system calls.
 
+use nvram::control::Request;
 use nvram::exit::ExitCode;
 
-use crate::interrupts::{exception_name, ShowRegs, TrapFrame, IRQ_BASE, SYSCALL_VECTOR};
-use crate::process::{self, from_user};
-use crate::{control, kernel, machine, plate, println, ring3, syscall, timer};
-use nvram::control::Request;
+use crate::arch::frame::from_user;
+use crate::arch::frame::{exception_name, ShowRegs, TrapFrame, IRQ_BASE, SYSCALL_VECTOR};
+use crate::arch::{ring3, timer};
+use crate::dev::{console, control, machine};
+use crate::println;
+use crate::proc::kernel::{self, Kernel};
+use crate::proc::process;
+use crate::proc::syscall;
+
+/// Called by the entry stubs (`arch::interrupts`) with the saved state: defined here, at the
+/// top, so that the stubs reach the dispatcher without their layer importing this one.
+#[no_mangle]
+extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+    dispatch(frame);
+}
 
 /// A write-out not asked for by the interrupted code (timer or VMM).
-fn checkpoint(k: &mut kernel::Kernel, frame: &mut TrapFrame) {
-    if let Err(e) = plate::write_out(k, frame, false) {
+fn checkpoint(k: &mut Kernel, frame: &mut TrapFrame) {
+    if let Err(e) = k.write_out(frame, false) {
         println!("plate: write-out failed: {e:?}");
     }
 }
@@ -29,14 +41,14 @@ pub fn dispatch(frame: &mut TrapFrame) {
                 k.ticks += 1 + ring3::take_missed_ticks();
                 if machine::power_off_due(k.ticks) {
                     println!("run time over");
-                    machine::shutdown(k, frame);
+                    k.shutdown(frame);
                 }
                 let periodic = k.ticks >= k.next_checkpoint;
                 if periodic {
                     k.next_checkpoint = k.ticks + k.checkpoint_ticks;
                 }
                 match control::request() {
-                    Request::Shutdown => machine::shutdown(k, frame),
+                    Request::Shutdown => k.shutdown(frame),
                     Request::Checkpoint => checkpoint(k, frame),
                     Request::None if periodic => checkpoint(k, frame),
                     Request::None => {}
@@ -77,7 +89,7 @@ fn exception(frame: &mut TrapFrame) {
         });
         return;
     }
-    crate::console::emergency_print(format_args!(
+    console::emergency_print(format_args!(
         "\nKERNEL FAULT: {} (vector {}, error code {:#x}, cr2 {:#x})\n{}\n",
         exception_name(frame.vector),
         frame.vector,

@@ -1,4 +1,5 @@
-//! Stopping the machine through the exit device (`nvram::ports::EXIT`).
+//! Stopping the machine through the exit device (`nvram::ports::EXIT`). (The graceful
+//! shutdown, which saves the processes first, is `proc::trap::shutdown`.)
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -17,41 +18,13 @@ pub fn power_off_due(tick: u64) -> bool {
     tick >= POWER_OFF_AT.load(Ordering::Relaxed)
 }
 
-/// A graceful shutdown: everything needed to resume is already in NVM (the process table
-/// holds every process's registers, once the interrupted one's are saved); write back every
-/// cache line, then set the shutdown flag to "normal", last, and power off. The next boot
-/// resumes exactly here (NVM continuation).
-pub fn shutdown(k: &mut crate::kernel::Kernel, frame: &crate::interrupts::TrapFrame) -> ! {
-    if let Some(current) = k.current {
-        if crate::process::from_user(frame) {
-            if let Some(p) = k.procs.get_mut(current) {
-                p.regs = *frame;
-            }
-        }
-    }
-    crate::persist::write_back_all();
-    k.header.shutdown_flag = nvram::header::ShutdownFlag::Normal as u32;
-    k.header.seal();
-    crate::nvm::store_header(&k.header);
-    crate::println!("shut down: the machine's state is kept in NVM");
-    exit(ExitCode::PowerOff)
-}
-
 /// Stops the machine with `code`. If no exit device answers (a machine without one), the
 /// CPU halts with interrupts off.
 pub fn exit(code: ExitCode) -> ! {
     let mut port = Port::<u32>::new(nvram::ports::EXIT);
     // SAFETY: the exit port has no other user; writing it stops the machine.
     unsafe { port.write(code.raw()) };
-    halt_forever()
-}
-
-/// Halts this CPU for good.
-pub fn halt_forever() -> ! {
-    loop {
-        x86_64::instructions::interrupts::disable();
-        x86_64::instructions::hlt();
-    }
+    crate::arch::halt_forever()
 }
 
 /// Reads and writes ports that no device of the machine owns, of every width, and reports

@@ -17,6 +17,7 @@ use nvram::persist::{
     FlushedRange, BARRIER_MAGIC, BASE, DEVICE_ID, MAX_RANGES, MODE_ANNOUNCE, REG_BARRIER, REG_MODE, STATUS_DONE,
     STATUS_PENDING,
 };
+use raw_cpuid::CpuId;
 use spin::Mutex;
 use x86_64::instructions::port::Port;
 
@@ -84,14 +85,13 @@ pub fn init(forced: Option<FlushInsn>) -> (FlushInsn, bool) {
     (insn, announce)
 }
 
+/// The best flush instruction CPUID (leaf 7) offers; `clflush` is in every x86-64 CPU.
 fn best_by_cpuid() -> FlushInsn {
-    let leaf7 = core::arch::x86_64::__cpuid_count(7, 0);
-    if leaf7.ebx & (1 << 24) != 0 {
-        FlushInsn::Clwb
-    } else if leaf7.ebx & (1 << 23) != 0 {
-        FlushInsn::Clflushopt
-    } else {
-        FlushInsn::Clflush
+    let features = CpuId::new().get_extended_feature_info();
+    match features {
+        Some(f) if f.has_clwb() => FlushInsn::Clwb,
+        Some(f) if f.has_clflushopt() => FlushInsn::Clflushopt,
+        _ => FlushInsn::Clflush,
     }
 }
 
@@ -151,7 +151,7 @@ fn announce(pending: &mut Barrier) {
     // SAFETY: the doorbell takes the physical address of the list, which stays put and
     // locked while the machine reads it (the port write returns once it is done).
     // (From ring-3 kernel work, the port write is made in kernel mode.)
-    crate::ring3::privileged(|| unsafe { Port::<u32>::new(BASE + REG_BARRIER).write(addr as u32) });
+    crate::arch::ring3::privileged(|| unsafe { Port::<u32>::new(BASE + REG_BARRIER).write(addr as u32) });
     // SAFETY: the machine wrote the status in place.
     let status = unsafe { core::ptr::read_volatile(&pending.status) };
     if status != STATUS_DONE {

@@ -4,12 +4,14 @@
 //! kernel build is opened, and its shutdown flag says whether its tables can be used as
 //! they are (a graceful shutdown) or not; anything else is refused (see `nvram::header`).
 
+use core::sync::atomic::{AtomicBool, Ordering};
+
 use kernel_core::frames::{self, FrameBitmap};
 use kernel_core::resources::Resources;
 use nvram::header::{self, HeaderCopy, HeaderError, RootHeader, ShutdownFlag, HEADER_SIZE};
 use nvram::layout;
 
-use crate::persist;
+use crate::dev::persist;
 
 /// Hash of the kernel's sources, computed by build.rs: an image written by another build is
 /// not continued.
@@ -82,7 +84,13 @@ pub struct Nvm {
 /// Reads and checks the root header (a blank image gets a new one), counts the boot and
 /// marks the run "abnormal" until a graceful shutdown says otherwise. The tables are
 /// returned as found: [`Nvm::format`] starts them afresh, [`Nvm::check`] checks them.
+///
+/// Hands out the only references to the fixed areas of the tables, so it runs once per boot
+/// (a second call panics): a safe function must not give out a second `&'static mut` to
+/// the same memory.
 pub fn open(ram_end: u64) -> Result<Nvm, ImageError> {
+    static OPENED: AtomicBool = AtomicBool::new(false);
+    assert!(!OPENED.swap(true, Ordering::Relaxed), "the NVM tables are opened once per boot");
     if ram_end < layout::MIN_RAM {
         return Err(ImageError::TooSmall { ram: ram_end });
     }
@@ -117,8 +125,8 @@ pub fn open(ram_end: u64) -> Result<Nvm, ImageError> {
     };
 
     // SAFETY: the resource block and the bitmap have their own fixed areas (nvram::layout,
-    // sizes checked by kernel-core's tests and below); this module hands out the only
-    // references to them.
+    // sizes checked by kernel-core's tests and below); this function, run once (`OPENED`),
+    // hands out the only references to them.
     let (resources, words) = unsafe {
         let words = frames::words_for(frame_count);
         assert!((words * 8) as u64 <= layout::FRAME_BITMAP_MAX);
@@ -141,7 +149,7 @@ impl Nvm {
     pub fn format(&mut self) {
         self.resources.format();
         let bitmap_bytes = (frames::words_for(self.frames.frames()) * 8) as u64;
-        crate::memory::zero(layout::FRAME_BITMAP, bitmap_bytes);
+        crate::arch::memory::zero(layout::FRAME_BITMAP, bitmap_bytes);
         persist::persist(layout::RESOURCES, core::mem::size_of::<Resources>() as u64);
         persist::persist(layout::FRAME_BITMAP, bitmap_bytes);
         self.header.generation = 0;
@@ -154,6 +162,13 @@ impl Nvm {
     pub fn check(&self) -> Result<(), ImageError> {
         self.resources.check().map_err(|e| ImageError::Table(e.0))
     }
+}
+
+/// Stops the machine over an image this kernel must not use.
+pub fn refuse(e: ImageError) -> ! {
+    crate::println!("NVM: refusing this image: {e}");
+    crate::println!("NVM: `vmm boot --reformat` starts it afresh (its contents are lost)");
+    crate::dev::machine::exit(nvram::exit::ExitCode::BadImage);
 }
 
 /// Writes `header` to NVM and makes it durable: its second copy first, then its first, so

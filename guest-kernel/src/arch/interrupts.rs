@@ -2,48 +2,23 @@
 //!
 //! Every entry builds the same [`TrapFrame`] on the kernel stack (a zero error code where the
 //! CPU pushes none, then the vector), saves the general registers and calls
-//! [`crate::trap::dispatch`], which may rewrite the frame to switch processes; the common
-//! exit restores the registers from the frame and returns with `iretq`. (The
-//! `x86-interrupt` calling convention would generate this, but needs nightly.)
+//! `trap_dispatch`, which may rewrite the frame to switch processes. That symbol is defined
+//! by the top layer (`proc::trap`), not imported: this layer stays below everything it
+//! dispatches to, and the linker fails if no layer defines it. The common exit restores
+//! the registers from the frame and returns with `iretq`. (The `x86-interrupt` calling
+//! convention would generate this, but needs nightly.)
 //!
-//! System calls enter by `int3` ([`SYSCALL_VECTOR`], the breakpoint gate, open to ring 3)
-//! and leave by `iretq`. Under PVM, the hypervisor of the machines this runs on, the
+//! System calls enter by `int3` (`frame::SYSCALL_VECTOR`, the breakpoint gate, open to
+//! ring 3) and leave by `iretq`. Under PVM, the hypervisor of the machines this runs on, the
 //! `syscall` instruction lands at LSTAR still in user mode, `int n` from ring 3 kills the
 //! VM and `sysretq` raises #GP, while a trap instruction and `iretq` work; they work on
 //! VT-x/SVM alike.
-
-use core::fmt;
-
 use spin::Once;
 use x86_64::structures::idt::InterruptDescriptorTable;
 use x86_64::VirtAddr;
 
-use crate::{gdt, println};
-
-/// The state of the interrupted code, as the stubs leave it on the stack; the same layout
-/// as a process's saved registers in NVM.
-pub type TrapFrame = kernel_core::process::Regs;
-
-/// Vector of a system call: `int3`, the breakpoint trap.
-pub const SYSCALL_VECTOR: u64 = 3;
-/// First vector of the PIC's interrupts (IRQ 0, the timer).
-pub const IRQ_BASE: u8 = 32;
-
-/// Prints a frame's registers.
-pub struct ShowRegs<'a>(pub &'a TrapFrame);
-
-impl fmt::Display for ShowRegs<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let r = self.0;
-        writeln!(f, "  rip {:#018x}  cs {:#06x}  rflags {:#010x}", r.rip, r.cs, r.rflags)?;
-        writeln!(f, "  rsp {:#018x}  ss {:#06x}", r.rsp, r.ss)?;
-        writeln!(f, "  rax {:#018x} rbx {:#018x} rcx {:#018x}", r.rax, r.rbx, r.rcx)?;
-        writeln!(f, "  rdx {:#018x} rsi {:#018x} rdi {:#018x}", r.rdx, r.rsi, r.rdi)?;
-        writeln!(f, "  rbp {:#018x} r8  {:#018x} r9  {:#018x}", r.rbp, r.r8, r.r9)?;
-        writeln!(f, "  r10 {:#018x} r11 {:#018x} r12 {:#018x}", r.r10, r.r11, r.r12)?;
-        write!(f, "  r13 {:#018x} r14 {:#018x} r15 {:#018x}", r.r13, r.r14, r.r15)
-    }
-}
+use crate::arch::frame::{TrapFrame, IRQ_BASE};
+use crate::arch::gdt;
 
 /// Number of stubs: 32 exceptions and the 16 PIC interrupts.
 const STUBS: usize = 48;
@@ -137,7 +112,7 @@ pub fn init() {
             idt.debug.set_handler_addr(addr(1));
             idt.non_maskable_interrupt.set_handler_addr(addr(2));
             idt.breakpoint
-                .set_handler_addr(crate::ring3::int3_entry())
+                .set_handler_addr(crate::arch::ring3::int3_entry())
                 .set_privilege_level(x86_64::PrivilegeLevel::Ring3);
             idt.overflow.set_handler_addr(addr(4));
             idt.bound_range_exceeded.set_handler_addr(addr(5));
@@ -167,47 +142,12 @@ pub fn init() {
     idt.load();
 }
 
-/// Name of an exception vector.
-pub fn exception_name(vector: u64) -> &'static str {
-    const NAMES: [&str; 22] = [
-        "divide error",
-        "debug",
-        "non-maskable interrupt",
-        "breakpoint",
-        "overflow",
-        "bound range exceeded",
-        "invalid opcode",
-        "device not available",
-        "double fault",
-        "coprocessor segment overrun",
-        "invalid TSS",
-        "segment not present",
-        "stack-segment fault",
-        "general protection fault",
-        "page fault",
-        "reserved",
-        "x87 floating-point error",
-        "alignment check",
-        "machine check",
-        "SIMD floating-point error",
-        "virtualization exception",
-        "control protection exception",
-    ];
-    NAMES.get(vector as usize).copied().unwrap_or("exception")
-}
-
-/// Called by the stubs with the saved state.
-#[no_mangle]
-extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
-    crate::trap::dispatch(frame);
-}
-
 /// Loads an empty IDT and faults: with no handler the CPU escalates to a triple fault,
-/// which resets (here: stops) the machine. Used to test how the VMM reports it.
+/// which resets (here: stops) the machine. Used to test how the VMM reports it. (The
+/// caller announces it: this layer has no console.)
 pub fn triple_fault() -> ! {
     static EMPTY: x86_64::structures::DescriptorTablePointer =
         x86_64::structures::DescriptorTablePointer { limit: 0, base: VirtAddr::zero() };
-    println!("provoking a triple fault");
     // SAFETY: deliberately breaks interrupt handling; the next instruction faults and the
     // CPU shuts down. Nothing runs after it.
     unsafe {

@@ -1,0 +1,237 @@
+//! The plate function for NVM: plate-ification, write-out (checkpoint), deferred deletion,
+//! and restore after a crash. The on-NVM structures and the commit protocol are
+//! `kernel_core::plates` (tested on the host by crashing after every store); this module
+//! finds what changed, and drives them over identity-mapped physical memory.
+//!
+//! Plates, in restore order: the resource tables and the frame bitmap (fixed save areas at
+//! fixed addresses, `nvram::layout`), virtual kernel spaces, each virtual space's page-table
+//! pool, virtual user spaces. Dirty pages of user spaces come from the page tables' dirty
+//! bits; the other plates are small and copied whole (the page-table pool up to what is in
+//! use).
+//!
+//! This layer sits above `nvm` and below the processes: it works on the tables it is
+//! handed (resources, frames, root header), and the caller saves the interrupted process
+//! (see [`write_out`]'s `save`).
+
+mod copy;
+mod dirty;
+mod plateify;
+mod state;
+
+use kernel_core::frames::FrameBitmap;
+use kernel_core::plates::{self, PlateKind, PlateTable};
+use kernel_core::resources::{Resources, TABLE_POOL_PAGES};
+use nvram::control::{Metrics, Operation};
+use nvram::header::RootHeader;
+use nvram::layout;
+
+use crate::arch::{paging, ring3, timer};
+use crate::dev::{control, engine, persist};
+use crate::nvm::root;
+use copy::GuestPersist;
+use plateify::{install_ops, plateify};
+pub use state::{Areas, Plating, WriteOutError};
+use state::{FIXED_PAGES_MAX, PAGE};
+
+/// `checkpoint()`'s result in the running process, and in the one restored from it.
+pub const SAVED: u64 = 0;
+pub const RESTORED: u64 = 1;
+
+/// Enables the plate function on a freshly formatted image: an empty plate table, no
+/// commit, every save area stale; and the deletion of spaces replaced by one that defers
+/// the freeing of their save areas.
+pub fn format(mut areas: Areas) -> Plating {
+    areas.live.format();
+    for slot in &mut areas.slots {
+        slot.magic = 0;
+    }
+    areas.stale.fill(u64::MAX);
+    persist::persist(layout::PLATE_LIVE, PAGE);
+    persist::persist(layout::PLATE_SLOTS[0], 64);
+    persist::persist(layout::PLATE_SLOTS[1], 64);
+    install_ops();
+    areas.into_plating(None)
+}
+
+/// After a graceful shutdown: everything is as it was, the live table included; only which
+/// pages changed since the last write-out is not known any more. Hands the areas back if
+/// the live table is not whole.
+pub fn resume(areas: Areas) -> Result<Plating, Areas> {
+    if areas.live.check_header().is_err() {
+        return Err(areas);
+    }
+    // Pages written after the last write-out, before the shutdown, are in no dirty log this
+    // VMM keeps: the next write-out copies every page.
+    areas.stale.fill(u64::MAX);
+    let committed = areas.committed().map(|i| (i, areas.slots[i].generation));
+    install_ops();
+    Ok(areas.into_plating(committed))
+}
+
+/// After a crash: copies every plate's committed area back (the tables first, so that the
+/// kernel's state is the checkpoint's), frees the save areas pending deletion, and makes the
+/// committed table the live one again. Returns the plate function's state and the metrics.
+pub fn restore(areas: Areas) -> Option<(Plating, Metrics)> {
+    let start = timer::rdtsc();
+    let (plating, mut m) = ring3::run(|| {
+        let index = plates::committed([&*areas.slots[0], &*areas.slots[1]])?;
+        let committed: &PlateTable = areas.slots[index];
+        let mut nvm = GuestPersist::default();
+        let pages = plates::restore(committed, &mut nvm);
+        areas.live.copy_from(committed);
+        // The restored areas equal their regions; the other areas are behind in unknown pages.
+        areas.stale.fill(u64::MAX);
+        let mut m = Metrics::new(Operation::Restore);
+        m.copier = nvm.copier() as u32;
+        m.plates = committed.count;
+        m.generation = committed.generation;
+        m.plated_bytes = committed.plates().iter().map(|p| p.pages * PAGE).sum();
+        m.copied_bytes = pages * PAGE;
+        m.phases[2] = nvm.copy_ticks;
+        m.phases[4] = nvm.flush_ticks;
+        let generation = committed.generation;
+        Some((areas.into_plating(Some((index, generation))), m))
+    })?;
+    install_ops();
+    m.total = timer::rdtsc() - start;
+    Some((plating, m))
+}
+
+/// Frees the save areas the committed table left pending (after a restore, once the kernel
+/// state with the restored frame bitmap is installed).
+pub fn free_pending_after_restore(plating: &mut Plating, frames: &mut FrameBitmap) {
+    plates::free_pending(plating.live.pending(), frames);
+    plating.live.pending_count = 0;
+}
+
+/// A write-out: occupies the system (the caller runs with interrupts off, on the one CPU),
+/// saves the interrupted process (`save`: the caller's, since processes are above this
+/// layer; it must leave every process's registers in the process table, which is plated),
+/// plate-ifies new spaces, copies what changed into the inactive save areas, commits by
+/// writing the plate table last, and frees the save areas pending deletion.
+pub fn write_out(
+    plating: &mut Plating,
+    res: &Resources,
+    frames: &mut FrameBitmap,
+    header: &mut RootHeader,
+    save: impl FnOnce(),
+) -> Result<Metrics, WriteOutError> {
+    let t0 = timer::rdtsc();
+    let next = plating.committed.map_or(1, |(_, g)| g + 1);
+    control::started(nvram::control::Started::new(next));
+    // 2. The process table holds every process's registers; the running one's are saved.
+    save();
+    // 3 to 11, the bookkeeping, at CPL 3 (see `ring3`): natively under PVM.
+    let mut m = ring3::run(|| steps(plating, res, frames, header, t0))?;
+    // The way back from CPL 3 counts in the last phase.
+    let end = timer::rdtsc();
+    m.phases[5] += end - (t0 + m.total);
+    m.total = end - t0;
+    control::metrics(m);
+    Ok(m)
+}
+
+/// Steps 3 to 11 of a write-out (see [`write_out`]), timed from `t0`.
+fn steps(
+    plating: &mut Plating,
+    res: &Resources,
+    frame_bitmap: &mut FrameBitmap,
+    header: &mut RootHeader,
+    t0: u64,
+) -> Result<Metrics, WriteOutError> {
+    // 3. Plate-ify what has no plate yet.
+    plateify(plating, res, frame_bitmap)?;
+    let t1 = timer::rdtsc();
+    // Find the dirty pages of user spaces (and clear the page tables' dirty bits).
+    // Walk the page tables' dirty bits of each user space: at CPL 3 that is native and
+    // takes tens of microseconds for the paper's 450 spaces. In (emulated) kernel mode,
+    // the copy engine hands over KVM's log of the pages the CPU wrote instead, for all
+    // frames at once, if there is an engine.
+    let at_cpl3 = ring3::in_user_mode();
+    let logged = !at_cpl3 && engine::dirty_log(layout::FRAMES_BASE / PAGE, plating.frames, layout::PLATE_DIRTY);
+    for plate in plating.live.plates().iter().filter(|_| !logged) {
+        if plate.kind != PlateKind::UserSpace as u32 {
+            continue;
+        }
+        let Some(user) = res.user_spaces.get(plate.id) else { continue };
+        let Some(space) = res.spaces.get(user.space) else { continue };
+        let base = (plate.src - layout::FRAMES_BASE) / PAGE;
+        dirty::collect_into(space.root, user.vaddr, user.pages, plating.dirty, base);
+    }
+    // The cleared dirty bits must reach the TLB. At CPL 3 there is nothing to do: the
+    // switch back to the kernel's address space flushes the TLB (no page is global and
+    // every CR3 load flushes: CR4.PGE is off, and no PCID is kept).
+    if !at_cpl3 {
+        paging::flush_tlb();
+    }
+    let t2 = timer::rdtsc();
+
+    // 4-10. Copy, make durable, commit.
+    let (generation, slot_index) = match plating.committed {
+        Some((slot, generation)) => (generation, 1 - slot),
+        None => (0, 0),
+    };
+    let pool_used = |k_res: &Resources, plate: &plates::Plate| {
+        k_res.spaces.get(plate.id).map_or(TABLE_POOL_PAGES, |s| u64::from(s.pool_used))
+    };
+    let frames = plating.frames;
+    let mut nvm = GuestPersist::default();
+    let stats = {
+        let Plating { live, stale, dirty, .. } = &mut *plating;
+        let dirty_bits: &[u64] = dirty;
+        plates::write_out(
+            live,
+            generation,
+            slot_index,
+            stale,
+            |p| match PlateKind::from_raw(p.kind) {
+                Some(PlateKind::Fixed) => frames + u64::from(p.id) * FIXED_PAGES_MAX,
+                _ => (p.src - layout::FRAMES_BASE) / PAGE,
+            },
+            |p, first, n| match PlateKind::from_raw(p.kind) {
+                Some(PlateKind::UserSpace) => {
+                    plates::bits_at(dirty_bits, (p.src - layout::FRAMES_BASE) / PAGE + first, n)
+                }
+                Some(PlateKind::PageTables) => {
+                    let used = pool_used(res, p).saturating_sub(first).min(64);
+                    if used == 64 {
+                        u64::MAX
+                    } else {
+                        (1 << used) - 1
+                    }
+                }
+                _ => u64::MAX,
+            },
+            &mut nvm,
+        )
+    };
+    plating.committed = Some((slot_index, generation + 1));
+    let t3 = timer::rdtsc();
+
+    // 11. Free the save areas of deleted spaces, now that no committed table needs them.
+    plates::free_pending(plating.live.pending(), frame_bitmap);
+    plating.live.pending_count = 0;
+    if !logged {
+        // The engine rewrites the whole bitmap at each request; the walk only sets bits.
+        dirty::clear(plating);
+    }
+    header.generation = generation + 1;
+    header.plate_table = layout::PLATE_SLOTS[slot_index];
+    header.seal();
+    root::store_header(header);
+    let t4 = timer::rdtsc();
+
+    let mut m = Metrics::new(Operation::WriteOut);
+    m.copier = nvm.copier() as u32;
+    m.plates = stats.plates as u32;
+    m.generation = generation + 1;
+    m.plated_bytes = stats.plated_pages * PAGE;
+    m.copied_bytes = stats.copied_pages * PAGE;
+    let commit_ticks = nvm.slot_ticks;
+    let copy_ticks = nvm.copy_ticks;
+    let flush_ticks = nvm.flush_ticks;
+    let rest = (t3 - t2).saturating_sub(commit_ticks + copy_ticks + flush_ticks);
+    m.phases = [t1 - t0, (t2 - t1) + rest, copy_ticks, commit_ticks, flush_ticks, t4 - t3];
+    m.total = t4 - t0;
+    Ok(m)
+}

@@ -1,0 +1,126 @@
+//! The kernel's start, once `main.rs` has decided how this boot goes on: installs the
+//! kernel's state, finds (or makes) the process table, starts the workloads of a cold boot,
+//! commits the first write-out, starts the timer and enters the first process.
+
+use kernel_core::frames::FrameBitmap;
+use kernel_core::process::ProcessTable;
+use kernel_core::resources::{KernelSpaceUse, Kind, Resources};
+use nvram::control::{BootKind, Booted, Metrics};
+use nvram::header::RootHeader;
+
+use crate::arch::frame::TrapFrame;
+use crate::arch::{interrupts, timer};
+use crate::dev::{control, machine};
+use crate::nvm::root::{self, ImageError};
+use crate::plate::{self, Plating};
+use crate::println;
+use crate::proc::kernel::{self, Kernel};
+use crate::proc::process::{self, Program};
+use crate::res_op;
+
+/// Installs the kernel's state for this boot. `restored`: the metrics of the restore this
+/// boot made, whose pending save areas are freed now that the restored frame bitmap is in.
+pub fn install(
+    header: RootHeader,
+    res: &'static mut Resources,
+    frames: FrameBitmap<'static>,
+    plating: Option<Plating>,
+    checkpoint_ticks: u64,
+    restored: Option<Metrics>,
+) {
+    kernel::install(Kernel {
+        header,
+        res,
+        frames,
+        procs: placeholder_procs(),
+        current: None,
+        ticks: 0,
+        plating,
+        next_checkpoint: if checkpoint_ticks == 0 { u64::MAX } else { checkpoint_ticks },
+        checkpoint_ticks,
+    });
+    if let Some(metrics) = restored {
+        kernel::with(|k| {
+            if let Some(plating) = k.plating.as_mut() {
+                plate::free_pending_after_restore(plating, &mut k.frames);
+            }
+            k.header.generation = metrics.generation;
+        });
+        println!(
+            "NVM: restored generation {}: {} plates, {} KiB copied",
+            metrics.generation,
+            metrics.plates,
+            metrics.copied_bytes >> 10
+        );
+        control::metrics(metrics);
+    }
+}
+
+/// Starts (a cold boot: `programs`) or resumes the workloads and the timer, and enters the
+/// first process (or the idle loop). `run_ms`: power off after that long.
+pub fn run(kind: BootKind, programs: impl Iterator<Item = Program>, tsc_khz: u64, run_ms: Option<u64>) -> ! {
+    kernel::with(|k| {
+        if kind == BootKind::Cold {
+            let pages = (core::mem::size_of::<ProcessTable>() as u64).div_ceil(4096);
+            let space = res_op!(kernel_space.create(&mut k.mem(), pages, KernelSpaceUse::ProcessTable))
+                .expect("room for the process table");
+            let addr = k.res.kernel_spaces.get(space).map(|s| s.vaddr).expect("just created");
+            // SAFETY: the kernel space was just allocated (zeroed) for the table, identity-mapped.
+            k.procs = unsafe { &mut *(addr as *mut ProcessTable) };
+            k.procs.format(Kind::Process as u32);
+            for program in programs {
+                if let Err(e) = process::spawn(k, &program) {
+                    println!("cannot start {}: {e:?}", program.name);
+                }
+            }
+        } else {
+            let table = k.res.kernel_spaces.iter().find(|(_, s)| s.usage == KernelSpaceUse::ProcessTable as u32);
+            let Some(addr) = table.map(|(_, s)| s.vaddr) else { root::refuse(ImageError::Table(Kind::Process)) };
+            // SAFETY: the kernel space holding the process table, identity-mapped, ours alone.
+            k.procs = unsafe { &mut *(addr as *mut ProcessTable) };
+            if let Err(e) = k.procs.check(Kind::Process as u32) {
+                println!("NVM: process table header {e:?}");
+                root::refuse(ImageError::Table(Kind::Process));
+            }
+            process::wake_all(k);
+            println!("NVM: {} processes to resume", k.procs.live());
+        }
+        if kind == BootKind::Cold && k.plating.is_some() {
+            // Plate-ify everything and commit the initial state: a crash from here on
+            // always has a checkpoint to come back to.
+            let mut frame = TrapFrame::default();
+            match k.write_out(&mut frame, false) {
+                Ok(m) => println!(
+                    "plate: first write-out committed: {} plates, {} KiB plated, {} KiB copied",
+                    m.plates,
+                    m.plated_bytes >> 10,
+                    m.copied_bytes >> 10
+                ),
+                Err(e) => println!("plate: first write-out failed: {e:?}"),
+            }
+        }
+        control::booted(Booted::new(kind, k.header.boot_count, k.header.generation));
+    });
+    timer::init(tsc_khz);
+    println!("timer at {} Hz, TSC {} kHz", timer::HZ, timer::tsc_khz());
+    if let Some(ms) = run_ms {
+        machine::power_off_at(timer::ms_to_ticks(ms));
+    }
+    let mut frame = TrapFrame::default();
+    kernel::with(|k| process::schedule(k, &mut frame));
+    if frame.cs & 3 == 0 {
+        println!("idle");
+    }
+    interrupts::enter(&frame)
+}
+
+/// Until the process table's kernel space exists, an empty table in scratch memory.
+/// Once per boot (a second call panics): it hands out a `&'static mut` to a static.
+fn placeholder_procs() -> &'static mut ProcessTable {
+    static mut EMPTY: core::mem::MaybeUninit<ProcessTable> = core::mem::MaybeUninit::zeroed();
+    static TAKEN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+    assert!(!TAKEN.swap(true, core::sync::atomic::Ordering::Relaxed), "one placeholder per boot");
+    // SAFETY: `TAKEN` makes this the only reference to `EMPTY`, taken at boot before the
+    // real table replaces it; all-zero is a valid (empty, unformatted) table.
+    unsafe { &mut *(&raw mut EMPTY).cast::<ProcessTable>() }
+}

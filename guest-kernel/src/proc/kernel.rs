@@ -1,0 +1,111 @@
+//! The kernel's state for this boot: references into NVM (the tables) and scratch values.
+//!
+//! One CPU, and the kernel runs with interrupts off, so a spin lock taken at each entry
+//! (trap, system call) is never contended; it makes the exclusive access explicit.
+//!
+//! The layers below take only the parts they work on: the resource operations a [`Mem`]
+//! view ([`Kernel::mem`]), the plate function the tables and a closure that saves the
+//! interrupted process ([`Kernel::write_out`]).
+
+use kernel_core::frames::FrameBitmap;
+use kernel_core::process::ProcessTable;
+use kernel_core::resources::Resources;
+use nvram::control::Metrics;
+use nvram::exit::ExitCode;
+use nvram::header::{RootHeader, ShutdownFlag};
+use spin::Mutex;
+
+use crate::arch::frame::{from_user, TrapFrame};
+use crate::dev::{machine, persist};
+use crate::nvm::resources::Mem;
+use crate::nvm::root;
+use crate::plate::{self, Plating, WriteOutError, RESTORED, SAVED};
+use crate::println;
+
+pub struct Kernel {
+    /// The root header as last written.
+    pub header: RootHeader,
+    /// Tender's memory-resource tables (NVM).
+    pub res: &'static mut Resources,
+    /// Real memory: the frame allocator's bitmap (NVM).
+    pub frames: FrameBitmap<'static>,
+    /// The process table (NVM, in a virtual kernel space).
+    pub procs: &'static mut ProcessTable,
+    /// The process on the CPU, if any.
+    pub current: Option<u32>,
+    /// Timer ticks since boot.
+    pub ticks: u64,
+    /// The plate function (`None` with `plate=off`).
+    pub plating: Option<Plating>,
+    /// Tick of the next periodic write-out (`u64::MAX`: none).
+    pub next_checkpoint: u64,
+    /// Ticks between periodic write-outs (0: none).
+    pub checkpoint_ticks: u64,
+}
+
+static KERNEL: Mutex<Option<Kernel>> = Mutex::new(None);
+
+/// Installs the state once the tables are open.
+pub fn install(kernel: Kernel) {
+    *KERNEL.lock() = Some(kernel);
+}
+
+/// Runs `f` with the kernel's state.
+pub fn with<R>(f: impl FnOnce(&mut Kernel) -> R) -> R {
+    let mut guard = KERNEL.lock();
+    let kernel = guard.as_mut().expect("the kernel state is installed before any trap can arrive");
+    f(kernel)
+}
+
+impl Kernel {
+    /// The view of the tables the resource operations work on (`nvm::resources`).
+    pub fn mem(&mut self) -> Mem<'_> {
+        Mem { res: &mut *self.res, frames: &mut self.frames, plates: self.plating.as_mut().map(|p| &mut *p.live) }
+    }
+
+    /// A write-out (`plate::write_out`) that first saves the interrupted process from
+    /// `frame`. `from_checkpoint_call`: the interrupted process asked for it, and must see
+    /// [`SAVED`] now and [`RESTORED`] when resumed from this checkpoint after a crash.
+    pub fn write_out(&mut self, frame: &mut TrapFrame, from_checkpoint_call: bool) -> Result<Metrics, WriteOutError> {
+        let Kernel { header, res, frames, procs, current, plating, .. } = self;
+        let Some(plating) = plating.as_mut() else { return Err(WriteOutError::Disabled) };
+        let interrupted: &TrapFrame = frame;
+        let save = || {
+            let Some(current) = *current else { return };
+            if !from_user(interrupted) {
+                return;
+            }
+            if let Some(p) = procs.get_mut(current) {
+                p.regs = *interrupted;
+                if from_checkpoint_call {
+                    p.regs.rax = RESTORED;
+                }
+            }
+        };
+        let m = plate::write_out(plating, res, frames, header, save)?;
+        if from_checkpoint_call {
+            frame.rax = SAVED;
+        }
+        Ok(m)
+    }
+
+    /// A graceful shutdown: everything needed to resume is already in NVM (the process
+    /// table holds every process's registers, once the interrupted one's are saved); write
+    /// back every cache line, then set the shutdown flag to "normal", last, and power off.
+    /// The next boot resumes exactly here (NVM continuation).
+    pub fn shutdown(&mut self, frame: &TrapFrame) -> ! {
+        if let Some(current) = self.current {
+            if from_user(frame) {
+                if let Some(p) = self.procs.get_mut(current) {
+                    p.regs = *frame;
+                }
+            }
+        }
+        persist::write_back_all();
+        self.header.shutdown_flag = ShutdownFlag::Normal as u32;
+        self.header.seal();
+        root::store_header(&self.header);
+        println!("shut down: the machine's state is kept in NVM");
+        machine::exit(ExitCode::PowerOff)
+    }
+}
