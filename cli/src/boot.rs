@@ -9,11 +9,11 @@ use anyhow::Context;
 use devices::GuestExit;
 use nvram::control::Verified;
 use nvram::exit::ExitCode as GuestCode;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 use vmm::config::{ConfigError, CrashEvict, Persistence, PersistenceModel};
 use vmm::control_socket::{ControlSocket, CrashHook};
-use vmm::image::ImageError;
+use vmm::image::{ImageError, ImageFate};
 use vmm::{ConsoleOutput, Controller, KernelSource, Machine, Prefault, RunOutcome, VmConfig};
 
 use crate::args::{BootArgs, Model, PersistenceArgs, UsageError};
@@ -35,6 +35,9 @@ static CRASHING: AtomicBool = AtomicBool::new(false);
 
 /// Exit status after a crash asked for (control socket, or a second Ctrl-C): a power failure.
 pub const EXIT_CRASHED: u8 = 7;
+/// Exit status when the image file was deleted or truncated under the running machine:
+/// what the guest stored is (partly) lost, whatever the guest did.
+pub const EXIT_IMAGE_LOST: u8 = 8;
 
 /// The machine the arguments describe, validated: a configuration that makes no sense is a
 /// usage error, worded with the flags that made it.
@@ -101,6 +104,9 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
     let config = config(args)?;
     let machine = Machine::build(&config).map_err(|e| in_cli_terms(e, prefault))?;
     let controller = machine.controller();
+    vmm::sigbus::report_sigbus_in(&machine.image_mappings(), EXIT_IMAGE_LOST)
+        .context("cannot install the SIGBUS report")?;
+    let image = machine.image().watch().context("cannot watch the image file")?;
 
     // A crash: the vCPU stops, the persistence model drops what it would lose at a power
     // failure (when the run returns), and the process ends at once.
@@ -118,14 +124,19 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
 
-    // Ctrl-C or SIGTERM: a graceful shutdown if the guest can do one, else a stop; a second
-    // one: a crash.
-    let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install the Ctrl-C handler")?;
+    // Ctrl-C, SIGTERM or SIGHUP (the terminal went away): a graceful shutdown if the guest
+    // can do one, else a stop; a second one: a crash. SIGUSR1 means nothing to the machine:
+    // it is ignored (said in the log) rather than left to kill the process, a power failure.
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1]).context("cannot install the signal handlers")?;
     let signal_handle = signals.handle();
     let signal_controller = controller.clone();
     let signal_thread = std::thread::spawn(move || {
         let mut first = None;
         for signal in signals.forever() {
+            if signal == SIGUSR1 {
+                tracing::warn!("SIGUSR1 ignored: it has no meaning for the machine (SIGTERM shuts it down)");
+                continue;
+            }
             if first.is_some() {
                 crash();
             }
@@ -176,12 +187,26 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
         Ok(RunOutcome::Stopped) => {
             let name = match signal {
                 Some(SIGTERM) => "SIGTERM",
+                Some(SIGHUP) => "SIGHUP",
                 _ => "Ctrl-C",
             };
             (EXIT_SIGNAL, format!("stopped by {name}; the image holds the guest's memory as of the stop"))
         }
         Err(vmm::Error::Guest(fault)) => (EXIT_GUEST_FAULT, format!("{fault}")),
         Err(e) => return Err(e.into()),
+    };
+    // Whatever the guest did, a deleted or truncated image lost its memory; a truncation
+    // also shows as a guest fault (its RAM vanished), which is not the cause to report.
+    let fate = image.fate();
+    let (code, message) = match fate {
+        ImageFate::Intact => (code, message),
+        ImageFate::Moved => {
+            tracing::warn!("{}", image.describe());
+            (code, message)
+        }
+        ImageFate::Deleted | ImageFate::Truncated { .. } => {
+            (EXIT_IMAGE_LOST, format!("{} (the guest's own end: {message})", image.describe()))
+        }
     };
     eprintln!("vmm: {message}");
     Ok(ExitCode::from(code))

@@ -4,7 +4,7 @@
 mod fate;
 mod lock;
 
-pub use fate::ImageFate;
+pub use fate::{ImageFate, ImageWatch};
 
 use std::fs::{File, OpenOptions};
 use std::io;

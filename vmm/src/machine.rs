@@ -52,6 +52,8 @@ pub struct Machine {
     domain: Arc<Mutex<PersistenceDomain>>,
     engine_stats: Arc<Mutex<EngineStats>>,
     mem: GuestMemory,
+    /// Under ADR, the persistence domain's own mapping of the image.
+    image_view: Option<GuestMemory>,
     image: NvmImage,
 }
 
@@ -114,11 +116,11 @@ impl Machine {
         mappings.extend(image_view.clone().map(|memory| memory::Mapping { memory, private: false }));
         // The data worker, if any, runs detached: it holds the mappings it needs.
         let _ = memory::prefault(&image, mappings, config.prefault)?;
-        let domain = Arc::new(Mutex::new(match image_view {
+        let domain = Arc::new(Mutex::new(match image_view.clone() {
             None => PersistenceDomain::eadr(mem.clone(), persistence.sync),
             Some(image_view) => PersistenceDomain::adr(
                 mem.clone(),
-                image_view,
+                image_view.clone(),
                 tracker.clone(),
                 persistence.crash_evict,
                 persistence.sync,
@@ -156,6 +158,7 @@ impl Machine {
             domain,
             engine_stats,
             mem,
+            image_view,
             image,
         })
     }
@@ -182,6 +185,12 @@ impl Machine {
     /// The image backing guest RAM.
     pub fn image(&self) -> &NvmImage {
         &self.image
+    }
+
+    /// Every mapping of the image in this process: guest RAM, and under ADR the
+    /// persistence domain's view (for [`crate::sigbus::report_sigbus_in`]).
+    pub fn image_mappings(&self) -> Vec<&GuestMemory> {
+        std::iter::once(&self.mem).chain(self.image_view.as_ref()).collect()
     }
 
     /// Runs the vCPU on the calling thread until the guest stops the machine, a

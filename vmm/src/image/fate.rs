@@ -5,7 +5,9 @@
 //! store to a vanished page kills the process with SIGBUS. The VMM asks at every
 //! checkpoint, shutdown and status request and at exit, and says so instead of "saved".
 
+use std::fs::File;
 use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 use super::NvmImage;
 
@@ -31,16 +33,15 @@ impl ImageFate {
     }
 
     /// A sentence for the log and the replies.
-    pub fn describe(self, image: &NvmImage) -> String {
-        let path = image.path().display();
+    pub fn describe(self, path: &Path, ram: u64) -> String {
+        let path = path.display();
         match self {
             Self::Intact => format!("the image {path} is intact"),
             Self::Deleted => {
                 format!("the image {path} was deleted while the machine ran: its memory is lost when the VMM exits")
             }
             Self::Truncated { size } => format!(
-                "the image {path} was truncated to {size} bytes while the machine ran (guest RAM is {} bytes): the guest's memory past that is gone",
-                image.size()
+                "the image {path} was truncated to {size} bytes while the machine ran (guest RAM is {ram} bytes): the guest's memory past that is gone"
             ),
             Self::Moved => {
                 format!("the image was moved or replaced: {path} no longer names it; the guest's memory is kept in the moved file")
@@ -49,20 +50,55 @@ impl ImageFate {
     }
 }
 
+/// Looks at `file`, the image of `size` bytes opened at `path`, without touching either.
+fn fate_of(file: &File, path: &Path, size: u64) -> ImageFate {
+    let Ok(open) = file.metadata() else { return ImageFate::Intact };
+    if open.nlink() == 0 {
+        return ImageFate::Deleted;
+    }
+    if open.len() < size {
+        return ImageFate::Truncated { size: open.len() };
+    }
+    match std::fs::metadata(path) {
+        Ok(named) if named.dev() == open.dev() && named.ino() == open.ino() => ImageFate::Intact,
+        _ => ImageFate::Moved,
+    }
+}
+
 impl NvmImage {
-    /// Looks at the open file and at its path, without touching either.
+    /// What became of the image file since it was opened.
     pub fn fate(&self) -> ImageFate {
-        let Ok(open) = self.file().metadata() else { return ImageFate::Intact };
-        if open.nlink() == 0 {
-            return ImageFate::Deleted;
-        }
-        if open.len() < self.size() {
-            return ImageFate::Truncated { size: open.len() };
-        }
-        match std::fs::metadata(self.path()) {
-            Ok(named) if named.dev() == open.dev() && named.ino() == open.ino() => ImageFate::Intact,
-            _ => ImageFate::Moved,
-        }
+        fate_of(self.file(), self.path(), self.size())
+    }
+
+    /// A watch on the image for those that outlive the machine's hold on it (the control
+    /// interface, the CLI's report at exit). It opens the same file anew through
+    /// `/proc/self/fd` (which reaches it even once deleted), read-only: a duplicate of the
+    /// descriptor would share its open file description, and with it the image's locks,
+    /// which must go when the machine does.
+    pub fn watch(&self) -> std::io::Result<ImageWatch> {
+        use std::os::fd::AsRawFd;
+        let file = File::open(format!("/proc/self/fd/{}", self.file().as_raw_fd()))?;
+        Ok(ImageWatch { file, path: self.path().into(), size: self.size() })
+    }
+}
+
+/// See [`NvmImage::watch`].
+#[derive(Debug)]
+pub struct ImageWatch {
+    file: File,
+    path: PathBuf,
+    size: u64,
+}
+
+impl ImageWatch {
+    pub fn fate(&self) -> ImageFate {
+        fate_of(&self.file, &self.path, self.size)
+    }
+
+    /// The sentence for the current fate.
+    pub fn describe(&self) -> String {
+        self.fate().describe(&self.path, self.size)
     }
 }
 
@@ -93,7 +129,11 @@ mod tests {
         std::fs::write(&path, b"another file").unwrap();
         assert_eq!(image.fate(), ImageFate::Deleted);
         assert!(!image.fate().is_kept());
-        assert!(image.fate().describe(&image).contains("deleted"));
+        let watch = image.watch().unwrap();
+        assert_eq!(watch.fate(), ImageFate::Deleted);
+        drop(image);
+        assert_eq!(watch.fate(), ImageFate::Deleted, "the watch outlives the image");
+        assert!(watch.describe().contains("was deleted while the machine ran"));
         std::fs::remove_file(path).unwrap();
     }
 
@@ -103,6 +143,17 @@ mod tests {
         std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(1 << 20).unwrap();
         assert_eq!(image.fate(), ImageFate::Truncated { size: 1 << 20 });
         assert!(!image.fate().is_kept());
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_watch_does_not_hold_the_image_lock() {
+        let (image, path) = image("watch-lock");
+        let watch = image.watch().unwrap();
+        drop(image);
+        let again = NvmImage::open(&path, None, false, Allocation::Sparse).expect("the lock went with the image");
+        assert_eq!(watch.fate(), ImageFate::Intact);
+        drop(again);
         std::fs::remove_file(path).unwrap();
     }
 
