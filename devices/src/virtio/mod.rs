@@ -1,0 +1,82 @@
+//! A virtio block device on the virtio-mmio transport, for checkpoints written to an
+//! external disk file instead of NVM.
+//!
+//! The layers, from the guest inwards:
+//! - [`bus`]: an MMIO bus routing guest physical addresses to devices;
+//! - [`mmio`]: the virtio-mmio register file (magic, features, queue setup, status,
+//!   interrupts), which owns the split virtqueue (`virtio_queue::Queue`);
+//! - [`block`]: virtio-blk request parsing and execution on the queue's descriptor chains;
+//! - [`disk`]: the backing file, created at a size, locked against a second VMM.
+//!
+//! The guest is not trusted: every descriptor, length and address it hands over is checked,
+//! a request that cannot be served gets `VIRTIO_BLK_S_IOERR`, and a queue too broken to
+//! answer on makes the device set `DEVICE_NEEDS_RESET` and stop until the driver resets it.
+//! Nothing a guest does makes the device allocate: its buffers are sized once at creation.
+
+pub mod block;
+pub mod bus;
+pub mod disk;
+pub mod mmio;
+
+#[cfg(test)]
+mod tests;
+
+pub use block::BlockBackend;
+pub use bus::{MmioBus, MmioDevice};
+pub use disk::{Disk, DiskError};
+pub use mmio::{MmioBlock, MmioVersion};
+
+use std::io;
+use tracing::warn;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest memory as the VMM maps it.
+pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
+
+/// Bytes of MMIO space one virtio-mmio device decodes: 0x100 of registers, then the
+/// device config space. The VMM reserves this much at the device's base address.
+pub const MMIO_WINDOW: u64 = 0x200;
+
+/// The largest queue the device offers (QueueNumMax); virtio-drivers uses 16, Linux up to 256.
+pub const QUEUE_MAX_SIZE: u16 = 256;
+
+/// How the device raises its interrupt line. The VMM passes an `EventFd` registered as an
+/// irqfd; tests pass a counter.
+pub trait Interrupt: Send {
+    /// Raises the interrupt once.
+    fn trigger(&self) -> io::Result<()>;
+}
+
+impl Interrupt for EventFd {
+    fn trigger(&self) -> io::Result<()> {
+        self.write(1)
+    }
+}
+
+/// Counts guest errors and logs only the first few, so that a guest looping on a bad
+/// request cannot flood the VMM's log; the count stays readable for tests and statistics.
+#[derive(Debug, Default)]
+pub struct ErrorLog {
+    count: u64,
+}
+
+/// How many guest errors a device logs before going quiet.
+const ERROR_LOG_LIMIT: u64 = 8;
+
+impl ErrorLog {
+    /// Records one guest error, logging it while under the limit.
+    pub fn note(&mut self, what: &str, detail: std::fmt::Arguments<'_>) {
+        self.count = self.count.saturating_add(1);
+        if self.count <= ERROR_LOG_LIMIT {
+            warn!(detail = %detail, "virtio-blk: {what}");
+            if self.count == ERROR_LOG_LIMIT {
+                warn!("virtio-blk: further guest errors are counted, not logged");
+            }
+        }
+    }
+
+    /// How many guest errors were seen.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
