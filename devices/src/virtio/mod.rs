@@ -19,6 +19,8 @@ pub mod disk;
 pub mod mmio;
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;
 
 pub use block::BlockBackend;
