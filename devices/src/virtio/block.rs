@@ -231,6 +231,11 @@ impl BlockBackend {
             }
             total += u64::from(d.len());
         }
+        // The used length (data plus status) is a u32; a longer chain is illegal anyway
+        // (virtio 1.x, 2.7.5.2), and possible only with segments overlapping in a large RAM.
+        if total >= u64::from(u32::MAX) {
+            return self.bad("request of 4 GiB or more", format_args!("{total} bytes"));
+        }
         if kind == VIRTIO_BLK_T_GET_ID {
             return self.get_id(mem, data);
         }

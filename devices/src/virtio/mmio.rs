@@ -148,6 +148,8 @@ impl MmioBlock {
         self.driver_features = 0;
         self.queue_sel = 0;
         self.queue_invalid = false;
+        self.legacy_page_size = 4096;
+        self.legacy_align = 4096;
         self.legacy_pfn = 0;
         self.queue.reset();
     }
@@ -382,7 +384,9 @@ impl MmioBlock {
             self.errors.note("notify of a queue that does not exist", format_args!("queue {queue}"));
             return;
         }
-        if !self.queue.ready() || self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 {
+        // A modern driver must have had its features accepted; a legacy one has no such step.
+        let negotiated = self.version == MmioVersion::Legacy || self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0;
+        if !self.queue.ready() || self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 || !negotiated {
             self.errors.note("notify before the queue is ready", format_args!("status {:#x}", self.status));
             self.mark_broken(Broken::AvailRing);
             return;

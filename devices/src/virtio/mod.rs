@@ -12,6 +12,20 @@
 //! a request that cannot be served gets `VIRTIO_BLK_S_IOERR`, and a queue too broken to
 //! answer on makes the device set `DEVICE_NEEDS_RESET` and stop until the driver resets it.
 //! Nothing a guest does makes the device allocate: its buffers are sized once at creation.
+//!
+//! # Wiring it into a VMM
+//!
+//! 1. `Disk::open(path, size)` (holds the disk's `flock` for the VMM's life), then
+//!    `BlockBackend::new(disk, serial)`.
+//! 2. An `EventFd`, registered with `VmFd::register_irqfd(&evt, gsi)`; its clone is the
+//!    device's [`Interrupt`]. The driver acknowledges through InterruptACK.
+//! 3. `MmioBlock::new(MmioVersion::Modern, guest_memory.clone(), backend, Box::new(evt))`,
+//!    registered on an [`MmioBus`] at a base outside guest RAM (below the IOAPIC and LAPIC
+//!    windows), `MMIO_WINDOW` bytes long.
+//! 4. The vCPU loop hands `VcpuExit::MmioRead(addr, data)` / `MmioWrite(addr, data)` to
+//!    [`MmioBus::read`] / [`MmioBus::write`]. Requests run synchronously in that exit.
+//! 5. The guest is told the base, the window size and the GSI (a fixed constant shared with
+//!    the guest kernel, or `virtio_mmio.device=512@0xBASE:GSI` on a Linux command line).
 
 pub mod block;
 pub mod bus;

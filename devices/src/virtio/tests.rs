@@ -472,6 +472,13 @@ fn a_notify_before_the_queue_is_ready_breaks_the_device() {
     wr(&mut rig.dev, reg::VIRTIO_MMIO_QUEUE_NOTIFY, 0);
     rig.assert_broken();
     assert_eq!(rig.irqs.load(Ordering::SeqCst), 0, "no interrupt before DRIVER_OK");
+    // Nor may a modern driver go live with its features refused.
+    let mut rig = Rig::unready(MmioVersion::Modern);
+    assert!(!negotiate(&mut rig.dev, MmioVersion::Modern, 1 << VIRTIO_BLK_F_FLUSH));
+    let l = rig.layout;
+    setup_queue(&mut rig.dev, MmioVersion::Modern, l);
+    wr(&mut rig.dev, reg::VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    rig.assert_broken();
     // A notify of a queue that does not exist is only counted.
     let mut rig = Rig::new(MmioVersion::Modern);
     wr(&mut rig.dev, reg::VIRTIO_MMIO_QUEUE_NOTIFY, 3);
