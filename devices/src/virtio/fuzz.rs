@@ -185,11 +185,12 @@ fn run(g: Guest) {
         assert_eq!(dev.backend().heap_bytes(), heap, "the device's memory grew");
     }
     // Every used entry is for a head inside the queue, and no more entries than published
-    // (judged only where the driver's own available ring does not overlap the used ring).
+    // (judged only where the driver's own table and available ring, which this test wrote,
+    // do not overlap the used ring).
     let n = u64::from(layout.size);
-    let (avail_end, used_end) = (layout.avail.saturating_add(6 + 2 * n), layout.used.saturating_add(6 + 8 * n));
-    let overlap = layout.avail < used_end && layout.used < avail_end;
-    if overlap {
+    let used = (layout.used, layout.used.saturating_add(6 + 8 * n));
+    let overlaps = |start: u64, len: u64| start < used.1 && used.0 < start.saturating_add(len);
+    if overlaps(layout.desc, 16 * n) || overlaps(layout.avail, 6 + 2 * n) {
         return;
     }
     if let Ok(used_idx) = mem.read_obj::<u16>(GuestAddress(layout.used.wrapping_add(2))) {

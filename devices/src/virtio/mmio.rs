@@ -41,6 +41,12 @@ const fn bit(n: u32) -> u64 {
     1 << n
 }
 
+/// Queue fields that can hold a refused value (`MmioBlock::queue_bad`).
+const BAD_SIZE: u8 = 1;
+const BAD_DESC: u8 = 2;
+const BAD_AVAIL: u8 = 4;
+const BAD_USED: u8 = 8;
+
 /// Config-space layout (`struct virtio_blk_config`): the fields this device fills.
 const CONFIG_CAPACITY: usize = 0;
 const CONFIG_SEG_MAX: usize = 12;
@@ -63,8 +69,12 @@ pub struct MmioBlock {
     driver_features_sel: u32,
     driver_features: u64,
     queue_sel: u32,
-    /// A queue register got a value `Queue` refused (size, alignment): readying fails.
-    queue_invalid: bool,
+    /// Queue fields (`BAD_*`) whose latest value `Queue` refused: readying fails while any is.
+    queue_bad: u8,
+    /// The descriptor, driver and device area addresses as last written (modern).
+    queue_addrs: [u64; 3],
+    /// Legacy QueueNum, applied at the QueuePFN write.
+    legacy_num: u32,
     legacy_page_size: u32,
     legacy_align: u32,
     legacy_pfn: u32,
@@ -96,7 +106,9 @@ impl MmioBlock {
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
-            queue_invalid: false,
+            queue_bad: 0,
+            queue_addrs: [0; 3],
+            legacy_num: 0,
             legacy_page_size: 4096,
             legacy_align: 4096,
             legacy_pfn: 0,
@@ -147,7 +159,9 @@ impl MmioBlock {
         self.driver_features_sel = 0;
         self.driver_features = 0;
         self.queue_sel = 0;
-        self.queue_invalid = false;
+        self.queue_bad = 0;
+        self.queue_addrs = [0; 3];
+        self.legacy_num = 0;
         self.legacy_page_size = 4096;
         self.legacy_align = 4096;
         self.legacy_pfn = 0;
@@ -284,46 +298,72 @@ impl MmioBlock {
             self.errors.note("queue register of a queue that does not exist", format_args!("queue {}", self.queue_sel));
             return;
         }
-        let live = self.queue.ready() || self.legacy_pfn != 0;
-        if live && !(offset == reg::VIRTIO_MMIO_QUEUE_READY && value == 0) && offset != reg::VIRTIO_MMIO_QUEUE_PFN {
+        match self.version {
+            MmioVersion::Modern => self.write_modern_queue_register(offset, value),
+            MmioVersion::Legacy => match offset {
+                // Both only take effect at the next QueuePFN write, so virtio-drivers' unset
+                // sequence (QueueNum 0, QueueAlign 0, QueuePFN 0) is harmless to a live queue.
+                reg::VIRTIO_MMIO_QUEUE_NUM => self.legacy_num = value,
+                reg::VIRTIO_MMIO_QUEUE_ALIGN => self.legacy_align = value,
+                reg::VIRTIO_MMIO_QUEUE_PFN => self.write_legacy_pfn(value),
+                _ => self.errors.note("modern queue register on a legacy device", format_args!("{offset:#x}")),
+            },
+        }
+    }
+
+    fn write_modern_queue_register(&mut self, offset: u32, value: u32) {
+        if self.queue.ready() && offset != reg::VIRTIO_MMIO_QUEUE_READY {
             self.errors.note("queue register written while the queue is live", format_args!("{offset:#x}"));
             return;
         }
         let q = &mut self.queue;
-        let bad = match offset {
+        // The driver writes each address in two halves: keep the raw value, so that a half
+        // refused for alignment is not lost when the other half is written.
+        let (which, set_high) = match offset {
             reg::VIRTIO_MMIO_QUEUE_NUM => {
-                u16::try_from(value).map_err(|_| ()).and_then(|n| q.try_set_size(n).map_err(|_| ())).is_err()
+                let ok = u16::try_from(value).is_ok_and(|n| q.try_set_size(n).is_ok());
+                self.set_field_validity(BAD_SIZE, ok, offset, value);
+                return;
             }
-            reg::VIRTIO_MMIO_QUEUE_DESC_LOW => q.try_set_desc_table_address(low(q.desc_table(), value)).is_err(),
-            reg::VIRTIO_MMIO_QUEUE_DESC_HIGH => q.try_set_desc_table_address(high(q.desc_table(), value)).is_err(),
-            reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW => q.try_set_avail_ring_address(low(q.avail_ring(), value)).is_err(),
-            reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH => q.try_set_avail_ring_address(high(q.avail_ring(), value)).is_err(),
-            reg::VIRTIO_MMIO_QUEUE_USED_LOW => q.try_set_used_ring_address(low(q.used_ring(), value)).is_err(),
-            reg::VIRTIO_MMIO_QUEUE_USED_HIGH => q.try_set_used_ring_address(high(q.used_ring(), value)).is_err(),
-            reg::VIRTIO_MMIO_QUEUE_READY if self.version == MmioVersion::Modern => {
+            reg::VIRTIO_MMIO_QUEUE_READY => {
                 if value == 0 {
                     q.set_ready(false);
-                } else {
+                } else if !q.ready() {
                     self.ready_queue();
                 }
-                false
+                return;
             }
-            reg::VIRTIO_MMIO_QUEUE_ALIGN if self.version == MmioVersion::Legacy => {
-                self.legacy_align = value;
-                false
-            }
-            reg::VIRTIO_MMIO_QUEUE_PFN if self.version == MmioVersion::Legacy => {
-                self.write_legacy_pfn(value);
-                false
-            }
+            reg::VIRTIO_MMIO_QUEUE_DESC_LOW => (0, false),
+            reg::VIRTIO_MMIO_QUEUE_DESC_HIGH => (0, true),
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW => (1, false),
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH => (1, true),
+            reg::VIRTIO_MMIO_QUEUE_USED_LOW => (2, false),
+            reg::VIRTIO_MMIO_QUEUE_USED_HIGH => (2, true),
             _ => {
-                self.errors.note("register of the other MMIO version", format_args!("{offset:#x}"));
-                false
+                self.errors.note("legacy queue register on a modern device", format_args!("{offset:#x}"));
+                return;
             }
         };
-        if bad {
+        let raw = &mut self.queue_addrs[which];
+        *raw = if set_high { high(*raw, value) } else { low(*raw, value) };
+        let addr = GuestAddress(*raw);
+        let (field, ok) = match which {
+            0 => (BAD_DESC, q.try_set_desc_table_address(addr).is_ok()),
+            1 => (BAD_AVAIL, q.try_set_avail_ring_address(addr).is_ok()),
+            _ => (BAD_USED, q.try_set_used_ring_address(addr).is_ok()),
+        };
+        self.set_field_validity(field, ok, offset, value);
+    }
+
+    /// Records whether the latest write to a queue field was acceptable: a field refused
+    /// once and then rewritten with a good value (virtio-drivers zeroes QueueNum when it
+    /// unsets a queue) no longer stands in the way of readying.
+    fn set_field_validity(&mut self, field: u8, ok: bool, offset: u32, value: u32) {
+        if ok {
+            self.queue_bad &= !field;
+        } else {
+            self.queue_bad |= field;
             self.errors.note("invalid queue setting", format_args!("{offset:#x} = {value:#x}"));
-            self.queue_invalid = true;
         }
     }
 
@@ -335,6 +375,12 @@ impl MmioBlock {
             self.queue.set_ready(false);
             return;
         }
+        if self.legacy_pfn != 0 {
+            self.errors.note("QueuePFN rewritten while the queue is live", format_args!("{pfn:#x}"));
+            return;
+        }
+        let size_ok = u16::try_from(self.legacy_num).is_ok_and(|n| self.queue.try_set_size(n).is_ok());
+        self.set_field_validity(BAD_SIZE, size_ok, reg::VIRTIO_MMIO_QUEUE_NUM, self.legacy_num);
         let size = u64::from(self.queue.size());
         let page = u64::from(self.legacy_page_size);
         let align = u64::from(self.legacy_align);
@@ -348,13 +394,12 @@ impl MmioBlock {
             Some((desc, avail, used))
         })();
         let q = &mut self.queue;
-        match placed {
-            Some((desc, avail, used))
-                if q.try_set_desc_table_address(GuestAddress(desc)).is_ok()
-                    && q.try_set_avail_ring_address(GuestAddress(avail)).is_ok()
-                    && q.try_set_used_ring_address(GuestAddress(used)).is_ok() => {}
-            _ => self.queue_invalid = true,
-        }
+        let ok = placed.is_some_and(|(desc, avail, used)| {
+            q.try_set_desc_table_address(GuestAddress(desc)).is_ok()
+                && q.try_set_avail_ring_address(GuestAddress(avail)).is_ok()
+                && q.try_set_used_ring_address(GuestAddress(used)).is_ok()
+        });
+        self.set_field_validity(BAD_DESC | BAD_AVAIL | BAD_USED, ok, reg::VIRTIO_MMIO_QUEUE_PFN, pfn);
         self.legacy_pfn = pfn;
         self.ready_queue();
     }
@@ -364,7 +409,7 @@ impl MmioBlock {
     fn ready_queue(&mut self) {
         let n = u64::from(self.queue.size());
         let in_ram = |addr: u64, len: u64| self.mem.check_range(GuestAddress(addr), len as usize);
-        let valid = !self.queue_invalid
+        let valid = self.queue_bad == 0
             && in_ram(self.queue.desc_table(), 16 * n)
             && in_ram(self.queue.avail_ring(), 6 + 2 * n)
             && in_ram(self.queue.used_ring(), 6 + 8 * n);
@@ -401,12 +446,12 @@ impl MmioBlock {
     }
 }
 
-fn low(addr: u64, value: u32) -> GuestAddress {
-    GuestAddress((addr & !0xffff_ffff) | u64::from(value))
+fn low(addr: u64, value: u32) -> u64 {
+    (addr & !0xffff_ffff) | u64::from(value)
 }
 
-fn high(addr: u64, value: u32) -> GuestAddress {
-    GuestAddress((addr & 0xffff_ffff) | (u64::from(value) << 32))
+fn high(addr: u64, value: u32) -> u64 {
+    (addr & 0xffff_ffff) | (u64::from(value) << 32)
 }
 
 impl MmioDevice for MmioBlock {

@@ -495,3 +495,46 @@ fn a_guest_repeating_bad_requests_is_counted_not_grown() {
     assert_eq!(rig.dev.backend().errors(), 1000);
     assert_eq!(rig.dev.backend().heap_bytes(), heap);
 }
+
+/// `queue_unset` as virtio-drivers does it when a `VirtIOBlk` is dropped.
+fn unset_queue(dev: &mut MmioBlock, version: MmioVersion) {
+    wr(dev, reg::VIRTIO_MMIO_QUEUE_SEL, 0);
+    match version {
+        MmioVersion::Legacy => {
+            for r in [reg::VIRTIO_MMIO_QUEUE_NUM, reg::VIRTIO_MMIO_QUEUE_ALIGN, reg::VIRTIO_MMIO_QUEUE_PFN] {
+                wr(dev, r, 0);
+            }
+        }
+        MmioVersion::Modern => {
+            wr(dev, reg::VIRTIO_MMIO_QUEUE_READY, 0);
+            assert_eq!(rd(dev, reg::VIRTIO_MMIO_QUEUE_READY), 0);
+            for r in [reg::VIRTIO_MMIO_QUEUE_NUM, reg::VIRTIO_MMIO_QUEUE_DESC_LOW, reg::VIRTIO_MMIO_QUEUE_DESC_HIGH] {
+                wr(dev, r, 0);
+            }
+            for r in [reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW, reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH] {
+                wr(dev, r, 0);
+            }
+            for r in [reg::VIRTIO_MMIO_QUEUE_USED_LOW, reg::VIRTIO_MMIO_QUEUE_USED_HIGH] {
+                wr(dev, r, 0);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_queue_unset_and_set_again_serves_requests() {
+    for version in [MmioVersion::Modern, MmioVersion::Legacy] {
+        let mut rig = Rig::new(version);
+        assert_eq!(rig.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (OK, 1));
+        unset_queue(&mut rig.dev, version);
+        let errors_before = rig.dev.transport_errors();
+        // A new driver instance probes again from reset, on fresh rings.
+        rig.mem.write_slice(&[0u8; 0x3000], GuestAddress(QUEUE_AT)).unwrap();
+        assert!(negotiate(&mut rig.dev, version, DRIVER_SUPPORTED));
+        let l = rig.layout;
+        setup_queue(&mut rig.dev, version, l);
+        assert!(!rig.dev.needs_reset(), "{version:?}");
+        assert_eq!(rig.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (OK, 1), "{version:?}");
+        assert_eq!(rig.dev.transport_errors(), errors_before, "{version:?}: the unset sequence is no error");
+    }
+}
