@@ -33,6 +33,8 @@ pub mod disk;
 pub mod mmio;
 
 #[cfg(test)]
+mod drivers;
+#[cfg(test)]
 mod fuzz;
 #[cfg(test)]
 mod tests;
