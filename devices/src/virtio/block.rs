@@ -30,6 +30,17 @@ pub const ID_LEN: usize = 20;
 /// allocated once: a request of any length costs no allocation.
 const BOUNCE_LEN: usize = 64 * 1024;
 
+/// Told of every range of guest RAM the device stores into (data read from the disk, status
+/// bytes, used-ring entries), as `(guest address, length)`. KVM's dirty log only sees the
+/// vCPUs' stores, so the VMM marks these in its dirty tracker and persistence domain.
+pub type WriteHook = Box<dyn FnMut(u64, u64) + Send>;
+
+fn mark(hook: &mut Option<WriteHook>, addr: GuestAddress, len: u64) {
+    if let Some(hook) = hook.as_mut() {
+        hook(addr.raw_value(), len);
+    }
+}
+
 /// Why the queue cannot be processed any further: the device needs a reset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Broken {
@@ -57,6 +68,7 @@ pub struct BlockBackend {
     descs: Vec<Descriptor>,
     errors: ErrorLog,
     requests: u64,
+    on_write: Option<WriteHook>,
 }
 
 /// What went wrong with one request, answered with a status byte.
@@ -79,7 +91,14 @@ impl BlockBackend {
             descs: Vec::with_capacity(usize::from(QUEUE_MAX_SIZE)),
             errors: ErrorLog::default(),
             requests: 0,
+            on_write: None,
         }
+    }
+
+    /// Calls `hook` with each range of guest RAM the device is about to store into.
+    pub fn with_write_hook(mut self, hook: WriteHook) -> Self {
+        self.on_write = Some(hook);
+        self
     }
 
     /// The disk served.
@@ -127,6 +146,8 @@ impl BlockBackend {
                 }
             };
             self.requests += 1;
+            let used_ring = GuestAddress(queue.used_ring());
+            mark(&mut self.on_write, used_ring, 4 + 8 * u64::from(queue.size()));
             if queue.add_used(mem, head, used_len).is_err() {
                 return (done, Err(Broken::UsedRing));
             }
@@ -159,6 +180,7 @@ impl BlockBackend {
             Status::IoErr => VIRTIO_BLK_S_IOERR,
             Status::Unsupp => VIRTIO_BLK_S_UNSUPP,
         } as u8;
+        mark(&mut self.on_write, status_addr, 1);
         mem.write_obj(byte, status_addr).map_err(|_| Broken::NoStatus)?;
         Ok(written + 1)
     }
@@ -269,6 +291,9 @@ impl BlockBackend {
                 let n = (d.len() - done).min(BOUNCE_LEN as u32);
                 let buf = &mut self.bounce[..n as usize];
                 let addr = d.addr().unchecked_add(u64::from(done));
+                if to_guest {
+                    mark(&mut self.on_write, addr, u64::from(n));
+                }
                 let result = if to_guest {
                     self.disk
                         .read_at(buf, offset)
@@ -300,6 +325,7 @@ impl BlockBackend {
         for i in data {
             let d = self.descs[i];
             let n = id.len().min(d.len() as usize);
+            mark(&mut self.on_write, d.addr(), n as u64);
             if mem.write_slice(&id[..n], d.addr()).is_err() {
                 return self.bad("GET_ID buffer outside guest memory", format_args!("{d:?}"));
             }

@@ -2,10 +2,11 @@
 //! (addresses, lengths, flags, next indexes), random headers and available rings, then
 //! notifies. The device must never panic, must write only into the used ring and into
 //! device-writable buffers the guest offered, must never publish a used entry for a head
-//! outside the queue, and must not grow its memory.
+//! outside the queue, must announce every store to its write hook (the VMM's dirty
+//! tracking depends on it), and must not grow its memory.
 
 use std::sync::atomic::AtomicU32;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
 use virtio_bindings::virtio_mmio as reg;
@@ -142,7 +143,10 @@ fn run(g: Guest) {
     let disk = Disk::open(dir.as_path().join("disk.img"), 64 * 512).unwrap();
     let mem = GuestMem::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
     let irqs = Arc::new(AtomicU32::new(0));
-    let backend = BlockBackend::new(disk, "fuzz");
+    let marked = Arc::new(Mutex::new(Vec::<(u64, u64)>::new()));
+    let log = marked.clone();
+    let hook = Box::new(move |addr: u64, len: u64| log.lock().unwrap().push((addr, addr.saturating_add(len))));
+    let backend = BlockBackend::new(disk, "fuzz").with_write_hook(hook);
     let mut dev = MmioBlock::new(version, mem.clone(), backend, Box::new(Counter(irqs)));
 
     // The guest's side, written wherever it lands in RAM (writes outside RAM just fail).
@@ -180,6 +184,8 @@ fn run(g: Guest) {
                     may_change.iter().any(|&(s, e)| at >= s && at < e),
                     "the device wrote {at:#x}, not its to write"
                 );
+                let marked = marked.lock().unwrap();
+                assert!(marked.iter().any(|&(s, e)| at >= s && at < e), "the device wrote {at:#x} unannounced");
             }
         }
         assert_eq!(dev.backend().heap_bytes(), heap, "the device's memory grew");

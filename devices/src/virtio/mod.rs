@@ -16,7 +16,10 @@
 //! # Wiring it into a VMM
 //!
 //! 1. `Disk::open(path, size)` (holds the disk's `flock` for the VMM's life), then
-//!    `BlockBackend::new(disk, serial)`.
+//!    `BlockBackend::new(disk, serial).with_write_hook(..)`: the hook is told of every range
+//!    the device stores into guest RAM, which KVM's dirty log does not see; the VMM marks them
+//!    in its `DirtyTracker` (and, under ADR, in the persistence domain), as it does for the
+//!    copy engine's stores.
 //! 2. An `EventFd`, registered with `VmFd::register_irqfd(&evt, gsi)`; its clone is the
 //!    device's [`Interrupt`]. The driver acknowledges through InterruptACK.
 //! 3. `MmioBlock::new(MmioVersion::Modern, guest_memory.clone(), backend, Box::new(evt))`,
