@@ -58,6 +58,12 @@ pub enum Broken {
     NoStatus,
     /// The used ring could not be written.
     UsedRing,
+    /// The queue was readied with a size or placement the device refused (a size not a
+    /// power of two or above QueueNumMax, a misaligned area, an area outside guest RAM).
+    QueueSetup,
+    /// A notify came before the queue was ready or before DRIVER_OK (or, on the modern
+    /// layout, without FEATURES_OK).
+    NotReady,
 }
 
 /// The request-serving half of the block device, independent of the transport.

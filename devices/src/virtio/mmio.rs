@@ -79,6 +79,8 @@ pub struct MmioBlock {
     legacy_align: u32,
     legacy_pfn: u32,
     errors: ErrorLog,
+    /// Why the device set DEVICE_NEEDS_RESET, until the reset.
+    broken: Option<Broken>,
 }
 
 impl MmioBlock {
@@ -113,6 +115,7 @@ impl MmioBlock {
             legacy_align: 4096,
             legacy_pfn: 0,
             errors: ErrorLog::default(),
+            broken: None,
         }
     }
 
@@ -141,6 +144,11 @@ impl MmioBlock {
         self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0
     }
 
+    /// Why the device stopped, while it waits for a reset.
+    pub fn broken(&self) -> Option<Broken> {
+        self.broken
+    }
+
     /// The request side, for its counters.
     pub fn backend(&self) -> &BlockBackend {
         &self.backend
@@ -154,6 +162,7 @@ impl MmioBlock {
     /// Status 0: forget features, queue and interrupts; the disk and counters stay.
     fn reset(&mut self) {
         self.status = 0;
+        self.broken = None;
         self.interrupt_status = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -175,6 +184,7 @@ impl MmioBlock {
             return;
         }
         self.errors.note("device needs reset", format_args!("{why:?}"));
+        self.broken = Some(why);
         self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
         if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             self.interrupt(reg::VIRTIO_MMIO_INT_CONFIG);
@@ -417,7 +427,7 @@ impl MmioBlock {
             self.queue.set_ready(true);
         } else {
             self.errors.note("queue readied with an invalid setup", format_args!("size {n}"));
-            self.mark_broken(Broken::DescriptorTable);
+            self.mark_broken(Broken::QueueSetup);
         }
     }
 
@@ -433,7 +443,7 @@ impl MmioBlock {
         let negotiated = self.version == MmioVersion::Legacy || self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0;
         if !self.queue.ready() || self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 || !negotiated {
             self.errors.note("notify before the queue is ready", format_args!("status {:#x}", self.status));
-            self.mark_broken(Broken::AvailRing);
+            self.mark_broken(Broken::NotReady);
             return;
         }
         let (done, result) = self.backend.process_queue(&mut self.queue, &self.mem);

@@ -14,6 +14,7 @@ use virtio_queue::mock::DescriptorTable;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempdir::TempDir;
 
+use super::block::Broken;
 use super::*;
 
 pub(super) const MEM_SIZE: usize = 0x40_0000;
@@ -387,11 +388,12 @@ fn badly_shaped_requests_get_ioerr() {
     assert!(rig.dev.backend().errors() >= 15);
 }
 
-fn broken_by(descs: &[Descriptor]) -> Rig {
+fn broken_by(descs: &[Descriptor], why: Broken) -> Rig {
     let mut rig = Rig::new(MmioVersion::Modern);
     rig.header(VIRTIO_BLK_T_IN, 0);
     assert!(rig.submit_raw(descs, 0).is_none(), "no used entry for a chain that cannot be answered");
     rig.assert_broken();
+    assert_eq!(rig.dev.broken(), Some(why));
     rig
 }
 
@@ -401,20 +403,20 @@ fn chains_that_cannot_be_answered_break_the_device() {
     let hdr = |n| Descriptor::new(HEADER_AT, 16, next, n);
     // A loop, and a chain longer than the queue (every descriptor points at the next, the
     // last back to the first: 17 hops in a 16-entry table).
-    broken_by(&[hdr(1), Descriptor::new(DATA_AT, 512, W | next, 0)]);
+    broken_by(&[hdr(1), Descriptor::new(DATA_AT, 512, W | next, 0)], Broken::ChainTooLong);
     let long: Vec<_> = (0..QSIZE).map(|i| Descriptor::new(DATA_AT, 512, W | next, (i + 1) % QSIZE)).collect();
-    broken_by(&long);
+    broken_by(&long, Broken::ChainTooLong);
     // A next index beyond the queue, an indirect descriptor (never offered).
-    broken_by(&[hdr(QSIZE)]);
-    broken_by(&[Descriptor::new(DATA_AT, 64, VRING_DESC_F_INDIRECT as u16, 0)]);
+    broken_by(&[hdr(QSIZE)], Broken::DescriptorIndex);
+    broken_by(&[Descriptor::new(DATA_AT, 64, VRING_DESC_F_INDIRECT as u16, 0)], Broken::Indirect);
     // No status byte: a readable last descriptor, an empty one, one outside guest RAM.
-    broken_by(&[hdr(1), Descriptor::new(STATUS_AT, 1, R, 0)]);
-    broken_by(&[hdr(1), Descriptor::new(STATUS_AT, 0, W, 0)]);
-    broken_by(&[hdr(1), Descriptor::new(MEM_SIZE as u64, 1, W, 0)]);
-    broken_by(&[hdr(1), Descriptor::new(u64::MAX, 2, W, 0)]);
+    broken_by(&[hdr(1), Descriptor::new(STATUS_AT, 1, R, 0)], Broken::NoStatus);
+    broken_by(&[hdr(1), Descriptor::new(STATUS_AT, 0, W, 0)], Broken::NoStatus);
+    broken_by(&[hdr(1), Descriptor::new(MEM_SIZE as u64, 1, W, 0)], Broken::NoStatus);
+    broken_by(&[hdr(1), Descriptor::new(u64::MAX, 2, W, 0)], Broken::NoStatus);
 
     // Broken, the device answers nothing more, but says so and comes back after a reset.
-    let mut rig = broken_by(&[hdr(0)]);
+    let mut rig = broken_by(&[hdr(0)], Broken::ChainTooLong);
     assert_eq!(rd(&mut rig.dev, reg::VIRTIO_MMIO_INTERRUPT_STATUS) & reg::VIRTIO_MMIO_INT_CONFIG, 2);
     let status = rig.dev.status();
     wr(&mut rig.dev, reg::VIRTIO_MMIO_STATUS, status & !VIRTIO_CONFIG_S_NEEDS_RESET);
@@ -435,6 +437,7 @@ fn an_available_index_beyond_the_queue_breaks_the_device() {
     rig.mem.write_obj(QSIZE + 1, GuestAddress(rig.layout.avail + 2)).unwrap();
     wr(&mut rig.dev, reg::VIRTIO_MMIO_QUEUE_NOTIFY, 0);
     rig.assert_broken();
+    assert_eq!(rig.dev.broken(), Some(Broken::AvailRing));
 }
 
 #[test]
@@ -454,6 +457,7 @@ fn bad_queue_setups_break_the_device() {
         assert!(negotiate(&mut rig.dev, MmioVersion::Modern, DRIVER_SUPPORTED));
         setup_queue(&mut rig.dev, MmioVersion::Modern, bad(rig.layout));
         assert!(rig.dev.needs_reset(), "{what}");
+        assert_eq!(rig.dev.broken(), Some(Broken::QueueSetup), "{what}");
         assert_eq!(rd(&mut rig.dev, reg::VIRTIO_MMIO_QUEUE_READY), 0, "{what}");
         wr(&mut rig.dev, reg::VIRTIO_MMIO_QUEUE_NOTIFY, 0);
         assert_eq!(rig.dev.backend().requests(), 0, "{what}");
@@ -471,6 +475,7 @@ fn a_notify_before_the_queue_is_ready_breaks_the_device() {
     assert!(negotiate(&mut rig.dev, MmioVersion::Modern, DRIVER_SUPPORTED));
     wr(&mut rig.dev, reg::VIRTIO_MMIO_QUEUE_NOTIFY, 0);
     rig.assert_broken();
+    assert_eq!(rig.dev.broken(), Some(Broken::NotReady));
     assert_eq!(rig.irqs.load(Ordering::SeqCst), 0, "no interrupt before DRIVER_OK");
     // Nor may a modern driver go live with its features refused.
     let mut rig = Rig::unready(MmioVersion::Modern);
