@@ -69,7 +69,7 @@ impl MmioBus {
         Some((slot, offset))
     }
 
-    /// Handles a guest MMIO read.
+    /// Handles a guest MMIO read; returns whether a device took it.
     pub fn read(&mut self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((slot, offset)) => {
