@@ -11,6 +11,7 @@ pub mod engine;
 pub mod exit;
 pub mod persistence;
 pub mod serial;
+pub mod virtio;
 
 pub use barrier::PersistBarrier;
 pub use bus::{PioBus, PioDevice};

@@ -1,0 +1,103 @@
+//! A virtio block device on the virtio-mmio transport, for checkpoints written to an
+//! external disk file instead of NVM.
+//!
+//! The layers, from the guest inwards:
+//! - [`bus`]: an MMIO bus routing guest physical addresses to devices;
+//! - [`mmio`]: the virtio-mmio register file (magic, features, queue setup, status,
+//!   interrupts), which owns the split virtqueue (`virtio_queue::Queue`);
+//! - [`block`]: virtio-blk request parsing and execution on the queue's descriptor chains;
+//! - [`disk`]: the backing file, created at a size, locked against a second VMM.
+//!
+//! The guest is not trusted: every descriptor, length and address it hands over is checked,
+//! a request that cannot be served gets `VIRTIO_BLK_S_IOERR`, and a queue too broken to
+//! answer on makes the device set `DEVICE_NEEDS_RESET` and stop until the driver resets it.
+//! Nothing a guest does makes the device allocate: its buffers are sized once at creation.
+//!
+//! # Wiring it into a VMM
+//!
+//! 1. `Disk::open(path, size)` (holds the disk's `flock` for the VMM's life), then
+//!    `BlockBackend::new(disk, serial).with_write_hook(..)`: the hook is told of every range
+//!    the device stores into guest RAM, which KVM's dirty log does not see; the VMM marks them
+//!    in its `DirtyTracker` (and, under ADR, in the persistence domain), as it does for the
+//!    copy engine's stores.
+//! 2. An `EventFd`, registered with `VmFd::register_irqfd(&evt, gsi)`; its clone is the
+//!    device's [`Interrupt`]. The driver acknowledges through InterruptACK.
+//! 3. `MmioBlock::new(MmioVersion::Modern, guest_memory.clone(), backend, Box::new(evt))`,
+//!    registered on an [`MmioBus`] at a base outside guest RAM (below the IOAPIC and LAPIC
+//!    windows), `MMIO_WINDOW` bytes long.
+//! 4. The vCPU loop hands `VcpuExit::MmioRead(addr, data)` / `MmioWrite(addr, data)` to
+//!    [`MmioBus::read`] / [`MmioBus::write`]. Requests run synchronously in that exit.
+//! 5. The guest is told the base, the window size and the GSI (a fixed constant shared with
+//!    the guest kernel, or `virtio_mmio.device=512@0xBASE:GSI` on a Linux command line).
+
+pub mod block;
+pub mod bus;
+pub mod disk;
+pub mod mmio;
+
+#[cfg(test)]
+mod drivers;
+#[cfg(test)]
+mod fuzz;
+#[cfg(test)]
+mod tests;
+
+pub use block::BlockBackend;
+pub use bus::{MmioBus, MmioDevice};
+pub use disk::{Disk, DiskError};
+pub use mmio::{MmioBlock, MmioVersion};
+
+use std::io;
+use tracing::warn;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest memory as the VMM maps it.
+pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
+
+/// Bytes of MMIO space one virtio-mmio device decodes: 0x100 of registers, then the
+/// device config space. The VMM reserves this much at the device's base address.
+pub const MMIO_WINDOW: u64 = 0x200;
+
+/// The largest queue the device offers (QueueNumMax); virtio-drivers uses 16, Linux up to 256.
+pub const QUEUE_MAX_SIZE: u16 = 256;
+
+/// How the device raises its interrupt line. The VMM passes an `EventFd` registered as an
+/// irqfd; tests pass a counter.
+pub trait Interrupt: Send {
+    /// Raises the interrupt once.
+    fn trigger(&self) -> io::Result<()>;
+}
+
+impl Interrupt for EventFd {
+    fn trigger(&self) -> io::Result<()> {
+        self.write(1)
+    }
+}
+
+/// Counts guest errors and logs only the first few, so that a guest looping on a bad
+/// request cannot flood the VMM's log; the count stays readable for tests and statistics.
+#[derive(Debug, Default)]
+pub struct ErrorLog {
+    count: u64,
+}
+
+/// How many guest errors a device logs before going quiet.
+const ERROR_LOG_LIMIT: u64 = 8;
+
+impl ErrorLog {
+    /// Records one guest error, logging it while under the limit.
+    pub fn note(&mut self, what: &str, detail: std::fmt::Arguments<'_>) {
+        self.count = self.count.saturating_add(1);
+        if self.count <= ERROR_LOG_LIMIT {
+            warn!(detail = %detail, "virtio-blk: {what}");
+            if self.count == ERROR_LOG_LIMIT {
+                warn!("virtio-blk: further guest errors are counted, not logged");
+            }
+        }
+    }
+
+    /// How many guest errors were seen.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
