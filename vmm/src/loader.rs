@@ -93,8 +93,7 @@ pub fn write_boot_params(mem: &GuestMemory, cmdline: &str) -> Result<u64, LoadEr
     if !cmdline.is_empty() {
         line.insert_str(cmdline).map_err(LoadError::Cmdline)?;
     }
-    linux_loader::loader::load_cmdline(mem, GuestAddress(layout::CMDLINE), &line)
-        .map_err(LoadError::WriteCmdline)?;
+    linux_loader::loader::load_cmdline(mem, GuestAddress(layout::CMDLINE), &line).map_err(LoadError::WriteCmdline)?;
 
     let memmap = [
         MemoryRegion::new(0, layout::LOW_RAM_END, E820_RAM),
