@@ -24,12 +24,12 @@ mod proc;
 
 use arch::{gdt, interrupts, paging, pvh, ring3, timer};
 use dev::{console, control, engine, machine, persist};
-use kernel_core::resources::Kind;
 use nvm::root as nvm_root;
 use nvram::cmdline::{App, Cmdline, Fault};
 use nvram::control::BootKind;
 use nvram::exit::ExitCode;
 use nvram::header::ShutdownFlag;
+use nvram::resources::Kind;
 use proc::process::Program;
 use proc::{boot, user};
 
