@@ -7,7 +7,8 @@
 //! `cargo bench --bench bookkeeping`
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use kernel_core::plates::{self, CopyRange, Persist, Plate, PlateKind, PlateTable};
+use kernel_core::plates::{self, CopyRange, Persist};
+use nvram::plate::{self, Plate, PlateKind, PlateTable};
 
 const PAGE: u64 = 4096;
 /// Five plates the kernel always has (two fixed tables, a kernel space, two page-table
@@ -90,7 +91,7 @@ fn bookkeeping(c: &mut Criterion) {
                 (generation % 2) as usize,
                 &mut stale,
                 index,
-                |p, first_page, n| match PlateKind::from_raw(p.kind) {
+                |p, first_page, n| match PlateKind::try_from(p.kind).ok() {
                     Some(PlateKind::UserSpace) => plates::bits_at(&dirty, index(p) + first_page, n),
                     _ => u64::MAX,
                 },
@@ -113,7 +114,7 @@ fn bookkeeping(c: &mut Criterion) {
     let other = table();
     group.bench_function("restore plan, 456 plates (find the committed slot, list the copies)", |b| {
         b.iter(|| {
-            let slot = plates::committed([&committed, &other]).expect("a committed slot");
+            let slot = plate::committed([&committed, &other]).expect("a committed slot");
             let mut dry = Dry::default();
             let pages = plates::restore(if slot == 0 { &committed } else { &other }, &mut dry);
             assert_eq!(dry.ranges, committed.count as u64, "every plate listed");

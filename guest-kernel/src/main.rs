@@ -9,27 +9,27 @@
 //! device ([`dev::control`]).
 //!
 //! The kernel is in layers, each using only those below it (`LAYERS.md`, checked by
-//! `scripts/check-layers.sh`): `arch`, `dev`, `nvm`, `plate`, `proc`, and this file (with
-//! the command line), which decides how the boot goes on and installs what the lower layers
-//! call back: the fatal-path hook of `arch`.
+//! `scripts/check-layers.sh`): `arch`, `dev`, `nvm`, `plate`, `proc`, and this file, which
+//! reads the command line (`nvram::cmdline`, the very parser the VMM checks it with),
+//! decides how the boot goes on and installs what the lower layers call back: the
+//! fatal-path hook of `arch`.
 #![no_std]
 #![no_main]
 
 mod arch;
-mod cmdline;
 mod dev;
 mod nvm;
 mod plate;
 mod proc;
 
 use arch::{gdt, interrupts, paging, pvh, ring3, timer};
-use cmdline::{App, Cmdline, Fault};
 use dev::{console, control, engine, machine, persist};
-use kernel_core::resources::Kind;
 use nvm::root as nvm_root;
+use nvram::cmdline::{App, Cmdline, Fault};
 use nvram::control::BootKind;
 use nvram::exit::ExitCode;
 use nvram::header::ShutdownFlag;
+use nvram::resources::Kind;
 use proc::process::Program;
 use proc::{boot, user};
 

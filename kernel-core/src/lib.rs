@@ -6,6 +6,4 @@ pub mod frames;
 pub mod kv;
 pub mod plates;
 pub mod process;
-pub mod resources;
 pub mod rng;
-pub mod table;

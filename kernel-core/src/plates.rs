@@ -3,7 +3,7 @@
 //! Every persisted region is a **plate** with two save areas, A and B, allocated when the
 //! plate is made. The **plate table** lists the plates, which area of each holds the last
 //! committed copy, and the save areas waiting to be freed (the **deletion-pending** list).
-//! Its layout and checksum are `nvram::plate`'s (re-exported here). It exists three times
+//! Its layout and checksum are `nvram::plate`'s; this module is the logic over it. It exists three times
 //! in NVM (`nvram::layout`):
 //!
 //! - the *live* table, which the kernel changes between write-outs (new plates, deletions);
@@ -20,7 +20,7 @@
 
 use crate::frames::FrameBitmap;
 
-pub use nvram::plate::*;
+use nvram::plate::{Pending, Plate, PlateKind, PlateTable};
 
 const PAGE: u64 = nvram::layout::PAGE_SIZE;
 

@@ -1,6 +1,6 @@
 //! The process table entry, as kept in NVM: everything needed to resume a process.
 
-use crate::table::Table;
+use nvram::table::Table;
 
 /// Saved user registers, in the order the trap entry pushes them (`TrapFrame` in the kernel).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -22,8 +22,9 @@
 //! | `bookkeeping=M`     | where the plate function's bookkeeping runs: `ring3` (default) or `ring0` |
 //! | `poweroff`          | power off right after the banner                                |
 //! | `flush=INSN`        | cache flush instruction: `clwb`, `clflushopt` or `clflush`      |
+//! |                     | (default: the best CPUID offers)                                |
 //! | `poke-ports`        | read and write ports no device owns, then go on                 |
-//! | `fault=KIND`        | provoke a fault: `ud`, `pf`, `triple`, `work-ud` or `work-panic` |
+//! | `fault=KIND`        | provoke a CPU fault in the kernel: `ud`, `pf` or `triple`; in ring-3 kernel work: `work-ud` or `work-panic` |
 //!
 //! [`Cmdline::parse`] reports each unknown or malformed item through a callback and goes
 //! on, as a kernel must (it cannot refuse to boot over a typo); the VMM turns the first
@@ -80,6 +81,15 @@ impl Flush {
             "clflushopt" => Some(Self::Clflushopt),
             "clwb" => Some(Self::Clwb),
             _ => None,
+        }
+    }
+
+    /// The instruction's mnemonic: the name `flush=` takes (the guest's boot log prints it).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Clflush => "clflush",
+            Self::Clflushopt => "clflushopt",
+            Self::Clwb => "clwb",
         }
     }
 }
@@ -302,6 +312,15 @@ mod tests {
         assert_eq!(c, Cmdline::default());
         let (c, bad) = parse_all("apps=counter,counter,counter,counter,counter,counter,counter,counter");
         assert_eq!((c.apps().count(), bad), (MAX_APPS, 0));
+    }
+
+    #[test]
+    fn flush_names_go_both_ways() {
+        for flush in [Flush::Clflush, Flush::Clflushopt, Flush::Clwb] {
+            assert_eq!(Flush::from_name(flush.name()), Some(flush));
+        }
+        assert_eq!(Flush::Clflushopt.name(), "clflushopt");
+        assert_eq!(Flush::from_name("wbinvd"), None);
     }
 
     #[test]

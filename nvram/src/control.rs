@@ -49,12 +49,6 @@ pub enum Request {
     Shutdown = 2,
 }
 
-impl Request {
-    // guest still uses this; goes with the guest's switch (to `Request::try_from(raw).ok()`)
-    pub fn from_raw(raw: u32) -> Option<Self> {
-        Self::try_from(raw).ok()
-    }
-}
 /// Largest message, header included.
 pub const MAX_MESSAGE: u32 = 4096;
 /// Length of a workload name, NUL-padded.

@@ -74,13 +74,6 @@ pub const FIXED_RESOURCES: u32 = 0;
 /// Id of the fixed plate of the frame bitmap.
 pub const FIXED_FRAME_BITMAP: u32 = 1;
 
-impl PlateKind {
-    // guest still uses this; goes with the guest's switch (to `PlateKind::try_from(raw).ok()`)
-    pub fn from_raw(raw: u32) -> Option<Self> {
-        Self::try_from(raw).ok()
-    }
-}
-
 /// One plate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
@@ -353,7 +346,7 @@ impl PlateTable {
     /// Adds a plate whose save areas the caller allocated; `None` if the table is full.
     pub fn add(&mut self, plate: Plate) -> Option<usize> {
         let n = self.count as usize;
-        let kind = PlateKind::from_raw(plate.kind)?;
+        let kind = PlateKind::try_from(plate.kind).ok()?;
         if n >= MAX_PLATES || plate.id as usize >= MAX_IDS {
             return None;
         }

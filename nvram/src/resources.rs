@@ -1,6 +1,6 @@
 //! Tender's memory resources and their management tables, as kept in NVM. The layout is
 //! the image format's (so `vmm inspect` checks the tables without the kernel's logic);
-//! `kernel_core::resources` re-exports it for the guest.
+//! the guest kernel uses it as is.
 //!
 //! Every resource is named by (type, id): the type is one of [`Kind`], the id its index in
 //! the type's [`Table`]. The tables live together in one [`Resources`] block at a fixed

@@ -1,52 +1,8 @@
 //! What the PVH boot protocol hands the kernel: `hvm_start_info`, the memory map and the
-//! command line (Xen `include/public/arch-x86/hvm/start_info.h`).
+//! command line (Xen `include/public/arch-x86/hvm/start_info.h`), as `nvram::pvh` defines
+//! them for both sides.
 
-/// `hvm_start_info.magic`.
-const START_MAGIC: u32 = 0x336e_c578;
-
-#[repr(C)]
-struct StartInfo {
-    magic: u32,
-    version: u32,
-    flags: u32,
-    nr_modules: u32,
-    modlist_paddr: u64,
-    cmdline_paddr: u64,
-    rsdp_paddr: u64,
-    memmap_paddr: u64,
-    memmap_entries: u32,
-    reserved: u32,
-}
-
-/// One entry of the memory map (E820 types).
-#[derive(Debug, Clone, Copy)]
-#[repr(C)]
-pub struct MemoryRegion {
-    pub addr: u64,
-    pub size: u64,
-    pub kind: u32,
-    reserved: u32,
-}
-
-impl MemoryRegion {
-    /// E820 type 1: usable RAM.
-    pub fn is_ram(&self) -> bool {
-        self.kind == 1
-    }
-
-    /// A short name of the region's type, for the boot log.
-    pub fn kind_name(&self) -> &'static str {
-        match self.kind {
-            1 => "ram",
-            2 => "reserved",
-            3 => "acpi",
-            4 => "nvs",
-            5 => "unusable",
-            7 => "pmem",
-            _ => "other",
-        }
-    }
-}
+use nvram::pvh::{MemoryRegion, StartInfo, START_MAGIC};
 
 /// The boot information, checked and copied out of the boot area (which later boots and
 /// the VMM overwrite).

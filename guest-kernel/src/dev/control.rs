@@ -9,6 +9,7 @@ use nvram::control::{
 };
 use spin::Mutex;
 use x86_64::instructions::port::Port;
+use zerocopy::{Immutable, IntoBytes};
 
 static PRESENT: AtomicBool = AtomicBool::new(false);
 
@@ -35,16 +36,15 @@ pub fn present() -> bool {
     PRESENT.load(Ordering::Relaxed)
 }
 
-/// Sends the bytes of a `repr(C)` message.
-fn send<T: Copy>(message: &T) {
+/// Sends the bytes of a message (`nvram::control`'s records).
+fn send<T: IntoBytes + Immutable>(message: &T) {
     if !present() {
         return;
     }
     let mut buffer = BUFFER.lock();
-    let len = core::mem::size_of::<T>().min(buffer.0.len());
-    // SAFETY: `T` is a plain `repr(C)` message of integers; its bytes are read as is.
-    let bytes = unsafe { core::slice::from_raw_parts(message as *const T as *const u8, len) };
-    buffer.0[..len].copy_from_slice(bytes);
+    let bytes = message.as_bytes();
+    let len = bytes.len().min(buffer.0.len());
+    buffer.0[..len].copy_from_slice(&bytes[..len]);
     let addr = buffer.0.as_ptr() as u64;
     // SAFETY: the doorbell takes the physical address of the message, which stays put
     // while the VMM reads it (the port write traps to the VMM synchronously).
@@ -74,5 +74,5 @@ pub fn request() -> Request {
     }
     // SAFETY: reading the request register only takes the pending request.
     let raw = unsafe { Port::<u32>::new(BASE + REG_REQUEST).read() };
-    Request::from_raw(raw).unwrap_or(Request::None)
+    Request::try_from(raw).unwrap_or(Request::None)
 }

@@ -13,9 +13,10 @@
 
 use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
+use nvram::cmdline::Flush;
 use nvram::persist::{
-    FlushedRange, BARRIER_MAGIC, BASE, DEVICE_ID, MAX_RANGES, MODE_ANNOUNCE, REG_BARRIER, REG_MODE, STATUS_DONE,
-    STATUS_PENDING,
+    BarrierList, FlushedRange, BARRIER_MAGIC, BASE, DEVICE_ID, MAX_RANGES, MODE_ANNOUNCE, REG_BARRIER, REG_MODE,
+    STATUS_DONE, STATUS_PENDING,
 };
 use raw_cpuid::CpuId;
 use spin::Mutex;
@@ -23,60 +24,28 @@ use x86_64::instructions::port::Port;
 
 const LINE: u64 = 64;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum FlushInsn {
-    Clflush = 0,
-    Clflushopt = 1,
-    Clwb = 2,
-}
-
-impl FlushInsn {
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "clflush" => Some(Self::Clflush),
-            "clflushopt" => Some(Self::Clflushopt),
-            "clwb" => Some(Self::Clwb),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Clflush => "clflush",
-            Self::Clflushopt => "clflushopt",
-            Self::Clwb => "clwb",
-        }
+/// The flush instruction, as a value of [`FLUSH`].
+fn code(insn: Flush) -> u8 {
+    match insn {
+        Flush::Clflush => 0,
+        Flush::Clflushopt => 1,
+        Flush::Clwb => 2,
     }
 }
 
-static FLUSH: AtomicU8 = AtomicU8::new(FlushInsn::Clflush as u8);
+/// The flush instruction in use ([`code`]).
+static FLUSH: AtomicU8 = AtomicU8::new(0);
 /// Whether barriers must be announced to it.
 static ANNOUNCE: AtomicBool = AtomicBool::new(false);
 
 /// The ranges flushed since the last fence (identity-mapped: its address is physical).
-#[repr(C, align(64))]
-struct Barrier {
-    magic: u32,
-    count: u32,
-    status: u32,
-    failed: u32,
-    ranges: [FlushedRange; MAX_RANGES as usize],
-}
-
-static PENDING: Mutex<Barrier> = Mutex::new(Barrier {
-    magic: BARRIER_MAGIC,
-    count: 0,
-    status: 0,
-    failed: 0,
-    ranges: [FlushedRange { addr: 0, len: 0 }; MAX_RANGES as usize],
-});
+static PENDING: Mutex<BarrierList> = Mutex::new(BarrierList::new());
 
 /// Picks the flush instruction: `forced` if given, else the best CPUID offers; and finds
 /// out whether the machine wants barriers announced. Returns the instruction and that.
-pub fn init(forced: Option<FlushInsn>) -> (FlushInsn, bool) {
+pub fn init(forced: Option<Flush>) -> (Flush, bool) {
     let insn = forced.unwrap_or_else(best_by_cpuid);
-    FLUSH.store(insn as u8, Ordering::Relaxed);
+    FLUSH.store(code(insn), Ordering::Relaxed);
     // SAFETY: reading the device's registers has no side effect; without the device the
     // ports read all ones.
     let (id, mode) = unsafe { (Port::<u32>::new(BASE + REG_BARRIER).read(), Port::<u32>::new(BASE + REG_MODE).read()) };
@@ -86,12 +55,12 @@ pub fn init(forced: Option<FlushInsn>) -> (FlushInsn, bool) {
 }
 
 /// The best flush instruction CPUID (leaf 7) offers; `clflush` is in every x86-64 CPU.
-fn best_by_cpuid() -> FlushInsn {
+fn best_by_cpuid() -> Flush {
     let features = CpuId::new().get_extended_feature_info();
     match features {
-        Some(f) if f.has_clwb() => FlushInsn::Clwb,
-        Some(f) if f.has_clflushopt() => FlushInsn::Clflushopt,
-        _ => FlushInsn::Clflush,
+        Some(f) if f.has_clwb() => Flush::Clwb,
+        Some(f) if f.has_clflushopt() => Flush::Clflushopt,
+        _ => Flush::Clflush,
     }
 }
 
@@ -128,36 +97,36 @@ pub fn flush(addr: u64, len: u64) {
 /// line may become durable any time before the fence).
 fn record(range: FlushedRange) {
     let mut pending = PENDING.lock();
-    let count = pending.count as usize;
+    let count = pending.header.count as usize;
     if count > 0 && pending.ranges[count - 1].merge(range) {
         return;
     }
     if count == MAX_RANGES as usize {
         announce(&mut pending);
     }
-    let count = pending.count as usize;
+    let count = pending.header.count as usize;
     pending.ranges[count] = range;
-    pending.count += 1;
+    pending.header.count += 1;
 }
 
 /// Hands the pending ranges to the machine, which makes them durable before returning.
-fn announce(pending: &mut Barrier) {
-    if pending.count == 0 {
+fn announce(pending: &mut BarrierList) {
+    if pending.header.count == 0 {
         return;
     }
-    pending.magic = BARRIER_MAGIC;
-    pending.status = STATUS_PENDING;
-    let addr = pending as *const Barrier as u64;
+    pending.header.magic = BARRIER_MAGIC;
+    pending.header.status = STATUS_PENDING;
+    let addr = pending as *const BarrierList as u64;
     // SAFETY: the doorbell takes the physical address of the list, which stays put and
     // locked while the machine reads it (the port write returns once it is done).
     // (From ring-3 kernel work, the port write is made in kernel mode.)
     crate::arch::ring3::privileged(|| unsafe { Port::<u32>::new(BASE + REG_BARRIER).write(addr as u32) });
     // SAFETY: the machine wrote the status in place.
-    let status = unsafe { core::ptr::read_volatile(&pending.status) };
+    let status = unsafe { core::ptr::read_volatile(&pending.header.status) };
     if status != STATUS_DONE {
-        crate::println!("persist barrier refused (status {status}, range {})", pending.failed);
+        crate::println!("persist barrier refused (status {status}, range {})", pending.header.failed);
     }
-    pending.count = 0;
+    pending.header.count = 0;
 }
 
 /// Orders all earlier flushes and stores before any later store: once it returns, every
@@ -177,7 +146,7 @@ pub fn write_back_all() {
     unsafe { core::arch::asm!("wbinvd", options(nostack, preserves_flags)) };
     if ANNOUNCE.load(Ordering::Relaxed) {
         let mut pending = PENDING.lock();
-        pending.count = 0;
+        pending.header.count = 0;
         // SAFETY: the write-back-all doorbell only makes memory durable; the value is ignored.
         unsafe { Port::<u32>::new(BASE + REG_MODE).write(0) };
     }

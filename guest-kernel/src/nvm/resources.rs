@@ -8,8 +8,8 @@
 //! user address.
 
 use kernel_core::frames::FrameBitmap;
-use kernel_core::plates::PlateTable;
-use kernel_core::resources::{
+use nvram::plate::PlateTable;
+use nvram::resources::{
     KernelSpaceUse, RealMemory, Resources, VirtualKernelSpace, VirtualRegion, VirtualSpace, VirtualUserSpace,
     TABLE_POOL_PAGES, USER_WRITABLE,
 };
@@ -245,7 +245,7 @@ pub fn user_space_at(res: &Resources, space: u32, addr: u64, len: u64) -> Option
 /// A small fixed-capacity list of ids, to collect before mutating a table.
 mod heapless_ids {
     pub struct Ids {
-        ids: [u32; kernel_core::resources::USER_SPACES],
+        ids: [u32; nvram::resources::USER_SPACES],
         len: usize,
     }
 
@@ -257,7 +257,7 @@ mod heapless_ids {
 
     impl FromIterator<u32> for Ids {
         fn from_iter<I: IntoIterator<Item = u32>>(iter: I) -> Self {
-            let mut out = Ids { ids: [0; kernel_core::resources::USER_SPACES], len: 0 };
+            let mut out = Ids { ids: [0; nvram::resources::USER_SPACES], len: 0 };
             for id in iter.into_iter().take(out.ids.len()) {
                 out.ids[out.len] = id;
                 out.len += 1;

@@ -7,9 +7,9 @@
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use kernel_core::frames::{self, FrameBitmap};
-use kernel_core::resources::Resources;
 use nvram::header::{self, HeaderCopy, HeaderError, RootHeader, ShutdownFlag, HEADER_SIZE};
 use nvram::layout;
+use nvram::resources::Resources;
 
 use crate::dev::persist;
 
@@ -44,7 +44,7 @@ pub enum ImageError {
     /// The header's layout fields disagree with this RAM size or this kernel's layout.
     Layout,
     /// A resource table's header is not what it must be.
-    Table(kernel_core::resources::Kind),
+    Table(nvram::resources::Kind),
 }
 
 impl core::fmt::Display for ImageError {

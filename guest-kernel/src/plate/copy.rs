@@ -1,9 +1,10 @@
 //! How the plate function copies and makes durable: a [`Persist`] over identity-mapped
 //! physical memory, by the copy engine when there is one, else by the CPU, timed per phase.
 
-use kernel_core::plates::{CopyRange, Persist, PlateTable};
+use kernel_core::plates::{CopyRange, Persist};
 use nvram::control::Copier;
 use nvram::layout;
+use nvram::plate::PlateTable;
 
 use crate::arch::{memory, ring3, timer};
 use crate::dev::{engine, persist};

@@ -1,8 +1,8 @@
 //! The dirty pages of user spaces, from the page tables' dirty bits, into the plate
 //! function's frame-indexed dirty bitmap.
 
-use kernel_core::plates::PlateKind;
 use nvram::layout;
+use nvram::plate::PlateKind;
 
 use super::state::{Plating, PAGE};
 use crate::arch::paging;

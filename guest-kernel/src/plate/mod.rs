@@ -19,11 +19,12 @@ mod plateify;
 mod state;
 
 use kernel_core::frames::FrameBitmap;
-use kernel_core::plates::{self, PlateKind, PlateTable};
-use kernel_core::resources::{Resources, TABLE_POOL_PAGES};
+use kernel_core::plates;
 use nvram::control::{Metrics, Operation};
 use nvram::header::RootHeader;
 use nvram::layout;
+use nvram::plate::{self, Plate, PlateKind, PlateTable};
+use nvram::resources::{Resources, TABLE_POOL_PAGES};
 
 use crate::arch::{paging, ring3, timer};
 use crate::dev::{control, engine, persist};
@@ -74,7 +75,7 @@ pub fn resume(areas: Areas) -> Result<Plating, Areas> {
 pub fn restore(areas: Areas) -> Option<(Plating, Metrics)> {
     let start = timer::rdtsc();
     let (plating, mut m) = ring3::run(|| {
-        let index = plates::committed([&*areas.slots[0], &*areas.slots[1]])?;
+        let index = plate::committed([&*areas.slots[0], &*areas.slots[1]])?;
         let committed: &PlateTable = areas.slots[index];
         let mut nvm = GuestPersist::default();
         let pages = plates::restore(committed, &mut nvm);
@@ -171,7 +172,7 @@ fn steps(
         Some((slot, generation)) => (generation, 1 - slot),
         None => (0, 0),
     };
-    let pool_used = |k_res: &Resources, plate: &plates::Plate| {
+    let pool_used = |k_res: &Resources, plate: &Plate| {
         k_res.spaces.get(plate.id).map_or(TABLE_POOL_PAGES, |s| u64::from(s.pool_used))
     };
     let frames = plating.frames;
@@ -184,11 +185,11 @@ fn steps(
             generation,
             slot_index,
             stale,
-            |p| match PlateKind::from_raw(p.kind) {
+            |p| match PlateKind::try_from(p.kind).ok() {
                 Some(PlateKind::Fixed) => frames + u64::from(p.id) * FIXED_PAGES_MAX,
                 _ => (p.src - layout::FRAMES_BASE) / PAGE,
             },
-            |p, first, n| match PlateKind::from_raw(p.kind) {
+            |p, first, n| match PlateKind::try_from(p.kind).ok() {
                 Some(PlateKind::UserSpace) => {
                     plates::bits_at(dirty_bits, (p.src - layout::FRAMES_BASE) / PAGE + first, n)
                 }

@@ -3,9 +3,10 @@
 //! operation tables (Tender's table-program structure).
 
 use kernel_core::frames::FrameBitmap;
-use kernel_core::plates::{self, Plate, PlateKind, FIXED_FRAME_BITMAP, FIXED_RESOURCES};
-use kernel_core::resources::{Resources, TABLE_POOL_PAGES};
+use kernel_core::plates;
 use nvram::layout;
+use nvram::plate::{Plate, PlateKind, FIXED_FRAME_BITMAP, FIXED_RESOURCES};
+use nvram::resources::{Resources, TABLE_POOL_PAGES};
 
 use super::state::{Plating, WriteOutError, PAGE};
 use crate::nvm::resources::{self, Mem, ResError, OPS};

@@ -3,9 +3,9 @@
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use kernel_core::plates::{self, PlateKind, PlateTable};
-use kernel_core::resources::TABLE_POOL_PAGES;
 use nvram::layout;
+use nvram::plate::{self, Plate, PlateKind, PlateTable};
+use nvram::resources::TABLE_POOL_PAGES;
 
 use crate::arch::ring3;
 
@@ -56,7 +56,7 @@ impl Areas {
 
     /// The committed slot, if any (at CPL 3: checking a table is pure computation).
     pub(super) fn committed(&self) -> Option<usize> {
-        ring3::run(|| plates::committed([&*self.slots[0], &*self.slots[1]]))
+        ring3::run(|| plate::committed([&*self.slots[0], &*self.slots[1]]))
     }
 
     /// The generation a crash would restore, if any.
@@ -83,8 +83,8 @@ pub struct Plating {
 
 impl Plating {
     /// Index in the stale bitmap of a plate's first page.
-    pub(super) fn stale_index(&self, plate: &plates::Plate) -> u64 {
-        match PlateKind::from_raw(plate.kind) {
+    pub(super) fn stale_index(&self, plate: &Plate) -> u64 {
+        match PlateKind::try_from(plate.kind).ok() {
             Some(PlateKind::Fixed) => self.frames + u64::from(plate.id) * FIXED_PAGES_MAX,
             _ => (plate.src - layout::FRAMES_BASE) / PAGE,
         }

@@ -4,9 +4,9 @@
 
 use kernel_core::frames::FrameBitmap;
 use kernel_core::process::ProcessTable;
-use kernel_core::resources::{KernelSpaceUse, Kind, Resources};
 use nvram::control::{BootKind, Booted, Metrics};
 use nvram::header::RootHeader;
+use nvram::resources::{KernelSpaceUse, Kind, Resources};
 
 use crate::arch::frame::TrapFrame;
 use crate::arch::{interrupts, timer};

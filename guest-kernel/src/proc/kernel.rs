@@ -9,10 +9,10 @@
 
 use kernel_core::frames::FrameBitmap;
 use kernel_core::process::ProcessTable;
-use kernel_core::resources::Resources;
 use nvram::control::Metrics;
 use nvram::exit::ExitCode;
 use nvram::header::{RootHeader, ShutdownFlag};
+use nvram::resources::Resources;
 use spin::Mutex;
 
 use crate::arch::frame::{from_user, TrapFrame};

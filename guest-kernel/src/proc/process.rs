@@ -6,7 +6,7 @@
 //! frame out and another in, and loading CR3.
 
 use kernel_core::process::{self, Process, Regs, State};
-use kernel_core::resources::USER_WRITABLE;
+use nvram::resources::USER_WRITABLE;
 
 use crate::arch::frame::{from_user, TrapFrame};
 use crate::arch::{gdt, paging};

@@ -15,8 +15,8 @@
 //! | 8  | `report(name, progress, checksum, verified)`: a heartbeat to the VMM | 0    |
 //! | 9  | `shutdown()`: a graceful shutdown of the machine | does not return; the next boot resumes here with 0 |
 
-use kernel_core::resources::USER_WRITABLE;
 use nvram::control::{Heartbeat, Verified, NAME_LEN};
+use nvram::resources::USER_WRITABLE;
 
 use crate::arch::frame::TrapFrame;
 use crate::arch::{paging, timer};

@@ -14,6 +14,8 @@ use rand::rngs::SmallRng;
 use rand::{Rng, RngExt, SeedableRng};
 use zerocopy::{FromZeros, IntoBytes};
 
+use nvram::plate::*;
+
 use super::*;
 
 const LINE: u64 = 64;
