@@ -331,4 +331,32 @@ mod tests {
         assert_eq!(status.rejected, 8);
         assert!(status.workloads.is_empty());
     }
+
+    /// A guest flooding the device: what it keeps stays bounded, the aggregates stay right.
+    #[test]
+    fn a_flood_of_messages_keeps_the_device_bounded() {
+        let mut dev = device();
+        let n: u64 = if cfg!(debug_assertions) { 200_000 } else { 2_000_000 };
+        let mut metrics = nvram::control::Metrics::new(Operation::WriteOut);
+        for i in 0..n {
+            // Totals of 1 to 1000 µs (2,600 ticks a µs), the smallest and largest at known places.
+            metrics.generation = i + 1;
+            metrics.total = (1 + (i * 7919) % 1000) * 2_600;
+            metrics.copied_bytes = 4096;
+            put(&dev, 0x1000, &metrics);
+            ring(&mut dev, 0x1000);
+            if i % 65_536 == 0 {
+                assert!(lock(&dev.status).operations.len() <= 1024, "after {i} messages");
+            }
+        }
+        for i in 0..5_000u32 {
+            put(&dev, 0x2000, &Heartbeat::new(&format!("w{i}"), i, 1, 1, Verified::Passed));
+            ring(&mut dev, 0x2000);
+        }
+        let status = lock(&dev.status);
+        assert_eq!(status.accepted, n + 5_000);
+        assert!(status.operations.len() <= 1024, "{} records kept", status.operations.len());
+        assert!(status.workloads.len() <= 64, "{} workloads kept", status.workloads.len());
+        assert_eq!(status.operations.iter().last().map(|r| r.report.generation), Some(n), "the newest is kept");
+    }
 }
