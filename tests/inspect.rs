@@ -194,7 +194,7 @@ fn foreign_files_are_refused() {
     assert_eq!(agree(&scratch, &image, "refuse")["verdict"], "foreign");
     std::fs::write(&image, "This is a text file, not an image.\n".repeat(1000)).unwrap();
     agree(&scratch, &image, "refuse");
-    let text = "a line of text\n".repeat((32 * MIB / 16) as usize);
+    let text = "a line of text\n".repeat((32 * MIB / 15 + 1) as usize);
     std::fs::write(&image, &text[..(32 * MIB) as usize]).unwrap();
     assert_eq!(agree(&scratch, &image, "refuse")["verdict"], "foreign");
 }
