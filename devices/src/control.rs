@@ -24,7 +24,7 @@ use nvram::control::{
     self, BootKind, DecodeError, Message, MetricsReport, Operation, Request, Verified, DEVICE_ID, MAX_MESSAGE,
     REG_DOORBELL, REG_REQUEST, REG_TSC_KHZ,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Level};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::PioDevice;
@@ -149,7 +149,9 @@ struct LogLimits {
     rejected: LogLimit,
     booted: LogLimit,
     operations: LogLimit,
+    started: LogLimit,
     workloads: LogLimit,
+    heartbeats: LogLimit,
     failed: LogLimit,
     /// Whether the full workload table was reported (once).
     table_full: bool,
@@ -159,12 +161,14 @@ impl Default for LogLimits {
     fn default() -> Self {
         let second = Duration::from_secs(1);
         Self {
-            rejected: LogLimit::new("rejected", 16, second),
-            booted: LogLimit::new("boot", 16, second),
+            rejected: LogLimit::new("rejected", Level::WARN, 16, second),
+            booted: LogLimit::new("boot", Level::INFO, 16, second),
             // A write-out each 10 ms is still logged in full.
-            operations: LogLimit::new("write-out and restore", 128, second),
-            workloads: LogLimit::new("first-heartbeat", 16, second),
-            failed: LogLimit::new("verification-failed", 16, second),
+            operations: LogLimit::new("write-out and restore", Level::INFO, 128, second),
+            started: LogLimit::new("write-out started", Level::DEBUG, 128, second),
+            workloads: LogLimit::new("first-heartbeat", Level::INFO, 16, second),
+            heartbeats: LogLimit::new("heartbeat", Level::DEBUG, 128, second),
+            failed: LogLimit::new("verification-failed", Level::WARN, 16, second),
             table_full: false,
         }
     }
@@ -234,7 +238,9 @@ impl MachineControl {
                 status.workloads.clear();
             }
             Message::Started { generation } => {
-                debug!(generation, "write-out started");
+                if logs.started.allow(now) {
+                    debug!(generation, "write-out started");
+                }
                 status.writing_out = Some(generation);
             }
             Message::Metrics(report) => {
@@ -302,7 +308,9 @@ impl MachineControl {
                 }
                 match status.workloads.get_mut(name) {
                     Some(w) => {
-                        debug!(workload = %name, pid, progress, checksum, "heartbeat");
+                        if logs.heartbeats.allow(now) {
+                            debug!(workload = %name, pid, progress, checksum, "heartbeat");
+                        }
                         w.pid = pid;
                         w.progress = progress;
                         w.checksum = checksum;
@@ -471,6 +479,8 @@ mod tests {
             put(&dev, 0x2000, &Heartbeat::new(&format!("w{i}"), i, 1, 1, Verified::Passed));
             ring(&mut dev, 0x2000);
         }
+        // The log lines the flood caused are bounded: at most a second's budget a second.
+        assert!(dev.logs.operations.suppressed() > 0 && dev.logs.workloads.suppressed() > 0);
         let status = lock(&dev.status);
         assert_eq!(status.accepted, n + 5_000);
         assert!(status.operations.len() <= 1024, "{} records kept", status.operations.len());

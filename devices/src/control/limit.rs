@@ -5,11 +5,14 @@
 
 use std::time::{Duration, Instant};
 
-use tracing::warn;
+use tracing::{debug, info, warn, Level};
 
 #[derive(Debug)]
 pub struct LogLimit {
     what: &'static str,
+    /// The level of the lines limited: the count of those held back is logged at it too,
+    /// so that it shows exactly when they would have.
+    level: Level,
     burst: u32,
     window: Duration,
     started: Option<Instant>,
@@ -18,9 +21,9 @@ pub struct LogLimit {
 }
 
 impl LogLimit {
-    /// At most `burst` lines about `what` every `window`.
-    pub const fn new(what: &'static str, burst: u32, window: Duration) -> Self {
-        Self { what, burst, window, started: None, in_window: 0, suppressed: 0 }
+    /// At most `burst` lines about `what`, logged at `level`, every `window`.
+    pub const fn new(what: &'static str, level: Level, burst: u32, window: Duration) -> Self {
+        Self { what, level, burst, window, started: None, in_window: 0, suppressed: 0 }
     }
 
     /// Whether a line may be logged at `now`; if lines were held back before it, says how
@@ -36,10 +39,15 @@ impl LogLimit {
         }
         self.in_window += 1;
         if self.suppressed > 0 {
-            warn!(
-                "machine-control device: {} {} messages were not logged (more than {} in {:?})",
-                self.suppressed, self.what, self.burst, self.window
+            let (n, what, burst, window) = (self.suppressed, self.what, self.burst, self.window);
+            let line = format_args!(
+                "machine-control device: {n} {what} messages were not logged (more than {burst} in {window:?})"
             );
+            match self.level {
+                Level::ERROR | Level::WARN => warn!("{line}"),
+                Level::INFO => info!("{line}"),
+                _ => debug!("{line}"),
+            }
             self.suppressed = 0;
         }
         true
@@ -58,7 +66,7 @@ mod tests {
 
     #[test]
     fn a_burst_then_a_count() {
-        let mut limit = LogLimit::new("test", 3, Duration::from_secs(1));
+        let mut limit = LogLimit::new("test", Level::INFO, 3, Duration::from_secs(1));
         let t0 = Instant::now();
         let allowed = (0..1000).filter(|i| limit.allow(t0 + Duration::from_micros(*i))).count();
         assert_eq!(allowed, 3);
