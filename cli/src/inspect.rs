@@ -1,34 +1,80 @@
-//! `vmm inspect`: what an image holds, decoded offline.
+//! `vmm inspect`: what an image holds, decoded offline, and what `vmm boot` would do with it.
 
+use std::fs::FileType;
 use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::Context;
-use vmm::inspect::{inspect, Report};
+use anyhow::{bail, Context};
+use vmm::inspect::{inspect_file, Boot, Report};
 
 use crate::args::InspectArgs;
 
-pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
-    let file = std::fs::File::open(&args.image).with_context(|| format!("cannot open {}", args.image.display()))?;
-    if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-        anyhow::bail!("{} is a directory, not an image", args.image.display());
+/// What a file that is not a regular file is, in words; `None` for a regular file.
+fn special(kind: FileType) -> Option<&'static str> {
+    if kind.is_file() {
+        None
+    } else if kind.is_dir() {
+        Some("a directory")
+    } else if kind.is_fifo() {
+        Some("a FIFO")
+    } else if kind.is_char_device() {
+        Some("a character device")
+    } else if kind.is_block_device() {
+        Some("a block device")
+    } else if kind.is_socket() {
+        Some("a socket")
+    } else {
+        Some("not a regular file")
     }
+}
+
+/// Opens `path` for reading if it is a regular file. Its type is checked before the open,
+/// which would block on a FIFO with no writer; the open is non-blocking all the same, and
+/// the type is checked again on what was opened, in case the path changed in between.
+fn open_image(path: &Path) -> anyhow::Result<std::fs::File> {
+    let refuse = |what: &str| anyhow::anyhow!("{} is {what}, not an image", path.display());
+    let metadata = std::fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
+    if let Some(what) = special(metadata.file_type()) {
+        return Err(refuse(what));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let metadata = file.metadata().with_context(|| format!("cannot read {}", path.display()))?;
+    if let Some(what) = special(metadata.file_type()) {
+        return Err(refuse(what));
+    }
+    Ok(file)
+}
+
+pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
+    let file = open_image(&args.image)?;
+    let size = file.metadata().with_context(|| format!("cannot read {}", args.image.display()))?.len();
     // Everything decoded lives below the first frame: no need to read guest RAM beyond.
-    let mut bytes = Vec::new();
+    let mut head = Vec::new();
     file.take(nvram::layout::FRAMES_BASE)
-        .read_to_end(&mut bytes)
+        .read_to_end(&mut head)
         .with_context(|| format!("cannot read {}", args.image.display()))?;
-    let report = inspect(&bytes);
+    if (head.len() as u64) < size.min(nvram::layout::FRAMES_BASE) {
+        bail!("{} changed while it was read", args.image.display());
+    }
+    let report = inspect_file(&head, size);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report).context("cannot encode the report")?);
     } else {
         print_human(&report);
     }
-    Ok(if matches!(report.verdict, "formatted" | "blank") { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    // Exit 0 exactly when `vmm boot` takes the image.
+    Ok(if report.boot == Boot::Refuse { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 fn print_human(r: &Report) {
     println!("image: {}; {}", r.verdict, r.explanation);
+    println!("boot: {} ({} bytes of RAM)", r.boot.as_str(), r.size);
     let Some(h) = &r.header else { return };
     println!(
         "header: format {}, kernel build {}, boot {} of the image, shutdown flag {}, generation {}, {} frames, checksum {}",

@@ -4,16 +4,27 @@
 //!
 //! Everything the guest writes is checked: a message outside guest RAM, misaligned,
 //! too long, or malformed is logged (the first few) and ignored.
+//!
+//! Whatever the guest sends, the device's memory and log stay bounded: it keeps the last
+//! [`OPERATION_RING`] operation records plus running aggregates of all of them
+//! ([`stats`]), at most [`MAX_WORKLOADS`] workloads, and a budget of log lines per kind of
+//! message ([`limit`]).
 
-use std::collections::BTreeMap;
+mod limit;
+pub mod stats;
+
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use limit::LogLimit;
+pub use stats::{DurationSummary, OperationStats};
 
 use nvram::control::{
     self, BootKind, DecodeError, Message, MetricsReport, Operation, Request, Verified, DEVICE_ID, MAX_MESSAGE,
     REG_DOORBELL, REG_REQUEST, REG_TSC_KHZ,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Level};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::PioDevice;
@@ -38,13 +49,20 @@ pub struct MachineStatus {
     pub boot_count: u64,
     /// Generation of the last committed write-out, as the guest reported it.
     pub committed_generation: u64,
+    /// At most [`MAX_WORKLOADS`], the first names reported since the boot.
     pub workloads: BTreeMap<String, WorkloadStatus>,
+    /// Heartbeats of workloads not kept, the table being full.
+    pub ignored_heartbeats: u64,
     pub accepted: u64,
     pub rejected: u64,
     /// A request waiting for the guest to read it.
     pub pending: Option<Request>,
-    /// Every write-out and restore reported, oldest first.
-    pub operations: Vec<OperationRecord>,
+    /// The last [`OPERATION_RING`] write-outs and restores reported, oldest first.
+    pub operations: VecDeque<OperationRecord>,
+    /// All write-outs reported, summed up.
+    pub write_outs: OperationStats,
+    /// All restores reported, summed up.
+    pub restores: OperationStats,
     /// The generation of a write-out under way (started, not yet committed).
     pub writing_out: Option<u64>,
 }
@@ -59,10 +77,61 @@ pub struct OperationRecord {
     pub at: Instant,
 }
 
+/// How many operation records the status keeps (the newest).
+pub const OPERATION_RING: usize = 1024;
+/// How many workloads the status keeps; heartbeats of further names are counted only.
+pub const MAX_WORKLOADS: usize = 64;
+
 impl MachineStatus {
-    /// The records of one kind of operation.
+    /// The records kept of one kind of operation (the newest of them), oldest first.
     pub fn of(&self, operation: Operation) -> impl Iterator<Item = &OperationRecord> {
         self.operations.iter().filter(move |r| r.report.operation == operation)
+    }
+
+    /// The aggregates of all operations of a kind reported since the device started.
+    pub fn stats(&self, operation: Operation) -> &OperationStats {
+        match operation {
+            Operation::WriteOut => &self.write_outs,
+            Operation::Restore => &self.restores,
+        }
+    }
+
+    /// How many operations of a kind were reported since the device started.
+    pub fn count(&self, operation: Operation) -> u64 {
+        self.stats(operation).count
+    }
+
+    /// The `n`-th (from 0) operation of a kind reported since the device started; if the
+    /// ring no longer holds it, the oldest one kept after it. `None` until it is reported.
+    pub fn nth_of(&self, operation: Operation, n: u64) -> Option<&OperationRecord> {
+        let total = self.count(operation);
+        if n >= total {
+            return None;
+        }
+        let kept = self.of(operation).count() as u64;
+        let first_kept = total - kept;
+        self.of(operation).nth(n.saturating_sub(first_kept) as usize)
+    }
+
+    /// Count, extremes and quantiles (by `vmm::quantile`'s rule) of the durations of all
+    /// operations of a kind: exact while the ring holds them all, from the histogram after.
+    pub fn summary(&self, operation: Operation) -> Option<DurationSummary> {
+        let stats = self.stats(operation);
+        let (min, max) = (stats.min?, stats.max?);
+        let mut kept: Vec<Duration> = self.of(operation).map(|r| r.total).collect();
+        let (median, p99) = if kept.len() as u64 == stats.count {
+            kept.sort_unstable();
+            let at = |q: f64| kept[((kept.len() - 1) as f64 * q).round() as usize];
+            (at(0.5), at(0.99))
+        } else {
+            (stats.quantile(0.5)?, stats.quantile(0.99)?)
+        };
+        Some(DurationSummary { count: stats.count, min, median, p99, max })
+    }
+
+    /// The bytes all operations copied.
+    pub fn bytes_copied(&self) -> u64 {
+        self.write_outs.copied_bytes.saturating_add(self.restores.copied_bytes)
     }
 }
 
@@ -74,8 +143,36 @@ pub fn lock(status: &StatusHandle) -> MutexGuard<'_, MachineStatus> {
     status.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// How many rejected messages are logged before the device goes quiet.
-const REJECT_LOG_LIMIT: u64 = 16;
+/// The log lines a guest can cause, per kind: a second's budget each.
+#[derive(Debug)]
+struct LogLimits {
+    rejected: LogLimit,
+    booted: LogLimit,
+    operations: LogLimit,
+    started: LogLimit,
+    workloads: LogLimit,
+    heartbeats: LogLimit,
+    failed: LogLimit,
+    /// Whether the full workload table was reported (once).
+    table_full: bool,
+}
+
+impl Default for LogLimits {
+    fn default() -> Self {
+        let second = Duration::from_secs(1);
+        Self {
+            rejected: LogLimit::new("rejected", Level::WARN, 16, second),
+            booted: LogLimit::new("boot", Level::INFO, 16, second),
+            // A write-out each 10 ms is still logged in full.
+            operations: LogLimit::new("write-out and restore", Level::INFO, 128, second),
+            started: LogLimit::new("write-out started", Level::DEBUG, 128, second),
+            workloads: LogLimit::new("first-heartbeat", Level::INFO, 16, second),
+            heartbeats: LogLimit::new("heartbeat", Level::DEBUG, 128, second),
+            failed: LogLimit::new("verification-failed", Level::WARN, 16, second),
+            table_full: false,
+        }
+    }
+}
 
 /// Why a doorbell was refused.
 #[derive(Debug, thiserror::Error)]
@@ -94,12 +191,13 @@ pub struct MachineControl {
     mem: GuestMemoryMmap<()>,
     tsc_khz: u32,
     status: StatusHandle,
+    logs: LogLimits,
 }
 
 impl MachineControl {
     /// A device reading messages from `mem`, reporting `tsc_khz` as the guest's TSC rate.
     pub fn new(mem: GuestMemoryMmap<()>, tsc_khz: u32) -> Self {
-        Self { mem, tsc_khz, status: StatusHandle::default() }
+        Self { mem, tsc_khz, status: StatusHandle::default(), logs: LogLimits::default() }
     }
 
     pub fn status(&self) -> StatusHandle {
@@ -124,18 +222,25 @@ impl MachineControl {
     }
 
     fn apply(&mut self, message: Message) {
-        let mut status = lock(&self.status);
+        let mut guard = lock(&self.status);
+        let status = &mut *guard;
+        let logs = &mut self.logs;
+        let now = Instant::now();
         status.accepted += 1;
         match message {
             Message::Booted { boot_kind, boot_count, generation } => {
-                info!(kind = <&str>::from(boot_kind), boot_count, generation, "guest booted");
+                if logs.booted.allow(now) {
+                    info!(kind = <&str>::from(boot_kind), boot_count, generation, "guest booted");
+                }
                 status.boot_kind = Some(boot_kind);
                 status.boot_count = boot_count;
                 status.committed_generation = generation;
                 status.workloads.clear();
             }
             Message::Started { generation } => {
-                debug!(generation, "write-out started");
+                if logs.started.allow(now) {
+                    debug!(generation, "write-out started");
+                }
                 status.writing_out = Some(generation);
             }
             Message::Metrics(report) => {
@@ -150,40 +255,62 @@ impl MachineControl {
                     report,
                     phases: report.phases.map(to_duration),
                     total: to_duration(report.total),
-                    at: Instant::now(),
+                    at: now,
                 };
                 let what = match report.operation {
                     Operation::WriteOut => "write-out committed",
                     Operation::Restore => "restore done",
                 };
                 let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
-                info!(
-                    generation = report.generation,
-                    plates = report.plates,
-                    plated_kib = report.plated_bytes >> 10,
-                    copied_kib = report.copied_bytes >> 10,
-                    copier = <&str>::from(report.copier),
-                    ms = ms(record.total),
-                    plateify_ms = ms(record.phases[0]),
-                    scan_ms = ms(record.phases[1]),
-                    copy_ms = ms(record.phases[2]),
-                    commit_ms = ms(record.phases[3]),
-                    flush_ms = ms(record.phases[4]),
-                    free_ms = ms(record.phases[5]),
-                    "{what}"
-                );
+                if logs.operations.allow(now) {
+                    info!(
+                        generation = report.generation,
+                        plates = report.plates,
+                        plated_kib = report.plated_bytes >> 10,
+                        copied_kib = report.copied_bytes >> 10,
+                        copier = <&str>::from(report.copier),
+                        ms = ms(record.total),
+                        plateify_ms = ms(record.phases[0]),
+                        scan_ms = ms(record.phases[1]),
+                        copy_ms = ms(record.phases[2]),
+                        commit_ms = ms(record.phases[3]),
+                        flush_ms = ms(record.phases[4]),
+                        free_ms = ms(record.phases[5]),
+                        "{what}"
+                    );
+                }
                 status.committed_generation = report.generation;
-                status.operations.push(record);
+                match report.operation {
+                    Operation::WriteOut => status.write_outs.record(record.total, report.copied_bytes),
+                    Operation::Restore => status.restores.record(record.total, report.copied_bytes),
+                }
+                if status.operations.len() == OPERATION_RING {
+                    status.operations.pop_front();
+                }
+                status.operations.push_back(record);
             }
             Message::Heartbeat { name, pid, progress, checksum, verified } => {
-                let name = name.as_str().to_string();
-                let now = Instant::now();
-                if verified == Verified::Failed {
+                let name = name.as_str();
+                if verified == Verified::Failed && logs.failed.allow(now) {
                     warn!(workload = %name, pid, progress, "workload verification FAILED");
                 }
-                match status.workloads.get_mut(&name) {
+                if !status.workloads.contains_key(name) && status.workloads.len() >= MAX_WORKLOADS {
+                    status.ignored_heartbeats += 1;
+                    if !logs.table_full {
+                        logs.table_full = true;
+                        warn!(
+                            workload = %name,
+                            "machine-control device: more than {MAX_WORKLOADS} workloads; \
+                             the heartbeats of further ones are counted, not kept"
+                        );
+                    }
+                    return;
+                }
+                match status.workloads.get_mut(name) {
                     Some(w) => {
-                        debug!(workload = %name, pid, progress, checksum, "heartbeat");
+                        if logs.heartbeats.allow(now) {
+                            debug!(workload = %name, pid, progress, checksum, "heartbeat");
+                        }
                         w.pid = pid;
                         w.progress = progress;
                         w.checksum = checksum;
@@ -195,7 +322,9 @@ impl MachineControl {
                         w.updated = now;
                     }
                     None => {
-                        info!(workload = %name, pid, progress, "first heartbeat");
+                        if logs.workloads.allow(now) {
+                            info!(workload = %name, pid, progress, "first heartbeat");
+                        }
                         let w = WorkloadStatus {
                             pid,
                             progress,
@@ -205,7 +334,7 @@ impl MachineControl {
                             heartbeats: 1,
                             updated: now,
                         };
-                        status.workloads.insert(name, w);
+                        status.workloads.insert(name.to_string(), w);
                     }
                 }
             }
@@ -215,11 +344,8 @@ impl MachineControl {
     fn reject(&mut self, why: &dyn std::fmt::Display) {
         let mut status = lock(&self.status);
         status.rejected += 1;
-        if status.rejected <= REJECT_LOG_LIMIT {
+        if self.logs.rejected.allow(Instant::now()) {
             warn!("machine-control device: {why}; ignored");
-            if status.rejected == REJECT_LOG_LIMIT {
-                warn!("machine-control device: further rejected messages are not logged");
-            }
         }
     }
 }
@@ -330,5 +456,76 @@ mod tests {
         assert_eq!(status.accepted, 0);
         assert_eq!(status.rejected, 8);
         assert!(status.workloads.is_empty());
+    }
+
+    /// A guest flooding the device: what it keeps stays bounded, the aggregates stay right.
+    #[test]
+    fn a_flood_of_messages_keeps_the_device_bounded() {
+        let mut dev = device();
+        let n: u64 = if cfg!(debug_assertions) { 200_000 } else { 2_000_000 };
+        let mut metrics = nvram::control::Metrics::new(Operation::WriteOut);
+        for i in 0..n {
+            // Totals of 1 to 1000 µs (2,600 ticks a µs), the smallest and largest at known places.
+            metrics.generation = i + 1;
+            metrics.total = (1 + (i * 7919) % 1000) * 2_600;
+            metrics.copied_bytes = 4096;
+            put(&dev, 0x1000, &metrics);
+            ring(&mut dev, 0x1000);
+            if i % 65_536 == 0 {
+                assert!(lock(&dev.status).operations.len() <= 1024, "after {i} messages");
+            }
+        }
+        for i in 0..5_000u32 {
+            put(&dev, 0x2000, &Heartbeat::new(&format!("w{i}"), i, 1, 1, Verified::Passed));
+            ring(&mut dev, 0x2000);
+        }
+        // The log lines the flood caused are bounded: at most a second's budget a second.
+        assert!(dev.logs.operations.suppressed() > 0 && dev.logs.workloads.suppressed() > 0);
+        let status = lock(&dev.status);
+        assert_eq!(status.accepted, n + 5_000);
+        assert!(status.operations.len() <= 1024, "{} records kept", status.operations.len());
+        assert!(status.workloads.len() <= 64, "{} workloads kept", status.workloads.len());
+        assert_eq!(status.operations.iter().last().map(|r| r.report.generation), Some(n), "the newest is kept");
+        assert_eq!(status.ignored_heartbeats, 5_000 - MAX_WORKLOADS as u64);
+        let us = Duration::from_micros;
+        let stats = status.stats(Operation::WriteOut);
+        assert_eq!((stats.count, stats.min, stats.max), (n, Some(us(1)), Some(us(1000))));
+        assert_eq!(status.bytes_copied(), 4096 * n);
+        assert_eq!(status.count(Operation::Restore), 0);
+        let summary = status.summary(Operation::WriteOut).unwrap();
+        assert_eq!((summary.count, summary.min, summary.max), (n, us(1), us(1000)));
+        assert!(summary.median.abs_diff(us(500)) < us(25), "{summary:?}");
+        assert!(summary.p99.abs_diff(us(990)) < us(40), "{summary:?}");
+        assert_eq!(status.nth_of(Operation::WriteOut, n - 1).map(|r| r.report.generation), Some(n));
+        assert_eq!(
+            status.nth_of(Operation::WriteOut, 0).map(|r| r.report.generation),
+            Some(n - 1023),
+            "the oldest kept"
+        );
+        assert!(status.nth_of(Operation::WriteOut, n).is_none());
+        drop(status);
+        // A new boot empties the table: names are kept again.
+        put(&dev, 0x1000, &Booted::new(BootKind::Cold, 1, 0));
+        ring(&mut dev, 0x1000);
+        put(&dev, 0x2000, &Heartbeat::new("kv", 1, 1, 1, Verified::Passed));
+        ring(&mut dev, 0x2000);
+        assert_eq!(lock(&dev.status).workloads.len(), 1);
+    }
+
+    #[test]
+    fn summaries_are_exact_while_the_ring_holds_everything() {
+        let mut dev = device();
+        for ms in 1..=100u64 {
+            let mut metrics = nvram::control::Metrics::new(Operation::Restore);
+            metrics.total = ms * 2_600_000;
+            put(&dev, 0x1000, &metrics);
+            ring(&mut dev, 0x1000);
+        }
+        let status = lock(&dev.status);
+        let s = status.summary(Operation::Restore).unwrap();
+        let ms = Duration::from_millis;
+        assert_eq!((s.count, s.min, s.median, s.p99, s.max), (100, ms(1), ms(51), ms(99), ms(100)));
+        assert_eq!(status.summary(Operation::WriteOut), None);
+        assert_eq!(status.nth_of(Operation::Restore, 4).map(|r| r.total), Some(ms(5)));
     }
 }

@@ -193,6 +193,19 @@ impl Distribution {
     }
 }
 
+/// The device's running aggregates (`devices::control::stats`), not a sort of the history.
+impl From<devices::control::DurationSummary> for Distribution {
+    fn from(s: devices::control::DurationSummary) -> Self {
+        Self {
+            count: s.count as usize,
+            min_ms: Some(ms(s.min)),
+            median_ms: Some(ms(s.median)),
+            p99_ms: Some(ms(s.p99)),
+            max_ms: Some(ms(s.max)),
+        }
+    }
+}
+
 /// What the persistence domain did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PersistenceReply {
@@ -413,11 +426,11 @@ impl Controller {
                 return Err(ApiError::NotBooted);
             }
             status.pending = Some(GuestRequest::Checkpoint);
-            status.of(Operation::WriteOut).count()
+            status.count(Operation::WriteOut)
         };
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(record) = lock(&self.status).of(Operation::WriteOut).nth(before) {
+            if let Some(record) = lock(&self.status).nth_of(Operation::WriteOut, before) {
                 return Ok(record.clone());
             }
             if Instant::now() > deadline {
@@ -458,11 +471,11 @@ impl Controller {
     pub fn metrics(&self) -> MetricsReply {
         let (persistence, engine) = (self.persistence(), self.engine());
         let status = lock(&self.status);
-        let of = |op| status.of(op).map(|r| r.total).collect::<Vec<_>>();
+        let of = |op| status.summary(op).map_or_else(Distribution::default, Distribution::from);
         MetricsReply {
-            write_outs: Distribution::of(of(Operation::WriteOut)),
-            restores: Distribution::of(of(Operation::Restore)),
-            bytes_copied: status.operations.iter().map(|r| r.report.copied_bytes).sum(),
+            write_outs: of(Operation::WriteOut),
+            restores: of(Operation::Restore),
+            bytes_copied: status.bytes_copied(),
             last_write_out: status.of(Operation::WriteOut).last().map(Into::into),
             last_restore: status.of(Operation::Restore).last().map(Into::into),
             persistence,
