@@ -297,15 +297,7 @@ impl PlateTable {
 
     /// Checks a table found in NVM.
     pub fn check(&self) -> Result<(), TableError> {
-        if self.magic != MAGIC {
-            return Err(TableError::BadMagic);
-        }
-        if self.version != VERSION {
-            return Err(TableError::Version(self.version));
-        }
-        if self.count as usize > MAX_PLATES || self.pending_count as usize > MAX_PENDING {
-            return Err(TableError::Counts);
-        }
+        self.check_header()?;
         if self.compute_checksum() != self.checksum {
             return Err(TableError::Checksum);
         }
