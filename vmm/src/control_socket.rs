@@ -225,7 +225,7 @@ impl<'a> LineReader<'a> {
             if left.is_zero() || self.stream.set_read_timeout(Some(left)).is_err() {
                 return Line::Idle;
             }
-            match (&mut &*self.stream).read(&mut chunk) {
+            match self.stream.read(&mut chunk) {
                 Ok(0) if self.buffer.is_empty() => return Line::End,
                 Ok(0) => return Line::Last(std::mem::take(&mut self.buffer)),
                 Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
