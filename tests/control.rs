@@ -23,18 +23,22 @@ fn start_with(scratch: &Scratch, cmdline: &str, extra: &[&str]) -> (Child, Strin
     args.extend(["--control".into(), socket.clone()]);
     args.extend(extra.iter().map(|a| a.to_string()));
     let child = vmm(&[]).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn vmm");
+    wait_up(&socket);
+    (child, socket)
+}
+
+/// Waits until the machine on `socket` is ready: its guest has said how it booted.
+fn wait_up(socket: &str) {
     let deadline = Instant::now() + BOOT_LIMIT;
-    // Ready once the guest has said how it booted.
     loop {
-        if let Ok(reply) = request(&socket, r#"{"cmd":"status"}"#) {
+        if let Ok(reply) = request(socket, r#"{"cmd":"status"}"#) {
             if !reply["boot_kind"].is_null() {
-                break;
+                return;
             }
         }
         assert!(Instant::now() < deadline, "the machine did not come up");
         std::thread::sleep(Duration::from_millis(20));
     }
-    (child, socket)
 }
 
 /// One raw request line, one reply.
@@ -346,5 +350,185 @@ fn sync_makes_the_guest_announce_barriers_under_eadr() {
     let metrics = json(&ctl(&socket, &["--json", "metrics"]));
     assert_eq!(metrics["persistence"]["barriers"], 0, "without --sync, eADR needs no barriers: {metrics}");
     ctl(&socket, &["crash"]);
+    wait(child, Duration::from_secs(10));
+}
+
+/// A shutdown asked for is never lost to a checkpoint asked right after it: the checkpoint
+/// is refused (the machine is shutting down) and the VMM exits 0 after the guest's graceful
+/// shutdown. Likewise after a SIGTERM.
+#[test]
+fn a_checkpoint_after_a_shutdown_does_not_cancel_it() {
+    let scratch = Scratch::new();
+    let (child, socket) = start(&scratch, "apps=counter");
+    let mut stream = UnixStream::connect(&socket).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    // Both in one write: the guest cannot take the shutdown before the checkpoint is asked.
+    stream.write_all(b"{\"cmd\":\"shutdown\"}\n{\"cmd\":\"checkpoint\"}\n").unwrap();
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    let first: Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["ok"], true, "{first}");
+    let mut second = String::new();
+    let _ = reader.read_line(&mut second);
+    let second: Value = serde_json::from_str(&second).unwrap();
+    assert_eq!(second["ok"], false, "{second}");
+    assert!(second["error"].as_str().unwrap().contains("shutting down"), "{second}");
+    let vmm = wait(child, Duration::from_secs(15));
+    assert_eq!(vmm.code(), Some(0), "{vmm:?}");
+    assert!(vmm.stderr.contains("the guest powered off"), "{vmm:?}");
+
+    let (child, socket) = start(&scratch, "apps=counter");
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = ctl(&socket, &["--json", "checkpoint"]);
+    // Either the checkpoint came first (and was taken) or it is refused; the shutdown stays.
+    if out.code() == Some(1) && !out.stdout.is_empty() {
+        assert!(json(&out)["error"].as_str().unwrap().contains("shutting down"), "{out:?}");
+    }
+    let vmm = wait(child, Duration::from_secs(15));
+    assert_eq!(vmm.code(), Some(0), "{vmm:?}");
+}
+
+/// The image deleted under the running machine: `status` says so, a checkpoint is refused
+/// (it would keep nothing), a shutdown warns, the VMM logs it once and exits 8.
+#[test]
+fn a_deleted_image_shows_in_status_and_refuses_checkpoints() {
+    let scratch = Scratch::new();
+    let (child, socket) = start(&scratch, "apps=counter");
+    let status = json(&ctl(&socket, &["--json", "status"]));
+    assert_eq!(status["image"], "intact", "{status}");
+    assert!(status.get("warning").is_none(), "{status}");
+    std::fs::remove_file(scratch.image()).unwrap();
+
+    let status = json(&ctl(&socket, &["--json", "status"]));
+    assert_eq!(status["image"], "deleted", "{status}");
+    assert!(status["warning"].as_str().unwrap().contains("was deleted"), "{status}");
+    let out = ctl(&socket, &["checkpoint"]);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("was deleted"), "{out:?}");
+    let refused = json(&ctl(&socket, &["--json", "checkpoint"]));
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains("no state is kept"), "{refused}");
+    let human = ctl(&socket, &["status"]);
+    assert!(human.stderr.contains("was deleted"), "{human:?}");
+    let shutdown = json(&ctl(&socket, &["--json", "shutdown"]));
+    assert_eq!(shutdown["ok"], true, "{shutdown}");
+    assert!(shutdown["warning"].as_str().unwrap().contains("was deleted"), "{shutdown}");
+    let vmm = wait(child, Duration::from_secs(15));
+    assert_eq!(vmm.code(), Some(8), "{vmm:?}");
+    let logged = vmm.stderr.lines().filter(|l| l.contains("ERROR") && l.contains("was deleted")).count();
+    assert_eq!(logged, 1, "logged once: {vmm:?}");
+}
+
+/// More clients than the VMM has file descriptors: no accept loop spinning (the log stays
+/// small), the client over the cap is told so, and once they go a new client is answered.
+#[test]
+fn many_clients_at_a_low_fd_limit_neither_spin_nor_lock_others_out() {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    use std::sync::{Arc, Mutex};
+
+    let scratch = Scratch::new();
+    let socket = scratch.path("vmm.sock").display().to_string();
+    let mut cmd = vmm(&[]);
+    cmd.args(boot_args(&scratch, "apps=counter")).args(["--control", &socket]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    // SAFETY: runs in the forked child before exec; it only calls setrlimit, which is
+    // async-signal-safe, on a limit on the stack.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit { rlim_cur: 64, rlim_max: 64 };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn vmm");
+    let mut stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = log.clone();
+    let drain = std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok(n @ 1..) = stderr.read(&mut buf) {
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    wait_up(&socket);
+
+    let clients: Vec<UnixStream> = (0..100).filter_map(|_| UnixStream::connect(&socket).ok()).collect();
+    let mut last = clients.last().unwrap().try_clone().unwrap();
+    last.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut refusal = String::new();
+    let _ = BufReader::new(&mut last).read_line(&mut refusal);
+    std::thread::sleep(Duration::from_secs(2));
+    let logged = log.lock().unwrap().len();
+    drop(last);
+    drop(clients);
+    std::thread::sleep(Duration::from_millis(300));
+    let after = request(&socket, r#"{"cmd":"status"}"#);
+    let _ = request(&socket, r#"{"cmd":"crash"}"#);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = drain.join();
+
+    assert!(logged < 64 << 10, "{logged} bytes of log in 2 s");
+    assert!(refusal.contains("too many clients"), "{refusal:?}");
+    let refusal: Value = serde_json::from_str(&refusal).unwrap();
+    assert_eq!(refusal["ok"], false);
+    assert_eq!(after.expect("a client after the crowd is answered")["ok"], true);
+}
+
+/// Requests are checked before anything is done: a repeated key is refused (it crashed the
+/// machine), a bad `timeout_ms` triggers no write-out; a last request needs no newline.
+#[test]
+fn tricky_requests_are_refused_before_acting() {
+    let scratch = Scratch::new();
+    let (mut child, socket) = start(&scratch, "apps=counter");
+    let reply = request(&socket, r#"{"cmd":"status","cmd":"crash"}"#).unwrap();
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(reply["error"].as_str().unwrap().contains("duplicate"), "{reply}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(child.try_wait().unwrap().is_none(), "not crashed");
+
+    let generation = request(&socket, r#"{"cmd":"status"}"#).unwrap()["committed_generation"].as_u64().unwrap();
+    let reply = request(&socket, r#"{"cmd":"checkpoint","timeout_ms":0}"#).unwrap();
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(reply["error"].as_str().unwrap().contains("timeout_ms"), "{reply}");
+    std::thread::sleep(Duration::from_millis(500));
+    let now = request(&socket, r#"{"cmd":"status"}"#).unwrap()["committed_generation"].as_u64().unwrap();
+    assert_eq!(now, generation, "no write-out for a refused checkpoint");
+    let reply = request(&socket, r#"{"cmd":"checkpoint","timeout_ms":86400000}"#).unwrap();
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(reply["error"].as_str().unwrap().contains("timeout_ms"), "{reply}");
+
+    // The last request of a stream without its newline is answered.
+    let mut stream = UnixStream::connect(&socket).unwrap();
+    stream.write_all(br#"{"cmd":"status"}"#).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply).unwrap();
+    assert!(reply.contains("\"ok\":true"), "{reply:?}");
+    let mut stream = UnixStream::connect(&socket).unwrap();
+    stream.write_all(br#"{"cmd":"crash"}"#).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let vmm = wait(child, Duration::from_secs(10));
+    assert_eq!(vmm.code(), Some(7), "a newline-less crash crashes: {vmm:?}");
+}
+
+/// A boot refused because its control socket is in use leaves no new image behind.
+#[test]
+fn a_boot_refused_for_its_socket_creates_no_image() {
+    let scratch = Scratch::new();
+    let (child, socket) = start(&scratch, "");
+    let new = scratch.path("new.img");
+    let out = run(
+        &mut vmm(&["boot", "--nvram", &new.display().to_string(), "--control", &socket, "--cmdline", "poweroff"]),
+        BOOT_LIMIT,
+    );
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("another VMM is listening"), "{out:?}");
+    assert!(!new.exists(), "the refused boot left {}", new.display());
+    request(&socket, r#"{"cmd":"crash"}"#).unwrap();
     wait(child, Duration::from_secs(10));
 }

@@ -102,6 +102,8 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
     let control_path = args.control.clone();
     let prefault = args.prefault;
     let config = config(args)?;
+    // The socket first: a boot refused for its socket must not leave a new image behind.
+    let mut socket = control_path.as_deref().map(ControlSocket::bind).transpose()?;
     let machine = Machine::build(&config).map_err(|e| in_cli_terms(e, prefault))?;
     let controller = machine.controller();
     vmm::sigbus::report_sigbus_in(&machine.image_mappings(), EXIT_IMAGE_LOST)
@@ -119,10 +121,9 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
             std::thread::park();
         }
     });
-    let _socket = match &control_path {
-        Some(path) => Some(ControlSocket::serve(path, controller.clone(), crash.clone())?),
-        None => None,
-    };
+    if let Some(socket) = &mut socket {
+        socket.start(controller.clone(), crash.clone())?;
+    }
 
     // Ctrl-C, SIGTERM or SIGHUP (the terminal went away): a graceful shutdown if the guest
     // can do one, else a stop; a second one: a crash. SIGUSR1 means nothing to the machine:

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use vmm::api::{CheckpointReply, Distribution, MetricsReply, Request, StateReply, StatusReply};
+use vmm::api::{CheckpointReply, Distribution, ImageState, MetricsReply, Request, StateReply, StatusReply};
 
 use crate::args::{CtlArgs, CtlCommand};
 
@@ -38,7 +38,14 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
     let ok = reply["ok"].as_bool().unwrap_or(false);
     if args.json {
         println!("{reply}");
-    } else if !ok {
+        return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
+    }
+    // A reply may succeed and still warn (the image deleted or moved under the machine):
+    // that goes first, and loudly.
+    if let Some(warning) = reply.get("warning").and_then(Value::as_str) {
+        eprintln!("WARNING: {warning}");
+    }
+    if !ok {
         eprintln!("error: {}", reply["error"].as_str().unwrap_or("the machine refused the request"));
     } else {
         print_human(args.command, reply)?;
@@ -63,6 +70,9 @@ fn print_human(command: CtlCommand, reply: Value) -> anyhow::Result<()> {
                 status.committed_generation,
                 status.uptime_ms as f64 / 1000.0
             );
+            if let Some(image) = status.image.filter(|&image| image != ImageState::Intact) {
+                println!("  image {}", name(&image));
+            }
             for (workload, w) in &status.workloads {
                 println!(
                     "  {workload:<10} progress {:<14} checksum {}  verified {}",

@@ -55,8 +55,8 @@ pub struct MachineStatus {
     pub ignored_heartbeats: u64,
     pub accepted: u64,
     pub rejected: u64,
-    /// A request waiting for the guest to read it.
-    pub pending: Option<Request>,
+    /// The requests waiting for the guest to read them (a set: none is lost to another).
+    pub pending: crate::requests::PendingRequests,
     /// The last [`OPERATION_RING`] write-outs and restores reported, oldest first.
     pub operations: VecDeque<OperationRecord>,
     /// All write-outs reported, summed up.
@@ -355,7 +355,7 @@ impl PioDevice for MachineControl {
         let value = match (offset, data.len()) {
             (REG_DOORBELL, 4) => DEVICE_ID,
             (REG_TSC_KHZ, 4) => self.tsc_khz,
-            (REG_REQUEST, 4) => lock(&self.status).pending.take().map_or(0, |r| r as u32),
+            (REG_REQUEST, 4) => lock(&self.status).pending.take().map_or(0, |r: Request| r as u32),
             _ => {
                 data.fill(0xff);
                 return;
@@ -430,7 +430,7 @@ mod tests {
     #[test]
     fn requests_are_read_once() {
         let mut dev = device();
-        lock(&dev.status).pending = Some(Request::Checkpoint);
+        lock(&dev.status).pending.ask(Request::Checkpoint);
         let mut data = [0u8; 4];
         dev.read(REG_REQUEST, &mut data);
         assert_eq!(u32::from_le_bytes(data), Request::Checkpoint as u32);

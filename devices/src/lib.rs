@@ -10,6 +10,7 @@ pub mod dirty;
 pub mod engine;
 pub mod exit;
 pub mod persistence;
+pub mod requests;
 pub mod serial;
 pub mod virtio;
 

@@ -5,31 +5,61 @@
 //!
 //! | request | response (besides `"ok": true`) |
 //! |---|---|
-//! | `{"cmd":"status"}` | `state` (`running`, `paused`), `boot_kind` (`cold`, `resumed`, `restored`, or null before the guest said), `committed_generation`, `uptime_ms`, `workloads` (name to `progress`, `checksum`, `verified`) |
-//! | `{"cmd":"checkpoint","timeout_ms":5000}` | the write-out's figures, once it is committed |
-//! | `{"cmd":"shutdown"}` | `{}`; the VMM exits 0 once the guest has powered off |
-//! | `{"cmd":"crash"}` | `{}`; the VMM then exits at once (a power failure) |
+//! | `{"cmd":"status"}` | `state` (`running`, `paused`), `boot_kind` (`cold`, `resumed`, `restored`, or null before the guest said), `committed_generation`, `uptime_ms`, `workloads` (name to `progress`, `checksum`, `verified`), `image` (`intact`, `deleted`, `truncated`, `moved`; null when unwatched) and, unless intact, `warning` |
+//! | `{"cmd":"checkpoint","timeout_ms":5000}` | `write_out`: the write-out's figures, once it is committed; `timeout_ms` is 1 to 60000 (default 10000) |
+//! | `{"cmd":"shutdown"}` | nothing more (but a `warning` when the image is not intact); the VMM exits 0 once the guest has powered off |
+//! | `{"cmd":"crash"}` | nothing more; the VMM then exits at once (a power failure) |
 //! | `{"cmd":"pause"}`, `{"cmd":"resume"}` | `state` |
 //! | `{"cmd":"metrics"}` | count, min, median, p99, max (ms) of write-outs and restores; bytes copied; `persistence` (model, persist barriers and bytes made durable); `engine` (batches, copies, bytes, host time) |
 //!
 //! An error is `{"ok":false,"error":"..."}`.
 //!
+//! A request is checked whole before anything is done: a repeated key
+//! (`{"cmd":"status","cmd":"crash"}`: serde would keep the last), an unknown field, or a
+//! `timeout_ms` of 0 or over 60000 is refused and asks nothing of the guest. The last
+//! request of a stream may end without its newline.
+//!
+//! Requests to the guest queue (a set of kinds, [`devices::requests`]): a shutdown asked is
+//! never dropped; a checkpoint asked while another is pending joins it; a checkpoint asked
+//! once a shutdown was asked (on the socket or by a signal) is refused with "the machine is
+//! shutting down": the guest would never do it, and the shutdown's own write-out keeps the
+//! state.
+//!
+//! The image file is watched ([`crate::image::ImageWatch`]). Deleted or truncated, it keeps
+//! nothing the guest stores: `status` says so, a checkpoint is refused ("not kept") without
+//! asking the guest (or after its commit, when the image went during the write-out), a
+//! shutdown goes on but its reply carries the `warning`, and the VMM logs it once. Moved or
+//! replaced, the memory is kept in the moved file: checkpoints and shutdowns succeed, with a
+//! `warning`.
+//!
+//! The socket serves at most [`crate::control_socket::MAX_CLIENTS`] clients at once (fewer
+//! under a low file-descriptor limit); the one over gets
+//! `{"ok":false,"error":"too many clients ..."}` and is closed, and so is a client that sends
+//! no complete line for [`crate::control_socket::IDLE_TIMEOUT`].
+//!
 //! Each reply is a typed struct ([`StatusReply`], [`CheckpointReply`], ...) and a
 //! [`Response`] serializes as the reply's fields beside `ok`: `vmm ctl` reads the same types
 //! back, so the two ends of the socket cannot drift apart.
 
-use std::collections::BTreeMap;
+mod parse;
+mod replies;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::control::{lock, MachineStatus, OperationRecord, StatusHandle};
 use devices::engine::EngineStats;
+use devices::requests::Asked;
 use devices::{PersistenceDomain, PersistenceModel};
-use nvram::control::{Operation, Request as GuestRequest, Verified};
-use serde::{Deserialize, Serialize, Serializer};
-use serde_json::Value;
+use nvram::control::{Operation, Request as GuestRequest};
+use serde::{Deserialize, Serialize};
 
-use crate::quantile::Summary;
+pub use parse::parse;
+use replies::ms;
+pub use replies::*;
+
+use crate::image::{ImageFate, ImageWatch};
 use crate::vcpu_state::VcpuHandle;
 
 /// A request to the machine.
@@ -58,6 +88,9 @@ pub enum AfterReply {
 
 /// Default wait for a checkpoint to commit.
 pub const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a checkpoint: a longer one would hold a client's thread (one of a
+/// bounded few) polling for nothing.
+pub const MAX_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a request was refused: the `error` of an error response.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,235 +99,44 @@ pub enum ApiError {
     BadRequest(String),
     #[error("bad request: unknown field `{0}`")]
     UnknownField(String),
+    #[error("bad request: duplicate key `{0}` (a request names each field once)")]
+    DuplicateKey(String),
+    #[error("bad request: timeout_ms must be 1 to {max} (ms), not {0}", max = MAX_CHECKPOINT_TIMEOUT.as_millis())]
+    BadTimeout(u64),
     #[error("request longer than {0} bytes; closing")]
     TooLong(usize),
+    #[error("too many clients (at most {0} at once); closing: try again once others are done")]
+    TooManyClients(usize),
+    #[error("no complete request line within {0} s; closing")]
+    Idle(u64),
     #[error("the machine is paused: resume it first")]
     Paused,
     #[error("the guest has not booted (or has no machine-control driver)")]
     NotBooted,
+    #[error(
+        "the machine is shutting down (a shutdown was asked): no checkpoint; the shutdown itself writes the state out"
+    )]
+    ShuttingDown,
+    #[error("checkpoint refused, no state is kept: {0}")]
+    ImageLost(String),
     #[error("no write-out committed within {0} ms (is the plate function off?)")]
     CheckpointTimeout(u128),
 }
 
-/// Whether the vCPU runs guest code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunState {
-    Running,
-    Paused,
-}
-
-/// The result of a workload's last whole verification.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VerifiedReply {
-    Unknown,
-    Passed,
-    Failed,
-}
-
-impl From<Verified> for VerifiedReply {
-    fn from(v: Verified) -> Self {
-        match v {
-            Verified::Unknown => Self::Unknown,
-            Verified::Passed => Self::Passed,
-            Verified::Failed => Self::Failed,
-        }
+/// The checkpoint's wait `timeout_ms` asks for, checked before anything is asked of the guest.
+pub fn checkpoint_timeout(timeout_ms: Option<u64>) -> Result<Duration, ApiError> {
+    match timeout_ms {
+        None => Ok(CHECKPOINT_TIMEOUT),
+        Some(ms) if ms == 0 || u128::from(ms) > MAX_CHECKPOINT_TIMEOUT.as_millis() => Err(ApiError::BadTimeout(ms)),
+        Some(ms) => Ok(Duration::from_millis(ms)),
     }
 }
 
-/// A workload's last report.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WorkloadReply {
-    pub pid: u32,
-    pub progress: u64,
-    /// `0x` and 16 hex digits.
-    pub checksum: String,
-    pub verified: VerifiedReply,
-    pub heartbeats: u64,
-}
-
-/// The reply to `status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StatusReply {
-    pub state: RunState,
-    /// `cold`, `resumed`, `restored`, or none before the guest said.
-    pub boot_kind: Option<String>,
-    pub boot_count: u64,
-    pub committed_generation: u64,
-    pub uptime_ms: u64,
-    pub workloads: BTreeMap<String, WorkloadReply>,
-}
-
-/// One write-out or restore, as the guest measured it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OperationReply {
-    pub generation: u64,
-    pub plates: u64,
-    pub plated_bytes: u64,
-    pub copied_bytes: u64,
-    pub copier: String,
-    pub total_ms: f64,
-    pub phases_ms: BTreeMap<String, f64>,
-}
-
-impl From<&OperationRecord> for OperationReply {
-    fn from(r: &OperationRecord) -> Self {
-        Self {
-            generation: r.report.generation,
-            plates: u64::from(r.report.plates),
-            plated_bytes: r.report.plated_bytes,
-            copied_bytes: r.report.copied_bytes,
-            copier: <&str>::from(r.report.copier).into(),
-            total_ms: ms(r.total),
-            phases_ms: nvram::control::PHASES.iter().zip(r.phases).map(|(name, d)| (name.to_string(), ms(d))).collect(),
-        }
-    }
-}
-
-/// The reply to `checkpoint`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CheckpointReply {
-    pub write_out: OperationReply,
-}
-
-/// The reply to `pause` and `resume`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StateReply {
-    pub state: RunState,
-}
-
-/// Count and quantiles of durations, in ms; only the count when there are none.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-pub struct Distribution {
-    pub count: usize,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min_ms: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub median_ms: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub p99_ms: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_ms: Option<f64>,
-}
-
-impl Distribution {
-    pub fn of(durations: Vec<Duration>) -> Self {
-        match Summary::of(durations) {
-            None => Self::default(),
-            Some(s) => Self {
-                count: s.count,
-                min_ms: Some(ms(s.min)),
-                median_ms: Some(ms(s.median)),
-                p99_ms: Some(ms(s.p99)),
-                max_ms: Some(ms(s.max)),
-            },
-        }
-    }
-}
-
-/// The device's running aggregates (`devices::control::stats`), not a sort of the history.
-impl From<devices::control::DurationSummary> for Distribution {
-    fn from(s: devices::control::DurationSummary) -> Self {
-        Self {
-            count: s.count as usize,
-            min_ms: Some(ms(s.min)),
-            median_ms: Some(ms(s.median)),
-            p99_ms: Some(ms(s.p99)),
-            max_ms: Some(ms(s.max)),
-        }
-    }
-}
-
-/// What the persistence domain did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PersistenceReply {
-    /// `eadr` or `adr`.
-    pub model: String,
-    pub barriers: u64,
-    pub ranges: u64,
-    pub bytes_made_durable: u64,
-    pub write_back_alls: u64,
-    pub rejected: u64,
-}
-
-/// What the copy engine did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EngineReply {
-    pub batches: u64,
-    pub copies: u64,
-    pub bytes: u64,
-    pub rejected: u64,
-    pub busy_ms: f64,
-}
-
-/// The reply to `metrics`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MetricsReply {
-    pub write_outs: Distribution,
-    pub restores: Distribution,
-    pub bytes_copied: u64,
-    pub last_write_out: Option<OperationReply>,
-    pub last_restore: Option<OperationReply>,
-    pub persistence: Option<PersistenceReply>,
-    pub engine: Option<EngineReply>,
-}
-
-/// The reply to `shutdown` and `crash`: nothing but `ok`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Empty {}
-
-/// A response: on the wire, the reply's fields and `"ok": true`, or `"ok": false` and
-/// `error`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Response {
-    Status(StatusReply),
-    Checkpoint(CheckpointReply),
-    Done(Empty),
-    State(StateReply),
-    Metrics(Box<MetricsReply>),
-    Error(String),
-}
-
-impl From<ApiError> for Response {
-    fn from(e: ApiError) -> Self {
-        Self::Error(e.to_string())
-    }
-}
-
-impl Serialize for Response {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        #[derive(Serialize)]
-        struct Ok<'a, T> {
-            ok: bool,
-            #[serde(flatten)]
-            reply: &'a T,
-        }
-        #[derive(Serialize)]
-        struct Refused<'a> {
-            ok: bool,
-            error: &'a str,
-        }
-        match self {
-            Self::Status(reply) => Ok { ok: true, reply }.serialize(serializer),
-            Self::Checkpoint(reply) => Ok { ok: true, reply }.serialize(serializer),
-            Self::Done(reply) => Ok { ok: true, reply }.serialize(serializer),
-            Self::State(reply) => Ok { ok: true, reply }.serialize(serializer),
-            Self::Metrics(reply) => Ok { ok: true, reply }.serialize(serializer),
-            Self::Error(error) => Refused { ok: false, error }.serialize(serializer),
-        }
-    }
-}
-
-impl Response {
-    pub fn is_ok(&self) -> bool {
-        !matches!(self, Self::Error(_))
-    }
-
-    /// The response as one line of JSON.
-    pub fn to_line(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"))
-    }
+/// The image watch and whether its trouble was logged yet.
+#[derive(Debug)]
+struct WatchedImage {
+    watch: ImageWatch,
+    logged: AtomicBool,
 }
 
 /// Answers requests for one running machine; the only holder of the guest's status outside
@@ -305,16 +147,13 @@ pub struct Controller {
     vcpu: VcpuHandle,
     persistence: Option<Arc<Mutex<PersistenceDomain>>>,
     engine: Option<Arc<Mutex<EngineStats>>>,
+    image: Option<Arc<WatchedImage>>,
     started: Instant,
-}
-
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 impl Controller {
     pub fn new(status: StatusHandle, vcpu: VcpuHandle) -> Self {
-        Self { status, vcpu, persistence: None, engine: None, started: Instant::now() }
+        Self { status, vcpu, persistence: None, engine: None, image: None, started: Instant::now() }
     }
 
     /// Also reports what the machine's persistence domain did.
@@ -329,21 +168,25 @@ impl Controller {
         self
     }
 
+    /// Also watches the image file: a deleted or truncated image shows in `status`, refuses
+    /// checkpoints and warns at shutdown (see the module docs).
+    pub fn with_image(mut self, watch: ImageWatch) -> Self {
+        self.image = Some(Arc::new(WatchedImage { watch, logged: AtomicBool::new(false) }));
+        self
+    }
+
     /// Answers `request`; says what to do once the answer is sent.
     pub fn handle(&self, request: &Request) -> (Response, AfterReply) {
         let response = match request {
             Request::Status => Response::Status(self.status()),
-            Request::Checkpoint { timeout_ms } => {
-                let timeout = timeout_ms.map_or(CHECKPOINT_TIMEOUT, Duration::from_millis);
-                match self.checkpoint(timeout) {
-                    Ok(record) => Response::Checkpoint(CheckpointReply { write_out: (&record).into() }),
-                    Err(e) => e.into(),
-                }
-            }
+            Request::Checkpoint { timeout_ms } => match self.checkpoint_reply(*timeout_ms) {
+                Ok(reply) => Response::Checkpoint(reply),
+                Err(e) => e.into(),
+            },
             Request::Shutdown => {
                 self.vcpu.resume();
                 self.request_shutdown();
-                Response::Done(Empty {})
+                Response::Shutdown(ShutdownReply { warning: self.image_fate().map(|(_, warning)| warning) })
             }
             Request::Crash => return (Response::Done(Empty {}), AfterReply::Crash),
             Request::Pause => {
@@ -357,6 +200,39 @@ impl Controller {
             Request::Metrics => Response::Metrics(Box::new(self.metrics())),
         };
         (response, AfterReply::Nothing)
+    }
+
+    /// What became of the image, with its sentence, unless it is intact or unwatched; logged
+    /// the first time.
+    fn image_fate(&self) -> Option<(ImageFate, String)> {
+        let image = self.image.as_ref()?;
+        let fate = image.watch.fate();
+        if fate == ImageFate::Intact {
+            return None;
+        }
+        let text = image.watch.describe();
+        if !image.logged.swap(true, Ordering::SeqCst) {
+            if fate.is_kept() {
+                tracing::warn!("{text}");
+            } else {
+                tracing::error!("{text}");
+            }
+        }
+        Some((fate, text))
+    }
+
+    /// A checkpoint, refused before the guest is asked when it could not be kept.
+    fn checkpoint_reply(&self, timeout_ms: Option<u64>) -> Result<CheckpointReply, ApiError> {
+        let timeout = checkpoint_timeout(timeout_ms)?;
+        let kept = || match self.image_fate() {
+            Some((fate, text)) if !fate.is_kept() => Err(ApiError::ImageLost(text)),
+            other => Ok(other.map(|(_, text)| text)),
+        };
+        kept()?;
+        let record = self.checkpoint(timeout)?;
+        // The image may have gone during the write-out.
+        let warning = kept()?;
+        Ok(CheckpointReply { write_out: (&record).into(), warning })
     }
 
     /// A copy of what the guest has reported so far.
@@ -384,12 +260,18 @@ impl Controller {
     }
 
     /// Asks the guest for a graceful shutdown, as `shutdown` does, except that a paused
-    /// machine stays paused (the guest shuts down once resumed).
+    /// machine stays paused (the guest shuts down once resumed). Never lost: later requests
+    /// queue beside it.
     pub fn request_shutdown(&self) {
-        lock(&self.status).pending = Some(GuestRequest::Shutdown);
+        lock(&self.status).pending.ask(GuestRequest::Shutdown);
     }
 
     pub fn status(&self) -> StatusReply {
+        let (image, warning) = match (&self.image, self.image_fate()) {
+            (None, _) => (None, None),
+            (Some(_), None) => (Some(ImageState::Intact), None),
+            (Some(_), Some((fate, text))) => (Some(fate.into()), Some(text)),
+        };
         let status = lock(&self.status);
         let workloads = status
             .workloads
@@ -412,11 +294,16 @@ impl Controller {
             committed_generation: status.committed_generation,
             uptime_ms: self.started.elapsed().as_millis() as u64,
             workloads,
+            image,
+            warning,
         }
     }
 
-    /// Asks the guest for a write-out and waits until it is committed.
+    /// Asks the guest for a write-out and waits until it is committed (at most
+    /// [`MAX_CHECKPOINT_TIMEOUT`]). A checkpoint pending already is joined; once a shutdown
+    /// was asked, none is.
     pub fn checkpoint(&self, timeout: Duration) -> Result<OperationRecord, ApiError> {
+        let timeout = timeout.min(MAX_CHECKPOINT_TIMEOUT);
         if self.vcpu.is_paused() {
             return Err(ApiError::Paused);
         }
@@ -425,7 +312,9 @@ impl Controller {
             if status.boot_kind.is_none() {
                 return Err(ApiError::NotBooted);
             }
-            status.pending = Some(GuestRequest::Checkpoint);
+            if status.pending.ask(GuestRequest::Checkpoint) == Asked::ShuttingDown {
+                return Err(ApiError::ShuttingDown);
+            }
             status.count(Operation::WriteOut)
         };
         let deadline = Instant::now() + timeout;
@@ -484,84 +373,18 @@ impl Controller {
     }
 }
 
-/// Parses one request line; the error says what is wrong, for the error reply.
-pub fn parse(line: &str) -> Result<Request, ApiError> {
-    let bad = |e: serde_json::Error| ApiError::BadRequest(e.to_string());
-    let value: Value = serde_json::from_str(line).map_err(bad)?;
-    let object = value
-        .as_object()
-        .ok_or_else(|| ApiError::BadRequest("a request is a JSON object, as {\"cmd\":\"status\"}".into()))?;
-    // serde does not reject unknown fields of an internally tagged enum: check them here.
-    let is_checkpoint = object.get("cmd").and_then(Value::as_str) == Some("checkpoint");
-    if let Some(key) = object.keys().find(|k| *k != "cmd" && !(is_checkpoint && *k == "timeout_ms")) {
-        return Err(ApiError::UnknownField(key.clone()));
-    }
-    serde_json::from_value(value).map_err(bad)
-}
-
 #[cfg(test)]
 mod tests {
-    use rand::rngs::SmallRng;
-    use rand::{RngExt, SeedableRng};
-
     use super::*;
 
     #[test]
-    fn requests_parse_and_bad_ones_say_why() {
-        assert_eq!(parse(r#"{"cmd":"status"}"#), Ok(Request::Status));
-        assert_eq!(parse(r#"{"cmd":"checkpoint"}"#), Ok(Request::Checkpoint { timeout_ms: None }));
-        assert_eq!(parse(r#"{"cmd":"checkpoint","timeout_ms":50}"#), Ok(Request::Checkpoint { timeout_ms: Some(50) }));
-        for bad in
-            ["", "{", "null", "[]", r#"{"cmd":"fly"}"#, r#"{"cmd":"status","x":1}"#, r#"{"cmd":7}"#, "\u{0}\u{ff}"]
-        {
-            assert!(parse(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn serialized_requests_parse_back() {
-        for request in
-            [Request::Status, Request::Checkpoint { timeout_ms: Some(7) }, Request::Checkpoint { timeout_ms: None }]
-        {
-            let line = serde_json::to_string(&request).unwrap();
-            assert_eq!(parse(&line), Ok(request), "{line}");
-        }
-        assert_eq!(serde_json::to_string(&Request::Pause).unwrap(), r#"{"cmd":"pause"}"#);
-    }
-
-    #[test]
-    fn random_input_never_panics_the_parser() {
-        let mut rng = SmallRng::seed_from_u64(0x9e37_79b9_7f4a_7c15);
-        let alphabet = br#"{}[]":,cmdstatuheckpoin0123456789 \u"#;
-        for _ in 0..50_000 {
-            let len = rng.random_range(0..40);
-            let line: String = (0..len).map(|_| alphabet[rng.random_range(0..alphabet.len())] as char).collect();
-            let _ = parse(&line);
-        }
-    }
-
-    #[test]
-    fn distributions_have_the_quantiles() {
-        let d = Distribution::of((1..=100).map(Duration::from_millis).collect());
-        let d = serde_json::to_value(d).unwrap();
-        assert_eq!(d["count"], 100);
-        assert_eq!(d["min_ms"], 1.0);
-        assert_eq!(d["median_ms"], 51.0);
-        assert_eq!(d["p99_ms"], 99.0);
-        assert_eq!(d["max_ms"], 100.0);
-        assert_eq!(serde_json::to_value(Distribution::of(Vec::new())).unwrap(), serde_json::json!({ "count": 0 }));
-    }
-
-    #[test]
-    fn responses_carry_ok_beside_their_fields() {
-        let state = Response::State(StateReply { state: RunState::Paused });
-        assert_eq!(serde_json::to_value(&state).unwrap(), serde_json::json!({ "ok": true, "state": "paused" }));
-        assert_eq!(serde_json::to_value(Response::Done(Empty {})).unwrap(), serde_json::json!({ "ok": true }));
-        let refused = Response::from(ApiError::Paused);
-        assert!(!refused.is_ok());
-        assert_eq!(
-            serde_json::to_value(&refused).unwrap(),
-            serde_json::json!({ "ok": false, "error": "the machine is paused: resume it first" })
-        );
+    fn timeouts_are_checked_before_acting() {
+        assert_eq!(checkpoint_timeout(None), Ok(CHECKPOINT_TIMEOUT));
+        assert_eq!(checkpoint_timeout(Some(1)), Ok(Duration::from_millis(1)));
+        assert_eq!(checkpoint_timeout(Some(60_000)), Ok(MAX_CHECKPOINT_TIMEOUT));
+        assert_eq!(checkpoint_timeout(Some(0)), Err(ApiError::BadTimeout(0)));
+        assert_eq!(checkpoint_timeout(Some(60_001)), Err(ApiError::BadTimeout(60_001)));
+        assert_eq!(checkpoint_timeout(Some(u64::MAX)), Err(ApiError::BadTimeout(u64::MAX)));
+        assert!(ApiError::BadTimeout(0).to_string().contains("timeout_ms must be 1 to 60000"));
     }
 }

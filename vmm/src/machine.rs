@@ -165,10 +165,18 @@ impl Machine {
 
     /// The one way to watch and drive this machine from other threads: status, checkpoint,
     /// pause, resume, shutdown, crash ([`crate::api`]).
+    /// The controller watches the image file, to say so when it is deleted under the machine.
     pub fn controller(&self) -> Controller {
-        Controller::new(self.status.clone(), VcpuHandle(self.control.clone()))
+        let controller = Controller::new(self.status.clone(), VcpuHandle(self.control.clone()))
             .with_persistence(self.domain.clone())
-            .with_engine(self.engine_stats.clone())
+            .with_engine(self.engine_stats.clone());
+        match self.image.watch() {
+            Ok(watch) => controller.with_image(watch),
+            Err(e) => {
+                tracing::warn!("cannot watch the image file ({e}): a deletion will not show in the control replies");
+                controller
+            }
+        }
     }
 
     /// Runs the machine on a thread of its own; the handle owns that thread and offers the
