@@ -45,9 +45,14 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct TortureArgs {
-    /// The NVM image (started afresh).
+    /// The NVM image, started afresh: a new file, or an image of this format (one an
+    /// earlier torture or boot made); anything else only with `--force`.
     #[arg(long, value_name = "IMG")]
     pub nvram: PathBuf,
+    /// Overwrite an `--nvram` that is not an image of this format, or is one of another
+    /// size than `--mem`. Never an image another program holds.
+    #[arg(long)]
+    pub force: bool,
     /// How many crashes.
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub crashes: u64,
@@ -55,9 +60,9 @@ pub struct TortureArgs {
     /// clock); printed to reproduce a failure.
     #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
-    /// RAM of the image.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "128M")]
-    pub mem: u64,
+    /// RAM of the image (default: the size of the image given, 128M for a new one).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub mem: Option<u64>,
     /// Share of the crashes aimed at the middle of a write-out.
     #[arg(long, value_name = "F", default_value_t = 0.4)]
     pub inside_share: f64,

@@ -46,8 +46,10 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
     // Reproducible crash times and evictions, all from the one seed.
     let mut rng = SmallRng::seed_from_u64(seed);
     let console = args.nvram.with_extension("console.log");
+    // Held to the end of the run, across every reboot (see `claim`).
+    let (_hold, mem) = claim(&args)?;
     let mut config = VmConfig::new(&args.nvram);
-    config.mem_size = Some(args.mem);
+    config.mem_size = Some(mem);
     config.cmdline = match args.copier {
         Copier::Engine => CMDLINE.into(),
         Copier::Cpu => format!("{CMDLINE} plate_copy=cpu"),
@@ -57,9 +59,6 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
     // Each crash reseeds the evictions from `rng` (below).
     config.persistence = crate::boot::persistence(args.persistence, Some(seed));
     config.validate().map_err(crate::boot::usage)?;
-    if std::fs::metadata(&args.nvram).is_ok_and(|m| m.len() != args.mem) {
-        std::fs::remove_file(&args.nvram).with_context(|| format!("cannot replace {}", args.nvram.display()))?;
-    }
 
     let bar = ProgressBar::new(args.crashes);
     bar.set_style(
@@ -117,12 +116,64 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
                 "reproduce: vmm torture --nvram {} --crashes {} --seed {seed} --mem {} --inside-share {} --max-run-ms {}{model}",
                 args.nvram.display(),
                 args.crashes,
-                args.mem,
+                mem,
                 args.inside_share,
                 args.max_run_ms
             );
             Ok(ExitCode::from(1))
         }
+    }
+}
+
+/// Takes the image for the whole run and makes it ready: its size, the RAM size to boot.
+///
+/// Torture reboots in-process, and each boot's [`Machine`] opens and locks the image itself,
+/// and drops it (and so its lock) at the crash. Between two boots another VMM could take
+/// the image, so torture holds it for the run with a [`vmm::image::ImageHold`]: its open
+/// file description keeps the image's locks (flock and OFD), and each boot's open reuses
+/// that description (a new one would conflict with the locks, which belong to the
+/// description, not to the process). A sidecar lock file would not do: `vmm boot` and
+/// QEMU look only at the image's own locks.
+///
+/// The hold is taken before the file is read: a file another program holds is refused
+/// (naming the holder), even with `--force`, and left untouched. Then torture starts
+/// afresh only a file it may overwrite: a new or empty file, or one that holds a valid root
+/// header of this format (an image, as torture or `vmm boot` made it) of the `--mem` size.
+/// Any other file, or an image of another size, only with `--force`.
+fn claim(args: &TortureArgs) -> anyhow::Result<(vmm::image::ImageHold, u64)> {
+    let path = args.nvram.display();
+    let (hold, created) = vmm::image::ImageHold::lock(&args.nvram)?;
+    let file = hold.file();
+    let len = file.metadata().with_context(|| format!("cannot read {path}"))?.len();
+    let image = len > 0 && vmm::image::has_root_header(file).with_context(|| format!("cannot read {path}"))?;
+    let mem = args.mem.unwrap_or(if image { len } else { nvram::layout::DEFAULT_RAM });
+    vmm::image::check_size("--mem", mem)?;
+    if len > 0 && !image && !args.force {
+        bail!(
+            "{path} is not an image of this machine (no valid root header): torture would overwrite it; give --force to make it a new image of {} MiB",
+            mem >> 20
+        );
+    }
+    if image && len != mem && !args.force {
+        bail!(
+            "{path} is an image of {len} bytes but --mem asks for {mem}; drop --mem to torture it at its size, or give --force to make it a new image of {} MiB",
+            mem >> 20
+        );
+    }
+    if created || len != mem || !image {
+        // Emptied, then sized: nothing of the old contents is left to mistake for state.
+        file.set_len(0).and_then(|()| file.set_len(mem)).with_context(|| format!("cannot size {path}"))?;
+    }
+    Ok((hold, mem))
+}
+
+/// `kv`'s verdict after a restore, from a status that should hold it: a `kv` that never
+/// reported (or a guest that rebooted and lost its report) is a failure, not a panic.
+fn kv_verdict(status: &MachineStatus) -> anyhow::Result<()> {
+    match status.workloads.get("kv").map(|w| w.last_check) {
+        Some(Verified::Passed) => Ok(()),
+        Some(Verified::Unknown) | None => bail!("kv reported no verification after the restore"),
+        Some(_) => bail!("kv's verification FAILED after the restore"),
     }
 }
 
@@ -179,9 +230,7 @@ fn boot_and_check(config: &VmConfig, tally: &mut Tally, last_committed: u64) -> 
         let status = vm.wait_for(Duration::from_secs(30), "kv verification", |s| {
             s.workloads.get("kv").is_some_and(|w| w.last_check != Verified::Unknown)
         })?;
-        if status.workloads["kv"].last_check != Verified::Passed {
-            bail!("kv's verification FAILED after the restore");
-        }
+        kv_verdict(&status)?;
     }
     Ok(vm)
 }
@@ -202,4 +251,30 @@ fn print_summary(tally: &Tally, failed: bool) {
         ms(at(0.5)),
         ms(at(0.99))
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::control::WorkloadStatus;
+
+    #[test]
+    fn a_missing_kv_report_is_a_failure_not_a_panic() {
+        let mut status = MachineStatus::default();
+        let e = kv_verdict(&status).unwrap_err();
+        assert!(e.to_string().contains("kv reported no verification"), "{e}");
+        let kv = |last_check| WorkloadStatus {
+            pid: 1,
+            progress: 0,
+            checksum: 0,
+            verified: last_check,
+            last_check,
+            heartbeats: 0,
+            updated: std::time::Instant::now(),
+        };
+        status.workloads.insert("kv".into(), kv(Verified::Passed));
+        kv_verdict(&status).unwrap();
+        status.workloads.insert("kv".into(), kv(Verified::Failed));
+        assert!(kv_verdict(&status).unwrap_err().to_string().contains("FAILED"));
+    }
 }

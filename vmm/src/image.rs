@@ -118,6 +118,11 @@ impl NvmImage {
         if path.is_dir() {
             return Err(ImageError::IsDirectory { path: path.into() });
         }
+        if let Some(file) = held_file(path) {
+            // This process holds the image ([`ImageHold`]): its open file description, which
+            // has the locks already, not a new one, which would conflict with them.
+            return Self::prepare(file, path, requested, reformat, allocation, false);
+        }
         let (file, created) = match OpenOptions::new().read(true).write(true).open(path) {
             Ok(file) => (file, false),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -198,6 +203,109 @@ impl NvmImage {
     }
 }
 
+/// An image this process keeps locked across the machines it builds on it one after
+/// another (`vmm torture` reboots in-process thousands of times): between two machines no
+/// other VMM can take the image. Both of the image's locks belong to an open file
+/// description, so a second open of the file by this process would conflict with them;
+/// instead, while the hold lives, [`NvmImage::open`] of the same file (same device and
+/// inode) in this process uses a duplicate of the hold's descriptor, whose locks it already
+/// has. Closing that duplicate when the machine goes releases nothing: the locks go with
+/// the last descriptor of the description, the hold's. The holder is trusted to build one
+/// machine at a time on the image: the hold does not exclude this process's own opens.
+#[derive(Debug)]
+pub struct ImageHold {
+    file: File,
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+/// The images held ([`ImageHold`]) by this process: device, inode and a duplicate of the
+/// hold's descriptor.
+static HELD: std::sync::Mutex<Vec<((u64, u64), File)>> = std::sync::Mutex::new(Vec::new());
+
+impl ImageHold {
+    /// Locks the file at `path` as [`NvmImage::open`] does (refused, naming the holder, if
+    /// another program holds it), creating it empty when missing (`created` then says so),
+    /// without reading, checking or changing its contents: the caller decides what it is.
+    pub fn lock(path: &Path) -> Result<(Self, bool), ImageError> {
+        if path.is_dir() {
+            return Err(ImageError::IsDirectory { path: path.into() });
+        }
+        let mut created = false;
+        let file = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                created = true;
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .map_err(|source| ImageError::Create { path: path.into(), source })?
+            }
+            Err(source) => return Err(ImageError::Open { path: path.into(), source }),
+        };
+        if let Err(e) = lock::lock_exclusive(&file, path) {
+            if created {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
+        let open_err = |source| ImageError::Open { path: path.into(), source };
+        let meta = file.metadata().map_err(open_err)?;
+        let id = (std::os::unix::fs::MetadataExt::dev(&meta), std::os::unix::fs::MetadataExt::ino(&meta));
+        let dup = file.try_clone().map_err(open_err)?;
+        HELD.lock().unwrap_or_else(|e| e.into_inner()).push((id, dup));
+        Ok((Self { file, path: path.into(), id }, created))
+    }
+
+    /// The held file, locked.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ImageHold {
+    fn drop(&mut self) {
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = held.iter().position(|(id, _)| *id == self.id) {
+            held.swap_remove(at);
+        }
+    }
+}
+
+/// A duplicate of the descriptor of a hold on the file at `path`, if this process has one.
+fn held_file(path: &Path) -> Option<File> {
+    let meta = std::fs::metadata(path).ok()?;
+    let id = (std::os::unix::fs::MetadataExt::dev(&meta), std::os::unix::fs::MetadataExt::ino(&meta));
+    let held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    held.iter().find(|(held, _)| *held == id).and_then(|(_, file)| file.try_clone().ok())
+}
+
+/// Whether `file` holds a valid root header of this format (either of its two copies): an
+/// image a kernel of this VMM formatted. A short file, or one of other bytes, does not.
+pub fn has_root_header(file: &File) -> io::Result<bool> {
+    use nvram::header::{RootHeader, HEADER_SIZE};
+    use std::os::unix::fs::FileExt;
+    let read = |at: u64| -> io::Result<Option<RootHeader>> {
+        let mut bytes = [0u8; HEADER_SIZE];
+        match file.read_exact_at(&mut bytes, at) {
+            Ok(()) => Ok(Some(RootHeader::from_bytes(&bytes))),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+            Err(e) => Err(e),
+        }
+    };
+    let (Some(first), Some(second)) = (read(nvram::layout::ROOT_HEADER)?, read(nvram::layout::ROOT_HEADER_COPY)?)
+    else {
+        return Ok(false);
+    };
+    Ok(nvram::header::choose(&first, &second).is_ok())
+}
+
 /// Allocates every block of the image's `size` bytes; data already there stays as it is.
 fn reserve(file: &File, path: &Path, size: u64) -> Result<(), ImageError> {
     use rustix::fs::{fallocate, FallocateFlags};
@@ -252,6 +360,42 @@ mod tests {
         assert!(matches!(NvmImage::open(&path, None, false, Allocation::Sparse), Err(ImageError::Locked { .. })));
         drop(first);
         NvmImage::open(&path, None, false, Allocation::Sparse).unwrap();
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_hold_keeps_the_lock_across_the_opens_of_this_process() {
+        let path = temp_path("hold");
+        let (hold, created) = ImageHold::lock(&path).unwrap();
+        assert!(created);
+        let other = || File::options().read(true).write(true).open(&path).unwrap();
+        for _ in 0..2 {
+            let image = NvmImage::open(&path, Some(32 << 20), false, Allocation::Sparse).unwrap();
+            assert_eq!(image.size(), 32 << 20);
+            assert!(other().try_lock().is_err(), "held while the image is open");
+            drop(image);
+            assert!(other().try_lock().is_err(), "still held between two opens");
+        }
+        assert!(!has_root_header(hold.file()).unwrap(), "zeros are no header");
+        drop(hold);
+        other().try_lock().unwrap();
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_root_header_is_told_from_other_bytes() {
+        use std::io::Write;
+        let path = temp_path("header");
+        std::fs::write(&path, b"hello\n").unwrap();
+        assert!(!has_root_header(&File::open(&path).unwrap()).unwrap());
+        let file = File::options().write(true).open(&path).unwrap();
+        file.set_len(32 << 20).unwrap();
+        let mut header = nvram::header::RootHeader::new(1);
+        header.seal();
+        let mut at = &file;
+        std::io::Seek::seek(&mut at, std::io::SeekFrom::Start(nvram::layout::ROOT_HEADER_COPY)).unwrap();
+        at.write_all(&header.to_bytes()).unwrap();
+        assert!(has_root_header(&File::open(&path).unwrap()).unwrap(), "the second copy is enough");
         std::fs::remove_file(path).unwrap();
     }
 
