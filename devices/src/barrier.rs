@@ -14,7 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::IntoBytes;
 
 use crate::persistence::PersistenceDomain;
-use crate::PioDevice;
+use crate::BusDevice;
 
 const REJECT_LOG_LIMIT: u64 = 16;
 
@@ -64,7 +64,7 @@ impl PersistBarrier {
     }
 }
 
-impl PioDevice for PersistBarrier {
+impl BusDevice<u16> for PersistBarrier {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         match (offset, data.len()) {
             (REG_BARRIER, 4) => data.copy_from_slice(&DEVICE_ID.to_le_bytes()),

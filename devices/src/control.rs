@@ -27,7 +27,7 @@ use nvram::control::{
 use tracing::{debug, info, warn, Level};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::PioDevice;
+use crate::BusDevice;
 
 /// The latest report of one workload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -350,7 +350,7 @@ impl MachineControl {
     }
 }
 
-impl PioDevice for MachineControl {
+impl BusDevice<u16> for MachineControl {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         let value = match (offset, data.len()) {
             (REG_DOORBELL, 4) => DEVICE_ID,

@@ -16,7 +16,7 @@ use zerocopy::IntoBytes;
 
 use crate::dirty::{DirtyTracker, DirtyView};
 use crate::persistence::PersistenceDomain;
-use crate::PioDevice;
+use crate::BusDevice;
 
 /// What the engine has done.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -203,7 +203,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl PioDevice for CopyEngine {
+impl BusDevice<u16> for CopyEngine {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         match (offset, data.len()) {
             (0, 4) => data.copy_from_slice(&ENGINE_ID.to_le_bytes()),

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use nvram::exit::ExitCode;
 use tracing::warn;
 
-use crate::PioDevice;
+use crate::BusDevice;
 
 /// What the guest asked for when it wrote to the exit port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +35,7 @@ impl ExitDevice {
     }
 }
 
-impl PioDevice for ExitDevice {
+impl BusDevice<u16> for ExitDevice {
     fn read(&mut self, _offset: u16, data: &mut [u8]) {
         data.fill(0xff);
     }

@@ -1,4 +1,5 @@
-//! The machine's emulated devices, reached by port I/O from the vCPU loop.
+//! The machine's emulated devices, reached by port I/O or MMIO from the vCPU loop
+//! through a [`Bus`].
 //!
 //! Every device validates what the guest writes: a value it does not understand is logged
 //! and ignored, never a reason to panic the VMM.
@@ -15,7 +16,7 @@ pub mod serial;
 pub mod virtio;
 
 pub use barrier::PersistBarrier;
-pub use bus::{PioBus, PioDevice};
+pub use bus::{Bus, BusAddress, BusDevice, MmioBus, PioBus};
 pub use control::{MachineControl, MachineStatus, StatusHandle};
 pub use engine::CopyEngine;
 pub use exit::{ExitDevice, GuestExit};

@@ -5,7 +5,7 @@ use std::io::Write;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::PioDevice;
+use crate::BusDevice;
 
 /// Raises the UART's interrupt by writing to an `EventFd` registered with KVM as an irqfd.
 pub struct EventFdTrigger(EventFd);
@@ -76,7 +76,7 @@ impl Write for ConsoleOut {
     }
 }
 
-impl PioDevice for SerialConsole {
+impl BusDevice<u16> for SerialConsole {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         match (u8::try_from(offset), data) {
             (Ok(offset), [byte]) => *byte = self.uart.read(offset),

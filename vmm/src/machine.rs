@@ -9,8 +9,8 @@ use devices::dirty::DirtyTracker;
 use devices::engine::EngineStats;
 use devices::persistence::PowerFailure;
 use devices::{
-    CopyEngine, ExitDevice, GuestExit, MachineControl, PersistBarrier, PersistenceDomain, PersistenceModel, PioBus,
-    SerialConsole, StatusHandle,
+    CopyEngine, ExitDevice, GuestExit, MachineControl, MmioBus, PersistBarrier, PersistenceDomain, PersistenceModel,
+    PioBus, SerialConsole, StatusHandle,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use nvram::ports;
@@ -45,7 +45,10 @@ pub struct Machine {
     vcpu: VcpuFd,
     _vm: Arc<VmFd>,
     _kvm: Kvm,
-    bus: PioBus,
+    pio: PioBus,
+    /// Empty for now (the virtio-blk device is to go here): an MMIO exit to an address no
+    /// device owns reads as ones and is logged by the bus.
+    mmio: MmioBus,
     exit: Arc<Mutex<Option<GuestExit>>>,
     status: StatusHandle,
     control: Arc<VcpuShared>,
@@ -88,15 +91,15 @@ impl Machine {
         let irq = serial_irq.try_clone().map_err(|source| Error::Setup { what: "serial interrupt", source })?;
         let exit_device = ExitDevice::new();
         let exit = exit_device.handle();
-        let mut bus = PioBus::new();
+        let mut pio = PioBus::new();
         let overlap = Error::PortBus;
-        bus.register(ports::COM1, ports::COM1_LEN, Box::new(SerialConsole::new(irq, console))).map_err(overlap)?;
-        bus.register(ports::EXIT, 4, Box::new(exit_device)).map_err(overlap)?;
+        pio.register(ports::COM1, ports::COM1_LEN, Box::new(SerialConsole::new(irq, console))).map_err(overlap)?;
+        pio.register(ports::EXIT, 4, Box::new(exit_device)).map_err(overlap)?;
         // The guest's TSC rate, so that it need not calibrate (an emulated loop under PVM).
         let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
         let control = MachineControl::new(mem.clone(), tsc_khz);
         let status = control.status();
-        bus.register(nvram::control::BASE, nvram::control::LEN, Box::new(control)).map_err(overlap)?;
+        pio.register(nvram::control::BASE, nvram::control::LEN, Box::new(control)).map_err(overlap)?;
         let vm_fd = Arc::new(vm_fd);
         let log_vm = vm_fd.clone();
         let ram = image.size() as usize;
@@ -127,7 +130,7 @@ impl Machine {
             ),
         }));
         let barrier = PersistBarrier::new(mem.clone(), domain.clone());
-        bus.register(nvram::persist::BASE, nvram::persist::LEN, Box::new(barrier)).map_err(overlap)?;
+        pio.register(nvram::persist::BASE, nvram::persist::LEN, Box::new(barrier)).map_err(overlap)?;
         let engine = CopyEngine::new(mem.clone(), domain.clone()).with_dirty_log(tracker);
         let engine_stats = engine.stats();
         #[cfg(feature = "test-knobs")]
@@ -135,7 +138,7 @@ impl Machine {
             Some(ms) => engine.with_pause(std::time::Duration::from_millis(ms)),
             None => engine,
         };
-        bus.register(nvram::engine::BASE, nvram::engine::LEN, Box::new(engine)).map_err(overlap)?;
+        pio.register(nvram::engine::BASE, nvram::engine::LEN, Box::new(engine)).map_err(overlap)?;
 
         info!(
             image = %image.path().display(),
@@ -151,7 +154,8 @@ impl Machine {
             vcpu,
             _vm: vm_fd,
             _kvm: kvm,
-            bus,
+            pio,
+            mmio: MmioBus::new(),
             exit,
             status,
             control: Arc::new(VcpuShared::default()),
@@ -209,7 +213,7 @@ impl Machine {
         register_signal_handler(kick_signal(), on_kick)
             .map_err(|e| Error::Setup { what: "vCPU kick signal", source: io::Error::from_raw_os_error(e.errno()) })?;
         self.control.enter();
-        let result = vcpu::run(&mut self.vcpu, &mut self.bus, &self.exit, &self.control);
+        let result = vcpu::run(&mut self.vcpu, &mut self.pio, &mut self.mmio, &self.exit, &self.control);
         self.control.leave();
         match result? {
             VcpuStop::Guest(exit) => Ok(RunOutcome::Guest(exit)),

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //!   port I/O                                    served by the devices on the port bus; go on
+//!   MMIO outside guest RAM                      served by the devices on the MMIO bus; go on
 //!   a stop asked for (and kicked)               VcpuStop::Requested
 //!   the exit port                               VcpuStop::Guest
 //!   triple fault, internal error, odd exit      GuestError
@@ -16,10 +17,10 @@
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use devices::{GuestExit, PioBus};
+use devices::{GuestExit, MmioBus, PioBus};
 use kvm_bindings::{kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::vcpu_state::{KickTarget, Step, VcpuShared};
 use crate::vm::{kvm_err, VmError};
@@ -185,7 +186,8 @@ fn adjust_cpuid(cpuid: &mut CpuId) {
 /// ([`crate::vcpu_state`]). The caller has entered `shared` on this thread.
 pub(crate) fn run(
     vcpu: &mut VcpuFd,
-    bus: &mut PioBus,
+    pio: &mut PioBus,
+    mmio: &mut MmioBus,
     exit: &Arc<Mutex<Option<GuestExit>>>,
     shared: &VcpuShared,
 ) -> Result<VcpuStop, GuestError> {
@@ -199,18 +201,20 @@ pub(crate) fn run(
         }
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
-                bus.write(port, data);
+                pio.write(port, data);
                 if let Some(request) = *exit.lock().unwrap_or_else(|e| e.into_inner()) {
                     return Ok(VcpuStop::Guest(request));
                 }
             }
-            Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                debug!(addr = format_args!("{addr:#x}"), "guest read of unbacked memory, reads as ones");
-                data.fill(0xff);
+            Ok(VcpuExit::IoIn(port, data)) => {
+                pio.read(port, data);
             }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                debug!(addr = format_args!("{addr:#x}"), "guest write to unbacked memory, ignored");
+            // An address no device owns reads as ones and is logged by the bus.
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                mmio.read(addr, data);
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                mmio.write(addr, data);
             }
             Ok(VcpuExit::Hlt) => {
                 // Only seen without an in-kernel LAPIC; nothing will wake the CPU.

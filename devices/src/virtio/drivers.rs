@@ -12,6 +12,8 @@ use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Trans
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::tempdir::TempDir;
+
+use crate::BusDevice;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use super::tests::{Counter, MEM_SIZE};

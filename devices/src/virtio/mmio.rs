@@ -19,9 +19,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::block::{BlockBackend, Broken, SEG_MAX};
-use super::bus::MmioDevice;
 use super::disk::SECTOR_SIZE;
 use super::{ErrorLog, GuestMem, Interrupt, QUEUE_MAX_SIZE};
+use crate::BusDevice;
 
 /// `MagicValue`: "virt" in little endian.
 pub const MAGIC: u32 = 0x7472_6976;
@@ -54,7 +54,7 @@ const CONFIG_BLK_SIZE: usize = 20;
 /// Up to and including `topology`; the rest of the structure reads as zero.
 const CONFIG_LEN: usize = 0x3c;
 
-/// A virtio-mmio block device; put it on an [`super::MmioBus`] at a window of
+/// A virtio-mmio block device; put it on an [`crate::MmioBus`] at a window of
 /// [`super::MMIO_WINDOW`] bytes.
 pub struct MmioBlock {
     version: MmioVersion,
@@ -464,7 +464,7 @@ fn high(addr: u64, value: u32) -> u64 {
     (addr & 0xffff_ffff) | (u64::from(value) << 32)
 }
 
-impl MmioDevice for MmioBlock {
+impl BusDevice<u64> for MmioBlock {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         let config = u64::from(reg::VIRTIO_MMIO_CONFIG);

@@ -2,7 +2,7 @@
 //! external disk file instead of NVM.
 //!
 //! The layers, from the guest inwards:
-//! - [`bus`]: an MMIO bus routing guest physical addresses to devices;
+//! - [`crate::bus`]: the MMIO bus ([`crate::MmioBus`]) routing guest physical addresses to devices;
 //! - [`mmio`]: the virtio-mmio register file (magic, features, queue setup, status,
 //!   interrupts), which owns the split virtqueue (`virtio_queue::Queue`);
 //! - [`block`]: virtio-blk request parsing and execution on the queue's descriptor chains;
@@ -23,15 +23,14 @@
 //! 2. An `EventFd`, registered with `VmFd::register_irqfd(&evt, gsi)`; its clone is the
 //!    device's [`Interrupt`]. The driver acknowledges through InterruptACK.
 //! 3. `MmioBlock::new(MmioVersion::Modern, guest_memory.clone(), backend, Box::new(evt))`,
-//!    registered on an [`MmioBus`] at a base outside guest RAM (below the IOAPIC and LAPIC
+//!    registered on an [`crate::MmioBus`] at a base outside guest RAM (below the IOAPIC and LAPIC
 //!    windows), `MMIO_WINDOW` bytes long.
 //! 4. The vCPU loop hands `VcpuExit::MmioRead(addr, data)` / `MmioWrite(addr, data)` to
-//!    [`MmioBus::read`] / [`MmioBus::write`]. Requests run synchronously in that exit.
+//!    [`crate::Bus::read`] / [`crate::Bus::write`]. Requests run synchronously in that exit.
 //! 5. The guest is told the base, the window size and the GSI (a fixed constant shared with
 //!    the guest kernel, or `virtio_mmio.device=512@0xBASE:GSI` on a Linux command line).
 
 pub mod block;
-pub mod bus;
 pub mod disk;
 pub mod mmio;
 
@@ -43,7 +42,6 @@ mod fuzz;
 mod tests;
 
 pub use block::BlockBackend;
-pub use bus::{MmioBus, MmioDevice};
 pub use disk::{Disk, DiskError};
 pub use mmio::{MmioBlock, MmioVersion};
 

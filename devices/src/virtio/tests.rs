@@ -14,6 +14,8 @@ use virtio_queue::mock::DescriptorTable;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempdir::TempDir;
 
+use crate::BusDevice;
+
 use super::block::Broken;
 use super::*;
 
