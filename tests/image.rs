@@ -29,24 +29,19 @@ fn allocated(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().blocks() * 512
 }
 
-/// By default the image's blocks are reserved before the guest starts (so a full file
-/// system is an error at boot); `--sparse` leaves the holes unallocated, as before.
+/// By default the image stays sparse (its holes only checked against the free space);
+/// `--reserve` allocates every block before the guest starts.
 #[test]
-fn the_image_is_reserved_by_default_and_sparse_when_asked() {
+fn the_image_is_sparse_by_default_and_reserved_when_asked() {
     let scratch = Scratch::new();
     let out = run(vmm(&[]).args(boot_args(&scratch, "poweroff")), BOOT_LIMIT);
     assert_eq!(out.code(), Some(0), "{out:?}");
-    assert!(allocated(&scratch.image()) >= 32 << 20, "every block of the 32 MiB image is reserved");
+    assert!(allocated(&scratch.image()) < 16 << 20, "a 32 MiB image, mostly holes");
 
-    let sparse = Scratch::new();
-    let out = run(vmm(&[]).args(boot_args(&sparse, "poweroff")).arg("--sparse"), BOOT_LIMIT);
+    let out = run(vmm(&[]).args(boot_args(&scratch, "poweroff")).arg("--reserve"), BOOT_LIMIT);
     assert_eq!(out.code(), Some(0), "{out:?}");
-    assert!(allocated(&sparse.image()) < 16 << 20, "a 32 MiB image, mostly holes");
-    // The flag concerns new blocks only: the next default boot reserves the rest.
-    let out = run(vmm(&[]).args(boot_args(&sparse, "poweroff")), BOOT_LIMIT);
-    assert_eq!(out.code(), Some(0), "{out:?}");
-    assert!(allocated(&sparse.image()) >= 32 << 20);
-    assert!(sparse.read_console().contains("boot 2 of this image"));
+    assert!(allocated(&scratch.image()) >= 32 << 20, "every block of the 32 MiB image is reserved");
+    assert!(scratch.read_console().contains("boot 2 of this image"));
 }
 
 /// `--prefault` maps (and so writes) every page of the image before the guest starts, and
@@ -54,7 +49,7 @@ fn the_image_is_reserved_by_default_and_sparse_when_asked() {
 #[test]
 fn prefault_maps_the_whole_image_ahead() {
     let scratch = Scratch::new();
-    let out = run(vmm(&[]).args(boot_args(&scratch, "poweroff")).arg("--sparse"), BOOT_LIMIT);
+    let out = run(vmm(&[]).args(boot_args(&scratch, "poweroff")), BOOT_LIMIT);
     assert_eq!(out.code(), Some(0), "{out:?}");
     assert!(allocated(&scratch.image()) < 16 << 20, "a 32 MiB image, mostly holes");
     let out = run(vmm(&[]).args(boot_args(&scratch, "poweroff")).arg("--prefault"), BOOT_LIMIT);
@@ -97,7 +92,8 @@ impl Drop for SmallFs {
 }
 
 /// A new image that its file system cannot hold is refused before the guest starts, with
-/// a clear word, and leaves no file behind; an existing one is refused and kept as it was.
+/// a clear word, and leaves no file behind (by the free-space check and by `--reserve`);
+/// an existing one is refused and kept as it was; `--sparse` skips the check on purpose.
 #[test]
 fn a_file_system_too_small_for_the_image_is_an_error_at_boot() {
     let scratch = Scratch::new();
@@ -111,10 +107,12 @@ fn a_file_system_too_small_for_the_image_is_an_error_at_boot() {
         args.extend_from_slice(extra);
         run(&mut vmm(&args), BOOT_LIMIT)
     };
-    let out = boot(&[]);
-    assert_eq!(out.code(), Some(1), "{out:?}");
-    assert!(out.stderr.contains("has no room for the image's 32 MiB"), "{out:?}");
-    assert!(!image.exists(), "a refused new image is not left behind");
+    for extra in [&[][..], &["--reserve"]] {
+        let out = boot(extra);
+        assert_eq!(out.code(), Some(1), "{extra:?}: {out:?}");
+        assert!(out.stderr.contains("has no room for the image's 32 MiB"), "{out:?}");
+        assert!(!image.exists(), "a refused new image is not left behind");
+    }
 
     // An existing sparse image with data in it: refused, its bytes and size untouched.
     {

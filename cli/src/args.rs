@@ -201,10 +201,14 @@ pub struct BootArgs {
     /// it, only the pages that hold data are mapped ahead, in the background.
     #[arg(long)]
     pub prefault: bool,
-    /// Do not reserve the image's blocks on its file system: the image takes only the
-    /// space of its data, and a file system that fills up stops the machine at the guest's
-    /// next store to a hole. By default the whole image is reserved before the guest
-    /// starts (unwritten blocks: quick to make), so that a lack of space is an error then.
+    /// Reserve every block of the image on its file system (fallocate) before the guest
+    /// starts, so that no later lack of space can stop the machine; the first store to
+    /// each page then costs more. By default the VMM only checks that the free space
+    /// holds the image's holes.
+    #[arg(long, conflicts_with = "sparse")]
+    pub reserve: bool,
+    /// Skip the free-space check: a thin image larger than the free space, on purpose (a
+    /// file system that fills up then stops the machine, with a SIGBUS report).
     #[arg(long, conflicts_with = "prefault")]
     pub sparse: bool,
     #[command(flatten)]

@@ -54,6 +54,9 @@ pub fn config(args: BootArgs) -> Result<VmConfig, UsageError> {
     if args.prefault {
         config.prefault = Prefault::All;
     }
+    if args.reserve {
+        config.allocation = vmm::image::Allocation::Reserve;
+    }
     if args.sparse {
         config.allocation = vmm::image::Allocation::Sparse;
     }
