@@ -323,6 +323,8 @@ fn check_room(file: &File, path: &Path, size: u64) -> Result<(), ImageError> {
     let allocated = file.metadata().map_or(0, |m| m.blocks() * 512);
     let missing = size.saturating_sub(allocated);
     match rustix::fs::fstatvfs(file) {
+        // No blocks at all: a virtual file system (procfs, sysfs) with no figure to check.
+        Ok(fs) if fs.f_blocks == 0 => Ok(()),
         Ok(fs) if fs.f_bavail.saturating_mul(fs.f_frsize) < missing => {
             Err(ImageError::NoSpace { path: path.into(), size })
         }
