@@ -7,15 +7,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use nvram::header::{RootHeader, HEADER_SIZE};
-use nvram::layout::ROOT_HEADER;
-
-fn read_header(scratch: &Scratch) -> RootHeader {
-    let image = std::fs::read(scratch.image()).expect("read the image");
-    let at = ROOT_HEADER as usize;
-    let bytes: [u8; HEADER_SIZE] = image[at..at + HEADER_SIZE].try_into().unwrap();
-    RootHeader::from_bytes(&bytes)
-}
 
 #[test]
 fn boots_prints_the_banner_and_powers_off() {

@@ -387,6 +387,7 @@ fn a_checkpoint_after_a_shutdown_does_not_cancel_it() {
     }
     let vmm = wait(child, Duration::from_secs(15));
     assert_eq!(vmm.code(), Some(0), "{vmm:?}");
+    assert!(vmm.stderr.contains("the guest powered off"), "{vmm:?}");
 }
 
 /// The image deleted under the running machine: `status` says so, a checkpoint is refused

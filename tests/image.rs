@@ -55,6 +55,7 @@ fn prefault_maps_the_whole_image_ahead() {
     let out = run(vmm(&[]).args(boot_args(&scratch, "poweroff")).arg("--prefault"), BOOT_LIMIT);
     assert_eq!(out.code(), Some(0), "{out:?}");
     assert!(scratch.read_console().contains("boot 2 of this image"));
+    assert_eq!(read_header(&scratch).boot_count, 2);
     assert!(allocated(&scratch.image()) >= 32 << 20);
     assert!(data_bytes(&scratch.image()) >= 32 << 20, "every page was written once");
 }

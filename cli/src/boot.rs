@@ -13,7 +13,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 use vmm::config::{ConfigError, CrashEvict, Persistence, PersistenceModel};
 use vmm::control_socket::{ControlSocket, CrashHook};
-use vmm::image::{ImageError, ImageFate};
+use vmm::image::ImageError;
 use vmm::{ConsoleOutput, Controller, KernelSource, Machine, Prefault, RunOutcome, VmConfig};
 
 use crate::args::{BootArgs, Model, PersistenceArgs, UsageError};
@@ -111,7 +111,6 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
     let controller = machine.controller();
     vmm::sigbus::report_sigbus_in(&machine.image_mappings(), EXIT_IMAGE_LOST)
         .context("cannot install the SIGBUS report")?;
-    let image = machine.image().watch().context("cannot watch the image file")?;
 
     // A crash: the vCPU stops, the persistence model drops what it would lose at a power
     // failure (when the run returns), and the process ends at once.
@@ -196,21 +195,14 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
             };
             (EXIT_SIGNAL, format!("stopped by {name}; the image holds the guest's memory as of the stop"))
         }
-        Err(vmm::Error::Guest(fault)) => (EXIT_GUEST_FAULT, format!("{fault}")),
+        Err(vmm::Error::Guest(fault)) => (EXIT_GUEST_FAULT, format!("{:#}", anyhow::Error::new(fault))),
         Err(e) => return Err(e.into()),
     };
     // Whatever the guest did, a deleted or truncated image lost its memory; a truncation
     // also shows as a guest fault (its RAM vanished), which is not the cause to report.
-    let fate = image.fate();
-    let (code, message) = match fate {
-        ImageFate::Intact => (code, message),
-        ImageFate::Moved => {
-            tracing::warn!("{}", image.describe());
-            (code, message)
-        }
-        ImageFate::Deleted | ImageFate::Truncated { .. } => {
-            (EXIT_IMAGE_LOST, format!("{} (the guest's own end: {message})", image.describe()))
-        }
+    let (code, message) = match controller.image_fate() {
+        Some((fate, text)) if !fate.is_kept() => (EXIT_IMAGE_LOST, format!("{text} (the guest's own end: {message})")),
+        _ => (code, message),
     };
     eprintln!("vmm: {message}");
     Ok(ExitCode::from(code))

@@ -133,3 +133,12 @@ pub fn wait_for_text(file: &Path, needle: &str, limit: Duration) -> String {
 
 /// How long a boot that powers off may take, generously (a boot takes ~0.1 s).
 pub const BOOT_LIMIT: Duration = Duration::from_secs(20);
+
+/// The first root header copy of the scratch image, as the guest left it.
+pub fn read_header(scratch: &Scratch) -> nvram::header::RootHeader {
+    use nvram::header::{RootHeader, HEADER_SIZE};
+    let image = std::fs::read(scratch.image()).expect("read the image");
+    let at = nvram::layout::ROOT_HEADER as usize;
+    let bytes: [u8; HEADER_SIZE] = image[at..at + HEADER_SIZE].try_into().unwrap();
+    RootHeader::from_bytes(&bytes)
+}

@@ -132,11 +132,18 @@ pub fn checkpoint_timeout(timeout_ms: Option<u64>) -> Result<Duration, ApiError>
     }
 }
 
-/// The image watch and whether its trouble was logged yet.
+/// The image watch and whether its trouble was logged yet: one per machine, shared by all
+/// its controllers, so that the trouble is logged once whoever notices it.
 #[derive(Debug)]
-struct WatchedImage {
+pub struct WatchedImage {
     watch: ImageWatch,
     logged: AtomicBool,
+}
+
+impl WatchedImage {
+    pub fn new(watch: ImageWatch) -> Arc<Self> {
+        Arc::new(Self { watch, logged: AtomicBool::new(false) })
+    }
 }
 
 /// Answers requests for one running machine; the only holder of the guest's status outside
@@ -170,8 +177,8 @@ impl Controller {
 
     /// Also watches the image file: a deleted or truncated image shows in `status`, refuses
     /// checkpoints and warns at shutdown (see the module docs).
-    pub fn with_image(mut self, watch: ImageWatch) -> Self {
-        self.image = Some(Arc::new(WatchedImage { watch, logged: AtomicBool::new(false) }));
+    pub fn with_image(mut self, image: Arc<WatchedImage>) -> Self {
+        self.image = Some(image);
         self
     }
 
@@ -204,13 +211,13 @@ impl Controller {
 
     /// What became of the image, with its sentence, unless it is intact or unwatched; logged
     /// the first time.
-    fn image_fate(&self) -> Option<(ImageFate, String)> {
+    pub fn image_fate(&self) -> Option<(ImageFate, String)> {
         let image = self.image.as_ref()?;
         let fate = image.watch.fate();
         if fate == ImageFate::Intact {
             return None;
         }
-        let text = image.watch.describe();
+        let text = image.watch.describe(fate);
         if !image.logged.swap(true, Ordering::SeqCst) {
             if fate.is_kept() {
                 tracing::warn!("{text}");
@@ -238,6 +245,11 @@ impl Controller {
     /// A copy of what the guest has reported so far.
     pub fn snapshot(&self) -> MachineStatus {
         lock(&self.status).clone()
+    }
+
+    /// Looks at the device's status in place (a snapshot copies up to a thousand records).
+    pub fn with_status<R>(&self, f: impl FnOnce(&MachineStatus) -> R) -> R {
+        f(&lock(&self.status))
     }
 
     /// Whether the guest has said how it booted (so that it can shut down on request).

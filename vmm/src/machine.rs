@@ -57,6 +57,8 @@ pub struct Machine {
     mem: GuestMemory,
     /// Under ADR, the persistence domain's own mapping of the image.
     image_view: Option<GuestMemory>,
+    /// What became of the image file, for every controller (opened once, at build).
+    image_watch: Option<Arc<crate::api::WatchedImage>>,
     image: NvmImage,
 }
 
@@ -140,6 +142,13 @@ impl Machine {
         };
         pio.register(nvram::engine::BASE, nvram::engine::LEN, Box::new(engine)).map_err(overlap)?;
 
+        let image_watch = match image.watch() {
+            Ok(watch) => Some(crate::api::WatchedImage::new(watch)),
+            Err(e) => {
+                tracing::warn!("cannot watch the image file ({e}): a deletion will not show in the control replies");
+                None
+            }
+        };
         info!(
             image = %image.path().display(),
             ram_mib = image.size() >> 20,
@@ -163,6 +172,7 @@ impl Machine {
             engine_stats,
             mem,
             image_view,
+            image_watch,
             image,
         })
     }
@@ -174,12 +184,9 @@ impl Machine {
         let controller = Controller::new(self.status.clone(), VcpuHandle(self.control.clone()))
             .with_persistence(self.domain.clone())
             .with_engine(self.engine_stats.clone());
-        match self.image.watch() {
-            Ok(watch) => controller.with_image(watch),
-            Err(e) => {
-                tracing::warn!("cannot watch the image file ({e}): a deletion will not show in the control replies");
-                controller
-            }
+        match &self.image_watch {
+            Some(watch) => controller.with_image(watch.clone()),
+            None => controller,
         }
     }
 

@@ -61,8 +61,8 @@ impl RunningMachine {
     ) -> Result<MachineStatus, WaitError> {
         let deadline = Instant::now() + limit;
         loop {
-            let status = self.controller.snapshot();
-            if done(&status) {
+            // Polled every few ms: the status is copied only once it is the one asked for.
+            if let Some(status) = self.controller.with_status(|s| done(s).then(|| s.clone())) {
                 return Ok(status);
             }
             if self.is_finished() {

@@ -96,9 +96,9 @@ impl ImageWatch {
         fate_of(&self.file, &self.path, self.size)
     }
 
-    /// The sentence for the current fate.
-    pub fn describe(&self) -> String {
-        self.fate().describe(&self.path, self.size)
+    /// The sentence for `fate`, a fate this watch gave.
+    pub fn describe(&self, fate: ImageFate) -> String {
+        fate.describe(&self.path, self.size)
     }
 }
 
@@ -133,7 +133,7 @@ mod tests {
         assert_eq!(watch.fate(), ImageFate::Deleted);
         drop(image);
         assert_eq!(watch.fate(), ImageFate::Deleted, "the watch outlives the image");
-        assert!(watch.describe().contains("was deleted while the machine ran"));
+        assert!(watch.describe(watch.fate()).contains("was deleted while the machine ran"));
         std::fs::remove_file(path).unwrap();
     }
 
