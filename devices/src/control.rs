@@ -96,6 +96,13 @@ impl MachineStatus {
         }
     }
 
+    fn stats_mut(&mut self, operation: Operation) -> &mut OperationStats {
+        match operation {
+            Operation::WriteOut => &mut self.write_outs,
+            Operation::Restore => &mut self.restores,
+        }
+    }
+
     /// How many operations of a kind were reported since the device started.
     pub fn count(&self, operation: Operation) -> u64 {
         self.stats(operation).count
@@ -118,8 +125,9 @@ impl MachineStatus {
     pub fn summary(&self, operation: Operation) -> Option<DurationSummary> {
         let stats = self.stats(operation);
         let (min, max) = (stats.min?, stats.max?);
-        let mut kept: Vec<Duration> = self.of(operation).map(|r| r.total).collect();
-        let (median, p99) = if kept.len() as u64 == stats.count {
+        // Exact while the ring holds every record of the kind; no copy of it otherwise.
+        let (median, p99) = if self.of(operation).count() as u64 == stats.count {
+            let mut kept: Vec<Duration> = self.of(operation).map(|r| r.total).collect();
             kept.sort_unstable();
             let at = |q: f64| kept[((kept.len() - 1) as f64 * q).round() as usize];
             (at(0.5), at(0.99))
@@ -280,10 +288,7 @@ impl MachineControl {
                     );
                 }
                 status.committed_generation = report.generation;
-                match report.operation {
-                    Operation::WriteOut => status.write_outs.record(record.total, report.copied_bytes),
-                    Operation::Restore => status.restores.record(record.total, report.copied_bytes),
-                }
+                status.stats_mut(report.operation).record(record.total, report.copied_bytes);
                 if status.operations.len() == OPERATION_RING {
                     status.operations.pop_front();
                 }
