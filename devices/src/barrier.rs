@@ -9,24 +9,22 @@ use nvram::persist::{
     BarrierHeader, FlushedRange, BARRIER_MAGIC, COMPLETION_OFFSET, DEVICE_ID, HEADER_SIZE, MAX_RANGES, MODE_ANNOUNCE,
     REG_BARRIER, REG_MODE, STATUS_BAD_LIST, STATUS_BAD_RANGE, STATUS_DONE,
 };
-use tracing::warn;
+use tracing::{warn, Level};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::IntoBytes;
 
 use crate::persistence::PersistenceDomain;
-use crate::BusDevice;
-
-const REJECT_LOG_LIMIT: u64 = 16;
+use crate::{BusDevice, LogLimit};
 
 pub struct PersistBarrier {
     mem: GuestMemoryMmap<()>,
     domain: Arc<Mutex<PersistenceDomain>>,
-    rejected: u64,
+    rejects_log: LogLimit,
 }
 
 impl PersistBarrier {
     pub fn new(mem: GuestMemoryMmap<()>, domain: Arc<Mutex<PersistenceDomain>>) -> Self {
-        Self { mem, domain, rejected: 0 }
+        Self { mem, domain, rejects_log: LogLimit::per_second("persist barrier refused list", Level::WARN, 16) }
     }
 
     fn domain(&self) -> std::sync::MutexGuard<'_, PersistenceDomain> {
@@ -57,8 +55,7 @@ impl PersistBarrier {
     }
 
     fn reject(&mut self, why: &dyn std::fmt::Display) {
-        self.rejected += 1;
-        if self.rejected <= REJECT_LOG_LIMIT {
+        if self.rejects_log.allow_now() {
             warn!("{why}");
         }
     }

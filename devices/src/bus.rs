@@ -7,7 +7,9 @@
 
 use std::fmt;
 
-use tracing::warn;
+use tracing::{warn, Level};
+
+use crate::LogLimit;
 
 /// An address on a bus: a port (`u16`) or a guest physical address (`u64`). The bus does its
 /// arithmetic in `u64`; an address that does not fit back into `Self` is past the end of
@@ -60,21 +62,23 @@ pub type PioBus = Bus<u16>;
 pub type MmioBus = Bus<u64>;
 
 /// Routes accesses to devices by address; an access nobody owns (like a missing device on a
-/// real bus) reads as all ones and is logged, the first few times only, so that a guest
+/// real bus) reads as all ones and is logged, a few times a second only, so that a guest
 /// polling a missing device cannot flood the log.
 pub struct Bus<A> {
     slots: Vec<Slot<A>>,
     unknown_accesses: u64,
+    unknown_log: LogLimit,
 }
 
 impl<A> Default for Bus<A> {
     fn default() -> Self {
-        Self { slots: Vec::new(), unknown_accesses: 0 }
+        Self {
+            slots: Vec::new(),
+            unknown_accesses: 0,
+            unknown_log: LogLimit::per_second("guest access to an unknown address", Level::WARN, 16),
+        }
     }
 }
-
-/// How many accesses to unknown addresses are logged before the bus goes quiet.
-const UNKNOWN_LOG_LIMIT: u64 = 16;
 
 /// A device was registered over addresses another device owns, or over an empty range or
 /// one running past the end of the address space.
@@ -145,12 +149,9 @@ impl<A: BusAddress> Bus<A> {
 
     fn log_unknown(&mut self, what: &str, addr: A, len: usize) {
         self.unknown_accesses += 1;
-        if self.unknown_accesses <= UNKNOWN_LOG_LIMIT {
+        if self.unknown_log.allow_now() {
             let space = A::NAME;
             warn!(addr = format_args!("{addr:#x}"), len, "guest {what} of an unknown {space}, ignored");
-            if self.unknown_accesses == UNKNOWN_LOG_LIMIT {
-                warn!("further accesses to unknown {space} ranges are not logged");
-            }
         }
     }
 

@@ -10,14 +10,13 @@
 //! ([`stats`]), at most [`MAX_WORKLOADS`] workloads, and a budget of log lines per kind of
 //! message ([`limit`]).
 
-mod limit;
 pub mod stats;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use limit::LogLimit;
+use crate::LogLimit;
 pub use stats::{DurationSummary, OperationStats};
 
 use nvram::control::{
@@ -169,14 +168,14 @@ impl Default for LogLimits {
     fn default() -> Self {
         let second = Duration::from_secs(1);
         Self {
-            rejected: LogLimit::new("rejected", Level::WARN, 16, second),
-            booted: LogLimit::new("boot", Level::INFO, 16, second),
+            rejected: LogLimit::new("machine-control rejected message", Level::WARN, 16, second),
+            booted: LogLimit::new("machine-control boot", Level::INFO, 16, second),
             // A write-out each 10 ms is still logged in full.
-            operations: LogLimit::new("write-out and restore", Level::INFO, 128, second),
-            started: LogLimit::new("write-out started", Level::DEBUG, 128, second),
-            workloads: LogLimit::new("first-heartbeat", Level::INFO, 16, second),
-            heartbeats: LogLimit::new("heartbeat", Level::DEBUG, 128, second),
-            failed: LogLimit::new("verification-failed", Level::WARN, 16, second),
+            operations: LogLimit::new("machine-control write-out and restore", Level::INFO, 128, second),
+            started: LogLimit::new("machine-control write-out started", Level::DEBUG, 128, second),
+            workloads: LogLimit::new("machine-control first heartbeat", Level::INFO, 16, second),
+            heartbeats: LogLimit::new("machine-control heartbeat", Level::DEBUG, 128, second),
+            failed: LogLimit::new("machine-control verification failed", Level::WARN, 16, second),
             table_full: false,
         }
     }

@@ -10,13 +10,13 @@ use nvram::engine::{
     STATUS_DONE, STATUS_UNSUPPORTED,
 };
 use nvram::persist::FlushedRange;
-use tracing::warn;
+use tracing::{warn, Level};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use zerocopy::IntoBytes;
 
 use crate::dirty::{DirtyTracker, DirtyView};
 use crate::persistence::PersistenceDomain;
-use crate::BusDevice;
+use crate::{BusDevice, LogLimit};
 
 /// What the engine has done.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -38,13 +38,13 @@ pub struct CopyEngine {
     dirty_log: Option<(Arc<Mutex<DirtyTracker>>, DirtyView)>,
     /// A pause halfway through every batch (tests: a crash then leaves a batch half done).
     pause: Option<std::time::Duration>,
+    rejects_log: LogLimit,
 }
-
-const REJECT_LOG_LIMIT: u64 = 16;
 
 impl CopyEngine {
     pub fn new(mem: GuestMemoryMmap<()>, domain: Arc<Mutex<PersistenceDomain>>) -> Self {
-        Self { mem, stats: Arc::default(), domain, dirty_log: None, pause: None }
+        let rejects_log = LogLimit::per_second("copy engine refused request", Level::WARN, 16);
+        Self { mem, stats: Arc::default(), domain, dirty_log: None, pause: None, rejects_log }
     }
 
     /// Pauses halfway through every batch: a slow engine, for crash tests.
@@ -193,7 +193,7 @@ impl CopyEngine {
     fn reject(&mut self, why: &dyn std::fmt::Display) {
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         stats.rejected += 1;
-        if stats.rejected <= REJECT_LOG_LIMIT {
+        if self.rejects_log.allow_now() {
             warn!("{why}");
         }
     }

@@ -46,8 +46,10 @@ pub use disk::{Disk, DiskError};
 pub use mmio::{MmioBlock, MmioVersion};
 
 use std::io;
-use tracing::warn;
+use tracing::{warn, Level};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::LogLimit;
 
 /// Guest memory as the VMM maps it.
 pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
@@ -72,25 +74,26 @@ impl Interrupt for EventFd {
     }
 }
 
-/// Counts guest errors and logs only the first few, so that a guest looping on a bad
+/// Counts guest errors and logs only a few a second, so that a guest looping on a bad
 /// request cannot flood the VMM's log; the count stays readable for tests and statistics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ErrorLog {
     count: u64,
+    log: LogLimit,
 }
 
-/// How many guest errors a device logs before going quiet.
-const ERROR_LOG_LIMIT: u64 = 8;
+impl Default for ErrorLog {
+    fn default() -> Self {
+        Self { count: 0, log: LogLimit::per_second("virtio-blk guest error", Level::WARN, 8) }
+    }
+}
 
 impl ErrorLog {
     /// Records one guest error, logging it while under the limit.
     pub fn note(&mut self, what: &str, detail: std::fmt::Arguments<'_>) {
         self.count = self.count.saturating_add(1);
-        if self.count <= ERROR_LOG_LIMIT {
+        if self.log.allow_now() {
             warn!(detail = %detail, "virtio-blk: {what}");
-            if self.count == ERROR_LOG_LIMIT {
-                warn!("virtio-blk: further guest errors are counted, not logged");
-            }
         }
     }
 

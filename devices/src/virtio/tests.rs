@@ -510,8 +510,10 @@ fn a_guest_repeating_bad_requests_is_counted_not_grown() {
     assert_eq!(rig.dev.transport_errors(), 1000);
     assert_eq!(rig.dev.backend().heap_bytes(), heap);
     let logged = events.load(Ordering::SeqCst);
-    // Eight lines and a "not logged any more" each, for the request side and the registers.
-    assert_eq!(logged, 2 * 9, "log lines for 2000 guest errors");
+    // A second's budget of eight lines each, for the request side and the registers (the
+    // count of those held back comes with the next line a later second allows).
+    assert!(logged <= 2 * 8 * 2, "{logged} log lines for 2000 guest errors");
+    assert!(logged >= 2 * 8, "{logged} log lines for 2000 guest errors");
 }
 
 /// A `tracing` subscriber that only counts events.

@@ -1,12 +1,14 @@
-//! Bounding the log lines a guest can cause at will: a guest that rings the doorbell in a
-//! loop must not fill the host's disk or drown the operator's log. Each kind of message gets
-//! a budget of lines per window; past it, lines are counted, and the count is logged with
-//! the next line allowed.
+//! Bounding the log lines a guest can cause at will: a guest that rings a doorbell or pokes
+//! an unknown port in a loop must not fill the host's disk or drown the operator's log.
+//! Every device uses this one limiter. Each kind of message gets a budget of lines per
+//! window; past it, lines are counted, and the count is logged with the next line allowed,
+//! so a guest that keeps misbehaving is still seen, once a window, with how often.
 
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn, Level};
 
+/// A budget of log lines for one kind of message.
 #[derive(Debug)]
 pub struct LogLimit {
     what: &'static str,
@@ -21,7 +23,13 @@ pub struct LogLimit {
 }
 
 impl LogLimit {
-    /// At most `burst` lines about `what`, logged at `level`, every `window`.
+    /// A second's budget of `burst` lines: what every device uses for its guest errors.
+    pub const fn per_second(what: &'static str, level: Level, burst: u32) -> Self {
+        Self::new(what, level, burst, Duration::from_secs(1))
+    }
+
+    /// At most `burst` lines about `what` (a phrase that names the device and the kind,
+    /// such as "virtio-blk guest error"), logged at `level`, every `window`.
     pub const fn new(what: &'static str, level: Level, burst: u32, window: Duration) -> Self {
         Self { what, level, burst, window, started: None, in_window: 0, suppressed: 0 }
     }
@@ -40,9 +48,7 @@ impl LogLimit {
         self.in_window += 1;
         if self.suppressed > 0 {
             let (n, what, burst, window) = (self.suppressed, self.what, self.burst, self.window);
-            let line = format_args!(
-                "machine-control device: {n} {what} messages were not logged (more than {burst} in {window:?})"
-            );
+            let line = format_args!("{what}: {n} more were not logged (more than {burst} in {window:?})");
             match self.level {
                 Level::ERROR | Level::WARN => warn!("{line}"),
                 Level::INFO => info!("{line}"),
@@ -51,6 +57,11 @@ impl LogLimit {
             self.suppressed = 0;
         }
         true
+    }
+
+    /// [`allow`](Self::allow) at the present instant.
+    pub fn allow_now(&mut self) -> bool {
+        self.allow(Instant::now())
     }
 
     /// Lines held back and not yet reported.
