@@ -119,21 +119,22 @@ impl MachineStatus {
         self.of(operation).nth(n.saturating_sub(first_kept) as usize)
     }
 
-    /// Count, extremes and quantiles (by `vmm::quantile`'s rule) of the durations of all
-    /// operations of a kind: exact while the ring holds them all, from the histogram after.
+    /// Count, extremes and quantiles (by [`crate::quantile`]'s rule) of the durations of
+    /// all operations of a kind: exact while the ring holds them all, from the histogram
+    /// after.
     pub fn summary(&self, operation: Operation) -> Option<DurationSummary> {
         let stats = self.stats(operation);
-        let (min, max) = (stats.min?, stats.max?);
         // Exact while the ring holds every record of the kind; no copy of it otherwise.
-        let (median, p99) = if self.of(operation).count() as u64 == stats.count {
-            let mut kept: Vec<Duration> = self.of(operation).map(|r| r.total).collect();
-            kept.sort_unstable();
-            let at = |q: f64| kept[((kept.len() - 1) as f64 * q).round() as usize];
-            (at(0.5), at(0.99))
-        } else {
-            (stats.quantile(0.5)?, stats.quantile(0.99)?)
-        };
-        Some(DurationSummary { count: stats.count, min, median, p99, max })
+        if self.of(operation).count() as u64 == stats.count {
+            return DurationSummary::of(self.of(operation).map(|r| r.total).collect());
+        }
+        Some(DurationSummary {
+            count: stats.count,
+            min: stats.min?,
+            median: stats.quantile(0.5)?,
+            p99: stats.quantile(0.99)?,
+            max: stats.max?,
+        })
     }
 
     /// The bytes all operations copied.

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod exit;
 pub mod log_limit;
 pub mod persistence;
+pub mod quantile;
 pub mod requests;
 pub mod serial;
 pub mod virtio;

@@ -24,7 +24,7 @@ pub mod kernel;
 pub mod loader;
 pub mod machine;
 pub mod memory;
-pub mod quantile;
+pub use devices::quantile;
 pub mod running;
 pub mod sigbus;
 pub mod vcpu;

@@ -84,12 +84,12 @@ impl OperationStats {
         self.histogram.record(u64::try_from(total.as_nanos()).unwrap_or(u64::MAX));
     }
 
-    /// The `q` quantile (0 to 1) by the project's rule (`vmm::quantile`: nearest rank,
-    /// rounded), as the histogram knows it: within a bucket's width of the exact value, and
-    /// never outside the extremes. `None` before any operation.
+    /// The `q` quantile (0 to 1) by the project's rule ([`crate::quantile`]), as the
+    /// histogram knows it: within a bucket's width of the exact value, and never outside
+    /// the extremes. `None` before any operation.
     pub fn quantile(&self, q: f64) -> Option<Duration> {
         let last = self.count.checked_sub(1)?;
-        let rank = (last as f64 * q.clamp(0.0, 1.0)).round() as u64;
+        let rank = crate::quantile::rank(self.count, q)?;
         // The extremes are known exactly.
         if rank == 0 {
             return self.min;
@@ -103,14 +103,7 @@ impl OperationStats {
 }
 
 /// Count, extremes, median and 99th percentile of one kind of operation's durations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DurationSummary {
-    pub count: u64,
-    pub min: Duration,
-    pub median: Duration,
-    pub p99: Duration,
-    pub max: Duration,
-}
+pub type DurationSummary = crate::quantile::Summary<Duration>;
 
 #[cfg(test)]
 mod tests {

@@ -162,7 +162,7 @@ impl Distribution {
         match Summary::of(durations) {
             None => Self::default(),
             Some(s) => Self {
-                count: s.count,
+                count: s.count as usize,
                 min_ms: Some(ms(s.min)),
                 median_ms: Some(ms(s.median)),
                 p99_ms: Some(ms(s.p99)),
