@@ -17,7 +17,7 @@ pub enum GuestExit {
 }
 
 /// Records the first exit request; the vCPU loop polls [`ExitDevice::handle`] after each
-/// port write and stops the machine once it is set.
+/// write to the exit port and stops the machine once it is set.
 #[derive(Debug, Clone, Default)]
 pub struct ExitDevice {
     requested: Arc<Mutex<Option<GuestExit>>>,

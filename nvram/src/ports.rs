@@ -8,7 +8,8 @@
 //! | `0x520..0x528`| 32    | copy engine ([`crate::engine`])                            |
 //! | `0x530..0x538`| 32    | persist-barrier device ([`crate::persist`])                |
 //!
-//! Any other port reads as all ones and ignores writes; the VMM logs the first accesses.
+//! Any other port reads as all ones and ignores writes; the VMM logs a few such accesses a
+//! second, with a count of the others.
 
 /// Base of COM1, the guest's console.
 pub const COM1: u16 = 0x3f8;

@@ -16,7 +16,6 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use nvram::ports;
 use tracing::info;
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::register_signal_handler;
 
 use crate::api::Controller;
 use crate::config::{ConsoleOutput, KernelSource, VmConfig};
@@ -26,7 +25,7 @@ use crate::loader::{self, LoadError};
 use crate::memory::{self, GuestMemory};
 use crate::running::RunningMachine;
 use crate::vcpu::{self, VcpuStop};
-use crate::vcpu_state::{kick_signal, on_kick, VcpuHandle, VcpuShared};
+use crate::vcpu_state::{install_kick_handler, VcpuHandle, VcpuShared};
 use crate::vm;
 
 /// How a run ended.
@@ -215,10 +214,7 @@ impl Machine {
     /// Runs the vCPU on the calling thread until the guest stops the machine, a
     /// [`VcpuHandle`] stops it, or the guest fails.
     pub fn run(&mut self) -> Result<RunOutcome, Error> {
-        // SAFETY: `on_kick` is async-signal-safe: it reads a thread-local pointer and
-        // writes one byte of the vCPU's `kvm_run` mapping.
-        register_signal_handler(kick_signal(), on_kick)
-            .map_err(|e| Error::Setup { what: "vCPU kick signal", source: io::Error::from_raw_os_error(e.errno()) })?;
+        install_kick_handler().map_err(|source| Error::Setup { what: "vCPU kick signal", source })?;
         self.control.enter();
         let result = vcpu::run(&mut self.vcpu, &mut self.pio, &mut self.mmio, &self.exit, &self.control);
         self.control.leave();

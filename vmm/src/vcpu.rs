@@ -202,8 +202,11 @@ pub(crate) fn run(
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 pio.write(port, data);
-                if let Some(request) = *exit.lock().unwrap_or_else(|e| e.into_inner()) {
-                    return Ok(VcpuStop::Guest(request));
+                // Only a write to the exit port can ask for a stop.
+                if port == nvram::ports::EXIT {
+                    if let Some(request) = *exit.lock().unwrap_or_else(|e| e.into_inner()) {
+                        return Ok(VcpuStop::Guest(request));
+                    }
                 }
             }
             Ok(VcpuExit::IoIn(port, data)) => {

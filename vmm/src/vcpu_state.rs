@@ -19,10 +19,11 @@
 //! the entry, and one signal is enough (no re-kick loop).
 
 use std::cell::Cell;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use kvm_ioctls::VcpuFd;
-use vmm_sys_util::signal::SIGRTMIN;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 /// Where the vCPU is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,11 +69,19 @@ struct Inner {
 pub(crate) struct VcpuShared {
     inner: Mutex<Inner>,
     changed: Condvar,
+    /// Whether the state is anything but `Running`, mirrored out of the lock: the loop
+    /// reads it before every entry, and a vCPU exit is frequent enough (every port access)
+    /// that it should not take a lock to learn that nothing changed.
+    attention: AtomicBool,
 }
 
 impl Default for VcpuShared {
     fn default() -> Self {
-        Self { inner: Mutex::new(Inner { state: VcpuState::Created, thread: None }), changed: Condvar::new() }
+        Self {
+            inner: Mutex::new(Inner { state: VcpuState::Created, thread: None }),
+            changed: Condvar::new(),
+            attention: AtomicBool::new(true),
+        }
     }
 }
 
@@ -95,6 +104,9 @@ impl VcpuShared {
             return Err(from);
         }
         inner.state = next;
+        // Stored before any kick that follows the change (the kick is sent under the
+        // same lock, after this returns), so a loop that missed it is kicked out.
+        self.attention.store(next != VcpuState::Running, Ordering::SeqCst);
         self.changed.notify_all();
         Ok(from)
     }
@@ -122,6 +134,9 @@ impl VcpuShared {
 
     /// Called by the loop before each entry into the guest: parks while paused.
     pub(crate) fn next_step(&self) -> Step {
+        if !self.attention.load(Ordering::SeqCst) {
+            return Step::Run;
+        }
         let mut inner = self.lock();
         loop {
             match inner.state {
@@ -193,6 +208,19 @@ impl VcpuHandle {
 
 pub(crate) fn kick_signal() -> i32 {
     SIGRTMIN()
+}
+
+/// Installs the kick's handler, once for the process (a handler is process-wide; machines
+/// run one after another, or several at once in the tests, share it): the first outcome is
+/// every caller's.
+pub(crate) fn install_kick_handler() -> std::io::Result<()> {
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+    let outcome = INSTALLED.get_or_init(|| {
+        // SAFETY: `on_kick` is async-signal-safe: it reads a thread-local pointer and writes
+        // one byte of the vCPU's `kvm_run` mapping.
+        register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno())
+    });
+    outcome.map_err(std::io::Error::from_raw_os_error)
 }
 
 thread_local! {
