@@ -100,6 +100,12 @@ pub enum Copier {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Memory {
+    Nvm,
+    Volatile,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Model {
     Eadr,
     Adr,
@@ -168,12 +174,25 @@ pub enum CtlCommand {
 
 #[derive(Debug, Args)]
 pub struct BootArgs {
-    /// The NVM image: guest RAM, kept in this file. Created sparse when missing.
+    /// The NVM image: guest RAM, kept in this file. Created sparse when missing. Needed
+    /// unless `--memory volatile`.
     #[arg(long, value_name = "IMG")]
-    pub nvram: PathBuf,
-    /// RAM size of a new image (e.g. 256M, 1G); an existing image keeps its size.
+    pub nvram: Option<PathBuf>,
+    /// What guest RAM is: nvm (the `--nvram` image, outliving the VMM), or volatile
+    /// (anonymous memory, lost at exit: every boot is a cold boot).
+    #[arg(long, value_enum, value_name = "KIND", default_value = "nvm")]
+    pub memory: Memory,
+    /// RAM size of a new image or of volatile RAM (e.g. 256M, 1G); an existing image keeps
+    /// its size.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub mem: Option<u64>,
+    /// A virtio block device backed by FILE (created when missing, locked like the image).
+    #[arg(long, value_name = "FILE")]
+    pub disk: Option<PathBuf>,
+    /// Size of a new `--disk` file (e.g. 64M; a multiple of 512); an existing one keeps its
+    /// own.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "disk")]
+    pub disk_size: Option<u64>,
     /// Kernel command line (e.g. "poweroff").
     #[arg(long, value_name = "STR", default_value = "")]
     pub cmdline: String,

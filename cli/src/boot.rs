@@ -1,5 +1,6 @@
 //! `vmm boot`: build the machine, run it, say how it ended.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,9 +15,9 @@ use signal_hook::iterator::Signals;
 use vmm::config::{ConfigError, CrashEvict, Persistence, PersistenceModel};
 use vmm::control_socket::{ControlSocket, CrashHook};
 use vmm::image::ImageError;
-use vmm::{ConsoleOutput, Controller, KernelSource, Machine, Prefault, RunOutcome, VmConfig};
+use vmm::{ConsoleOutput, Controller, DiskConfig, KernelSource, Machine, MemoryKind, Prefault, RunOutcome, VmConfig};
 
-use crate::args::{BootArgs, Model, PersistenceArgs, UsageError};
+use crate::args::{BootArgs, Memory, Model, PersistenceArgs, UsageError};
 
 /// Exit status when the VMM itself fails (bad arguments, image, KVM).
 pub const EXIT_VMM_ERROR: u8 = 1;
@@ -42,8 +43,22 @@ pub const EXIT_IMAGE_LOST: u8 = 8;
 /// The machine the arguments describe, validated: a configuration that makes no sense is a
 /// usage error, worded with the flags that made it.
 pub fn config(args: BootArgs) -> Result<VmConfig, UsageError> {
-    let mut config = VmConfig::new(args.nvram);
+    let (memory, image) = match (args.memory, args.nvram) {
+        (Memory::Nvm, Some(image)) => (MemoryKind::Nvm, image),
+        (Memory::Nvm, None) => {
+            return Err(UsageError("--nvram IMG is needed: the image that is guest RAM (or --memory volatile)".into()))
+        }
+        (Memory::Volatile, None) => (MemoryKind::Volatile, PathBuf::new()),
+        (Memory::Volatile, Some(_)) => {
+            return Err(UsageError("--nvram names an image, but --memory volatile RAM has none".into()))
+        }
+    };
+    let mut config = VmConfig::new(image);
+    config.memory = memory;
     config.mem_size = args.mem;
+    config.disk = args
+        .disk
+        .map(|path| DiskConfig { path, size_if_created: args.disk_size.unwrap_or(vmm::config::DEFAULT_DISK_SIZE) });
     config.reformat = args.reformat;
     config.kernel = args.kernel.map_or(KernelSource::Bundled, KernelSource::File);
     config.cmdline = args.cmdline;
@@ -73,6 +88,14 @@ pub fn usage(e: ConfigError) -> UsageError {
         ConfigError::EvictFraction(_) => format!("--crash-evict: {e}"),
         ConfigError::UnknownCmdlineItem { .. } | ConfigError::BadCmdlineValue { .. } => format!("--cmdline: {e}"),
         ConfigError::TestKnobsOff => format!("--engine-pause-ms: {e}"),
+        ConfigError::PersistenceOfVolatileRam => {
+            format!("--memory volatile: {e} (drop --persistence, --crash-evict and --sync)")
+        }
+        ConfigError::ImageOptionsOfVolatileRam => {
+            format!("--memory volatile: {e} (drop --prefault, --reserve, --sparse and --reformat)")
+        }
+        ConfigError::RamSize(_) => format!("--mem: {e}"),
+        ConfigError::DiskSize(_) => format!("--disk-size: {e}"),
     })
 }
 
@@ -158,9 +181,10 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
     let outcome = machine.spawn().and_then(vmm::RunningMachine::wait);
     if CRASHING.load(Ordering::SeqCst) {
         // Nothing of an orderly stop may happen after a crash.
-        let held = match config.persistence.model {
-            PersistenceModel::Eadr => "the image holds every store the guest made",
-            PersistenceModel::Adr => "the image holds what the guest wrote back (and the evicted lines)",
+        let held = match (config.memory, config.persistence.model) {
+            (MemoryKind::Volatile, _) => "volatile RAM is lost; only the disk keeps anything",
+            (_, PersistenceModel::Eadr) => "the image holds every store the guest made",
+            (_, PersistenceModel::Adr) => "the image holds what the guest wrote back (and the evicted lines)",
         };
         eprintln!("vmm: crashed on request: the vCPU stopped dead; {held}");
         std::process::exit(i32::from(EXIT_CRASHED));
@@ -193,7 +217,11 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
                 Some(SIGHUP) => "SIGHUP",
                 _ => "Ctrl-C",
             };
-            (EXIT_SIGNAL, format!("stopped by {name}; the image holds the guest's memory as of the stop"))
+            let kept = match config.memory {
+                MemoryKind::Nvm => "the image holds the guest's memory as of the stop",
+                MemoryKind::Volatile => "volatile RAM is lost",
+            };
+            (EXIT_SIGNAL, format!("stopped by {name}; {kept}"))
         }
         Err(vmm::Error::Guest(fault)) => (EXIT_GUEST_FAULT, format!("{:#}", anyhow::Error::new(fault))),
         Err(e) => return Err(e.into()),

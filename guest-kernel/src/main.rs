@@ -72,6 +72,15 @@ extern "C" fn kmain(start_info: u64) -> ! {
     ring3::init(cmdline.bookkeeping_ring3);
     let tsc_khz = control::init();
     let copier = if engine::init(cmdline.plate_copy_engine) { "copy engine" } else { "CPU" };
+    if let Some(disk) = dev::virtio::probe() {
+        println!(
+            "virtio-blk: disk of {} sectors ({} KiB) at {:#x}, transport version {}",
+            disk.sectors,
+            disk.sectors / 2,
+            disk.base,
+            disk.version
+        );
+    }
     if cmdline.plate {
         let mode = if ring3::enabled() { "at CPL 3" } else { "in kernel mode" };
         println!("plate: write-outs and restores copy by {copier}, their bookkeeping runs {mode}");

@@ -22,6 +22,7 @@ pub mod header;
 #[cfg(feature = "std")]
 pub mod inspect;
 pub mod layout;
+pub mod mmio;
 pub mod persist;
 pub mod plate;
 pub mod ports;

@@ -34,13 +34,42 @@ pub enum ConsoleOutput {
     File(PathBuf),
 }
 
+/// What guest RAM is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MemoryKind {
+    /// The NVM image: RAM is a file, and what the guest stores outlives the VMM.
+    #[default]
+    Nvm,
+    /// Anonymous memory, lost when the VMM exits, as DRAM is at a power failure: every boot
+    /// is a cold boot, and only what the guest writes to its disk lasts.
+    Volatile,
+}
+
+/// The machine's virtio block device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The disk file, created when missing.
+    pub path: PathBuf,
+    /// Size of a new disk file in bytes (a multiple of 512); an existing one keeps its own.
+    pub size_if_created: u64,
+}
+
+/// Size of a new disk file when none is given: room for the plates of the paper's
+/// configuration twice over, and more.
+pub const DEFAULT_DISK_SIZE: u64 = 64 << 20;
+
 /// Everything needed to build and boot a machine.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
-    /// The NVM image: guest RAM.
+    /// The NVM image: guest RAM (unused when [`Self::memory`] is volatile).
     pub image: PathBuf,
-    /// RAM size for a new image; for an existing one, must match its size when given.
+    /// RAM size for a new image (or for volatile RAM); for an existing image, must match
+    /// its size when given.
     pub mem_size: Option<u64>,
+    /// Whether RAM is the image or forgets at exit.
+    pub memory: MemoryKind,
+    /// A virtio block device, if any.
+    pub disk: Option<DiskConfig>,
     /// Start the image afresh: its contents are discarded.
     pub reformat: bool,
     pub kernel: KernelSource,
@@ -74,6 +103,14 @@ pub enum ConfigError {
     BadCmdlineValue { item: String },
     #[error("the copy engine's pause is a test knob, and this build has none (cargo feature `test-knobs`)")]
     TestKnobsOff,
+    #[error("volatile RAM has no persistence model to choose: nothing of it outlives the VMM, so ADR, evicted lines and syncs to an image do not apply")]
+    PersistenceOfVolatileRam,
+    #[error("volatile RAM has no image to map ahead, reserve or reformat")]
+    ImageOptionsOfVolatileRam,
+    #[error("a RAM size of {0} bytes is not a multiple of 4 KiB from 32 MiB to 3 GiB")]
+    RamSize(u64),
+    #[error("a disk size of {0} bytes is not a positive multiple of 512")]
+    DiskSize(u64),
 }
 
 impl Persistence {
@@ -134,7 +171,34 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.persistence.validate()?;
         validate_cmdline(&self.cmdline)?;
+        if self.memory == MemoryKind::Volatile {
+            if self.persistence != Persistence::default() {
+                return Err(ConfigError::PersistenceOfVolatileRam);
+            }
+            if self.prefault != Prefault::default()
+                || self.reformat
+                || self.allocation != crate::image::Allocation::default()
+            {
+                return Err(ConfigError::ImageOptionsOfVolatileRam);
+            }
+            let size = self.ram_size();
+            if !size.is_multiple_of(nvram::layout::PAGE_SIZE)
+                || !(nvram::layout::MIN_RAM..=nvram::layout::MAX_RAM).contains(&size)
+            {
+                return Err(ConfigError::RamSize(size));
+            }
+        }
+        if let Some(disk) = &self.disk {
+            if disk.size_if_created == 0 || !disk.size_if_created.is_multiple_of(512) {
+                return Err(ConfigError::DiskSize(disk.size_if_created));
+            }
+        }
         Ok(())
+    }
+
+    /// The size of volatile RAM: as asked, or the size a new image gets.
+    pub fn ram_size(&self) -> u64 {
+        self.mem_size.unwrap_or(nvram::layout::DEFAULT_RAM)
     }
 
     /// A configuration with defaults for everything but the image.
@@ -142,6 +206,8 @@ impl VmConfig {
         Self {
             image: image.into(),
             mem_size: None,
+            memory: MemoryKind::Nvm,
+            disk: None,
             reformat: false,
             kernel: KernelSource::Bundled,
             cmdline: String::new(),
@@ -187,6 +253,35 @@ mod tests {
         assert!(!message.contains("--"), "a library error names no flag: {message}");
         config.cmdline = "checkpoint_ms=0".into();
         assert_eq!(config.validate(), Err(ConfigError::BadCmdlineValue { item: "checkpoint_ms=0".into() }));
+    }
+
+    #[test]
+    fn volatile_ram_refuses_what_only_an_image_has() {
+        let mut config = VmConfig::new("unused.img");
+        config.memory = MemoryKind::Volatile;
+        assert_eq!(config.validate(), Ok(()));
+        config.persistence.model = PersistenceModel::Adr;
+        assert_eq!(config.validate(), Err(ConfigError::PersistenceOfVolatileRam));
+        config.persistence = Persistence { sync: true, ..Persistence::default() };
+        assert_eq!(config.validate(), Err(ConfigError::PersistenceOfVolatileRam));
+        config.persistence = Persistence::default();
+        config.prefault = Prefault::All;
+        assert_eq!(config.validate(), Err(ConfigError::ImageOptionsOfVolatileRam));
+        config.prefault = Prefault::default();
+        config.reformat = true;
+        assert_eq!(config.validate(), Err(ConfigError::ImageOptionsOfVolatileRam));
+        config.reformat = false;
+        config.mem_size = Some(4097);
+        assert_eq!(config.validate(), Err(ConfigError::RamSize(4097)));
+        config.mem_size = Some(4 << 30);
+        assert_eq!(config.validate(), Err(ConfigError::RamSize(4 << 30)));
+        config.mem_size = Some(16 << 20);
+        assert_eq!(config.validate(), Err(ConfigError::RamSize(16 << 20)));
+        config.mem_size = Some(64 << 20);
+        config.disk = Some(DiskConfig { path: "d.img".into(), size_if_created: 1000 });
+        assert_eq!(config.validate(), Err(ConfigError::DiskSize(1000)));
+        config.disk = Some(DiskConfig { path: "d.img".into(), size_if_created: DEFAULT_DISK_SIZE });
+        assert_eq!(config.validate(), Ok(()));
     }
 
     #[test]

@@ -40,4 +40,8 @@ pub enum Error {
     },
     #[error("cannot lay out the port bus")]
     PortBus(#[source] devices::bus::OverlapError),
+    #[error("cannot lay out the MMIO bus")]
+    MmioBus(#[source] devices::bus::OverlapError),
+    #[error(transparent)]
+    Disk(#[from] devices::virtio::DiskError),
 }

@@ -35,7 +35,7 @@ pub mod vm;
 pub mod harness;
 
 pub use api::Controller;
-pub use config::{ConfigError, ConsoleOutput, KernelSource, Prefault, VmConfig};
+pub use config::{ConfigError, ConsoleOutput, DiskConfig, KernelSource, MemoryKind, Prefault, VmConfig};
 pub use error::Error;
 pub use machine::{Machine, RunOutcome};
 pub use running::{RunningMachine, WaitError};

@@ -18,7 +18,7 @@ use tracing::info;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::Controller;
-use crate::config::{ConsoleOutput, KernelSource, VmConfig};
+use crate::config::{ConsoleOutput, DiskConfig, KernelSource, MemoryKind, VmConfig};
 use crate::error::Error;
 use crate::image::NvmImage;
 use crate::loader::{self, LoadError};
@@ -45,8 +45,8 @@ pub struct Machine {
     _vm: Arc<VmFd>,
     _kvm: Kvm,
     pio: PioBus,
-    /// Empty for now (the virtio-blk device is to go here): an MMIO exit to an address no
-    /// device owns reads as ones and is logged by the bus.
+    /// The virtio-blk device when there is a disk; an MMIO exit to an address no device
+    /// owns reads as ones and is logged by the bus.
     mmio: MmioBus,
     exit: Arc<Mutex<Option<GuestExit>>>,
     status: StatusHandle,
@@ -58,7 +58,8 @@ pub struct Machine {
     image_view: Option<GuestMemory>,
     /// What became of the image file, for every controller (opened once, at build).
     image_watch: Option<Arc<crate::api::WatchedImage>>,
-    image: NvmImage,
+    /// None for volatile RAM.
+    image: Option<NvmImage>,
 }
 
 impl Machine {
@@ -77,9 +78,16 @@ impl Machine {
         };
         let console = open_console(&config.console)?;
 
-        let image = NvmImage::open(&config.image, config.mem_size, config.reformat, config.allocation)?;
         let persistence = config.persistence;
-        let mem = memory::map_guest_ram(&image, persistence.model)?;
+        let (image, mem) = match config.memory {
+            MemoryKind::Nvm => {
+                let image = NvmImage::open(&config.image, config.mem_size, config.reformat, config.allocation)?;
+                let mem = memory::map_guest_ram(&image, persistence.model)?;
+                (Some(image), mem)
+            }
+            MemoryKind::Volatile => (None, memory::map_volatile(config.ram_size())?),
+        };
+        let ram_size = image.as_ref().map_or(config.ram_size(), NvmImage::size);
         let vm_fd = vm::create_vm(&kvm, &mem)?;
         let kernel = loader::load_kernel(&mem, &kernel_bytes, &kernel_name)?;
         let cmdline = vm::host_cmdline_quirks(&config.cmdline);
@@ -103,23 +111,26 @@ impl Machine {
         pio.register(nvram::control::BASE, nvram::control::LEN, Box::new(control)).map_err(overlap)?;
         let vm_fd = Arc::new(vm_fd);
         let log_vm = vm_fd.clone();
-        let ram = image.size() as usize;
+        let ram = ram_size as usize;
         // KVM's log of the pages the guest's CPU writes, read by one tracker for all its users.
         let tracker = Arc::new(Mutex::new(DirtyTracker::new(
-            image.size(),
+            ram_size,
             Some(Box::new(move || log_vm.get_dirty_log(0, ram).ok())),
         )));
-        // Under ADR the persistence domain writes back into a view of the image of its own.
-        let image_view = match persistence.model {
-            PersistenceModel::Eadr => None,
-            PersistenceModel::Adr => Some(memory::map_image(&image)?),
+        // Under ADR the persistence domain writes back into a view of the image of its own
+        // (volatile RAM is always eADR: `VmConfig::validate`).
+        let image_view = match (persistence.model, &image) {
+            (PersistenceModel::Adr, Some(image)) => Some(memory::map_image(image)?),
+            _ => None,
         };
         // Guest RAM is a private mapping under ADR (its stores reach the image only when the
         // domain writes them back).
         let mut mappings = vec![memory::Mapping { memory: mem.clone(), private: image_view.is_some() }];
         mappings.extend(image_view.clone().map(|memory| memory::Mapping { memory, private: false }));
         // The data worker, if any, runs detached: it holds the mappings it needs.
-        let _ = memory::prefault(&image, mappings, config.prefault)?;
+        if let Some(image) = &image {
+            let _ = memory::prefault(image, mappings, config.prefault)?;
+        }
         let domain = Arc::new(Mutex::new(match image_view.clone() {
             None => PersistenceDomain::eadr(mem.clone(), persistence.sync),
             Some(image_view) => PersistenceDomain::adr(
@@ -132,6 +143,10 @@ impl Machine {
         }));
         let barrier = PersistBarrier::new(mem.clone(), domain.clone());
         pio.register(nvram::persist::BASE, nvram::persist::LEN, Box::new(barrier)).map_err(overlap)?;
+        let mut mmio = MmioBus::new();
+        if let Some(disk) = &config.disk {
+            attach_disk(&mut mmio, &vm_fd, &mem, disk, tracker.clone())?;
+        }
         let engine = CopyEngine::new(mem.clone(), domain.clone()).with_dirty_log(tracker);
         let engine_stats = engine.stats();
         #[cfg(feature = "test-knobs")]
@@ -141,17 +156,18 @@ impl Machine {
         };
         pio.register(nvram::engine::BASE, nvram::engine::LEN, Box::new(engine)).map_err(overlap)?;
 
-        let image_watch = match image.watch() {
+        let image_watch = image.as_ref().and_then(|image| match image.watch() {
             Ok(watch) => Some(crate::api::WatchedImage::new(watch)),
             Err(e) => {
                 tracing::warn!("cannot watch the image file ({e}): a deletion will not show in the control replies");
                 None
             }
-        };
+        });
         info!(
-            image = %image.path().display(),
-            ram_mib = image.size() >> 20,
-            created = image.created(),
+            image = %image.as_ref().map_or("none (volatile RAM)".into(), |image| image.path().display().to_string()),
+            ram_mib = ram_size >> 20,
+            created = image.as_ref().is_none_or(NvmImage::created),
+            disk = %config.disk.as_ref().map_or("none".into(), |d| d.path.display().to_string()),
             kernel = %kernel_name,
             persistence = ?persistence.model,
             entry = format_args!("{:#x}", kernel.entry),
@@ -163,7 +179,7 @@ impl Machine {
             _vm: vm_fd,
             _kvm: kvm,
             pio,
-            mmio: MmioBus::new(),
+            mmio,
             exit,
             status,
             control: Arc::new(VcpuShared::default()),
@@ -200,14 +216,18 @@ impl Machine {
         &self.mem
     }
 
-    /// The image backing guest RAM.
-    pub fn image(&self) -> &NvmImage {
-        &self.image
+    /// The image backing guest RAM; none for volatile RAM.
+    pub fn image(&self) -> Option<&NvmImage> {
+        self.image.as_ref()
     }
 
     /// Every mapping of the image in this process: guest RAM, and under ADR the
-    /// persistence domain's view (for [`crate::sigbus::report_sigbus_in`]).
+    /// persistence domain's view (for [`crate::sigbus::report_sigbus_in`]); none for
+    /// volatile RAM, which no file backs.
     pub fn image_mappings(&self) -> Vec<&GuestMemory> {
+        if self.image.is_none() {
+            return Vec::new();
+        }
         std::iter::once(&self.mem).chain(self.image_view.as_ref()).collect()
     }
 
@@ -239,6 +259,32 @@ impl Machine {
     fn power_fail(&mut self) -> PowerFailure {
         self.domain.lock().unwrap_or_else(|e| e.into_inner()).power_fail()
     }
+}
+
+/// Puts the virtio block device on the MMIO bus at [`nvram::mmio::VIRTIO_BLK_BASE`], its
+/// interrupt on an irqfd. The device's stores into guest RAM (read data, status bytes) are
+/// not in KVM's dirty log, so they are marked in `tracker`, as the copy engine's are: the
+/// write-out then finds those pages dirty, and under ADR the persistence domain (which reads
+/// the same tracker) treats them as stores not yet written back.
+fn attach_disk(
+    mmio: &mut MmioBus,
+    vm_fd: &VmFd,
+    mem: &GuestMemory,
+    disk: &DiskConfig,
+    tracker: Arc<Mutex<DirtyTracker>>,
+) -> Result<(), Error> {
+    use devices::virtio::{BlockBackend, Disk, MmioBlock, MmioVersion};
+    use nvram::mmio::{VIRTIO_BLK_BASE, VIRTIO_BLK_IRQ, VIRTIO_BLK_LEN};
+    let file = Disk::open(&disk.path, disk.size_if_created)?;
+    info!(disk = %disk.path.display(), bytes = file.len(), "virtio-blk disk");
+    let backend = BlockBackend::new(file, "vmm-disk").with_write_hook(Box::new(move |addr, len| {
+        tracker.lock().unwrap_or_else(|e| e.into_inner()).mark(addr, len);
+    }));
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Setup { what: "disk interrupt", source })?;
+    vm_fd.register_irqfd(&irq, VIRTIO_BLK_IRQ).map_err(vm::kvm_err("connect the disk interrupt"))?;
+    let device = MmioBlock::new(MmioVersion::Modern, mem.clone(), backend, Box::new(irq));
+    mmio.register(VIRTIO_BLK_BASE, VIRTIO_BLK_LEN, Box::new(device)).map_err(Error::MmioBus)?;
+    Ok(())
 }
 
 fn open_console(output: &ConsoleOutput) -> Result<Box<dyn Write + Send>, Error> {

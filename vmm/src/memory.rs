@@ -59,6 +59,13 @@ pub fn map_guest_ram(image: &NvmImage, model: PersistenceModel) -> Result<GuestM
         .map_err(|e| MemoryError::Map { path: image.path().into(), cause: e.into() })
 }
 
+/// Anonymous guest RAM of `size` bytes (`vmm boot --memory volatile`): private, zeroed,
+/// gone when the VMM exits, as DRAM is at a power failure.
+pub fn map_volatile(size: u64) -> Result<GuestMemory, MemoryError> {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+        .map_err(|cause| MemoryError::Map { path: "anonymous memory".into(), cause })
+}
+
 fn reopen(image: &NvmImage) -> Result<std::fs::File, MemoryError> {
     std::fs::OpenOptions::new().read(true).write(true).open(image.path()).map_err(|e| MemoryError::Map {
         path: image.path().into(),

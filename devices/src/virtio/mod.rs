@@ -56,7 +56,7 @@ pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
 
 /// Bytes of MMIO space one virtio-mmio device decodes: 0x100 of registers, then the
 /// device config space. The VMM reserves this much at the device's base address.
-pub const MMIO_WINDOW: u64 = 0x200;
+pub const MMIO_WINDOW: u64 = nvram::mmio::VIRTIO_BLK_LEN;
 
 /// The largest queue the device offers (QueueNumMax); virtio-drivers uses 16, Linux up to 256.
 pub const QUEUE_MAX_SIZE: u16 = 256;

@@ -1,6 +1,6 @@
 //! The guest's drivers of the machine's devices: the serial console (and the `print!`/
-//! `println!` macros), machine control, the copy engine, the persist barrier and the exit
-//! device. They use only `arch` (ports are reached from ring-3 work through
+//! `println!` macros), machine control, the copy engine, the persist barrier, the exit
+//! device and the virtio block device. They use only `arch` (ports are reached from ring-3 work through
 //! `arch::ring3::privileged`); everything above prints through them.
 
 pub mod console;
@@ -8,3 +8,4 @@ pub mod control;
 pub mod engine;
 pub mod machine;
 pub mod persist;
+pub mod virtio;

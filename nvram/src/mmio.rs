@@ -1,0 +1,22 @@
+//! Devices of the machine at MMIO addresses, as seen by the guest.
+//!
+//! | address                   | device                                                  |
+//! |---------------------------|---------------------------------------------------------|
+//! | `0xd000_0000..0xd000_0200`| virtio-blk over virtio-mmio (with `vmm boot --disk`)    |
+//!
+//! The window sits above every RAM size the image format allows ([`crate::layout::MAX_RAM`],
+//! 3 GiB) and below the IOAPIC (`0xfec0_0000`) and LAPIC (`0xfee0_0000`) windows, inside the
+//! 4 GiB the guest's boot page tables map. Without a disk nothing answers there: the magic
+//! register reads as all ones, which is how the guest finds that there is no disk.
+
+/// Base of the virtio-blk device's register window.
+pub const VIRTIO_BLK_BASE: u64 = 0xd000_0000;
+/// Bytes the device decodes: 0x100 of virtio-mmio registers, then its config space.
+pub const VIRTIO_BLK_LEN: u64 = 0x200;
+/// The device's interrupt line (a PIC/IOAPIC input the machine leaves free: COM1 has 4).
+pub const VIRTIO_BLK_IRQ: u32 = 5;
+/// What the magic register reads when a virtio-mmio device is there ("virt").
+pub const VIRTIO_MMIO_MAGIC: u32 = 0x7472_6976;
+
+const _: () = assert!(VIRTIO_BLK_BASE >= crate::layout::MAX_RAM);
+const _: () = assert!(VIRTIO_BLK_BASE + VIRTIO_BLK_LEN <= 0xfec0_0000);
