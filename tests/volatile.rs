@@ -108,3 +108,39 @@ fn options_of_an_image_are_refused_for_volatile_ram() {
     assert!(out.stderr.contains("--nvram IMG is needed"), "{out:?}");
     assert!(!scratch.image().exists());
 }
+
+/// The word `disk_test` writes at `index` for `seed` (the guest's `dev::virtio::pattern`).
+fn pattern(seed: u64, index: usize) -> u64 {
+    (seed << 32 | index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+#[test]
+fn the_guest_driver_writes_flushes_and_reads_back_through_the_disk() {
+    let scratch = Scratch::new();
+    let disk = scratch.path("disk.img").display().to_string();
+    let out = volatile_boot(&scratch, &["--disk", &disk, "--disk-size", "1M"], "poweroff disk_test=64");
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(!out.stderr.contains("virtio-blk"), "the driver's use of the device is no guest error: {out:?}");
+    let console = scratch.read_console();
+    let line = console.lines().find(|l| l.contains("disk test")).unwrap_or_else(|| panic!("no disk test:\n{console}"));
+    assert!(line.contains("disk test passed: 64 sectors from 1984"), "{line}");
+    let seed = line.rsplit_once("(seed 0x").and_then(|(_, s)| s.strip_suffix(')')).expect("the seed is printed");
+    let seed = u64::from_str_radix(seed, 16).unwrap();
+    // What the guest wrote is in the host's file, where the guest put it.
+    let bytes = std::fs::read(&disk).unwrap();
+    let tail = &bytes[1984 * 512..];
+    assert_eq!(tail.len(), 64 * 512);
+    for (i, word) in tail.chunks_exact(8).enumerate() {
+        assert_eq!(u64::from_le_bytes(word.try_into().unwrap()), pattern(seed, i), "word {i}");
+    }
+    assert!(bytes[..1984 * 512].iter().all(|&b| b == 0), "nothing else was written");
+}
+
+#[test]
+fn a_disk_too_small_for_the_test_is_said_so() {
+    let scratch = Scratch::new();
+    let disk = scratch.path("disk.img").display().to_string();
+    let out = volatile_boot(&scratch, &["--disk", &disk, "--disk-size", "512"], "poweroff disk_test=2");
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(scratch.read_console().contains("disk test FAILED: the disk is smaller than the test"), "{out:?}");
+}

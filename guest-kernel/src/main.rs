@@ -33,6 +33,34 @@ use nvram::resources::Kind;
 use proc::process::Program;
 use proc::{boot, user};
 
+/// Finds the virtio disk, says what it is, and runs the `disk_test` check on it if asked.
+fn open_disk(test_sectors: u64) {
+    use dev::virtio::{self, TestOutcome};
+    let mut blk = match virtio::open() {
+        None => return,
+        Some(Err(e)) => return println!("virtio-blk: the disk cannot be used: {e}"),
+        Some(Ok(blk)) => blk,
+    };
+    let sectors = blk.capacity();
+    println!(
+        "virtio-blk: disk of {sectors} sectors ({} KiB) at {:#x}, read-only {}",
+        sectors / 2,
+        nvram::mmio::VIRTIO_BLK_BASE,
+        blk.readonly()
+    );
+    if test_sectors > 0 {
+        let seed = timer::rdtsc() & 0xffff_ffff;
+        match virtio::self_test(&mut blk, test_sectors as usize, seed) {
+            TestOutcome::Passed { first_sector } => println!(
+                "virtio-blk: disk test passed: {test_sectors} sectors from {first_sector} written, flushed and read back (seed {seed:#x})"
+            ),
+            TestOutcome::TooSmall => println!("virtio-blk: disk test FAILED: the disk is smaller than the test"),
+            TestOutcome::Mismatch { word } => println!("virtio-blk: disk test FAILED: word {word} read back wrong"),
+            TestOutcome::Failed(e) => println!("virtio-blk: disk test FAILED: {e}"),
+        }
+    }
+}
+
 /// Rust entry, called by the boot code in long mode with `start_info` the physical address
 /// of the PVH `hvm_start_info`.
 #[no_mangle]
@@ -72,15 +100,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
     ring3::init(cmdline.bookkeeping_ring3);
     let tsc_khz = control::init();
     let copier = if engine::init(cmdline.plate_copy_engine) { "copy engine" } else { "CPU" };
-    if let Some(disk) = dev::virtio::probe() {
-        println!(
-            "virtio-blk: disk of {} sectors ({} KiB) at {:#x}, transport version {}",
-            disk.sectors,
-            disk.sectors / 2,
-            disk.base,
-            disk.version
-        );
-    }
+    open_disk(cmdline.disk_test);
     if cmdline.plate {
         let mode = if ring3::enabled() { "at CPL 3" } else { "in kernel mode" };
         println!("plate: write-outs and restores copy by {copier}, their bookkeeping runs {mode}");

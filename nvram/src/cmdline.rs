@@ -24,6 +24,7 @@
 //! | `flush=INSN`        | cache flush instruction: `clwb`, `clflushopt` or `clflush`      |
 //! |                     | (default: the best CPUID offers)                                |
 //! | `poke-ports`        | read and write ports no device owns, then go on                 |
+//! | `disk_test=N`       | at boot, write N sectors (1 to 64) at the end of the virtio disk, flush, read them back and check them |
 //! | `fault=KIND`        | provoke a CPU fault in the kernel: `ud`, `pf` or `triple`; in ring-3 kernel work: `work-ud` or `work-panic` |
 //!
 //! [`Cmdline::parse`] reports each unknown or malformed item through a callback and goes
@@ -116,7 +117,11 @@ pub const KEYS: &[&str] = &[
     "flush",
     "poke-ports",
     "fault",
+    "disk_test",
 ];
+
+/// Most sectors `disk_test` writes: what fits the kernel's buffer for it (32 KiB).
+pub const MAX_DISK_TEST_SECTORS: u64 = 64;
 
 /// The parsed command line: every item typed, the defaults where an item is absent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +130,8 @@ pub struct Cmdline {
     pub fault: Option<Fault>,
     pub flush: Option<Flush>,
     pub poke_ports: bool,
+    /// Sectors of the boot-time disk check; 0: none.
+    pub disk_test: u64,
     pub apps: [Option<App>; MAX_APPS],
     pub kv_seed: u64,
     pub kv_pages: u64,
@@ -149,6 +156,7 @@ impl Default for Cmdline {
             fault: None,
             flush: None,
             poke_ports: false,
+            disk_test: 0,
             apps: [None; MAX_APPS],
             kv_seed: 1,
             kv_pages: 64,
@@ -207,6 +215,12 @@ impl Cmdline {
                 None => return false,
             },
             ("apps", list) => return self.parse_apps(list),
+            ("disk_test", n) => {
+                return number(n)
+                    .filter(|n| (1..=MAX_DISK_TEST_SECTORS).contains(n))
+                    .map(|n| self.disk_test = n)
+                    .is_some()
+            }
             ("kv_seed", n) => return number(n).map(|n| self.kv_seed = n).is_some(),
             ("kv_verify_every", n) => return number(n).map(|n| self.kv_verify_every = n).is_some(),
             ("kv_pages", n) => return number(n).filter(|&n| n > 0).map(|n| self.kv_pages = n).is_some(),
@@ -287,7 +301,7 @@ mod tests {
     fn every_item_sets_its_field() {
         let line = "apps=kv,memtouch kv_seed=0x10 kv_pages=8 kv_verify_every=1 memtouch=32,32,256 memtouch_ms=20 \
                     fault_ms=5 counter_shutdown=3 run_ms=800 checkpoint_ms=50 plate=off plate_copy=cpu \
-                    bookkeeping=ring0 poweroff flush=clwb poke-ports fault=work-panic";
+                    bookkeeping=ring0 poweroff flush=clwb poke-ports fault=work-panic disk_test=64";
         let (c, bad) = parse_all(line);
         assert_eq!(bad, 0);
         assert_eq!(c.apps().collect::<Vec<_>>(), [App::Kv, App::Memtouch]);
@@ -296,6 +310,7 @@ mod tests {
         assert_eq!((c.counter_shutdown, c.run_ms, c.checkpoint_ms), (3, Some(800), Some(50)));
         assert!(!c.plate && !c.plate_copy_engine && !c.bookkeeping_ring3);
         assert!(c.poweroff && c.poke_ports);
+        assert_eq!(c.disk_test, 64);
         assert_eq!((c.flush, c.fault), (Some(Flush::Clwb), Some(Fault::WorkPanic)));
     }
 
@@ -304,10 +319,10 @@ mod tests {
         let mut seen = Vec::new();
         let c = Cmdline::parse(
             "bogus kv_pages=0 checkpoint_ms=0 memtouch=0,1,1 memtouch=1,2 apps=kv,fly flush=no fault=x poweroff=1 \
-             plate=maybe apps=a,b,c,d,e,f,g,h,i kv_seed=x",
+             plate=maybe apps=a,b,c,d,e,f,g,h,i kv_seed=x disk_test=0 disk_test=65",
             |item| seen.push(item.to_string()),
         );
-        assert_eq!(seen.len(), 12, "{seen:?}");
+        assert_eq!(seen.len(), 14, "{seen:?}");
         assert_eq!(seen[0], "bogus");
         assert_eq!(c, Cmdline::default());
         let (c, bad) = parse_all("apps=counter,counter,counter,counter,counter,counter,counter,counter");

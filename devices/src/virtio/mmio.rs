@@ -330,6 +330,13 @@ impl MmioBlock {
         // The driver writes each address in two halves: keep the raw value, so that a half
         // refused for alignment is not lost when the other half is written.
         let (which, set_high) = match offset {
+            // A size of 0 on a queue that is not live is a driver clearing it (virtio-drivers
+            // does, when it lets the device go): not a guest error, but the queue cannot be
+            // made ready until a real size is written.
+            reg::VIRTIO_MMIO_QUEUE_NUM if value == 0 => {
+                self.queue_bad |= BAD_SIZE;
+                return;
+            }
             reg::VIRTIO_MMIO_QUEUE_NUM => {
                 let ok = u16::try_from(value).is_ok_and(|n| q.try_set_size(n).is_ok());
                 self.set_field_validity(BAD_SIZE, ok, offset, value);

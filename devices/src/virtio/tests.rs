@@ -565,8 +565,8 @@ fn a_queue_unset_and_set_again_serves_requests() {
     for version in [MmioVersion::Modern, MmioVersion::Legacy] {
         let mut rig = Rig::new(version);
         assert_eq!(rig.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (OK, 1));
-        unset_queue(&mut rig.dev, version);
         let errors_before = rig.dev.transport_errors();
+        unset_queue(&mut rig.dev, version);
         // A new driver instance probes again from reset, on fresh rings.
         rig.mem.write_slice(&[0u8; 0x3000], GuestAddress(QUEUE_AT)).unwrap();
         assert!(negotiate(&mut rig.dev, version, DRIVER_SUPPORTED));
