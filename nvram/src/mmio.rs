@@ -13,8 +13,10 @@
 pub const VIRTIO_BLK_BASE: u64 = 0xd000_0000;
 /// Bytes the device decodes: 0x100 of virtio-mmio registers, then its config space.
 pub const VIRTIO_BLK_LEN: u64 = 0x200;
-/// The device's interrupt line (a PIC/IOAPIC input the machine leaves free: COM1 has 4).
-pub const VIRTIO_BLK_IRQ: u32 = 5;
+/// The device's interrupt line: a PIC/IOAPIC input nothing else of the machine uses (COM1
+/// has 4, the machine-control device's request interrupt 5). The guest's driver polls its
+/// queue and leaves the line masked.
+pub const VIRTIO_BLK_IRQ: u32 = 11;
 /// What the magic register reads when a virtio-mmio device is there ("virt").
 pub const VIRTIO_MMIO_MAGIC: u32 = 0x7472_6976;
 
