@@ -46,10 +46,7 @@ fn qemu(scratch: &Scratch, cmdline: &str, log: &Path) -> Child {
     if !kernel.exists() {
         std::fs::write(&kernel, vmm::kernel::BUNDLED_KERNEL).expect("write the kernel out");
     }
-    let backend = format!(
-        "memory-backend-file,id=mem,size={MEM_MIB}M,mem-path={},share=on",
-        scratch.image().display()
-    );
+    let backend = format!("memory-backend-file,id=mem,size={MEM_MIB}M,mem-path={},share=on", scratch.image().display());
     Command::new(QEMU)
         .args(["-M", "q35", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", &format!("{MEM_MIB}M")])
         .args(["-object", &backend, "-machine", "memory-backend=mem"])

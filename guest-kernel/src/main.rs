@@ -187,6 +187,11 @@ fn program(app: App, cmdline: &Cmdline) -> Program {
         }
         App::Fault => Program { name: "fault", entry: user::fault::main, args: [cmdline.fault_ms, 0, 0, 0] },
         App::Deleter => Program { name: "deleter", entry: user::deleter::main, args: [0; 4] },
+        App::Churn => Program {
+            name: "churn",
+            entry: user::churn::main,
+            args: [cmdline.churn_seed, cmdline.churn_ops, cmdline.churn_pages, 0],
+        },
     }
 }
 
