@@ -18,6 +18,7 @@
 //! | `churn_pages=N`     | most pages of one of `churn`'s regions (default 8, 1 to 8192)   |
 //! | `fault_ms=N`        | `fault` runs N ms before it faults (default 300)                |
 //! | `counter_shutdown=N`| `counter` shuts the machine down (system call) after N reports (0: never) |
+//! | `deleter=N`         | `deleter` maps, checkpoints and unmaps N one-page regions at once, then N more (0, the default: one region, then fills memory) |
 //! | `run_ms=N`          | shut down gracefully after N ms                                 |
 //! | `checkpoint_ms=N`   | a write-out every N ms (N > 0; default: only on request)        |
 //! | `plate=on\|off`     | the plate function (default on)                                 |
@@ -118,6 +119,7 @@ pub const KEYS: &[&str] = &[
     "churn_pages",
     "fault_ms",
     "counter_shutdown",
+    "deleter",
     "run_ms",
     "checkpoint_ms",
     "plate",
@@ -149,6 +151,8 @@ pub struct Cmdline {
     pub fault_ms: u64,
     /// 0: never.
     pub counter_shutdown: u64,
+    /// `deleter`'s regions deleted at once (0: its single region).
+    pub deleter: u64,
     pub run_ms: Option<u64>,
     pub checkpoint_ms: Option<u64>,
     pub plate: bool,
@@ -174,6 +178,7 @@ impl Default for Cmdline {
             churn_pages: 8,
             fault_ms: 300,
             counter_shutdown: 0,
+            deleter: 0,
             run_ms: None,
             checkpoint_ms: None,
             plate: true,
@@ -236,6 +241,7 @@ impl Cmdline {
             }
             ("fault_ms", n) => return number(n).map(|n| self.fault_ms = n).is_some(),
             ("counter_shutdown", n) => return number(n).map(|n| self.counter_shutdown = n).is_some(),
+            ("deleter", n) => return number(n).map(|n| self.deleter = n).is_some(),
             ("run_ms", n) => return number(n).map(|n| self.run_ms = Some(n)).is_some(),
             ("checkpoint_ms", n) => {
                 return number(n).filter(|&n| n > 0).map(|n| self.checkpoint_ms = Some(n)).is_some()
