@@ -3,8 +3,8 @@
 //!
 //! The stream is hostile on purpose: maps outnumber unmaps, so the process grows until the
 //! kernel refuses a map (a table or the frames are exhausted), and goes on from there,
-//! unmapping and mapping around every table's capacity. A refused map is counted, and the
-//! stream goes on. Every page of a region holds a pattern derived from the region's id,
+//! unmapping and mapping around every table's capacity. A refused map (or unmap) is
+//! counted, and the stream goes on. Every page of a region holds a pattern derived from the region's id,
 //! its version (a rewrite bumps it) and the word's place, so a page restored from the wrong
 //! save area, another region's frames or an older generation fails [`Ledger::verify`].
 //!
@@ -27,7 +27,7 @@
 //! | 64     | 8             | unmaps done                                          |
 //! | 72     | 8             | next region id                                       |
 //! | 80     | 8             | running checksum of the operations                   |
-//! | 88     | 8             | reserved                                             |
+//! | 88     | 8             | unmaps refused                                       |
 //! | 96     | 24 × capacity | slots: `(address, id, pages, version)` of live regions |
 
 use crate::rng::{mix, SplitMix64};
@@ -52,7 +52,7 @@ struct Header {
     unmaps: u64,
     next_id: u64,
     checksum: u64,
-    reserved: u64,
+    unmaps_refused: u64,
 }
 
 /// A live region as the ledger records it.
@@ -132,7 +132,7 @@ impl<'a> Ledger<'a> {
             unmaps: 0,
             next_id: 1,
             checksum: 0,
-            reserved: 0,
+            unmaps_refused: 0,
         };
         Ok(Self { header, slots })
     }
@@ -152,6 +152,10 @@ impl<'a> Ledger<'a> {
     }
     pub fn unmaps(&self) -> u64 {
         self.header.unmaps
+    }
+    /// Unmaps the kernel refused (a clean error: the region stays, and stays checked).
+    pub fn unmaps_refused(&self) -> u64 {
+        self.header.unmaps_refused
     }
     pub fn checksum(&self) -> u64 {
         self.header.checksum
@@ -209,6 +213,12 @@ impl<'a> Ledger<'a> {
     pub fn refused_map(&mut self) {
         self.header.refused += 1;
         self.count(u64::MAX);
+    }
+
+    /// Records an unmap the kernel refused: the region is still mapped and kept.
+    pub fn refused_unmap(&mut self) {
+        self.header.unmaps_refused += 1;
+        self.count(u64::MAX - 1);
     }
 
     /// Forgets the region in `slot` once the kernel unmapped it (the last live slot takes

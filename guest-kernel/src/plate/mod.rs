@@ -168,6 +168,15 @@ pub fn write_out(
     Ok(m)
 }
 
+/// Gives a plate (two save areas) to every resource that has none, now rather than at the
+/// next write-out: `map` calls it for the region it just made, so that a process that runs
+/// out of frames gets a refused `map`, not a kernel whose write-outs fail for want of save
+/// areas (and a machine that stops checkpointing). A refusal leaves frames and table as
+/// they were.
+pub fn plate_now(plating: &mut Plating, res: &Resources, frames: &mut FrameBitmap) -> Result<(), WriteOutError> {
+    plateify(plating, res, frames)
+}
+
 /// Steps 3 to 11 of a write-out (see [`write_out`]), timed from `t0`.
 fn steps(
     plating: &mut Plating,
