@@ -1,6 +1,7 @@
-//! `vmm torture`: boot, run `kv` and `memtouch` with frequent write-outs, crash at a random
-//! moment (a share of the crashes aimed inside write-outs), boot again and check the
-//! restore: boot kind, restored generation at least the last committed one, `kv` verified.
+//! `vmm torture`: boot, run `kv`, `memtouch` and `churn` with frequent write-outs, crash at
+//! a random moment (a share of the crashes aimed inside write-outs), boot again and check
+//! the restore: boot kind, restored generation at least the last committed one, `kv` and
+//! `churn` verified.
 //! Over and over; the first failure stops it with the seed and the command to reproduce.
 
 use std::process::ExitCode;
@@ -18,8 +19,12 @@ use vmm::{ConsoleOutput, Machine, RunningMachine, VmConfig};
 
 use crate::args::{Copier, Model, TortureArgs};
 
-/// The workloads under torture: a verifying `kv`, and `memtouch` to make write-outs long.
-const CMDLINE: &str = "apps=kv,memtouch memtouch=32,32,256 memtouch_ms=20 kv_verify_every=1 checkpoint_ms=50";
+/// The workloads under torture: a verifying `kv`, `memtouch` to make write-outs long, and
+/// `churn`, which maps and unmaps past every table's capacity and verifies all it holds.
+const CMDLINE: &str = "apps=kv,memtouch,churn memtouch=32,32,256 memtouch_ms=20 kv_verify_every=1 checkpoint_ms=50";
+
+/// The workloads whose own check must pass after every restore.
+const VERIFIED: [&str; 2] = ["kv", "churn"];
 
 /// A power failure: the vCPU stops dead; returns the last status and whether a write-out
 /// was under way.
@@ -167,13 +172,14 @@ fn claim(args: &TortureArgs) -> anyhow::Result<(vmm::image::ImageHold, u64)> {
     Ok((hold, mem))
 }
 
-/// `kv`'s verdict after a restore, from a status that should hold it: a `kv` that never
-/// reported (or a guest that rebooted and lost its report) is a failure, not a panic.
-fn kv_verdict(status: &MachineStatus) -> anyhow::Result<()> {
-    match status.workloads.get("kv").map(|w| w.last_check) {
+/// A workload's verdict after a restore, from a status that should hold it: a workload
+/// that never reported (or a guest that rebooted and lost its report) is a failure, not a
+/// panic.
+fn verdict(status: &MachineStatus, name: &str) -> anyhow::Result<()> {
+    match status.workloads.get(name).map(|w| w.last_check) {
         Some(Verified::Passed) => Ok(()),
-        Some(Verified::Unknown) | None => bail!("kv reported no verification after the restore"),
-        Some(_) => bail!("kv's verification FAILED after the restore"),
+        Some(Verified::Unknown) | None => bail!("{name} reported no verification after the restore"),
+        Some(_) => bail!("{name}'s verification FAILED after the restore"),
     }
 }
 
@@ -206,7 +212,8 @@ fn check_last(config: &VmConfig, tally: &mut Tally, last_committed: u64) -> anyh
     Ok(())
 }
 
-/// Boots, and after a crash checks the restore: boot kind, generation, `kv` verified.
+/// Boots, and after a crash checks the restore: boot kind, generation, `kv` and `churn`
+/// verified.
 fn boot_and_check(config: &VmConfig, tally: &mut Tally, last_committed: u64) -> anyhow::Result<RunningMachine> {
     let vm = Machine::build(config)?.spawn()?;
     let status = vm.wait_for(Duration::from_secs(60), "boot report", |s| s.boot_kind.is_some())?;
@@ -227,10 +234,12 @@ fn boot_and_check(config: &VmConfig, tally: &mut Tally, last_committed: u64) -> 
             tally.restores += 1;
             tally.restore_times.push(restore.total);
         }
-        let status = vm.wait_for(Duration::from_secs(30), "kv verification", |s| {
-            s.workloads.get("kv").is_some_and(|w| w.last_check != Verified::Unknown)
+        let status = vm.wait_for(Duration::from_secs(30), "kv and churn verifications", |s| {
+            VERIFIED.iter().all(|name| s.workloads.get(*name).is_some_and(|w| w.last_check != Verified::Unknown))
         })?;
-        kv_verdict(&status)?;
+        for name in VERIFIED {
+            verdict(&status, name)?;
+        }
     }
     Ok(vm)
 }
@@ -261,7 +270,7 @@ mod tests {
     #[test]
     fn a_missing_kv_report_is_a_failure_not_a_panic() {
         let mut status = MachineStatus::default();
-        let e = kv_verdict(&status).unwrap_err();
+        let e = verdict(&status, "kv").unwrap_err();
         assert!(e.to_string().contains("kv reported no verification"), "{e}");
         let kv = |last_check| WorkloadStatus {
             pid: 1,
@@ -273,8 +282,9 @@ mod tests {
             updated: std::time::Instant::now(),
         };
         status.workloads.insert("kv".into(), kv(Verified::Passed));
-        kv_verdict(&status).unwrap();
+        verdict(&status, "kv").unwrap();
         status.workloads.insert("kv".into(), kv(Verified::Failed));
-        assert!(kv_verdict(&status).unwrap_err().to_string().contains("FAILED"));
+        assert!(verdict(&status, "kv").unwrap_err().to_string().contains("FAILED"));
+        assert!(verdict(&status, "churn").unwrap_err().to_string().contains("churn reported no verification"));
     }
 }

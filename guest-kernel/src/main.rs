@@ -105,8 +105,8 @@ extern "C" fn kmain(start_info: u64) -> ! {
         let mode = if ring3::enabled() { "at CPL 3" } else { "in kernel mode" };
         println!("plate: write-outs and restores copy by {copier}, their bookkeeping runs {mode}");
     }
-    let areas = cmdline.plate.then(|| plate::Areas::take(nvm.frames.frames()));
-    let kind = decide(&mut nvm, areas.as_ref());
+    let areas = plate::Areas::take(nvm.frames.frames());
+    let kind = decide(&mut nvm, cmdline.plate.then_some(&areas));
 
     match cmdline.fault {
         Some(Fault::InvalidOpcode) => {
@@ -148,7 +148,15 @@ extern "C" fn kmain(start_info: u64) -> ! {
 /// checkpoint), and hands over to the processes' layer (`proc::boot`), which installs the
 /// kernel state, starts (or resumes) the workloads and the timer, and enters the first
 /// process (or the idle loop).
-fn start(nvm: nvm_root::Nvm, areas: Option<plate::Areas>, kind: BootKind, cmdline: &Cmdline, tsc_khz: u64) -> ! {
+fn start(mut nvm: nvm_root::Nvm, areas: plate::Areas, kind: BootKind, cmdline: &Cmdline, tsc_khz: u64) -> ! {
+    let areas = if cmdline.plate {
+        Some(areas)
+    } else {
+        // This run changes the tables without plates: the plate function's tables and
+        // commits no longer describe them (see `plate::forget`).
+        plate::forget(areas, (kind == BootKind::Resumed).then_some(&mut nvm.frames));
+        None
+    };
     let (plating, restored) = match (kind, areas) {
         (BootKind::Restored, Some(areas)) => {
             // Restore first: it rewrites the very tables the kernel state points into.
@@ -160,7 +168,13 @@ fn start(nvm: nvm_root::Nvm, areas: Option<plate::Areas>, kind: BootKind, cmdlin
             }
             (Some(plating), Some(metrics))
         }
-        (BootKind::Resumed, Some(areas)) => (Some(plate::resume(areas).unwrap_or_else(plate::format)), None),
+        (BootKind::Resumed, Some(areas)) => {
+            let plating = plate::resume(areas).unwrap_or_else(|areas| {
+                println!("plate: no live plate table to resume: the plate function starts afresh");
+                plate::format(areas)
+            });
+            (Some(plating), None)
+        }
         (_, Some(areas)) => (Some(plate::format(areas)), None),
         (_, None) => (None, None),
     };
@@ -215,7 +229,12 @@ fn program(app: App, cmdline: &Cmdline) -> Program {
             Program { name: "memtouch", entry: user::memtouch::main, args: [regions, kib, dirty, cmdline.memtouch_ms] }
         }
         App::Fault => Program { name: "fault", entry: user::fault::main, args: [cmdline.fault_ms, 0, 0, 0] },
-        App::Deleter => Program { name: "deleter", entry: user::deleter::main, args: [0; 4] },
+        App::Deleter => Program { name: "deleter", entry: user::deleter::main, args: [cmdline.deleter, 0, 0, 0] },
+        App::Churn => Program {
+            name: "churn",
+            entry: user::churn::main,
+            args: [cmdline.churn_seed, cmdline.churn_ops, cmdline.churn_pages, 0],
+        },
     }
 }
 

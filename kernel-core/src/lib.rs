@@ -2,6 +2,7 @@
 //! the guest (kernel and user mode alike) and is tested on the host.
 #![no_std]
 
+pub mod churn;
 pub mod frames;
 pub mod kv;
 pub mod plates;

@@ -246,5 +246,44 @@ pub fn free_pending(pending: &[Pending], frames: &mut FrameBitmap) {
     }
 }
 
+/// A plate could not be made: no frames for its save areas, or no room in the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoRoom;
+
+/// Makes the plate of resource `id` of `kind` (its region at `src`, `pages` long):
+/// allocates its two save areas and adds it to `live` (its pages are all stale: the caller
+/// marks them). Room in the table is checked before anything is allocated, and an area
+/// already taken is given back when the next cannot be had: a refusal leaves the frames
+/// and the table as they were, since a write-out that cannot plate retries at every
+/// period, and a leak per retry would end in no frames at all.
+pub fn make_plate(
+    live: &mut PlateTable,
+    frames: &mut FrameBitmap,
+    kind: PlateKind,
+    id: u32,
+    src: u64,
+    pages: u64,
+) -> Result<Plate, NoRoom> {
+    if !live.has_room(kind, id) {
+        return Err(NoRoom);
+    }
+    let a = frames.alloc(pages).map_err(|_| NoRoom)?;
+    let b = match frames.alloc(pages) {
+        Ok(b) => b,
+        Err(_) => {
+            let _ = frames.free(a, pages);
+            return Err(NoRoom);
+        }
+    };
+    let plate = Plate { kind: kind as u32, id, src, pages, area: [a, b], valid: 0, reserved: 0 };
+    if live.add(plate).is_none() {
+        free_pending(&[Pending { area: plate.area, pages }], frames);
+        return Err(NoRoom);
+    }
+    Ok(plate)
+}
+
+#[cfg(test)]
+mod capacity_tests;
 #[cfg(test)]
 mod tests;

@@ -7,14 +7,18 @@
 //!
 //! | item                | effect                                                          |
 //! |---------------------|-----------------------------------------------------------------|
-//! | `apps=A,B,...`      | workloads to start on a fresh image: `counter`, `kv`, `memtouch`, `fault`, `deleter` |
+//! | `apps=A,B,...`      | workloads to start on a fresh image: `counter`, `kv`, `memtouch`, `fault`, `deleter`, `churn` |
 //! | `kv_seed=N`         | seed of `kv`'s operation stream (default 1)                     |
 //! | `kv_pages=N`        | pages of `kv`'s table region (default 64, at least 1)           |
 //! | `kv_verify_every=N` | `kv` verifies its whole table every N reports (0, the default: the guest's own, 5) |
 //! | `memtouch=R,S,D`    | `memtouch` maps R regions of S KiB and dirties D KiB per interval (default 4,64,16) |
 //! | `memtouch_ms=N`     | `memtouch`'s interval in ms (default 100)                       |
+//! | `churn_seed=N`      | seed of `churn`'s stream of maps, unmaps and rewrites (default 1) |
+//! | `churn_ops=N`       | operations of `churn`'s stream, then rewrites only (default 5000) |
+//! | `churn_pages=N`     | most pages of one of `churn`'s regions (default 8, 1 to 8192)   |
 //! | `fault_ms=N`        | `fault` runs N ms before it faults (default 300)                |
 //! | `counter_shutdown=N`| `counter` shuts the machine down (system call) after N reports (0: never) |
+//! | `deleter=N`         | `deleter` maps, checkpoints and unmaps N one-page regions at once, then N more (0, the default: one region, then fills memory) |
 //! | `run_ms=N`          | shut down gracefully after N ms                                 |
 //! | `checkpoint_ms=N`   | a write-out every N ms (N > 0; default: only on request)        |
 //! | `plate=on\|off`     | the plate function (default on)                                 |
@@ -51,6 +55,7 @@ pub enum App {
     Memtouch,
     Fault,
     Deleter,
+    Churn,
 }
 
 impl App {
@@ -62,6 +67,7 @@ impl App {
             "memtouch" => Some(Self::Memtouch),
             "fault" => Some(Self::Fault),
             "deleter" => Some(Self::Deleter),
+            "churn" => Some(Self::Churn),
             _ => None,
         }
     }
@@ -95,6 +101,9 @@ impl Flush {
     }
 }
 
+/// Most pages of one of `churn`'s regions: the most one `map` gives.
+pub const MAX_CHURN_PAGES: u64 = 8192;
+
 /// Most workloads on one command line.
 pub const MAX_APPS: usize = 8;
 
@@ -106,8 +115,12 @@ pub const KEYS: &[&str] = &[
     "kv_verify_every",
     "memtouch",
     "memtouch_ms",
+    "churn_seed",
+    "churn_ops",
+    "churn_pages",
     "fault_ms",
     "counter_shutdown",
+    "deleter",
     "run_ms",
     "checkpoint_ms",
     "plate",
@@ -139,9 +152,14 @@ pub struct Cmdline {
     pub kv_verify_every: u64,
     pub memtouch: [u64; 3],
     pub memtouch_ms: u64,
+    pub churn_seed: u64,
+    pub churn_ops: u64,
+    pub churn_pages: u64,
     pub fault_ms: u64,
     /// 0: never.
     pub counter_shutdown: u64,
+    /// `deleter`'s regions deleted at once (0: its single region).
+    pub deleter: u64,
     pub run_ms: Option<u64>,
     pub checkpoint_ms: Option<u64>,
     pub plate: bool,
@@ -163,8 +181,12 @@ impl Default for Cmdline {
             kv_verify_every: 0,
             memtouch: [4, 64, 16],
             memtouch_ms: 100,
+            churn_seed: 1,
+            churn_ops: 5000,
+            churn_pages: 8,
             fault_ms: 300,
             counter_shutdown: 0,
+            deleter: 0,
             run_ms: None,
             checkpoint_ms: None,
             plate: true,
@@ -226,8 +248,14 @@ impl Cmdline {
             ("kv_pages", n) => return number(n).filter(|&n| n > 0).map(|n| self.kv_pages = n).is_some(),
             ("memtouch", spec) => return self.parse_memtouch(spec),
             ("memtouch_ms", n) => return number(n).map(|n| self.memtouch_ms = n).is_some(),
+            ("churn_seed", n) => return number(n).map(|n| self.churn_seed = n).is_some(),
+            ("churn_ops", n) => return number(n).map(|n| self.churn_ops = n).is_some(),
+            ("churn_pages", n) => {
+                return number(n).filter(|n| (1..=MAX_CHURN_PAGES).contains(n)).map(|n| self.churn_pages = n).is_some()
+            }
             ("fault_ms", n) => return number(n).map(|n| self.fault_ms = n).is_some(),
             ("counter_shutdown", n) => return number(n).map(|n| self.counter_shutdown = n).is_some(),
+            ("deleter", n) => return number(n).map(|n| self.deleter = n).is_some(),
             ("run_ms", n) => return number(n).map(|n| self.run_ms = Some(n)).is_some(),
             ("checkpoint_ms", n) => {
                 return number(n).filter(|&n| n > 0).map(|n| self.checkpoint_ms = Some(n)).is_some()
@@ -327,6 +355,19 @@ mod tests {
         assert_eq!(c, Cmdline::default());
         let (c, bad) = parse_all("apps=counter,counter,counter,counter,counter,counter,counter,counter");
         assert_eq!((c.apps().count(), bad), (MAX_APPS, 0));
+    }
+
+    #[test]
+    fn churn_items_set_its_fields_and_bad_ones_are_refused() {
+        let (c, bad) = parse_all("apps=churn,kv churn_seed=9 churn_ops=0x100 churn_pages=64");
+        assert_eq!(bad, 0);
+        assert_eq!(c.apps().collect::<Vec<_>>(), [App::Churn, App::Kv]);
+        assert_eq!((c.churn_seed, c.churn_ops, c.churn_pages), (9, 256, 64));
+        let (c, bad) = parse_all("churn_pages=0 churn_pages=8193 churn_ops=x churn_seed=");
+        assert_eq!((c, bad), (Cmdline::default(), 4));
+        for key in ["churn_seed", "churn_ops", "churn_pages"] {
+            assert!(Cmdline::is_known_key(key), "{key}");
+        }
     }
 
     #[test]

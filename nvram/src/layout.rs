@@ -29,6 +29,9 @@
 //!   0x0100_0000 +--------------------------------+
 //!               | frames                         |  page tables, regions, save areas
 //!               |            ...                 |
+//!  size - 1 MiB +--------------------------------+
+//!               | unused: firmware's (QEMU's     |  `TOP_RESERVE`, so that the layout is
+//!               | SeaBIOS keeps tables here)     |  the same under QEMU and our VMM
 //!     mem size  +--------------------------------+
 //! ```
 
@@ -96,9 +99,69 @@ pub const FRAMES_BASE: u64 = 0x100_0000;
 
 const _: () = assert!(PLATE_DIRTY + PLATE_BITMAP_MAX <= FRAMES_BASE);
 
+/// The top of the image that no layout uses: firmware may keep its tables there. QEMU's
+/// SeaBIOS takes up to 256 KiB below the end of RAM for its own tables and reports them as
+/// reserved in the memory map it hands a PVH kernel (0x21000 bytes for 256 MiB, measured),
+/// which our VMM does not; so that an image moves between the two, its layout leaves this
+/// much out on both.
+pub const TOP_RESERVE: u64 = 1 << 20;
+
+/// The unit in which RAM sizes are taken: a memory map whose usable RAM ends a little below
+/// a whole MiB (firmware took the rest) stands for the image of that whole MiB.
+pub const RAM_GRANULE: u64 = 1 << 20;
+
+/// How many frames the layout of an image has, given where its usable RAM ends (the end of
+/// the highest RAM region of the memory map): the same for our VMM, which reports all of
+/// the image as RAM, and for QEMU with SeaBIOS, which reports less. The end is rounded up
+/// to [`RAM_GRANULE`] (the image's size) and [`TOP_RESERVE`] is left out, so the frames
+/// never reach memory firmware may take; they always end below `ram_end` (the rounding adds
+/// less than the reserve takes). Firmware that
+/// took more than the reserve gives another layout, which the root header's check refuses.
+/// `None` if the image (the rounded size) is smaller than [`MIN_RAM`].
+pub const fn frames_for(ram_end: u64) -> Option<u64> {
+    let image = ram_end.div_ceil(RAM_GRANULE) * RAM_GRANULE;
+    if image < MIN_RAM {
+        return None;
+    }
+    Some((image - TOP_RESERVE - FRAMES_BASE) / PAGE_SIZE)
+}
+
 /// Smallest RAM our kernel accepts: the fixed areas above plus room to work.
 pub const MIN_RAM: u64 = 32 << 20;
 /// Largest RAM: guest RAM is one slot below the 32-bit MMIO hole (LAPIC, IOAPIC, TSS).
 pub const MAX_RAM: u64 = 3 << 30;
 /// Default size of a new image.
 pub const DEFAULT_RAM: u64 = 256 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_layout_is_the_same_whatever_firmware_takes_off_the_top() {
+        // Our VMM reports all of 256 MiB as RAM; QEMU's q35 with SeaBIOS ends RAM at 0xffdf000.
+        let ours = frames_for(256 << 20).unwrap();
+        assert_eq!(frames_for(0xffd_f000), Some(ours));
+        assert_eq!(frames_for((256 << 20) - (256 << 10)), Some(ours));
+        assert_eq!(ours, ((255 << 20) - FRAMES_BASE) / PAGE_SIZE);
+        // The smallest image too: SeaBIOS's RAM ends below MIN_RAM, the image does not.
+        let smallest = Some((MIN_RAM - TOP_RESERVE - FRAMES_BASE) / PAGE_SIZE);
+        assert_eq!(frames_for(MIN_RAM), smallest);
+        assert_eq!(frames_for(MIN_RAM - 0x2_1000), smallest);
+    }
+
+    #[test]
+    fn too_little_ram_has_no_layout() {
+        assert_eq!(frames_for(MIN_RAM - RAM_GRANULE), None);
+        assert_eq!(frames_for(0), None);
+    }
+
+    #[test]
+    fn ram_that_ends_just_past_a_mib_still_covers_its_frames() {
+        // A size that is not a whole MiB: rounded up, then the reserve left out; the frames
+        // end below the usable RAM.
+        let end = (64 << 20) + PAGE_SIZE;
+        let frames = frames_for(end).unwrap();
+        assert!(FRAMES_BASE + frames * PAGE_SIZE <= end);
+    }
+}

@@ -15,11 +15,11 @@
 //! | 12 | 4 | `count`: plates in use |
 //! | 16 | 8 | `generation` of the write-out this table commits |
 //! | 24 | 4 | `pending`: entries of the deletion-pending list |
-//! | 28 | 4 | reserved |
+//! | 28 | 4 | `resume_first`: the process a restore runs first, plus one (0: none) |
 //! | 32 | 8 | `checksum`: [`checksum64`] of every other word, as laid out below |
 //! | 40 | 512 | `plated`: per kind, a bitmap of the resource ids that have a plate |
-//! | 552 | 24 × 512 | deletion-pending list: save areas `[a, b]` and `pages` |
-//! | 12840 | 48 × 1024 | plates ([`Plate`]) |
+//! | 552 | 24 × 1154 | deletion-pending list: save areas `[a, b]` and `pages` |
+//! | 28248 | 48 × 1154 | plates ([`Plate`]) |
 //!
 //! Plate entry:
 //!
@@ -37,16 +37,30 @@
 use num_enum::{IntoPrimitive, TryFromPrimitive};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+use crate::resources::{KERNEL_SPACES, SPACES, USER_SPACES};
+
 /// Magic of a plate table.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"TNDRPLT1");
 /// Version of the plate table's layout.
-pub const VERSION: u32 = 2;
-/// Most plates.
-pub const MAX_PLATES: usize = 1024;
-/// Most save areas pending deletion between two write-outs.
-pub const MAX_PENDING: usize = 512;
+pub const VERSION: u32 = 3;
+/// Most plates: one for every resource that can exist at once (the two fixed tables, every
+/// kernel space, every space's page tables, every user space). A live plate belongs to a
+/// live resource, one per resource, so plating an existing resource never finds the table
+/// full: a table smaller than that would refuse a plate at every write-out while the
+/// resources exist, and checkpointing would stop for good.
+pub const MAX_PLATES: usize = 2 + KERNEL_SPACES + SPACES + USER_SPACES;
+/// Most save areas pending deletion between two write-outs: as many as plates, so that the
+/// list cannot overflow. Only a plate of the committed table goes pending ([`Removed`]): a
+/// plate made since the last commit is in no committed table, and its areas are freed at
+/// once. A committed plate leaves the live table when it goes pending and cannot come back
+/// before the next commit empties the list, so the list holds at most one entry per plate
+/// of the committed table. A list that could fill would have to refuse a deletion, or
+/// leave the deleted resource's plate live for a new resource of the same id to inherit.
+pub const MAX_PENDING: usize = MAX_PLATES;
 /// Resource ids per kind that the `plated` bitmaps can mark.
 pub const MAX_IDS: usize = 1024;
+
+const _: () = assert!(KERNEL_SPACES <= MAX_IDS && SPACES <= MAX_IDS && USER_SPACES <= MAX_IDS);
 
 /// What a plate holds, in restore order. Its name (`<&str>::from`) is what `vmm inspect`
 /// shows.
@@ -106,9 +120,23 @@ pub struct Pending {
     pub pages: u64,
 }
 
-/// The deletion-pending list is full: a write-out must empty it first.
+/// The deletion-pending list is full. It cannot be (see [`MAX_PENDING`]); should it be,
+/// the deletion is refused before anything is changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PendingFull;
+
+/// What became of a deleted resource's plate ([`PlateTable::remove`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removed {
+    /// The resource had no plate.
+    NoPlate,
+    /// Its save areas wait in the pending list for the next commit: the committed table
+    /// may need them.
+    Pending,
+    /// The plate was made after the last commit, so no committed table names its save
+    /// areas: the caller frees them now.
+    FreeNow(Pending),
+}
 
 /// A plate table (live copy or commit slot).
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
@@ -119,7 +147,9 @@ pub struct PlateTable {
     pub count: u32,
     pub generation: u64,
     pub pending_count: u32,
-    pub reserved: u32,
+    /// The process a restore of this table runs first, plus one (0: none): the one that
+    /// asked for the write-out, or that it interrupted (the paper's restore, step 7).
+    pub resume_first: u32,
     pub checksum: u64,
     pub plated: [[u64; MAX_IDS / 64]; KINDS],
     pub pending: [Pending; MAX_PENDING],
@@ -137,11 +167,12 @@ const _: () =
     assert!(TABLE_SIZE == 8 * (HEADER_WORDS + PLATED_WORDS + PENDING_WORDS * MAX_PENDING + PLATE_WORDS * MAX_PLATES));
 // The offsets of the module docs: the image format.
 const _: () =
-    assert!(TABLE_SIZE == 61_992 && core::mem::size_of::<Plate>() == 48 && core::mem::size_of::<Pending>() == 24);
+    assert!(TABLE_SIZE == 83_640 && core::mem::size_of::<Plate>() == 48 && core::mem::size_of::<Pending>() == 24);
+const _: () = assert!(TABLE_SIZE as u64 <= crate::layout::PLATE_TABLE_MAX);
 const _: () =
     assert!(core::mem::offset_of!(PlateTable, checksum) == 32 && core::mem::offset_of!(PlateTable, plated) == 40);
 const _: () =
-    assert!(core::mem::offset_of!(PlateTable, pending) == 552 && core::mem::offset_of!(PlateTable, plates) == 12_840);
+    assert!(core::mem::offset_of!(PlateTable, pending) == 552 && core::mem::offset_of!(PlateTable, plates) == 28_248);
 const _: () = assert!(core::mem::offset_of!(Plate, valid) == 40);
 
 /// A 64-bit checksum over words: cheap enough for the emulated kernel mode of PVM (three
@@ -238,7 +269,7 @@ impl PlateTable {
         self.count = 0;
         self.generation = 0;
         self.pending_count = 0;
-        self.reserved = 0;
+        self.resume_first = 0;
         self.plated = [[0; MAX_IDS / 64]; KINDS];
         self.seal();
     }
@@ -348,24 +379,44 @@ impl PlateTable {
         Some(n)
     }
 
-    /// Deletes the plate of resource `id` of `kind`: its save areas join the pending list
-    /// (freed after the next commit, never before). `Err(PendingFull)` if the list is full
-    /// (the caller then makes a write-out first).
-    pub fn remove(&mut self, kind: PlateKind, id: u32) -> Result<bool, PendingFull> {
+    /// Whether the table has room for the plate of resource `id` of `kind` (which has none).
+    pub fn has_room(&self, kind: PlateKind, id: u32) -> bool {
+        (self.count as usize) < MAX_PLATES && (id as usize) < MAX_IDS && !self.is_plated(kind, id)
+    }
+
+    /// Whether deleting resource `id` of `kind` would find the pending list full (never, by
+    /// [`MAX_PENDING`]; checked before a deletion changes anything all the same).
+    pub fn removal_fits(&self, kind: PlateKind, id: u32) -> bool {
+        let committed = self.plates().iter().any(|p| p.kind == kind as u32 && p.id == id && p.valid != 0);
+        !committed || (self.pending_count as usize) < MAX_PENDING
+    }
+
+    /// Deletes the plate of resource `id` of `kind`. A plate some write-out committed
+    /// (`valid` set) has its save areas join the pending list, freed after the next commit,
+    /// never before: a crash until then restores from them. A plate made since the last
+    /// commit is in no committed table: its areas are handed back to be freed at once.
+    /// `Err(PendingFull)` (which [`MAX_PENDING`] rules out) changes nothing.
+    pub fn remove(&mut self, kind: PlateKind, id: u32) -> Result<Removed, PendingFull> {
         let Some(index) = self.plates().iter().position(|p| p.kind == kind as u32 && p.id == id) else {
-            return Ok(false);
+            return Ok(Removed::NoPlate);
         };
-        if self.pending_count as usize >= MAX_PENDING {
-            return Err(PendingFull);
-        }
         let plate = self.plates[index];
-        self.pending[self.pending_count as usize] = Pending { area: plate.area, pages: plate.pages };
-        self.pending_count += 1;
+        let areas = Pending { area: plate.area, pages: plate.pages };
+        let removed = if plate.valid == 0 {
+            Removed::FreeNow(areas)
+        } else {
+            if self.pending_count as usize >= MAX_PENDING {
+                return Err(PendingFull);
+            }
+            self.pending[self.pending_count as usize] = areas;
+            self.pending_count += 1;
+            Removed::Pending
+        };
         let last = self.count as usize - 1;
         self.plates[index] = self.plates[last];
         self.count -= 1;
         self.mark(kind, id, false);
-        Ok(true)
+        Ok(removed)
     }
 
     /// Copies every meaningful word of `other` into this table.
@@ -375,7 +426,7 @@ impl PlateTable {
         self.count = other.count.min(MAX_PLATES as u32);
         self.generation = other.generation;
         self.pending_count = other.pending_count.min(MAX_PENDING as u32);
-        self.reserved = 0;
+        self.resume_first = other.resume_first;
         self.checksum = other.checksum;
         self.plated = other.plated;
         let (p, n) = (self.pending_count as usize, self.count as usize);

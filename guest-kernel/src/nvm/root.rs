@@ -42,7 +42,12 @@ pub enum ImageError {
         ram: u64,
     },
     /// The header's layout fields disagree with this RAM size or this kernel's layout.
-    Layout,
+    Layout {
+        /// Frames the image was formatted with.
+        frames: u64,
+        /// Frames this RAM holds.
+        available: u64,
+    },
     /// A resource table's header is not what it must be.
     Table(nvram::resources::Kind),
 }
@@ -55,7 +60,10 @@ impl core::fmt::Display for ImageError {
                 write!(f, "the image was written by kernel build {found:016x}, this is build {BUILD_ID:016x}")
             }
             Self::TooSmall { ram } => write!(f, "{ram} bytes of RAM cannot hold the kernel's tables"),
-            Self::Layout => write!(f, "the root header's layout does not match this RAM size"),
+            Self::Layout { frames, available } => write!(
+                f,
+                "the root header's layout does not match this RAM size: the image has {frames} frames, this RAM holds {available}"
+            ),
             Self::Table(kind) => write!(f, "the {kind:?} table is corrupt"),
         }
     }
@@ -91,9 +99,12 @@ pub struct Nvm {
 pub fn open(ram_end: u64) -> Result<Nvm, ImageError> {
     static OPENED: AtomicBool = AtomicBool::new(false);
     assert!(!OPENED.swap(true, Ordering::Relaxed), "the NVM tables are opened once per boot");
-    if ram_end < layout::MIN_RAM {
+    // The layout a blank image gets is a function of the image's size alone, not of what
+    // firmware took off the top of RAM (nvram::layout::frames_for), so that an image moves
+    // between our VMM and QEMU.
+    let Some(mut frame_count) = layout::frames_for(ram_end) else {
         return Err(ImageError::TooSmall { ram: ram_end });
-    }
+    };
     let mut header = load_header(HeaderCopy::First);
     let chosen = header::choose(&header, &load_header(HeaderCopy::Second));
     if let Ok((whole, _, copy)) = chosen {
@@ -103,12 +114,13 @@ pub fn open(ram_end: u64) -> Result<Nvm, ImageError> {
         header = whole;
     }
     let available = (ram_end - layout::FRAMES_BASE) / layout::PAGE_SIZE;
-    let mut frame_count = available;
     let found = match chosen.map(|(_, flag, _)| flag) {
         Ok(_) if header.build_id != BUILD_ID => return Err(ImageError::ForeignBuild { found: header.build_id }),
-        // Firmware may reserve a few pages at the top of RAM (QEMU's q35 does): the frames
-        // the image was formatted with must all still be RAM.
-        Ok(_) if header.frames > available || header.resources != layout::RESOURCES => return Err(ImageError::Layout),
+        // The layout is the one recorded in the header, checked against the memory map:
+        // the frames the image was formatted with must all be RAM here.
+        Ok(_) if header.frames > available || header.resources != layout::RESOURCES => {
+            return Err(ImageError::Layout { frames: header.frames, available })
+        }
         Ok(flag) => {
             frame_count = header.frames;
             Found::Known(flag)

@@ -29,6 +29,7 @@ use nvram::resources::{Resources, TABLE_POOL_PAGES};
 use crate::arch::{paging, ring3, timer};
 use crate::dev::{control, engine, persist};
 use crate::nvm::root;
+use crate::println;
 use copy::GuestPersist;
 use plateify::{install_ops, plateify};
 pub use state::{Areas, Plating, WriteOutError};
@@ -52,6 +53,38 @@ pub fn format(mut areas: Areas) -> Plating {
     persist::persist(layout::PLATE_SLOTS[1], 64);
     install_ops();
     areas.into_plating(None)
+}
+
+/// With `plate=off`: makes the live table and both commit slots unusable, durably, so that
+/// no later boot with the plate function on restores (after a crash) or resumes (after a
+/// shutdown) a generation this run invalidates: a format hands every frame out again, save
+/// areas included, and a run without plates deletes resources and makes new ones that no
+/// plate follows. `frames`: the frame bitmap when it is the one the live table was kept
+/// with (a resumed image), whose save areas are then freed; after a format there is nothing
+/// to free.
+pub fn forget(areas: Areas, frames: Option<&mut FrameBitmap>) {
+    let live_whole = areas.live.check_header().is_ok();
+    let committed = areas.committed().is_some();
+    if !live_whole && !committed {
+        return;
+    }
+    let mut freed = 0;
+    if let (true, Some(frames)) = (live_whole, frames) {
+        for p in areas.live.plates().iter().filter(|p| p.kind != PlateKind::Fixed as u32) {
+            plates::free_pending(&[nvram::plate::Pending { area: p.area, pages: p.pages }], frames);
+            freed += 1;
+        }
+        plates::free_pending(areas.live.pending(), frames);
+        freed += areas.live.pending().len();
+    }
+    areas.live.magic = 0;
+    persist::flush(layout::PLATE_LIVE, 8);
+    for (slot, at) in areas.slots.into_iter().zip(layout::PLATE_SLOTS) {
+        slot.magic = 0;
+        persist::flush(at, 8);
+    }
+    persist::fence();
+    println!("plate: off: the plate table and its commits are forgotten ({freed} plates' save areas freed)");
 }
 
 /// After a graceful shutdown: everything is as it was, the live table included; only which
@@ -109,15 +142,18 @@ pub fn free_pending_after_restore(plating: &mut Plating, frames: &mut FrameBitma
 /// saves the interrupted process (`save`: the caller's, since processes are above this
 /// layer; it must leave every process's registers in the process table, which is plated),
 /// plate-ifies new spaces, copies what changed into the inactive save areas, commits by
-/// writing the plate table last, and frees the save areas pending deletion.
+/// writing the plate table last, and frees the save areas pending deletion. `resume_first`:
+/// the process a restore of this write-out runs first (recorded in the committed table).
 pub fn write_out(
     plating: &mut Plating,
     res: &Resources,
     frames: &mut FrameBitmap,
     header: &mut RootHeader,
+    resume_first: Option<u32>,
     save: impl FnOnce(),
 ) -> Result<Metrics, WriteOutError> {
     let t0 = timer::rdtsc();
+    plating.live.resume_first = resume_first.map_or(0, |pid| pid + 1);
     let next = plating.committed.map_or(1, |(_, g)| g + 1);
     control::started(nvram::control::Started::new(next));
     // 2. The process table holds every process's registers; the running one's are saved.
@@ -130,6 +166,15 @@ pub fn write_out(
     m.total = end - t0;
     control::metrics(m);
     Ok(m)
+}
+
+/// Gives a plate (two save areas) to every resource that has none, now rather than at the
+/// next write-out: `map` calls it for the region it just made, so that a process that runs
+/// out of frames gets a refused `map`, not a kernel whose write-outs fail for want of save
+/// areas (and a machine that stops checkpointing). A refusal leaves frames and table as
+/// they were.
+pub fn plate_now(plating: &mut Plating, res: &Resources, frames: &mut FrameBitmap) -> Result<(), WriteOutError> {
+    plateify(plating, res, frames)
 }
 
 /// Steps 3 to 11 of a write-out (see [`write_out`]), timed from `t0`.

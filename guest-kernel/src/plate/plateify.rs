@@ -5,39 +5,41 @@
 use kernel_core::frames::FrameBitmap;
 use kernel_core::plates;
 use nvram::layout;
-use nvram::plate::{Plate, PlateKind, FIXED_FRAME_BITMAP, FIXED_RESOURCES};
+use nvram::plate::{PendingFull, Plate, PlateKind, Removed, FIXED_FRAME_BITMAP, FIXED_RESOURCES};
 use nvram::resources::{Resources, TABLE_POOL_PAGES};
 
 use super::state::{Plating, WriteOutError, PAGE};
 use crate::nvm::resources::{self, Mem, ResError, OPS};
 use crate::println;
 
-/// Adds `plate` to the live table. Its areas hold nothing yet: every page is stale (marked
-/// 64 pages a step).
-fn enlist(plating: &mut Plating, plate: Plate) -> Result<(), WriteOutError> {
-    let first = plating.stale_index(&plate);
+/// Marks every page of a new plate stale: its areas hold nothing yet (64 pages a step).
+fn mark_stale(plating: &mut Plating, plate: &Plate) {
+    let first = plating.stale_index(plate);
     let mut done = 0;
     while done < plate.pages {
         let n = (plate.pages - done).min(64);
         plates::set_bits_at(plating.stale, first + done, n, u64::MAX);
         done += n;
     }
-    plating.live.add(plate).map(|_| ()).ok_or(WriteOutError::NoRoom)
+}
+
+/// Adds a fixed plate (its areas are fixed, nothing to allocate) to the live table.
+fn enlist(plating: &mut Plating, plate: Plate) -> Result<(), WriteOutError> {
+    plating.live.add(plate).ok_or(WriteOutError::NoRoom)?;
+    mark_stale(plating, &plate);
+    Ok(())
 }
 
 /// Gives a plate (two save areas) to every resource that has none: the paper's
 /// plate-ification, at each write-out for the spaces made since the last.
 pub(super) fn plateify(plating: &mut Plating, res: &Resources, frames: &mut FrameBitmap) -> Result<(), WriteOutError> {
+    // The table holds a plate for every resource that can exist (`nvram::plate::MAX_PLATES`);
+    // a refusal (no frames) leaves frames and table as they were (`plates::make_plate`).
     let add = |plating: &mut Plating, frames: &mut FrameBitmap, kind: PlateKind, id, src, pages| {
-        let a = frames.alloc(pages).map_err(|_| WriteOutError::NoRoom)?;
-        let b = match frames.alloc(pages) {
-            Ok(b) => b,
-            Err(_) => {
-                let _ = frames.free(a, pages);
-                return Err(WriteOutError::NoRoom);
-            }
-        };
-        enlist(plating, Plate { kind: kind as u32, id, src, pages, area: [a, b], valid: 0, reserved: 0 })
+        let plate = plates::make_plate(plating.live, frames, kind, id, src, pages)
+            .map_err(|plates::NoRoom| WriteOutError::NoRoom)?;
+        mark_stale(plating, &plate);
+        Ok::<(), WriteOutError>(())
     };
     if !plating.live.is_plated(PlateKind::Fixed, FIXED_RESOURCES) {
         let pages = (core::mem::size_of::<Resources>() as u64).div_ceil(PAGE);
@@ -71,33 +73,46 @@ pub(super) fn plateify(plating: &mut Plating, res: &Resources, frames: &mut Fram
     Ok(())
 }
 
-/// Deletion with the plate function: the resource goes at once, its save areas wait in the
-/// deletion-pending list for the next commit (they may hold the only copy a crash before
-/// then would restore).
-fn defer(m: &mut Mem<'_>, kind: PlateKind, id: u32) {
-    if let Some(live) = m.plates.as_deref_mut() {
-        if live.remove(kind, id).is_err() {
-            println!("plate: deletion-pending list full: the save areas of {kind:?} {id} are leaked");
-        }
+/// Deletion with the plate function: the resource goes at once; the save areas of a plate
+/// a write-out committed wait in the deletion-pending list for the next commit (they may
+/// hold the only copy a crash before then would restore), those of a plate made since the
+/// last commit (in no committed table) are freed now. Either way the plate leaves the live
+/// table, so a new resource given the same id gets a plate of its own.
+///
+/// The pending list cannot be full (`nvram::plate::MAX_PENDING`: one entry per committed
+/// plate); it is checked before anything is deleted all the same, and a full list refuses
+/// the deletion (the process's `unmap` fails) rather than leave a stale plate live.
+fn defer(
+    m: &mut Mem<'_>,
+    kind: PlateKind,
+    id: u32,
+    delete_now: fn(&mut Mem<'_>, u32) -> Result<(), ResError>,
+) -> Result<(), ResError> {
+    if m.plates.as_deref().is_some_and(|live| !live.removal_fits(kind, id)) {
+        println!("plate: deletion-pending list full: the deletion of {kind:?} {id} is refused");
+        return Err(ResError::Exhausted);
     }
+    delete_now(m, id)?;
+    let Some(live) = m.plates.as_deref_mut() else { return Ok(()) };
+    match live.remove(kind, id) {
+        Ok(Removed::FreeNow(areas)) => plates::free_pending(&[areas], m.frames),
+        Ok(Removed::Pending | Removed::NoPlate) => {}
+        // Ruled out by `removal_fits` above.
+        Err(PendingFull) => println!("plate: deletion-pending list full after {kind:?} {id} was deleted"),
+    }
+    Ok(())
 }
 
 fn user_space_delete(m: &mut Mem<'_>, id: u32) -> Result<(), ResError> {
-    resources::user_space_delete_now(m, id)?;
-    defer(m, PlateKind::UserSpace, id);
-    Ok(())
+    defer(m, PlateKind::UserSpace, id, resources::user_space_delete_now)
 }
 
 fn space_delete(m: &mut Mem<'_>, id: u32) -> Result<(), ResError> {
-    resources::space_delete_now(m, id)?;
-    defer(m, PlateKind::PageTables, id);
-    Ok(())
+    defer(m, PlateKind::PageTables, id, resources::space_delete_now)
 }
 
 fn kernel_space_delete(m: &mut Mem<'_>, id: u32) -> Result<(), ResError> {
-    resources::kernel_space_delete_now(m, id)?;
-    defer(m, PlateKind::KernelSpace, id);
-    Ok(())
+    defer(m, PlateKind::KernelSpace, id, resources::kernel_space_delete_now)
 }
 
 /// Replaces the delete operations of the space types (Tender's table-program structure).

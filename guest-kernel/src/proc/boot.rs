@@ -107,7 +107,14 @@ pub fn run(kind: BootKind, programs: impl Iterator<Item = Program>, tsc_khz: u64
         machine::power_off_at(timer::ms_to_ticks(ms));
     }
     let mut frame = TrapFrame::default();
-    kernel::with(|k| process::schedule(k, &mut frame));
+    kernel::with(|k| {
+        // After a restore, the process the committed write-out was made for runs first.
+        let first = match kind {
+            BootKind::Restored => k.plating.as_ref().and_then(|p| p.live.resume_first.checked_sub(1)),
+            _ => None,
+        };
+        process::schedule_first(k, &mut frame, first)
+    });
     if frame.cs & 3 == 0 {
         println!("idle");
     }

@@ -70,6 +70,9 @@ impl Kernel {
         let Kernel { header, res, frames, procs, current, plating, .. } = self;
         let Some(plating) = plating.as_mut() else { return Err(WriteOutError::Disabled) };
         let interrupted: &TrapFrame = frame;
+        // The process a restore of this write-out runs first: the one that asked for it, or
+        // that it interrupted.
+        let resume_first = current.filter(|_| from_user(interrupted));
         let save = || {
             let Some(current) = *current else { return };
             if !from_user(interrupted) {
@@ -82,7 +85,7 @@ impl Kernel {
                 }
             }
         };
-        let m = plate::write_out(plating, res, frames, header, save)?;
+        let m = plate::write_out(plating, res, frames, header, resume_first, save)?;
         if from_checkpoint_call {
             frame.rax = SAVED;
         }

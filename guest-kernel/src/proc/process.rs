@@ -100,20 +100,38 @@ pub fn schedule(k: &mut Kernel, frame: &mut TrapFrame) {
         }
     }
     match process::next_runnable(k.procs, k.current, k.ticks) {
-        Some(next) => {
-            let Some(p) = k.procs.get_mut(next) else { return };
-            p.state = State::Runnable as u32;
-            *frame = p.regs;
-            let space = p.space;
-            k.current = Some(next);
-            if let Some(space) = k.res.spaces.get(space) {
-                paging::switch_to(space.root);
-            }
-        }
+        Some(next) => switch(k, frame, next),
         None => {
             k.current = None;
             *frame = idle_frame();
         }
+    }
+}
+
+/// Loads process `pid` into `frame` and its space into CR3. The first switch of a boot is
+/// announced on the console (which process a restore runs first is part of its promise).
+fn switch(k: &mut Kernel, frame: &mut TrapFrame, pid: u32) {
+    static ANNOUNCED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+    let Some(p) = k.procs.get_mut(pid) else { return };
+    p.state = State::Runnable as u32;
+    *frame = p.regs;
+    let space = p.space;
+    if !ANNOUNCED.swap(true, core::sync::atomic::Ordering::Relaxed) {
+        println!("process {pid} ({}) runs first", p.name());
+    }
+    k.current = Some(pid);
+    if let Some(space) = k.res.spaces.get(space) {
+        paging::switch_to(space.root);
+    }
+}
+
+/// The first scheduling of a boot: process `first` if it exists (after a restore, the one
+/// that asked for the write-out, as the paper's restore returns to it), else as
+/// [`schedule`] picks.
+pub fn schedule_first(k: &mut Kernel, frame: &mut TrapFrame, first: Option<u32>) {
+    match first.filter(|&pid| k.procs.get(pid).is_some()) {
+        Some(pid) => switch(k, frame, pid),
+        None => schedule(k, frame),
     }
 }
 

@@ -8,7 +8,7 @@
 //! | 1  | `yield()`                             | 0                                   |
 //! | 2  | `sleep(ms)`                           | 0                                   |
 //! | 3  | `time()`                              | nanoseconds since boot              |
-//! | 4  | `map(pages)`: new user space, zeroed  | its address                         |
+//! | 4  | `map(pages)`: new user space, zeroed (and plated: its save areas too) | its address; [`err::NO_MEMORY`] when a table or the frames run out |
 //! | 5  | `unmap(addr)`: delete that user space | 0                                   |
 //! | 6  | `exit(code)`                          | does not return                     |
 //! | 7  | `checkpoint()`: a write-out           | 0 (saved) now; 1 (restored) when the process resumes from it after a crash; [`err::UNSUPPORTED`] with `plate=off` |
@@ -22,7 +22,7 @@ use crate::arch::frame::TrapFrame;
 use crate::arch::{paging, timer};
 use crate::dev::control;
 use crate::nvm::resources;
-use crate::plate::{WriteOutError, SAVED};
+use crate::plate::{self, WriteOutError, SAVED};
 use crate::print;
 use crate::println;
 use crate::proc::kernel::{self, Kernel};
@@ -126,10 +126,18 @@ fn map(k: &mut Kernel, pages: u64) -> u64 {
         return err::INVALID;
     }
     let Some(space) = k.current.and_then(|c| k.procs.get(c)).map(|p| p.space) else { return err::INVALID };
-    match res_op!(user_space.create(&mut k.mem(), space, pages, USER_WRITABLE)) {
-        Ok(id) => k.res.user_spaces.get(id).map_or(err::NO_MEMORY, |u| u.vaddr),
-        Err(_) => err::NO_MEMORY,
+    let Ok(id) = res_op!(user_space.create(&mut k.mem(), space, pages, USER_WRITABLE)) else { return err::NO_MEMORY };
+    // With the plate function, the region gets its plate (two save areas) at once: if the
+    // frames for them are not there, this map is what fails, cleanly, and not every
+    // write-out from now on.
+    if let Some(plating) = k.plating.as_mut() {
+        if plate::plate_now(plating, k.res, &mut k.frames).is_err() {
+            // Unplated, so deleted (and its frames freed) at once.
+            let _ = res_op!(user_space.delete(&mut k.mem(), id));
+            return err::NO_MEMORY;
+        }
     }
+    k.res.user_spaces.get(id).map_or(err::NO_MEMORY, |u| u.vaddr)
 }
 
 fn unmap(k: &mut Kernel, addr: u64) -> u64 {

@@ -20,8 +20,8 @@ use super::*;
 
 const LINE: u64 = 64;
 /// Simulated physical memory: regions, save areas and the two slots.
-const MEM: u64 = 0x6_0000;
-const SLOTS: [u64; 2] = [0x4_0000, 0x5_0000];
+const MEM: u64 = 0xa_0000;
+const SLOTS: [u64; 2] = [0x4_0000, 0x6_0000];
 
 /// NVM behind a write-back cache. Every store goes to `mem` (what the CPU sees) and dirties
 /// its line; `flush` marks lines for write-back, `fence` makes marked lines durable. A crash

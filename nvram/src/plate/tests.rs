@@ -22,8 +22,8 @@ fn tables_round_trip_and_every_bit_flip_is_caught() {
     let mut t = new_table();
     t.add(Plate { kind: 3, id: 5, src: 0x1000, pages: 2, area: [0x3000, 0x5000], valid: 1, reserved: 0 }).unwrap();
     t.add(Plate { kind: 1, id: 0, src: 0x9000, pages: 1, area: [0xa000, 0xb000], valid: 2, reserved: 0 }).unwrap();
-    assert_eq!(t.remove(PlateKind::UserSpace, 5), Ok(true));
-    assert_eq!(t.remove(PlateKind::UserSpace, 5), Ok(false));
+    assert_eq!(t.remove(PlateKind::UserSpace, 5), Ok(Removed::Pending));
+    assert_eq!(t.remove(PlateKind::UserSpace, 5), Ok(Removed::NoPlate));
     assert_eq!(t.pending(), &[Pending { area: [0x3000, 0x5000], pages: 2 }]);
     assert!(t.is_plated(PlateKind::KernelSpace, 0) && !t.is_plated(PlateKind::UserSpace, 5));
     t.generation = 7;
@@ -44,8 +44,8 @@ fn tables_round_trip_and_every_bit_flip_is_caught() {
 fn the_sealed_checksum_is_checksum64_of_the_meaningful_words() {
     let mut t = new_table();
     t.add(Plate { kind: 3, id: 2, src: 0x1000, pages: 2, area: [0x3000, 0x5000], valid: 1, reserved: 0 }).unwrap();
-    t.add(Plate { kind: 2, id: 1, src: 0x9000, pages: 1, area: [0xa000, 0xb000], valid: 0, reserved: 0 }).unwrap();
-    t.remove(PlateKind::PageTables, 1).unwrap();
+    t.add(Plate { kind: 2, id: 1, src: 0x9000, pages: 1, area: [0xa000, 0xb000], valid: 2, reserved: 0 }).unwrap();
+    assert_eq!(t.remove(PlateKind::PageTables, 1), Ok(Removed::Pending));
     t.generation = 9;
     t.seal();
     let words = t.as_words();
@@ -115,4 +115,58 @@ fn the_checksum_is_the_same_however_the_words_are_split() {
         swapped.swap(i, (i + 1) % words.len());
         assert_ne!(checksum64(swapped.into_iter()), whole);
     }
+}
+
+/// Every resource that can exist at once, as (kind, id): the two fixed tables, every kernel
+/// space, every space's page tables, every user space.
+fn every_resource() -> Vec<(PlateKind, u32)> {
+    use crate::resources::{KERNEL_SPACES, SPACES, USER_SPACES};
+    let fixed = [FIXED_RESOURCES, FIXED_FRAME_BITMAP].map(|id| (PlateKind::Fixed, id));
+    let kernel = (0..KERNEL_SPACES as u32).map(|id| (PlateKind::KernelSpace, id));
+    let tables = (0..SPACES as u32).map(|id| (PlateKind::PageTables, id));
+    let user = (0..USER_SPACES as u32).map(|id| (PlateKind::UserSpace, id));
+    fixed.into_iter().chain(kernel).chain(tables).chain(user).collect()
+}
+
+fn plate_of(kind: PlateKind, id: u32, n: u64) -> Plate {
+    let src = 0x100_0000 + n * 0x3000;
+    Plate { kind: kind as u32, id, src, pages: 1, area: [src + 0x1000, src + 0x2000], valid: 0, reserved: 0 }
+}
+
+#[test]
+fn a_table_holds_a_plate_for_every_resource_that_can_exist() {
+    let mut t = new_table();
+    for (n, (kind, id)) in every_resource().into_iter().enumerate() {
+        assert!(t.add(plate_of(kind, id, n as u64)).is_some(), "no room for the plate of {kind:?} {id} (plate {n})");
+    }
+    assert!(t.add(plate_of(PlateKind::UserSpace, 0, 0)).is_none(), "one plate per resource");
+}
+
+#[test]
+fn deleting_every_committed_plate_between_two_write_outs_never_fills_the_pending_list() {
+    let mut t = new_table();
+    let all = every_resource();
+    for (n, &(kind, id)) in all.iter().enumerate() {
+        let mut plate = plate_of(kind, id, n as u64);
+        plate.valid = 1; // committed by a write-out
+        t.add(plate).unwrap();
+    }
+    for &(kind, id) in all.iter().filter(|(kind, _)| *kind != PlateKind::Fixed) {
+        assert!(t.removal_fits(kind, id));
+        assert_eq!(t.remove(kind, id), Ok(Removed::Pending), "the pending list is full at {kind:?} {id}");
+        assert!(!t.is_plated(kind, id), "{kind:?} {id} keeps no stale plate");
+    }
+    assert_eq!(t.pending().len(), all.len() - 2);
+    assert_eq!(t.count, 2, "the fixed plates stay");
+}
+
+#[test]
+fn a_plate_made_since_the_last_commit_is_freed_at_once_not_pending() {
+    let mut t = new_table();
+    let fresh = plate_of(PlateKind::UserSpace, 3, 1);
+    t.add(fresh).unwrap();
+    assert!(!t.has_room(PlateKind::UserSpace, 3), "already plated");
+    assert!(t.has_room(PlateKind::UserSpace, 4));
+    assert_eq!(t.remove(PlateKind::UserSpace, 3), Ok(Removed::FreeNow(Pending { area: fresh.area, pages: 1 })));
+    assert!(t.pending().is_empty() && t.count == 0 && !t.is_plated(PlateKind::UserSpace, 3));
 }

@@ -6,6 +6,7 @@
 //! data structures come from `kernel-core`, which is tested on the host. The numbers of the
 //! system calls are in `crate::proc::syscall`.
 
+pub mod churn;
 pub mod counter;
 pub mod deleter;
 pub mod fault;
