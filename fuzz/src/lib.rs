@@ -1,0 +1,114 @@
+//! Fuzz targets for every input the VMM decodes from outside: a control request line, the
+//! guest command line, an image file, and the records a guest writes into its RAM for the
+//! machine-control device, the copy engine, the persist barrier and virtio-blk.
+//!
+//! Each target is a plain function of bytes, so that it runs three ways:
+//! - coverage-guided, with `cargo +nightly fuzz run TARGET` (the `fuzz_targets/` binaries,
+//!   feature `libfuzzer`);
+//! - bounded, on stable, in `cargo test -p fuzz`: each target over its checked-in corpus
+//!   (`corpus/TARGET/`) and a few thousand seeded random and mutated inputs;
+//! - as regression tests: a finding is added to the corpus, where the bounded run keeps it.
+//!
+//! Besides "no panic", every target holds the VMM to its bound on memory: the heap a
+//! single input makes the decoder use is counted ([`alloc_bound`]) and must stay under
+//! [`MAX_HEAP_PER_INPUT`], whatever the input says its sizes are.
+
+mod alloc_bound;
+mod devices_targets;
+
+pub use alloc_bound::MAX_HEAP_PER_INPUT;
+pub use devices_targets::{copy_engine, machine_control, persist_barrier, virtio_blk};
+
+/// A control socket request line (`vmm::api::parse`): refused with an error or parsed,
+/// and a parsed request says the same once written out and read again.
+pub fn control_request(data: &[u8]) {
+    alloc_bound::within(|| {
+        let Ok(line) = std::str::from_utf8(data) else { return };
+        if let Ok(request) = vmm::api::parse(line) {
+            let text = serde_json::to_string(&request).expect("a request serializes");
+            assert_eq!(vmm::api::parse(&text).as_ref(), Ok(&request), "{text}");
+        }
+    })
+}
+
+/// The guest command line, as the VMM checks it and the guest parses it: the check
+/// accepts exactly the lines the parser reports nothing of.
+pub fn cmdline(data: &[u8]) {
+    alloc_bound::within(|| {
+        let Ok(line) = std::str::from_utf8(data) else { return };
+        let mut reported = 0;
+        let parsed = nvram::cmdline::Cmdline::parse(line, |_| reported += 1);
+        match vmm::config::validate_cmdline(line) {
+            Ok(checked) => {
+                assert_eq!(reported, 0, "{line:?}");
+                assert_eq!(checked, parsed);
+            }
+            Err(_) => assert!(reported > 0, "{line:?}"),
+        }
+    })
+}
+
+/// An image file (`vmm inspect`), as its head (everything decoded lies below
+/// `nvram::layout::FRAMES_BASE`): the input's first two bytes choose the file's size in
+/// MiB, the next 4 KiB are the root header's page, the rest the first plate-table slot;
+/// any bytes give a report, and the report serializes.
+pub fn image(data: &[u8]) {
+    use nvram::layout::{FRAMES_BASE, PLATE_SLOTS, ROOT_HEADER};
+    thread_local! {
+        static HEAD: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; FRAMES_BASE as usize]);
+    }
+    let (size, rest) = match data {
+        [a, b, rest @ ..] => (u64::from(u16::from_le_bytes([*a, *b])) << 20, rest),
+        _ => (0, data),
+    };
+    let (header, slot) = rest.split_at(rest.len().min(4096));
+    HEAD.with(|head| {
+        let mut head = head.borrow_mut();
+        let slot = &slot[..slot.len().min(head.len() - PLATE_SLOTS[0] as usize)];
+        let places = [(ROOT_HEADER as usize, header), (PLATE_SLOTS[0] as usize, slot)];
+        for (at, bytes) in places {
+            head[at..at + bytes.len()].copy_from_slice(bytes);
+        }
+        alloc_bound::within(|| {
+            let report = nvram::inspect::inspect_file(&head, size);
+            serde_json::to_string(&report).expect("a report serializes");
+        });
+        for (at, bytes) in places {
+            head[at..at + bytes.len()].fill(0);
+        }
+    })
+}
+
+/// Seeded random and mutated inputs for the bounded runs.
+pub fn inputs(corpus: &[Vec<u8>], count: usize, seed: u64) -> impl Iterator<Item = Vec<u8>> + '_ {
+    use rand::rngs::SmallRng;
+    use rand::{RngExt, SeedableRng};
+    let mut rng = SmallRng::seed_from_u64(seed);
+    (0..count).map(move |i| {
+        let base = (!corpus.is_empty() && i % 2 == 0).then(|| corpus[i % corpus.len()].clone());
+        match base {
+            Some(mut input) if !input.is_empty() => {
+                // Flip, overwrite or cut a few bytes of a corpus entry.
+                for _ in 0..rng.random_range(1..8) {
+                    let at = rng.random_range(0..input.len());
+                    match rng.random_range(0..4) {
+                        0 => input[at] ^= 1 << rng.random_range(0..8),
+                        1 => input[at] = rng.random(),
+                        2 => input.truncate(at.max(1)),
+                        _ => input.insert(at, rng.random()),
+                    }
+                }
+                input
+            }
+            _ => {
+                let len = rng.random_range(0..512);
+                (0..len).map(|_| rng.random()).collect()
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod bounded;
+#[cfg(test)]
+mod seeds;
