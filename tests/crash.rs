@@ -255,6 +255,30 @@ fn after_a_plate_off_boot_shuts_down_the_plate_function_starts_afresh() {
     assert!(scratch.read_console().contains("no live plate table to resume"), "{}", scratch.read_console());
 }
 
+/// A `plate=off` boot that resumes a gracefully shut down `plate=on` run frees the save
+/// areas of its live table (they would be lost for good otherwise), and the next `plate=on`
+/// boot starts its plate function afresh; a crash after that restores its own commit.
+#[test]
+fn a_plate_off_boot_after_a_shutdown_frees_the_save_areas_and_later_commits_restore() {
+    let scratch = Scratch::new();
+    let mem = 32 << 20;
+    let (_, on) = vmm::harness::run_to_end(&config_mem(&scratch, "apps=counter counter_shutdown=1", mem));
+    assert_eq!(on.boot_kind, Some(BootKind::Cold));
+    let (_, off) = vmm::harness::run_to_end(&config_mem(&scratch, "plate=off run_ms=200", mem));
+    assert_eq!(off.boot_kind, Some(BootKind::Resumed));
+    let console = scratch.read_console();
+    let freed = console.split("commits are forgotten (").nth(1).and_then(|r| r.split(' ').next());
+    assert!(freed.and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n > 0), "{console}");
+    let again = run_then_crash(&config_mem(&scratch, "checkpoint_ms=20", mem), Duration::from_secs(20), |s| {
+        s.of(Operation::WriteOut).next().is_some()
+    });
+    assert_eq!(again.boot_kind, Some(BootKind::Resumed));
+    let restored = run_then_crash(&config_mem(&scratch, "", mem), Duration::from_secs(20), |s| {
+        s.workloads.get("counter").is_some()
+    });
+    assert_eq!(restored.boot_kind, Some(BootKind::Restored), "{}", scratch.read_console());
+}
+
 /// After a restore the process that asked for the write-out runs first (the paper's
 /// restore, step 7): `deleter` is process 1, after `counter`.
 #[test]
