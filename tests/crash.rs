@@ -274,7 +274,7 @@ fn a_plate_off_boot_after_a_shutdown_frees_the_save_areas_and_later_commits_rest
     });
     assert_eq!(again.boot_kind, Some(BootKind::Resumed));
     let restored = run_then_crash(&config_mem(&scratch, "", mem), Duration::from_secs(20), |s| {
-        s.workloads.get("counter").is_some()
+        s.workloads.contains_key("counter")
     });
     assert_eq!(restored.boot_kind, Some(BootKind::Restored), "{}", scratch.read_console());
 }
