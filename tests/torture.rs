@@ -9,18 +9,24 @@ use common::*;
 
 /// Runs `vmm torture` for 200 crashes with `extra` arguments and checks its summary.
 fn torture(extra: &[&str], model: &str) {
+    torture_n(extra, model, 200);
+}
+
+/// Runs `vmm torture` for `crashes` crashes with `extra` arguments and checks its summary.
+fn torture_n(extra: &[&str], model: &str, crashes: u64) {
     let scratch = Scratch::new();
     let image = scratch.image().display().to_string();
-    let mut args = vec!["torture", "--nvram", &image, "--crashes", "200", "--seed", "12345"];
+    let n = crashes.to_string();
+    let mut args = vec!["torture", "--nvram", &image, "--crashes", &n, "--seed", "12345"];
     args.extend(extra);
     let out = run(&mut vmm(&args), Duration::from_secs(600));
     assert_eq!(out.code(), Some(0), "{out:?}");
     assert!(out.stdout.contains(model), "{out:?}");
     let row = out.stdout.lines().last().unwrap_or_default();
     let cells: Vec<&str> = row.split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
-    assert_eq!(cells[0], "200", "{out:?}");
-    assert!(cells[1].parse::<u64>().unwrap() > 20, "a fair share of the crashes hit write-outs: {out:?}");
-    assert_eq!(cells[2], "200", "every boot after a crash restored, the last crash's too: {out:?}");
+    assert_eq!(cells[0], n, "{out:?}");
+    assert!(cells[1].parse::<u64>().unwrap() > crashes / 10, "a fair share of the crashes hit write-outs: {out:?}");
+    assert_eq!(cells[2], n, "every boot after a crash restored, the last crash's too: {out:?}");
     assert_eq!(cells[3], "0", "{out:?}");
     // `churn` is in the mix by default (torture required its verification after every
     // restore): the last boot resumed kv, memtouch and churn.
@@ -46,6 +52,15 @@ fn two_hundred_crashes_under_adr_lose_nothing_committed() {
 #[test]
 fn two_hundred_crashes_under_adr_with_evictions_lose_nothing_committed() {
     torture(&["--persistence", "adr", "--crash-evict", "0.5"], "0.5 of the others evicted");
+}
+
+/// The guest's own copier (`plate_copy=cpu`: its copies, `clflushopt` and `sfence`) under
+/// ADR, with evictions: a line of a save area or of the commit left unflushed shows as a
+/// torn table or a `kv` that fails its check. Few crashes: the engine's cases above cover
+/// the rest of the protocol.
+#[test]
+fn crashes_under_adr_with_the_cpu_copier_lose_nothing_committed() {
+    torture_n(&["--persistence", "adr", "--crash-evict", "0.5", "--copier", "cpu"], "0.5 of the others evicted", 30);
 }
 
 #[test]

@@ -328,7 +328,7 @@ mod tests {
     #[test]
     fn every_item_sets_its_field() {
         let line = "apps=kv,memtouch kv_seed=0x10 kv_pages=8 kv_verify_every=1 memtouch=32,32,256 memtouch_ms=20 \
-                    fault_ms=5 counter_shutdown=3 run_ms=800 checkpoint_ms=50 plate=off plate_copy=cpu \
+                    fault_ms=5 counter_shutdown=3 deleter=600 run_ms=800 checkpoint_ms=50 plate=off plate_copy=cpu \
                     bookkeeping=ring0 poweroff flush=clwb poke-ports fault=work-panic disk_test=64";
         let (c, bad) = parse_all(line);
         assert_eq!(bad, 0);
@@ -336,6 +336,7 @@ mod tests {
         assert_eq!((c.kv_seed, c.kv_pages, c.kv_verify_every), (16, 8, 1));
         assert_eq!((c.memtouch, c.memtouch_ms, c.fault_ms), ([32, 32, 256], 20, 5));
         assert_eq!((c.counter_shutdown, c.run_ms, c.checkpoint_ms), (3, Some(800), Some(50)));
+        assert_eq!(c.deleter, 600);
         assert!(!c.plate && !c.plate_copy_engine && !c.bookkeeping_ring3);
         assert!(c.poweroff && c.poke_ports);
         assert_eq!(c.disk_test, 64);

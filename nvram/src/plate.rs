@@ -387,8 +387,10 @@ impl PlateTable {
     /// Whether deleting resource `id` of `kind` would find the pending list full (never, by
     /// [`MAX_PENDING`]; checked before a deletion changes anything all the same).
     pub fn removal_fits(&self, kind: PlateKind, id: u32) -> bool {
-        let committed = self.plates().iter().any(|p| p.kind == kind as u32 && p.id == id && p.valid != 0);
-        !committed || (self.pending_count as usize) < MAX_PENDING
+        // The scan only when the list is full: this runs at every deletion, in the emulated
+        // kernel mode of PVM.
+        (self.pending_count as usize) < MAX_PENDING
+            || !self.plates().iter().any(|p| p.kind == kind as u32 && p.id == id && p.valid != 0)
     }
 
     /// Deletes the plate of resource `id` of `kind`. A plate some write-out committed

@@ -26,8 +26,9 @@ const NAME: &[u8; 16] = b"deleter\0\0\0\0\0\0\0\0\0";
 const PAGES: u64 = 4;
 /// Pages of each large mapping that takes up the free frames after the deletion.
 const FILL_PAGES: u64 = 1024;
-/// Most regions of the bulk mode (the user-space table holds 1,024 spaces in all).
-const MAX_REGIONS: u64 = 1000;
+/// Most regions of the bulk mode: the real-memory table holds 1,024 runs of frames, and the
+/// process table, this process's page-table pool, stack and address book take four.
+const MAX_REGIONS: u64 = 1020;
 const WORDS_PER_PAGE: usize = 512;
 
 fn pattern(i: usize) -> u64 {
@@ -110,16 +111,27 @@ fn write_version(addrs: &[u64], version: u64) {
     }
 }
 
+/// Maps a one-page region for each entry of `addrs`, and notes its address there.
+fn map_all(addrs: &mut [u64]) {
+    let n = addrs.len();
+    for (k, a) in addrs.iter_mut().enumerate() {
+        let Some(p) = map(1) else {
+            uprintln!("deleter: map {k} of {n} failed");
+            super::exit(1)
+        };
+        *a = p.as_mut_ptr() as u64;
+    }
+}
+
 /// Many regions deleted between two write-outs, as many made again.
 fn bulk(regions: u64) -> (u64, u64, Check) {
     let regions = regions.min(MAX_REGIONS);
     let addrs = addresses(regions);
-    for a in addrs.iter_mut() {
-        let Some(p) = map(1) else { super::exit(1) };
-        *a = p.as_mut_ptr() as u64;
-    }
+    map_all(addrs);
     write_version(addrs, 1);
-    if checkpoint() != SAVED {
+    let first = checkpoint();
+    if first != SAVED {
+        uprintln!("deleter: the first checkpoint gave {first:#x}");
         super::exit(3);
     }
     for &a in addrs.iter() {
@@ -129,10 +141,7 @@ fn bulk(regions: u64) -> (u64, u64, Check) {
             super::exit(2);
         }
     }
-    for a in addrs.iter_mut() {
-        let Some(p) = map(1) else { super::exit(1) };
-        *a = p.as_mut_ptr() as u64;
-    }
+    map_all(addrs);
     write_version(addrs, 2);
     match checkpoint() {
         SAVED => {
