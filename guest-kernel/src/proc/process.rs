@@ -6,10 +6,12 @@
 //! frame out and another in, and loading CR3.
 
 use kernel_core::process::{self, Process, Regs, State};
+use nvram::control::Running;
 use nvram::resources::USER_WRITABLE;
 
 use crate::arch::frame::{from_user, TrapFrame};
 use crate::arch::{gdt, paging};
+use crate::dev::control;
 use crate::nvm::resources::ResError;
 use crate::println;
 use crate::proc::kernel::Kernel;
@@ -17,8 +19,6 @@ use crate::res_op;
 
 /// Pages of a process's stack.
 const STACK_PAGES: u64 = 8;
-/// Timer ticks a process runs before the next one gets the CPU.
-pub const SLICE_TICKS: u64 = 1;
 
 /// A user program: its entry and up to four arguments.
 #[derive(Debug, Clone, Copy)]
@@ -108,6 +108,11 @@ pub fn schedule(k: &mut Kernel, frame: &mut TrapFrame) {
             k.current = Some(next);
             if let Some(space) = k.res.spaces.get(space) {
                 paging::switch_to(space.root);
+            }
+            if !k.entered_first {
+                // The end of "crash to running" (after a restore), or of a boot.
+                k.entered_first = true;
+                control::running(Running::new(next, k.header.generation));
             }
         }
         None => {
