@@ -48,9 +48,8 @@ fn crash_to_running(c: &mut Criterion) {
         })
     });
     group.finish();
-    let median = |f: &dyn Fn(&perf::CrashToRunning) -> Duration| {
-        perf::median(&mut kept.iter().map(f).collect::<Vec<_>>())
-    };
+    let median =
+        |f: &dyn Fn(&perf::CrashToRunning) -> Duration| perf::median(&mut kept.iter().map(f).collect::<Vec<_>>());
     eprintln!("\n| crash to running, n = {} | median ms |\n|---|---|", kept.len());
     for (what, d) in [
         ("VMM set-up", median(&|s| s.setup)),
@@ -105,8 +104,8 @@ fn ctl_round_trip(c: &mut Criterion) {
         return;
     }
     let (_dir, scratch) = suite::scratch();
-    let vm = perf::boot(&scratch, "ctl", Workload::Kv { checkpoint_ms: None }, PersistenceModel::Eadr)
-        .expect("boot kv");
+    let vm =
+        perf::boot(&scratch, "ctl", Workload::Kv { checkpoint_ms: None }, PersistenceModel::Eadr).expect("boot kv");
     let controller = vm.controller().clone();
     controller.checkpoint(LIMIT).expect("the first write-out");
     let (mut guest, mut host) = (Vec::new(), Vec::new());

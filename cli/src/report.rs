@@ -110,8 +110,8 @@ pub struct Report {
 pub fn run(args: ReportArgs) -> Result<ExitCode> {
     if let Some(from) = &args.from {
         let text = std::fs::read_to_string(from).with_context(|| format!("cannot read {}", from.display()))?;
-        let report: Report =
-            serde_json::from_str(&text).with_context(|| format!("{} is not a report of `vmm report --json`", from.display()))?;
+        let report: Report = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a report of `vmm report --json`", from.display()))?;
         print(&report, &args);
         return Ok(ExitCode::SUCCESS);
     }
@@ -154,7 +154,8 @@ fn measure(scratch: &perf::Scratch, quick: bool) -> Result<Report, perf::PerfErr
     let steps = 3 + sweep.len() + intervals.len();
     let bar = ProgressBar::new(steps as u64);
     bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
 
     bar.set_message("the paper's configuration: write-outs");
@@ -213,7 +214,12 @@ fn measure(scratch: &perf::Scratch, quick: bool) -> Result<Report, perf::PerfErr
         bar.set_message(format!("kv, write-outs {}", interval.map_or("none".into(), |ms| format!("every {ms} ms"))));
         let (ops, write_outs) = perf::kv_throughput(scratch, interval, Duration::from_millis(kv_run))?;
         let none = throughput.first().map_or(ops, |p| p.ops_per_s);
-        throughput.push(ThroughputPoint { interval_ms: interval, ops_per_s: ops, ratio_to_none: ops / none, write_outs });
+        throughput.push(ThroughputPoint {
+            interval_ms: interval,
+            ops_per_s: ops,
+            ratio_to_none: ops / none,
+            write_outs,
+        });
         bar.inc(1);
     }
     bar.set_message("the limit");

@@ -76,7 +76,7 @@ impl Workload {
     pub fn ram(&self) -> u64 {
         match *self {
             Self::Memtouch { regions, region_kib, .. } => {
-                let plated = regions * region_kib << 10;
+                let plated = (regions * region_kib) << 10;
                 (3 * plated + (64 << 20)).next_power_of_two().max(PAPER_RAM)
             }
             Self::Kv { .. } => PAPER_RAM,
@@ -123,7 +123,12 @@ impl Scratch {
 }
 
 /// A running machine of `workload` on a fresh image, its workload started.
-pub fn boot(scratch: &Scratch, name: &str, workload: Workload, model: PersistenceModel) -> Result<RunningMachine, PerfError> {
+pub fn boot(
+    scratch: &Scratch,
+    name: &str,
+    workload: Workload,
+    model: PersistenceModel,
+) -> Result<RunningMachine, PerfError> {
     let image = scratch.image(name);
     let _ = std::fs::remove_file(&image);
     let config = config(&image, &scratch.console(), workload.ram(), &workload.cmdline(), model);
@@ -326,10 +331,7 @@ mod tests {
     #[test]
     fn workloads_have_the_sizes_asked() {
         assert_eq!(Workload::dirtying(64 << 20).ram(), 256 << 20);
-        assert_eq!(
-            Workload::plates(1024),
-            Workload::Memtouch { regions: 1018, region_kib: 4, dirty_kib: 64, ms: 50 }
-        );
+        assert_eq!(Workload::plates(1024), Workload::Memtouch { regions: 1018, region_kib: 4, dirty_kib: 64, ms: 50 });
         assert_eq!(PAPER_MEMTOUCH.cmdline(), "apps=memtouch memtouch=450,18,1400 memtouch_ms=100");
         assert_eq!(Workload::Kv { checkpoint_ms: Some(1) }.cmdline(), "apps=kv checkpoint_ms=1");
         assert_eq!(median(&mut []), Duration::ZERO);

@@ -30,13 +30,17 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("{e}")
 }
 
-const SERIES: [(&str, RGBColor); 3] =
-    [("paper, volatile", RGBColor(150, 150, 150)), ("paper, NVM", RGBColor(80, 110, 200)), ("ours", RGBColor(220, 90, 40))];
+const SERIES: [(&str, RGBColor); 3] = [
+    ("paper, volatile", RGBColor(150, 150, 150)),
+    ("paper, NVM", RGBColor(80, 110, 200)),
+    ("ours", RGBColor(220, 90, 40)),
+];
 
 fn table(r: &Report, path: &Path) -> Result<()> {
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let values: Vec<[f64; 3]> = r.rows.iter().map(|row| [row.paper_volatile_ms, row.paper_nvm_ms, row.ours_ms]).collect();
+    let values: Vec<[f64; 3]> =
+        r.rows.iter().map(|row| [row.paper_volatile_ms, row.paper_nvm_ms, row.ours_ms]).collect();
     let top = values.iter().flatten().copied().fold(1.0, f64::max) * 2.0;
     let bottom = values.iter().flatten().copied().filter(|v| *v > 0.0).fold(top, f64::min) / 2.0;
     let n = r.rows.len().max(1);
@@ -78,6 +82,9 @@ fn table(r: &Report, path: &Path) -> Result<()> {
     root.present().map_err(err)
 }
 
+/// A labelled, coloured line of points.
+type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
 fn write_out_vs_dirty(r: &Report, path: &Path) -> Result<()> {
     let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
@@ -95,8 +102,12 @@ fn write_out_vs_dirty(r: &Report, path: &Path) -> Result<()> {
         .build_cartesian_2d((x0 / 2.0..x1 * 2.0).log_scale(), (y0..y1).log_scale())
         .map_err(err)?;
     chart.configure_mesh().x_desc("KiB dirtied per interval").y_desc("ms").draw().map_err(err)?;
-    let series: [(&str, RGBColor, Vec<(f64, f64)>); 2] = [
-        ("write-out (guest TSC)", SERIES[2].1, r.dirty_sweep.iter().map(|p| (kib(p.dirty_bytes), p.write_out_ms)).collect()),
+    let series: [Series; 2] = [
+        (
+            "write-out (guest TSC)",
+            SERIES[2].1,
+            r.dirty_sweep.iter().map(|p| (kib(p.dirty_bytes), p.write_out_ms)).collect(),
+        ),
         (
             "memcpy + clflushopt + sfence of the bytes copied",
             SERIES[1].1,
@@ -155,9 +166,11 @@ fn throughput(r: &Report, path: &Path) -> Result<()> {
         .map_err(err)?;
     let color = SERIES[2].1;
     chart
-        .draw_series(r.throughput.iter().enumerate().map(|(i, p)| {
-            Rectangle::new([(i as f64 + 0.2, 0.0), (i as f64 + 0.8, p.ops_per_s / 1e6)], color.filled())
-        }))
+        .draw_series(
+            r.throughput.iter().enumerate().map(|(i, p)| {
+                Rectangle::new([(i as f64 + 0.2, 0.0), (i as f64 + 0.8, p.ops_per_s / 1e6)], color.filled())
+            }),
+        )
         .map_err(err)?;
     root.present().map_err(err)
 }

@@ -5,7 +5,8 @@
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use nvram::control::{
-    Booted, Cause, Heartbeat, Metrics, Request, Running, Started, BASE, DEVICE_ID, REG_DOORBELL, REG_REQUEST, REG_TSC_KHZ,
+    Booted, Cause, Heartbeat, Metrics, Request, Running, Started, BASE, DEVICE_ID, REG_DOORBELL, REG_REQUEST,
+    REG_TSC_KHZ,
 };
 use spin::Mutex;
 use x86_64::instructions::port::Port;
