@@ -2,13 +2,15 @@
 # Regenerates the README's Performance section from `vmm report --json`: measures (about a
 # minute), keeps the JSON and the charts in DIR (default docs/perf), and replaces the text
 # between the README's perf-section markers with `vmm report --from DIR/report.json --markdown`.
-# Usage: scripts/perf-section.sh [DIR]
+# Usage: scripts/perf-section.sh [DIR]; PERF_REUSE=1 renders DIR/report.json as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-docs/perf}
 cargo build --release -p cli --bin vmm
 mkdir -p "$dir"
-target/release/vmm report --out "$dir" --json >"$dir/report.json"
+if [ "${PERF_REUSE:-0}" != 1 ] || [ ! -e "$dir/report.json" ]; then
+    target/release/vmm report --out "$dir" --json >"$dir/report.json"
+fi
 section=$(mktemp)
 trap 'rm -f "$section"' EXIT
 target/release/vmm report --from "$dir/report.json" --markdown >"$section"

@@ -45,6 +45,14 @@ pub fn guest_time(iters: u64, kept: &mut Vec<OperationRecord>, mut op: impl FnMu
         .sum()
 }
 
+/// The table of `rows` (a name and its records each).
+pub fn table(rows: &[(String, Vec<OperationRecord>)]) {
+    table_header();
+    for (point, records) in rows {
+        table_row(point, records);
+    }
+}
+
 pub fn table_header() {
     eprintln!(
         "\n| point | n | ours, median | copied | copy + flush | memcpy limit | memcpy + flush limit | copy / limit | total / limit |"

@@ -77,7 +77,7 @@ impl Workload {
         match *self {
             Self::Memtouch { regions, region_kib, .. } => {
                 let plated = (regions * region_kib) << 10;
-                (3 * plated + (64 << 20)).next_power_of_two().max(PAPER_RAM)
+                (4 * plated + (64 << 20)).next_power_of_two().max(PAPER_RAM)
             }
             Self::Kv { .. } => PAPER_RAM,
         }
@@ -248,7 +248,7 @@ pub struct Limit {
 pub fn copy_limit(bytes: u64, runs: usize) -> Limit {
     let len = usize::try_from(bytes).unwrap_or(usize::MAX).max(64);
     let src = vec![0x5au8; len];
-    let mut dst = vec![0u8; len];
+    let mut dst = vec![1u8; len];
     let mut plain = Vec::with_capacity(runs);
     let mut flushed = Vec::with_capacity(runs);
     for _ in 0..runs.max(1) {
@@ -330,7 +330,8 @@ mod tests {
 
     #[test]
     fn workloads_have_the_sizes_asked() {
-        assert_eq!(Workload::dirtying(64 << 20).ram(), 256 << 20);
+        assert_eq!(Workload::dirtying(64 << 20).ram(), 512 << 20);
+        assert_eq!(Workload::dirtying(1 << 20).ram(), 256 << 20);
         assert_eq!(Workload::plates(1024), Workload::Memtouch { regions: 1018, region_kib: 4, dirty_kib: 64, ms: 50 });
         assert_eq!(PAPER_MEMTOUCH.cmdline(), "apps=memtouch memtouch=450,18,1400 memtouch_ms=100");
         assert_eq!(Workload::Kv { checkpoint_ms: Some(1) }.cmdline(), "apps=kv checkpoint_ms=1");

@@ -30,6 +30,16 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("{e}")
 }
 
+/// The name of the category whose unit-wide slot (`i..i + 1`) `x` is the middle of; none
+/// elsewhere (the axis asks at every half unit).
+fn category_label(names: &[String], x: f64) -> String {
+    if (x - x.floor() - 0.5).abs() < 0.01 {
+        names.get(x.floor() as usize).cloned().unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
 const SERIES: [(&str, RGBColor); 3] = [
     ("paper, volatile", RGBColor(150, 150, 150)),
     ("paper, NVM", RGBColor(80, 110, 200)),
@@ -56,14 +66,7 @@ fn table(r: &Report, path: &Path) -> Result<()> {
         .configure_mesh()
         .disable_x_mesh()
         .x_labels(n * 2 + 1)
-        .x_label_formatter(&|x| {
-            let i = x.floor() as usize;
-            if (x - x.floor() - 0.5).abs() < 0.01 {
-                names.get(i).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
-        })
+        .x_label_formatter(&|x| category_label(&names, *x))
         .y_desc("ms")
         .draw()
         .map_err(err)?;
@@ -153,14 +156,7 @@ fn throughput(r: &Report, path: &Path) -> Result<()> {
         .configure_mesh()
         .disable_x_mesh()
         .x_labels(n * 2 + 1)
-        .x_label_formatter(&|x| {
-            let i = x.floor() as usize;
-            if (x - x.floor() - 0.5).abs() < 0.01 {
-                labels.get(i).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
-        })
+        .x_label_formatter(&|x| category_label(&labels, *x))
         .y_desc("million kv operations per second")
         .draw()
         .map_err(err)?;

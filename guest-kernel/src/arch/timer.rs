@@ -44,7 +44,7 @@ pub fn hz() -> u64 {
 /// number of its ticks, [`MAX_HZ`] otherwise.
 pub fn hz_for_interval(ms: Option<u64>) -> u64 {
     match ms {
-        Some(ms) if ms * HZ % 1000 != 0 => MAX_HZ,
+        Some(ms) if !ms.saturating_mul(HZ).is_multiple_of(1000) => MAX_HZ,
         _ => HZ,
     }
 }
