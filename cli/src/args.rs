@@ -41,6 +41,28 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Crash the machine again and again, and check that nothing committed is ever lost.
     Torture(TortureArgs),
+    /// Re-run the paper's evaluation here (within a minute) and print it beside the paper's,
+    /// with the ratio of each figure to what the hardware allows; SVG charts into --out.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Write the charts (SVG) into this directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Print the report as JSON, for scripts.
+    #[arg(long, conflicts_with = "markdown")]
+    pub json: bool,
+    /// Print the report as Markdown (the README's Performance section).
+    #[arg(long)]
+    pub markdown: bool,
+    /// Render a report saved by `--json` instead of measuring.
+    #[arg(long, value_name = "FILE", conflicts_with = "out")]
+    pub from: Option<PathBuf>,
+    /// Fewer and shorter runs (seconds, for tests): the figures are rougher.
+    #[arg(long)]
+    pub quick: bool,
 }
 
 #[derive(Debug, Args)]

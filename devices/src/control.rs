@@ -64,6 +64,22 @@ pub struct MachineStatus {
     pub restores: OperationStats,
     /// The generation of a write-out under way (started, not yet committed).
     pub writing_out: Option<u64>,
+    /// Write-outs started, by cause (`nvram::control::Cause` as index).
+    pub write_out_causes: [u64; nvram::control::CAUSES],
+    /// When the guest's boot report arrived (this boot).
+    pub booted_at: Option<Instant>,
+    /// The first process this boot entered, and when the VMM heard of it: after a restore,
+    /// the end of "crash to running".
+    pub running: Option<RunningEvent>,
+}
+
+/// The guest's report that it entered its first process ([`nvram::control::Running`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunningEvent {
+    pub pid: u32,
+    /// The generation committed then (after a restore: the one restored).
+    pub generation: u64,
+    pub at: Instant,
 }
 
 /// One write-out or restore, its times converted to durations.
@@ -244,11 +260,20 @@ impl MachineControl {
                 status.boot_count = boot_count;
                 status.committed_generation = generation;
                 status.workloads.clear();
+                status.booted_at = Some(now);
+                status.running = None;
             }
-            Message::Started { generation } => {
-                if logs.started.allow(now) {
-                    debug!(generation, "write-out started");
+            Message::Running { pid, generation } => {
+                if logs.booted.allow(now) {
+                    debug!(pid, generation, "first process entered");
                 }
+                status.running = Some(RunningEvent { pid, generation, at: now });
+            }
+            Message::Started { generation, cause } => {
+                if logs.started.allow(now) {
+                    debug!(generation, cause = <&str>::from(cause), "write-out started");
+                }
+                status.write_out_causes[cause as usize] += 1;
                 status.writing_out = Some(generation);
             }
             Message::Metrics(report) => {
@@ -430,6 +455,19 @@ mod tests {
         assert_eq!((kv.progress, kv.checksum, kv.heartbeats), (900, 0xbeef, 2));
         assert_eq!((kv.verified, kv.last_check), (Verified::Unknown, Verified::Passed));
         assert_eq!((status.accepted, status.rejected), (3, 0));
+    }
+
+    #[test]
+    fn the_first_process_entered_is_recorded_and_a_boot_clears_it() {
+        let mut dev = device();
+        put(&dev, 0x1000, &nvram::control::Running::new(2, 7));
+        ring(&mut dev, 0x1000);
+        let running = lock(&dev.status).running.expect("recorded");
+        assert_eq!((running.pid, running.generation), (2, 7));
+        put(&dev, 0x1000, &Booted::new(BootKind::Restored, 3, 7));
+        ring(&mut dev, 0x1000);
+        let status = lock(&dev.status);
+        assert!(status.running.is_none() && status.booted_at.is_some());
     }
 
     #[test]

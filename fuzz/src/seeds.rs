@@ -2,7 +2,7 @@
 //! the formats change: `cargo test -p fuzz -- --ignored write_seeds` writes them into
 //! `corpus/` (the text seeds there are written by hand).
 
-use nvram::control::{Heartbeat, Started, Verified};
+use nvram::control::{Cause, Heartbeat, Started, Verified};
 use nvram::engine::{BatchHeader, Descriptor, DirtyRequest, BATCH_MAGIC, DIRTY_MAGIC, FLAG_DURABLE};
 use nvram::header::RootHeader;
 use nvram::persist::{BarrierHeader, FlushedRange, BARRIER_MAGIC};
@@ -39,7 +39,7 @@ fn device_input(ops: &[[u8; 6]], records: &[(usize, &[u8])]) -> Vec<u8> {
 
 /// Every binary seed: `(target, name, bytes)`.
 pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
-    let started = Started::new(7);
+    let started = Started::new(7, Cause::Periodic);
     let heartbeat = Heartbeat::new("kv", 3, 1000, 0xfeed, Verified::Passed);
     let heartbeat_bytes = heartbeat.as_bytes();
     let batch =

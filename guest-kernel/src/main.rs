@@ -179,6 +179,8 @@ fn start(mut nvm: nvm_root::Nvm, areas: plate::Areas, kind: BootKind, cmdline: &
         (_, None) => (None, None),
     };
     let nvm_root::Nvm { header, resources, frames, .. } = nvm;
+    // Before any conversion to ticks: a write-out every millisecond needs a finer timer.
+    timer::set_hz(timer::hz_for_interval(cmdline.checkpoint_ms));
     let checkpoint_ticks = cmdline.checkpoint_ms.map_or(0, timer::ms_to_ticks);
     boot::install(header, resources, frames, plating, checkpoint_ticks, restored);
     let programs = cmdline.apps().map(|app| program(app, cmdline));

@@ -19,6 +19,12 @@
 //! | 2    | [`Heartbeat`]    | a workload reports progress                                  |
 //! | 3    | [`Metrics`]      | a write-out was committed, or a restore done                 |
 //! | 4    | [`Started`]      | a write-out begins (a crash from here to its metrics is one inside a write-out) |
+//! | 5    | [`Running`]      | the first process of this boot is entered (after a restore: the restored workload runs again) |
+//!
+//! Requests: the VMM raises interrupt line [`REQUEST_IRQ`] (the PIC's IRQ 5) when it queues
+//! one, so that the guest acts on it at once rather than at its next timer tick; the guest
+//! also looks at [`REG_REQUEST`] on its timer ticks, so a request whose interrupt it missed
+//! (one raised while its interrupts were off) is still served.
 
 use num_enum::{IntoPrimitive, TryFromPrimitive};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -37,6 +43,8 @@ pub const REG_DOORBELL: u16 = 0;
 pub const REG_TSC_KHZ: u16 = 4;
 /// Offset of the request register.
 pub const REG_REQUEST: u16 = 8;
+/// The interrupt line (PIC IRQ, IOAPIC GSI) the VMM raises when it queues a [`Request`].
+pub const REQUEST_IRQ: u8 = 5;
 
 /// What the VMM asks of the guest kernel (read from [`REG_REQUEST`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, TryFromPrimitive, IntoPrimitive)]
@@ -59,6 +67,7 @@ pub const KIND_BOOTED: u32 = 1;
 pub const KIND_HEARTBEAT: u32 = 2;
 pub const KIND_METRICS: u32 = 3;
 pub const KIND_STARTED: u32 = 4;
+pub const KIND_RUNNING: u32 = 5;
 
 /// Every message starts with this.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
@@ -76,18 +85,59 @@ impl MessageHeader {
     }
 }
 
-/// Kind 4: a write-out of `generation` begins.
+/// Kind 4: a write-out of `generation` begins, for `cause` (a [`Cause`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct Started {
     pub header: MessageHeader,
-    pub reserved: u64,
+    pub cause: u32,
+    pub reserved: u32,
     pub generation: u64,
 }
 
 impl Started {
-    pub fn new(generation: u64) -> Self {
-        Self { header: MessageHeader::of::<Self>(KIND_STARTED), reserved: 0, generation }
+    pub fn new(generation: u64, cause: Cause) -> Self {
+        Self { header: MessageHeader::of::<Self>(KIND_STARTED), cause: cause.into(), reserved: 0, generation }
+    }
+}
+
+/// Why a write-out runs: whether a request was served by its interrupt or only found at a
+/// timer tick shows whether checkpoints asked for start at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, TryFromPrimitive, IntoPrimitive, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+#[repr(u32)]
+pub enum Cause {
+    /// Not said (an older kernel).
+    Unknown = 0,
+    /// The first write-out of a cold boot.
+    Boot = 1,
+    /// A process's checkpoint system call.
+    Call = 2,
+    /// The periodic write-out (`checkpoint_ms`).
+    Periodic = 3,
+    /// A request of the VMM, found at a timer tick (its interrupt was missed).
+    RequestAtTick = 4,
+    /// A request of the VMM, served by its interrupt ([`REQUEST_IRQ`]).
+    RequestInterrupt = 5,
+}
+
+/// Number of [`Cause`]s.
+pub const CAUSES: usize = 6;
+
+/// Kind 5: process `pid` is the first this boot enters, with the write-out of `generation`
+/// committed (after a restore, the one restored): the end of "crash to running".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct Running {
+    pub header: MessageHeader,
+    pub pid: u32,
+    pub reserved: u32,
+    pub generation: u64,
+}
+
+impl Running {
+    pub fn new(pid: u32, generation: u64) -> Self {
+        Self { header: MessageHeader::of::<Self>(KIND_RUNNING), pid, reserved: 0, generation }
     }
 }
 
@@ -198,6 +248,7 @@ const _: () = assert!(core::mem::size_of::<Booted>() == 32);
 const _: () = assert!(core::mem::size_of::<Heartbeat>() == 48);
 const _: () = assert!(core::mem::size_of::<Metrics>() == 104);
 const _: () = assert!(core::mem::size_of::<Started>() == 24);
+const _: () = assert!(core::mem::size_of::<Running>() == 24);
 
 impl Metrics {
     pub fn new(operation: Operation) -> Self {
@@ -239,7 +290,8 @@ pub enum Message {
     Booted { boot_kind: BootKind, boot_count: u64, generation: u64 },
     Heartbeat { name: Name, pid: u32, progress: u64, checksum: u64, verified: Verified },
     Metrics(MetricsReport),
-    Started { generation: u64 },
+    Started { generation: u64, cause: Cause },
+    Running { pid: u32, generation: u64 },
 }
 
 /// A decoded [`Metrics`] message.
@@ -286,6 +338,8 @@ pub enum DecodeError {
     BadVerified(u32),
     #[error("operation {0} is not a write-out (0) or a restore (1)")]
     BadOperation(u32),
+    #[error("write-out cause {0} is not one of 0 to 5")]
+    BadCause(u32),
     #[error("copier {0} is not the CPU (0) or the engine (1)")]
     BadCopier(u32),
     /// The phases add up to more than the total.
@@ -319,6 +373,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         KIND_HEARTBEAT => core::mem::size_of::<Heartbeat>(),
         KIND_METRICS => core::mem::size_of::<Metrics>(),
         KIND_STARTED => core::mem::size_of::<Started>(),
+        KIND_RUNNING => core::mem::size_of::<Running>(),
         kind => return Err(DecodeError::UnknownKind(kind)),
     };
     if header.len as usize != size {
@@ -338,7 +393,15 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
             if m.reserved != 0 {
                 return Err(DecodeError::Reserved);
             }
-            Ok(Message::Started { generation: m.generation })
+            let cause = Cause::try_from(m.cause).map_err(|e| DecodeError::BadCause(e.number))?;
+            Ok(Message::Started { generation: m.generation, cause })
+        }
+        KIND_RUNNING => {
+            let m: Running = read(bytes)?;
+            if m.reserved != 0 {
+                return Err(DecodeError::Reserved);
+            }
+            Ok(Message::Running { pid: m.pid, generation: m.generation })
         }
         KIND_METRICS => {
             let m: Metrics = read(bytes)?;
@@ -419,10 +482,18 @@ mod tests {
 
     #[test]
     fn started_round_trips() {
-        let (b, n) = bytes(&Started::new(12));
-        assert_eq!(decode(&b[..n]), Ok(Message::Started { generation: 12 }));
-        let (mut b, n) = bytes(&Started::new(12));
-        b[9] = 1;
+        let (b, n) = bytes(&Started::new(12, Cause::RequestInterrupt));
+        assert_eq!(decode(&b[..n]), Ok(Message::Started { generation: 12, cause: Cause::RequestInterrupt }));
+        let (mut b, n) = bytes(&Started::new(12, Cause::Boot));
+        b[8] = 6;
+        assert_eq!(decode(&b[..n]), Err(DecodeError::BadCause(6)));
+        let (b, n) = bytes(&Running::new(3, 12));
+        assert_eq!(decode(&b[..n]), Ok(Message::Running { pid: 3, generation: 12 }));
+        let (mut b, n) = bytes(&Running::new(3, 12));
+        b[12] = 1;
+        assert_eq!(decode(&b[..n]), Err(DecodeError::Reserved));
+        let (mut b, n) = bytes(&Started::new(12, Cause::Boot));
+        b[13] = 1;
         assert_eq!(decode(&b[..n]), Err(DecodeError::Reserved));
     }
 
@@ -500,9 +571,9 @@ mod tests {
             rng.fill(&mut buf[..]);
             // Make a share of them plausible: a known kind and its length.
             if round % 2 == 0 {
-                buf[0] = 1 + (round % 8 / 2) as u8;
+                buf[0] = 1 + (round % 10 / 2) as u8;
                 buf[1..4].fill(0);
-                buf[4] = [32, 48, 104, 24][buf[0] as usize - 1];
+                buf[4] = [32, 48, 104, 24, 24][buf[0] as usize - 1];
                 buf[5..8].fill(0);
             }
             let len = rng.random_range(0..=buf.len());

@@ -48,6 +48,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vmm_sys_util::eventfd::EventFd;
+
 use devices::control::{lock, MachineStatus, OperationRecord, StatusHandle};
 use devices::engine::EngineStats;
 use devices::requests::Asked;
@@ -132,6 +134,9 @@ pub fn checkpoint_timeout(timeout_ms: Option<u64>) -> Result<Duration, ApiError>
     }
 }
 
+/// How often [`Controller::checkpoint`] looks for the commit.
+const CHECKPOINT_POLL: Duration = Duration::from_micros(100);
+
 /// The image watch and whether its trouble was logged yet: one per machine, shared by all
 /// its controllers, so that the trouble is logged once whoever notices it.
 #[derive(Debug)]
@@ -155,12 +160,32 @@ pub struct Controller {
     persistence: Option<Arc<Mutex<PersistenceDomain>>>,
     engine: Option<Arc<Mutex<EngineStats>>>,
     image: Option<Arc<WatchedImage>>,
+    /// Raises the guest's request interrupt (`nvram::control::REQUEST_IRQ`): a request is
+    /// served at once, not at the guest's next timer tick.
+    request_irq: Option<Arc<EventFd>>,
     started: Instant,
 }
 
 impl Controller {
     pub fn new(status: StatusHandle, vcpu: VcpuHandle) -> Self {
-        Self { status, vcpu, persistence: None, engine: None, image: None, started: Instant::now() }
+        Self { status, vcpu, persistence: None, engine: None, image: None, request_irq: None, started: Instant::now() }
+    }
+
+    /// Also raises `irq` (an irqfd of the request interrupt) at each request queued.
+    pub fn with_request_irq(mut self, irq: Arc<EventFd>) -> Self {
+        self.request_irq = Some(irq);
+        self
+    }
+
+    /// Tells the guest that a request is pending. Should the interrupt fail, the guest still
+    /// finds the request at its next timer tick.
+    fn raise_request_irq(&self) {
+        if let Some(irq) = &self.request_irq {
+            if let Err(e) = irq.write(1) {
+                tracing::debug!("cannot raise the request interrupt ({e}): the guest's next tick serves it");
+            }
+            self.vcpu.nudge();
+        }
     }
 
     /// Also reports what the machine's persistence domain did.
@@ -276,6 +301,7 @@ impl Controller {
     /// queue beside it.
     pub fn request_shutdown(&self) {
         lock(&self.status).pending.ask(GuestRequest::Shutdown);
+        self.raise_request_irq();
     }
 
     pub fn status(&self) -> StatusReply {
@@ -329,6 +355,7 @@ impl Controller {
             }
             status.count(Operation::WriteOut)
         };
+        self.raise_request_irq();
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(record) = lock(&self.status).nth_of(Operation::WriteOut, before) {
@@ -337,7 +364,9 @@ impl Controller {
             if Instant::now() > deadline {
                 return Err(ApiError::CheckpointTimeout(timeout.as_millis()));
             }
-            std::thread::sleep(Duration::from_millis(2));
+            // Short: a write-out takes about a millisecond, and this wait is in every
+            // `vmm ctl checkpoint`'s round trip.
+            std::thread::sleep(CHECKPOINT_POLL);
         }
     }
 

@@ -24,6 +24,7 @@ pub mod kernel;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod perf;
 pub use devices::quantile;
 pub mod running;
 pub mod sigbus;

@@ -58,6 +58,8 @@ pub struct Machine {
     image_view: Option<GuestMemory>,
     /// What became of the image file, for every controller (opened once, at build).
     image_watch: Option<Arc<crate::api::WatchedImage>>,
+    /// An irqfd of `nvram::control::REQUEST_IRQ`, raised by the controllers.
+    request_irq: Arc<EventFd>,
     /// None for volatile RAM.
     image: Option<NvmImage>,
 }
@@ -98,6 +100,12 @@ impl Machine {
             EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Setup { what: "serial interrupt", source })?;
         vm_fd.register_irqfd(&serial_irq, ports::COM1_IRQ).map_err(vm::kvm_err("connect the serial interrupt"))?;
         let irq = serial_irq.try_clone().map_err(|source| Error::Setup { what: "serial interrupt", source })?;
+        // The request interrupt: a checkpoint asked on the control socket starts at once.
+        let request_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Setup { what: "request interrupt", source })?;
+        vm_fd
+            .register_irqfd(&request_irq, u32::from(nvram::control::REQUEST_IRQ))
+            .map_err(vm::kvm_err("connect the request interrupt"))?;
         let exit_device = ExitDevice::new();
         let exit = exit_device.handle();
         let mut pio = PioBus::new();
@@ -188,6 +196,7 @@ impl Machine {
             mem,
             image_view,
             image_watch,
+            request_irq: Arc::new(request_irq),
             image,
         })
     }
@@ -198,7 +207,8 @@ impl Machine {
     pub fn controller(&self) -> Controller {
         let controller = Controller::new(self.status.clone(), VcpuHandle(self.control.clone()))
             .with_persistence(self.domain.clone())
-            .with_engine(self.engine_stats.clone());
+            .with_engine(self.engine_stats.clone())
+            .with_request_irq(self.request_irq.clone());
         match &self.image_watch {
             Some(watch) => controller.with_image(watch.clone()),
             None => controller,

@@ -200,6 +200,14 @@ impl VcpuHandle {
         }
     }
 
+    /// Makes a running `KVM_RUN` return and start again, its state unchanged: an interrupt
+    /// raised from another thread is then delivered at the re-entry. (Under PVM an irqfd
+    /// alone does not reach a vCPU running guest user code until its next exit, the
+    /// guest's next timer tick.)
+    pub fn nudge(&self) {
+        VcpuShared::kick(&self.0.lock());
+    }
+
     /// Whether a pause is asked for (the vCPU may still be on its way to park).
     pub fn is_paused(&self) -> bool {
         matches!(self.state(), VcpuState::Pausing | VcpuState::Paused)

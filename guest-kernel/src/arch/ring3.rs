@@ -83,6 +83,8 @@ static mut KERNEL_ENTRY_STACK: u64 = 0;
 
 /// Timer ticks taken while the work ran.
 static MISSED_TICKS: AtomicU64 = AtomicU64::new(0);
+/// Other interrupt lines taken (and acknowledged) while the work ran, one bit each.
+static MISSED_IRQS: AtomicU64 = AtomicU64::new(0);
 /// Written at the bottom of the work's stack by `run`, checked when the work ends.
 const STACK_CANARY: u64 = 0x5354_4143_4b21_7e4d;
 
@@ -358,6 +360,8 @@ pub fn trap(frame: &mut TrapFrame) {
         v if (u64::from(IRQ_BASE)..u64::from(IRQ_BASE) + 16).contains(&v) => {
             if v == u64::from(IRQ_BASE) {
                 MISSED_TICKS.fetch_add(1, Ordering::Relaxed);
+            } else {
+                MISSED_IRQS.fetch_or(1 << (v - u64::from(IRQ_BASE)), Ordering::Relaxed);
             }
             timer::end_of_interrupt((v - u64::from(IRQ_BASE)) as u8);
         }
@@ -389,4 +393,10 @@ fn broke_rule(frame: &TrapFrame, what: &str) -> ! {
 /// last call: the timer handler adds them to the kernel's tick count.
 pub fn take_missed_ticks() -> u64 {
     MISSED_TICKS.swap(0, Ordering::Relaxed)
+}
+
+/// Whether interrupt line `irq` (not the timer's) arrived while the work ran, since the
+/// last call: its handler never ran, so the timer handler acts for it.
+pub fn take_missed_irq(irq: u8) -> bool {
+    MISSED_IRQS.fetch_and(!(1 << irq), Ordering::Relaxed) & (1 << irq) != 0
 }

@@ -1,16 +1,25 @@
 //! Time: the PIT's periodic interrupt (through the PIC) for preemption and sleeping, and the
 //! TSC for the current time.
 //!
-//! The timer rate is modest: under PVM each interrupt runs emulated kernel code.
+//! The timer rate is modest: under PVM each interrupt runs emulated kernel code. It is
+//! [`HZ`] unless the boot asks for a finer one ([`set_hz`]: a write-out every millisecond
+//! needs a tick every millisecond); preemption stays at one slice per [`SLICE_MS`].
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use raw_cpuid::CpuId;
 use x86_64::instructions::port::Port;
 
-/// Timer interrupts per second.
+/// Timer interrupts per second, by default.
 pub const HZ: u64 = 100;
+/// The finest rate [`set_hz`] allows.
+pub const MAX_HZ: u64 = 1000;
+/// Milliseconds a process runs before the next one gets the CPU, whatever the rate.
+pub const SLICE_MS: u64 = 10;
 const PIT_HZ: u64 = 1_193_182;
+
+/// The rate this boot runs the timer at (set before [`init`]).
+static RATE_HZ: AtomicU64 = AtomicU64::new(HZ);
 
 static TSC_KHZ: AtomicU64 = AtomicU64::new(0);
 static BOOT_TSC: AtomicU64 = AtomicU64::new(0);
@@ -20,7 +29,33 @@ fn outb(port: u16, value: u8) {
     unsafe { Port::<u8>::new(port).write(value) };
 }
 
-/// Remaps the PIC to vectors 32..48, unmasks the timer only, and starts the PIT at [`HZ`].
+/// Sets the timer's rate: `hz` clamped to [`HZ`]..=[`MAX_HZ`]. Before [`init`] and before
+/// any conversion to ticks.
+pub fn set_hz(hz: u64) {
+    RATE_HZ.store(hz.clamp(HZ, MAX_HZ), Ordering::Relaxed);
+}
+
+/// The timer's rate.
+pub fn hz() -> u64 {
+    RATE_HZ.load(Ordering::Relaxed)
+}
+
+/// The rate a boot needs for periodic write-outs every `ms`: [`HZ`] when that is a whole
+/// number of its ticks, [`MAX_HZ`] otherwise.
+pub fn hz_for_interval(ms: Option<u64>) -> u64 {
+    match ms {
+        Some(ms) if !ms.saturating_mul(HZ).is_multiple_of(1000) => MAX_HZ,
+        _ => HZ,
+    }
+}
+
+/// Ticks of one scheduling slice ([`SLICE_MS`]).
+pub fn slice_ticks() -> u64 {
+    ms_to_ticks(SLICE_MS).max(1)
+}
+
+/// Remaps the PIC to vectors 32..48, unmasks the timer and the machine-control request line
+/// (`nvram::control::REQUEST_IRQ`), and starts the PIT at [`hz`].
 pub fn init(tsc_khz: u64) {
     BOOT_TSC.store(rdtsc(), Ordering::Relaxed);
     // ICW1..ICW4 for both PICs: edge triggered, cascaded, vectors 0x20 and 0x28, 8086 mode.
@@ -33,12 +68,12 @@ pub fn init(tsc_khz: u64) {
         (0xa1, 0x02),
         (0x21, 0x01),
         (0xa1, 0x01),
-        (0x21, 0xfe), // only IRQ 0
+        (0x21, !(1 | (1 << nvram::control::REQUEST_IRQ))), // IRQ 0 and the request line
         (0xa1, 0xff),
     ] {
         outb(port, value);
     }
-    let divisor = (PIT_HZ / HZ) as u16;
+    let divisor = (PIT_HZ / hz()) as u16;
     outb(0x43, 0x34); // channel 0, lobyte/hibyte, rate generator
     outb(0x40, divisor as u8);
     outb(0x40, (divisor >> 8) as u8);
@@ -98,5 +133,5 @@ pub fn now_ns() -> u64 {
 
 /// Timer ticks in `ms` milliseconds, rounded up.
 pub fn ms_to_ticks(ms: u64) -> u64 {
-    ms.saturating_mul(HZ).div_ceil(1000)
+    ms.saturating_mul(hz()).div_ceil(1000)
 }

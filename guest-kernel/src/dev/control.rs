@@ -2,16 +2,29 @@
 //!
 //! Absent under QEMU (its ports read all ones): then messages are dropped.
 
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use nvram::control::{
-    Booted, Heartbeat, Metrics, Request, Started, BASE, DEVICE_ID, REG_DOORBELL, REG_REQUEST, REG_TSC_KHZ,
+    Booted, Cause, Heartbeat, Metrics, Request, Running, Started, BASE, DEVICE_ID, REG_DOORBELL, REG_REQUEST,
+    REG_TSC_KHZ,
 };
 use spin::Mutex;
 use x86_64::instructions::port::Port;
 use zerocopy::{Immutable, IntoBytes};
 
 static PRESENT: AtomicBool = AtomicBool::new(false);
+/// The cause of the next write-out, as its caller said ([`set_cause`]).
+static CAUSE: AtomicU32 = AtomicU32::new(Cause::Unknown as u32);
+
+/// Says why the next write-out runs; its [`Started`] message carries it.
+pub fn set_cause(cause: Cause) {
+    CAUSE.store(cause.into(), Ordering::Relaxed);
+}
+
+/// The cause set for this write-out, and back to "unknown" for the next.
+pub fn take_cause() -> Cause {
+    Cause::try_from(CAUSE.swap(Cause::Unknown as u32, Ordering::Relaxed)).unwrap_or(Cause::Unknown)
+}
 
 /// A message buffer in kernel memory (identity-mapped, so its address is physical).
 #[repr(C, align(64))]
@@ -60,6 +73,10 @@ pub fn heartbeat(message: Heartbeat) {
 }
 
 pub fn started(message: Started) {
+    send(&message);
+}
+
+pub fn running(message: Running) {
     send(&message);
 }
 

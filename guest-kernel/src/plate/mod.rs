@@ -155,7 +155,7 @@ pub fn write_out(
     let t0 = timer::rdtsc();
     plating.live.resume_first = resume_first.map_or(0, |pid| pid + 1);
     let next = plating.committed.map_or(1, |(_, g)| g + 1);
-    control::started(nvram::control::Started::new(next));
+    control::started(nvram::control::Started::new(next, control::take_cause()));
     // 2. The process table holds every process's registers; the running one's are saved.
     save();
     // 3 to 11, the bookkeeping, at CPL 3 (see `ring3`): natively under PVM.

@@ -38,6 +38,7 @@ pub fn install(
         plating,
         next_checkpoint: if checkpoint_ticks == 0 { u64::MAX } else { checkpoint_ticks },
         checkpoint_ticks,
+        entered_first: false,
     });
     if let Some(metrics) = restored {
         kernel::with(|k| {
@@ -89,6 +90,7 @@ pub fn run(kind: BootKind, programs: impl Iterator<Item = Program>, tsc_khz: u64
             // Plate-ify everything and commit the initial state: a crash from here on
             // always has a checkpoint to come back to.
             let mut frame = TrapFrame::default();
+            control::set_cause(nvram::control::Cause::Boot);
             match k.write_out(&mut frame, false) {
                 Ok(m) => println!(
                     "plate: first write-out committed: {} plates, {} KiB plated, {} KiB copied",
@@ -102,7 +104,7 @@ pub fn run(kind: BootKind, programs: impl Iterator<Item = Program>, tsc_khz: u64
         control::booted(Booted::new(kind, k.header.boot_count, k.header.generation));
     });
     timer::init(tsc_khz);
-    println!("timer at {} Hz, TSC {} kHz", timer::HZ, timer::tsc_khz());
+    println!("timer at {} Hz, TSC {} kHz", timer::hz(), timer::tsc_khz());
     if let Some(ms) = run_ms {
         machine::power_off_at(timer::ms_to_ticks(ms));
     }

@@ -41,6 +41,8 @@ pub struct Kernel {
     pub next_checkpoint: u64,
     /// Ticks between periodic write-outs (0: none).
     pub checkpoint_ticks: u64,
+    /// Whether this boot has entered a process yet (and told the VMM so).
+    pub entered_first: bool,
 }
 
 static KERNEL: Mutex<Option<Kernel>> = Mutex::new(None);

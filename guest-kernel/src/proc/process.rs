@@ -6,10 +6,12 @@
 //! frame out and another in, and loading CR3.
 
 use kernel_core::process::{self, Process, Regs, State};
+use nvram::control::Running;
 use nvram::resources::USER_WRITABLE;
 
 use crate::arch::frame::{from_user, TrapFrame};
 use crate::arch::{gdt, paging};
+use crate::dev::control;
 use crate::nvm::resources::ResError;
 use crate::println;
 use crate::proc::kernel::Kernel;
@@ -17,8 +19,6 @@ use crate::res_op;
 
 /// Pages of a process's stack.
 const STACK_PAGES: u64 = 8;
-/// Timer ticks a process runs before the next one gets the CPU.
-pub const SLICE_TICKS: u64 = 1;
 
 /// A user program: its entry and up to four arguments.
 #[derive(Debug, Clone, Copy)]
@@ -111,13 +111,15 @@ pub fn schedule(k: &mut Kernel, frame: &mut TrapFrame) {
 /// Loads process `pid` into `frame` and its space into CR3. The first switch of a boot is
 /// announced on the console (which process a restore runs first is part of its promise).
 fn switch(k: &mut Kernel, frame: &mut TrapFrame, pid: u32) {
-    static ANNOUNCED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
     let Some(p) = k.procs.get_mut(pid) else { return };
     p.state = State::Runnable as u32;
     *frame = p.regs;
     let space = p.space;
-    if !ANNOUNCED.swap(true, core::sync::atomic::Ordering::Relaxed) {
+    if !k.entered_first {
+        // The end of "crash to running" (after a restore), or of a boot.
+        k.entered_first = true;
         println!("process {pid} ({}) runs first", p.name());
+        control::running(Running::new(pid, k.header.generation));
     }
     k.current = Some(pid);
     if let Some(space) = k.res.spaces.get(space) {

@@ -82,11 +82,14 @@ pub fn handle(frame: &mut TrapFrame) {
                 process::schedule(k, frame);
                 return;
             }
-            nr::CHECKPOINT => match k.write_out(frame, true) {
-                Ok(_) => SAVED,
-                Err(WriteOutError::Disabled) => err::UNSUPPORTED,
-                Err(WriteOutError::NoRoom) => err::NO_MEMORY,
-            },
+            nr::CHECKPOINT => {
+                control::set_cause(nvram::control::Cause::Call);
+                match k.write_out(frame, true) {
+                    Ok(_) => SAVED,
+                    Err(WriteOutError::Disabled) => err::UNSUPPORTED,
+                    Err(WriteOutError::NoRoom) => err::NO_MEMORY,
+                }
+            }
             nr::REPORT => report(k, pid, a, b, c, d),
             nr::SHUTDOWN => {
                 // The caller resumes from here after the next boot, with a 0 result.

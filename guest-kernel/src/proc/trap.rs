@@ -1,6 +1,6 @@
 //! What the kernel does at each entry: exceptions, timer interrupts, system calls.
 
-use nvram::control::Request;
+use nvram::control::{Cause, Request, REQUEST_IRQ};
 use nvram::exit::ExitCode;
 
 use crate::arch::frame::from_user;
@@ -26,6 +26,23 @@ fn checkpoint(k: &mut Kernel, frame: &mut TrapFrame) {
     }
 }
 
+/// Acts on the VMM's `request` (`by_interrupt`: its interrupt brought it, rather than a
+/// look at a tick), or on a periodic write-out that is due.
+fn serve(k: &mut Kernel, frame: &mut TrapFrame, request: Request, by_interrupt: bool, periodic: bool) {
+    match request {
+        Request::Shutdown => k.shutdown(frame),
+        Request::Checkpoint => {
+            control::set_cause(if by_interrupt { Cause::RequestInterrupt } else { Cause::RequestAtTick });
+            checkpoint(k, frame)
+        }
+        Request::None if periodic => {
+            control::set_cause(Cause::Periodic);
+            checkpoint(k, frame)
+        }
+        Request::None => {}
+    }
+}
+
 /// Handles the entry described by `frame`; on return, `frame` is the context to resume.
 pub fn dispatch(frame: &mut TrapFrame) {
     if ring3::owns(frame) {
@@ -47,15 +64,24 @@ pub fn dispatch(frame: &mut TrapFrame) {
                 if periodic {
                     k.next_checkpoint = k.ticks + k.checkpoint_ticks;
                 }
-                match control::request() {
-                    Request::Shutdown => k.shutdown(frame),
-                    Request::Checkpoint => checkpoint(k, frame),
-                    Request::None if periodic => checkpoint(k, frame),
-                    Request::None => {}
+                // Requests come by their own interrupt (a look here too would take a request
+                // whose interrupt is pending behind this one's); the tick looks when that
+                // interrupt was lost in ring-3 work, and once a second in case.
+                let slice = k.ticks.is_multiple_of(timer::slice_ticks());
+                let look = ring3::take_missed_irq(REQUEST_IRQ) || k.ticks.is_multiple_of(timer::hz());
+                let request = if look { control::request() } else { Request::None };
+                serve(k, frame, request, false, periodic);
+                // Preempt every slice; the idle context must notice a sleeper that woke.
+                if slice || k.current.is_none() {
+                    process::schedule(k, frame);
                 }
-                // Preempt on every tick: ticks are long (timer::HZ), and the idle context
-                // must notice a sleeper that woke.
-                if k.ticks.is_multiple_of(process::SLICE_TICKS) || k.current.is_none() {
+            });
+        }
+        v if v == u64::from(IRQ_BASE + REQUEST_IRQ) => {
+            timer::end_of_interrupt(REQUEST_IRQ);
+            kernel::with(|k| {
+                serve(k, frame, control::request(), true, false);
+                if k.current.is_none() {
                     process::schedule(k, frame);
                 }
             });

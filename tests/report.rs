@@ -1,0 +1,56 @@
+//! `vmm report`: a quick run writes its JSON and its three SVG charts, and a saved report
+//! renders as Markdown. Checks the fields and the files, never the figures.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{run, vmm, Scratch};
+use serde_json::Value;
+
+#[test]
+fn a_quick_report_writes_json_and_charts() {
+    let scratch = Scratch::new();
+    let out = scratch.path("r");
+    let done =
+        run(&mut vmm(&["report", "--quick", "--json", "--out", out.to_str().unwrap()]), Duration::from_secs(120));
+    assert_eq!(done.code(), Some(0), "{done:?}");
+    let report: Value = serde_json::from_str(&done.stdout).expect("the report is JSON");
+    let rows = report["rows"].as_array().expect("rows");
+    let names: Vec<&str> = rows.iter().map(|r| r["operation"].as_str().unwrap()).collect();
+    assert_eq!(names, ["plate-ification", "write-out", "restore"]);
+    for row in rows {
+        for field in ["paper_volatile_ms", "paper_nvm_ms", "ours_ms", "ratio_to_paper_nvm", "ratio_to_limit"] {
+            assert!(row[field].as_f64().is_some_and(|v| v > 0.0), "{field} of {row}");
+        }
+    }
+    assert!(report["plates"].as_u64().is_some_and(|p| p > 400), "{report}");
+    assert!(report["crash_to_running"]["total_ms"].as_f64().is_some_and(|v| v > 0.0), "{report}");
+    assert_eq!(report["dirty_sweep"].as_array().map(Vec::len), Some(2));
+    assert_eq!(report["throughput"].as_array().map(Vec::len), Some(2));
+    assert!(report["targets"].as_array().is_some_and(|t| t.len() >= 5), "{report}");
+    let charts = report["charts"].as_array().expect("charts");
+    assert_eq!(charts.len(), 3);
+    for name in ["table.svg", "write-out-vs-dirty-bytes.svg", "throughput-vs-interval.svg"] {
+        let svg = std::fs::read_to_string(out.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(svg.trim_start().starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{name}: {svg}");
+        assert_eq!(svg.matches('<').count(), svg.matches('>').count(), "{name} is not balanced");
+    }
+
+    let saved = scratch.path("report.json");
+    std::fs::write(&saved, &done.stdout).unwrap();
+    let md = run(&mut vmm(&["report", "--from", saved.to_str().unwrap(), "--markdown"]), Duration::from_secs(20));
+    assert_eq!(md.code(), Some(0), "{md:?}");
+    assert!(md.stdout.contains("| operation | paper, volatile | paper, NVM | ours |"), "{}", md.stdout);
+    assert!(md.stdout.contains("| target | goal | measured |"), "{}", md.stdout);
+}
+
+#[test]
+fn a_report_that_is_not_one_is_refused() {
+    let scratch = Scratch::new();
+    let bad = scratch.path("bad.json");
+    std::fs::write(&bad, "{\"rows\": 3}").unwrap();
+    let done = run(&mut vmm(&["report", "--from", bad.to_str().unwrap()]), Duration::from_secs(20));
+    assert_eq!(done.code(), Some(1), "{done:?}");
+    assert!(done.stderr.contains("is not a report of `vmm report --json`"), "{}", done.stderr);
+}
