@@ -48,7 +48,7 @@ fn table() -> Box<PlateTable> {
     let mut area = 0x800_0000u64;
     let mut add = |t: &mut PlateTable, kind: PlateKind, id: u32, pages: u64| {
         let plate =
-            Plate { kind: kind as u32, id, src: next, pages, area: [area, area + pages * PAGE], valid: 0, reserved: 0 };
+            Plate { kind: kind as u32, id, src: next, pages, area: [area, area + pages * PAGE], valid: 0, reserved: 0, sum: [0; 2] };
         next += pages * PAGE;
         area += 2 * pages * PAGE;
         t.add(plate).expect("room for the paper's plates");

@@ -24,6 +24,7 @@ pub mod inspect;
 pub mod layout;
 pub mod persist;
 pub mod plate;
+pub mod plate_check;
 pub mod ports;
 pub mod pvh;
 pub mod resources;

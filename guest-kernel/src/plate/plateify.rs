@@ -37,7 +37,7 @@ pub(super) fn plateify(plating: &mut Plating, res: &Resources, frames: &mut Fram
                 return Err(WriteOutError::NoRoom);
             }
         };
-        enlist(plating, Plate { kind: kind as u32, id, src, pages, area: [a, b], valid: 0, reserved: 0 })
+        enlist(plating, Plate { kind: kind as u32, id, src, pages, area: [a, b], valid: 0, reserved: 0, sum: [0; 2] })
     };
     if !plating.live.is_plated(PlateKind::Fixed, FIXED_RESOURCES) {
         let pages = (core::mem::size_of::<Resources>() as u64).div_ceil(PAGE);
@@ -46,7 +46,7 @@ pub(super) fn plateify(plating: &mut Plating, res: &Resources, frames: &mut Fram
             (FIXED_RESOURCES, layout::RESOURCES, pages, layout::RESOURCES_SAVE),
             (FIXED_FRAME_BITMAP, layout::FRAME_BITMAP, bitmap_pages, layout::FRAME_BITMAP_SAVE),
         ] {
-            enlist(plating, Plate { kind: PlateKind::Fixed as u32, id, src, pages, area, valid: 0, reserved: 0 })?;
+            enlist(plating, Plate { kind: PlateKind::Fixed as u32, id, src, pages, area, valid: 0, reserved: 0, sum: [0; 2] })?;
         }
     }
     // Only the resources without a plate, found a bitmap word at a time (against a copy of

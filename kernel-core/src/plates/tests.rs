@@ -180,6 +180,7 @@ impl World {
                 area: [a, b],
                 valid: 0,
                 reserved: 0,
+                sum: [0; 2],
             })
             .unwrap();
         }
@@ -305,6 +306,7 @@ fn plan_copies_agrees_with_a_page_by_page_model() {
             area: [0x400000, 0x800000],
             valid: 1 + (rnd() % 2) as u32,
             reserved: 0,
+            sum: [0; 2],
         };
         let dirty: Vec<bool> = (0..pages).map(|_| rnd() % 3 == 0).collect();
         let mut stale: Vec<u64> = (0..10).map(|_| rnd()).collect();
@@ -333,7 +335,7 @@ fn plan_copies_agrees_with_a_page_by_page_model() {
 
 #[test]
 fn plan_copies_merges_and_tracks_what_the_inactive_area_lacks() {
-    let plate = Plate { kind: 3, id: 0, src: 0x10000, pages: 6, area: [0x20000, 0x30000], valid: 1, reserved: 0 };
+    let plate = Plate { kind: 3, id: 0, src: 0x10000, pages: 6, area: [0x20000, 0x30000], valid: 1, reserved: 0, sum: [0; 2] };
     let mut stale = [0b000_011u64];
     let mut ranges = Vec::new();
     let copied = plan_copies(

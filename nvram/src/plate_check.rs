@@ -1,0 +1,179 @@
+//! The checks a committed plate table must pass before a restore copies anything by it.
+//!
+//! A slot's checksum tells a whole table from a torn one, not a sound one from a wrong one:
+//! a table written by a buggy kernel, or bits flipped with the checksum recomputed, would
+//! have the restore copy over the kernel image, the root header or a slot. So every entry
+//! is checked against the layout first ([`check_entries`]): each plate's kind, `valid`
+//! index and page count, its region and both save areas inside the managed frames (the
+//! fixed plates at their fixed places), and no two of these ranges (nor a pending
+//! deletion's areas) sharing a frame. The guest runs it at every restore, `vmm inspect`
+//! on the image; both over the same code.
+
+use core::fmt;
+
+use crate::layout::{self, PAGE_SIZE};
+use crate::plate::{PlateKind, PlateTable, FIXED_FRAME_BITMAP, FIXED_RESOURCES};
+
+/// Most pages of a fixed plate: its save area's room.
+pub const FIXED_PAGES_MAX: u64 = layout::RESOURCES_SAVE_MAX / PAGE_SIZE;
+
+/// Which entry of a table is wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// Plate `n` (its index in the table).
+    Plate(usize),
+    /// Entry `n` of the deletion-pending list.
+    Pending(usize),
+}
+
+/// Which range of an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Range {
+    Region,
+    AreaA,
+    AreaB,
+}
+
+impl Range {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Region => "region",
+            Self::AreaA => "save area A",
+            Self::AreaB => "save area B",
+        }
+    }
+}
+
+/// What is wrong with an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Problem {
+    /// No such plate kind.
+    Kind(u32),
+    /// `valid` is neither 0, 1 nor 2.
+    Valid(u32),
+    /// No pages, or more than the managed frames (or a fixed plate's room).
+    Pages(u64),
+    /// A fixed plate that is not one of the two, or not at its fixed place.
+    Fixed,
+    /// A range not page-aligned, or not inside the managed frames.
+    Outside(Range, u64),
+    /// A range sharing a frame with an earlier one (or with itself across areas).
+    Overlap(Range, u64),
+    /// The scratch bitmap is too small for the managed frames.
+    Scratch,
+}
+
+/// A table that a restore must not follow: which entry, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryError {
+    pub entry: Entry,
+    pub problem: Problem,
+}
+
+impl fmt::Display for EntryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.entry {
+            Entry::Plate(i) => write!(f, "plate {i}: ")?,
+            Entry::Pending(i) => write!(f, "pending deletion {i}: ")?,
+        }
+        match self.problem {
+            Problem::Kind(k) => write!(f, "unknown kind {k}"),
+            Problem::Valid(v) => write!(f, "valid area {v} is none of 0, 1, 2"),
+            Problem::Pages(p) => write!(f, "{p} pages"),
+            Problem::Fixed => write!(f, "a fixed table not at its fixed place"),
+            Problem::Outside(r, at) => write!(f, "{} at {at:#x} is outside the frame area", r.name()),
+            Problem::Overlap(r, at) => write!(f, "{} at {at:#x} overlaps another plate's frames", r.name()),
+            Problem::Scratch => write!(f, "no room to check the frames"),
+        }
+    }
+}
+
+/// Marks frames `first..first + n` in `bitmap`; `false` if one was marked already (then
+/// the bitmap is left partly marked: the caller stops anyway).
+pub fn mark_frames(bitmap: &mut [u64], first: u64, n: u64) -> bool {
+    let mut frame = first;
+    let end = first + n;
+    while frame < end {
+        let shift = frame % 64;
+        let take = (64 - shift).min(end - frame);
+        let mask = if take == 64 { u64::MAX } else { ((1u64 << take) - 1) << shift };
+        let Some(word) = bitmap.get_mut((frame / 64) as usize) else { return false };
+        if *word & mask != 0 {
+            return false;
+        }
+        *word |= mask;
+        frame += take;
+    }
+    true
+}
+
+/// Checks every plate and pending entry of `table` against the layout of an image that
+/// manages `frames` frames from `layout::FRAMES_BASE`. `scratch` (at least
+/// `frames.div_ceil(64)` words, zeroed here) marks the frames taken, to find overlaps; it
+/// is left dirty.
+pub fn check_entries(table: &PlateTable, frames: u64, scratch: &mut [u64]) -> Result<(), EntryError> {
+    let words = frames.div_ceil(64) as usize;
+    let fail = |entry, problem| Err(EntryError { entry, problem });
+    let Some(scratch) = scratch.get_mut(..words) else { return fail(Entry::Plate(0), Problem::Scratch) };
+    scratch.fill(0);
+    let end = layout::FRAMES_BASE + frames * PAGE_SIZE;
+    // A range of the frame area: its first frame, or the problem.
+    let frame_range = |range: Range, at: u64, pages: u64| {
+        let inside = at.is_multiple_of(PAGE_SIZE)
+            && at >= layout::FRAMES_BASE
+            && pages.checked_mul(PAGE_SIZE).and_then(|len| at.checked_add(len)).is_some_and(|e| e <= end);
+        if inside {
+            Ok((at - layout::FRAMES_BASE) / PAGE_SIZE)
+        } else {
+            Err(Problem::Outside(range, at))
+        }
+    };
+    let mut claim = |range: Range, at: u64, pages: u64| -> Result<(), Problem> {
+        let first = frame_range(range, at, pages)?;
+        if mark_frames(scratch, first, pages) {
+            Ok(())
+        } else {
+            Err(Problem::Overlap(range, at))
+        }
+    };
+    for (i, p) in table.plates().iter().enumerate() {
+        let entry = Entry::Plate(i);
+        let Ok(kind) = PlateKind::try_from(p.kind) else { return fail(entry, Problem::Kind(p.kind)) };
+        if p.valid > 2 {
+            return fail(entry, Problem::Valid(p.valid));
+        }
+        if p.pages == 0 || p.pages > frames {
+            return fail(entry, Problem::Pages(p.pages));
+        }
+        if kind == PlateKind::Fixed {
+            let place = match p.id {
+                FIXED_RESOURCES => (layout::RESOURCES, layout::RESOURCES_SAVE),
+                FIXED_FRAME_BITMAP => (layout::FRAME_BITMAP, layout::FRAME_BITMAP_SAVE),
+                _ => return fail(entry, Problem::Fixed),
+            };
+            if (p.src, p.area) != place {
+                return fail(entry, Problem::Fixed);
+            }
+            if p.pages > FIXED_PAGES_MAX {
+                return fail(entry, Problem::Pages(p.pages));
+            }
+            continue;
+        }
+        for (range, at) in [(Range::Region, p.src), (Range::AreaA, p.area[0]), (Range::AreaB, p.area[1])] {
+            claim(range, at, p.pages).or_else(|problem| fail(entry, problem))?;
+        }
+    }
+    for (i, p) in table.pending().iter().enumerate() {
+        let entry = Entry::Pending(i);
+        if p.pages == 0 || p.pages > frames {
+            return fail(entry, Problem::Pages(p.pages));
+        }
+        for (range, at) in [(Range::AreaA, p.area[0]), (Range::AreaB, p.area[1])] {
+            claim(range, at, p.pages).or_else(|problem| fail(entry, problem))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
