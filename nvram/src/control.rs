@@ -127,7 +127,11 @@ pub struct Metrics {
     pub plates: u32,
     /// A [`Copier`]: what moved the bytes.
     pub copier: u32,
-    pub reserved: u32,
+    /// Restore only: how many generations the restore went back behind the one the root
+    /// header records (0: none). A committed slot found damaged (a wrong entry, a save
+    /// area whose checksum fails) makes the restore fall back to the older one, and says so
+    /// here. Always 0 for a write-out.
+    pub rolled_back: u32,
     /// Generation committed (write-out) or restored (restore).
     pub generation: u64,
     pub plated_bytes: u64,
@@ -248,6 +252,8 @@ pub struct MetricsReport {
     pub operation: Operation,
     pub plates: u32,
     pub copier: Copier,
+    /// See [`Metrics::rolled_back`].
+    pub rolled_back: u32,
     pub generation: u64,
     pub plated_bytes: u64,
     pub copied_bytes: u64,
@@ -344,7 +350,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
             let m: Metrics = read(bytes)?;
             let operation = Operation::try_from(m.operation).map_err(|e| DecodeError::BadOperation(e.number))?;
             let copier = Copier::try_from(m.copier).map_err(|e| DecodeError::BadCopier(e.number))?;
-            if m.reserved != 0 {
+            if operation == Operation::WriteOut && m.rolled_back != 0 {
                 return Err(DecodeError::Reserved);
             }
             let sum = m.phases.iter().try_fold(0u64, |a, &p| a.checked_add(p));
@@ -355,6 +361,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
                 operation,
                 plates: m.plates,
                 copier,
+                rolled_back: m.rolled_back,
                 generation: m.generation,
                 plated_bytes: m.plated_bytes,
                 copied_bytes: m.copied_bytes,

@@ -51,7 +51,7 @@ pub enum Problem {
     Kind(u32),
     /// `valid` is neither 0, 1 nor 2.
     Valid(u32),
-    /// No pages, or more than the managed frames (or a fixed plate's room).
+    /// More pages than the managed frames (none, or more than its room, for a fixed plate).
     Pages(u64),
     /// A fixed plate that is not one of the two, or not at its fixed place.
     Fixed,
@@ -108,22 +108,23 @@ pub fn mark_frames(bitmap: &mut [u64], first: u64, n: u64) -> bool {
 }
 
 /// Checks every plate and pending entry of `table` against the layout of an image that
-/// manages `frames` frames from `layout::FRAMES_BASE`. `scratch` (at least
+/// manages `frames` frames from `base` (`layout::FRAMES_BASE`; another only in tests of a
+/// simulated memory). `scratch` (at least
 /// `frames.div_ceil(64)` words, zeroed here) marks the frames taken, to find overlaps; it
 /// is left dirty.
-pub fn check_entries(table: &PlateTable, frames: u64, scratch: &mut [u64]) -> Result<(), EntryError> {
+pub fn check_entries(table: &PlateTable, base: u64, frames: u64, scratch: &mut [u64]) -> Result<(), EntryError> {
     let words = frames.div_ceil(64) as usize;
     let fail = |entry, problem| Err(EntryError { entry, problem });
     let Some(scratch) = scratch.get_mut(..words) else { return fail(Entry::Plate(0), Problem::Scratch) };
     scratch.fill(0);
-    let end = layout::FRAMES_BASE + frames * PAGE_SIZE;
+    let end = base + frames * PAGE_SIZE;
     // A range of the frame area: its first frame, or the problem.
     let frame_range = |range: Range, at: u64, pages: u64| {
         let inside = at.is_multiple_of(PAGE_SIZE)
-            && at >= layout::FRAMES_BASE
+            && at >= base
             && pages.checked_mul(PAGE_SIZE).and_then(|len| at.checked_add(len)).is_some_and(|e| e <= end);
         if inside {
-            Ok((at - layout::FRAMES_BASE) / PAGE_SIZE)
+            Ok((at - base) / PAGE_SIZE)
         } else {
             Err(Problem::Outside(range, at))
         }
@@ -142,7 +143,8 @@ pub fn check_entries(table: &PlateTable, frames: u64, scratch: &mut [u64]) -> Re
         if p.valid > 2 {
             return fail(entry, Problem::Valid(p.valid));
         }
-        if p.pages == 0 || p.pages > frames {
+        // (A plate of no pages is possible: a kernel space whose region is gone. It takes no frame.)
+        if p.pages > frames {
             return fail(entry, Problem::Pages(p.pages));
         }
         if kind == PlateKind::Fixed {
@@ -154,7 +156,7 @@ pub fn check_entries(table: &PlateTable, frames: u64, scratch: &mut [u64]) -> Re
             if (p.src, p.area) != place {
                 return fail(entry, Problem::Fixed);
             }
-            if p.pages > FIXED_PAGES_MAX {
+            if p.pages == 0 || p.pages > FIXED_PAGES_MAX {
                 return fail(entry, Problem::Pages(p.pages));
             }
             continue;
@@ -165,7 +167,7 @@ pub fn check_entries(table: &PlateTable, frames: u64, scratch: &mut [u64]) -> Re
     }
     for (i, p) in table.pending().iter().enumerate() {
         let entry = Entry::Pending(i);
-        if p.pages == 0 || p.pages > frames {
+        if p.pages > frames {
             return fail(entry, Problem::Pages(p.pages));
         }
         for (range, at) in [(Range::AreaA, p.area[0]), (Range::AreaB, p.area[1])] {

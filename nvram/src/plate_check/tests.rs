@@ -30,7 +30,7 @@ fn sound() -> Box<PlateTable> {
 }
 
 fn check(t: &PlateTable) -> Result<(), EntryError> {
-    check_entries(t, FRAMES, &mut vec![u64::MAX; 16])
+    check_entries(t, F, FRAMES, &mut vec![u64::MAX; 16])
 }
 
 #[test]
@@ -44,7 +44,7 @@ fn each_wrong_entry_is_named() {
     let cases: [(&str, fn(&mut PlateTable), Result<(), EntryError>); 12] = [
         ("unknown kind", |t| t.plates[2].kind = 9, plate(2, Problem::Kind(9))),
         ("valid index", |t| t.plates[3].valid = 3, plate(3, Problem::Valid(3))),
-        ("no pages", |t| t.plates[3].pages = 0, plate(3, Problem::Pages(0))),
+        ("a fixed plate of no pages", |t| t.plates[1].pages = 0, plate(1, Problem::Pages(0))),
         ("more pages than frames", |t| t.plates[3].pages = FRAMES + 1, plate(3, Problem::Pages(FRAMES + 1))),
         // The copier would overwrite the kernel image, the header or a slot.
         ("region over the kernel", |t| t.plates[2].src = layout::KERNEL_START, plate(2, Problem::Outside(Range::Region, layout::KERNEL_START))),
@@ -72,12 +72,12 @@ fn pending_deletions_and_overlaps_across_plates_are_checked() {
     t.pending[0] = Pending { area: [F + 12 * P, F + 30 * P], pages: 1 };
     assert_eq!(check(&t), Err(EntryError { entry: Entry::Pending(0), problem: Problem::Overlap(Range::AreaA, F + 12 * P) }));
     let mut t = sound();
-    t.pending[0].pages = 0;
-    assert_eq!(check(&t), Err(EntryError { entry: Entry::Pending(0), problem: Problem::Pages(0) }));
+    t.pending[0].pages = FRAMES + 1;
+    assert_eq!(check(&t), Err(EntryError { entry: Entry::Pending(0), problem: Problem::Pages(FRAMES + 1) }));
     let mut t = sound();
     t.plates[3].src = F + 2 * P;
     assert_eq!(check(&t), Err(EntryError { entry: Entry::Plate(3), problem: Problem::Overlap(Range::Region, F + 2 * P) }));
-    assert_eq!(check_entries(&sound(), FRAMES, &mut [0; 2]).unwrap_err().problem, Problem::Scratch);
+    assert_eq!(check_entries(&sound(), F, FRAMES, &mut [0; 2]).unwrap_err().problem, Problem::Scratch);
     let e = check(&t).unwrap_err();
     assert_eq!(std::format!("{e}"), std::format!("plate 3: region at {:#x} overlaps another plate's frames", F + 2 * P));
 }
