@@ -57,8 +57,7 @@ fn table() -> Box<PlateTable> {
     let mut next = SRC_BASE;
     let mut area = 0x800_0000u64;
     let mut add = |t: &mut PlateTable, kind: PlateKind, id: u32, pages: u64| {
-        let plate =
-            Plate::new(kind, id, next, pages, [area, area + pages * PAGE]);
+        let plate = Plate::new(kind, id, next, pages, [area, area + pages * PAGE]);
         next += pages * PAGE;
         area += 2 * pages * PAGE;
         t.add(plate).expect("room for the paper's plates");

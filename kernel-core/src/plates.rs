@@ -20,8 +20,8 @@
 
 use crate::frames::FrameBitmap;
 
-use nvram::plate::{area_sum, Pending, Plate, PlateKind, PlateTable, TableError};
-use nvram::plate_check::{self, EntryError};
+use nvram::plate::{area_sum, Pending, Plate, PlateKind, PlateTable};
+use nvram::plate_check;
 
 const PAGE: u64 = nvram::layout::PAGE_SIZE;
 
@@ -256,101 +256,11 @@ pub fn restore<P: Persist>(committed: &PlateTable, nvm: &mut P) -> u64 {
     pages
 }
 
-/// Checks that every plate's valid area holds what the write-out that filled it left
-/// there (its content checksum); `Err(n)`: plate `n`'s does not. The table's entries must
-/// have passed [`plate_check::check_entries`] first.
-pub fn verify_areas<P: Persist>(committed: &PlateTable, nvm: &P) -> Result<(), usize> {
-    for (i, plate) in committed.plates().iter().enumerate().filter(|(_, p)| p.valid != 0) {
-        let v = (plate.valid - 1) as usize & 1;
-        if area_sum(nvm.read(plate.area[v], plate.pages * PAGE), 0) != plate.sum[v] {
-            return Err(i);
-        }
-    }
-    Ok(())
-}
+pub use nvram::plate_check::{Choice, Rejection};
 
-/// Why a slot is not the one a restore follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rejection {
-    /// Torn, or never written: its header or checksum does not check out.
-    Table(TableError),
-    /// It checks out, but an entry is wrong for the layout.
-    Entry(EntryError),
-    /// It checks out, but plate `n`'s valid save area does not hold what was written there.
-    Content(usize),
-}
-
-impl core::fmt::Display for Rejection {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            Self::Table(e) => write!(f, "the table does not check out ({e:?})"),
-            Self::Entry(e) => write!(f, "an entry is wrong: {e}"),
-            Self::Content(n) => write!(f, "plate {n}'s save area does not hold what was written there (checksum)"),
-        }
-    }
-}
-
-/// Which slot a restore follows, and why the others were passed over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Choice {
-    /// The slot restored from; `None` if neither may be.
-    pub index: Option<usize>,
-    /// Per slot, why it was passed over (`None`: chosen, or not looked at).
-    pub rejected: [Option<Rejection>; 2],
-    /// Per slot, the generation it claims (a torn slot's claim is only a claim).
-    pub generations: [u64; 2],
-}
-
-impl Choice {
-    /// Whether a slot that checked out (a commit once whole) was refused: something was
-    /// damaged, not merely torn by a crash.
-    pub fn damaged(&self) -> bool {
-        self.rejected.iter().flatten().any(|r| !matches!(r, Rejection::Table(_)))
-    }
-
-    /// The generation restored, if any.
-    pub fn generation(&self) -> Option<u64> {
-        self.index.map(|i| self.generations[i])
-    }
-
-    /// How many generations a restore by this choice goes back behind `recorded`, the
-    /// generation the root header records: 0 normally (the header is written after the
-    /// commit, so the slot restored may be one ahead of it). A damaged slot passed over
-    /// counts as one generation lost even when the header had not recorded it yet.
-    pub fn rolled_back(&self, recorded: u64) -> u64 {
-        let behind = self.generation().map_or(recorded, |g| recorded.saturating_sub(g));
-        if behind == 0 && self.damaged() {
-            1
-        } else {
-            behind
-        }
-    }
-}
-
-/// Chooses the slot to restore from: of those that check out (header, checksum), whose
-/// entries fit the layout of an image of `frames` frames from `base` (`layout::FRAMES_BASE`) and whose valid save areas hold
-/// what was written there, the one with the highest generation. The slot claiming the
-/// higher generation is looked at first; the other only if the first is passed over.
-/// `scratch`: at least `frames.div_ceil(64)` words, left dirty.
+/// [`nvram::plate_check::choose`] over `nvm`'s memory: the slot a restore follows.
 pub fn choose<P: Persist>(slots: [&PlateTable; 2], base: u64, frames: u64, scratch: &mut [u64], nvm: &P) -> Choice {
-    let mut choice = Choice { index: None, rejected: [None; 2], generations: slots.map(|t| t.generation) };
-    let order = if slots[1].generation > slots[0].generation { [1, 0] } else { [0, 1] };
-    for i in order {
-        let t = slots[i];
-        let verdict = t
-            .check()
-            .map_err(Rejection::Table)
-            .and_then(|()| plate_check::check_entries(t, base, frames, scratch).map_err(Rejection::Entry))
-            .and_then(|()| verify_areas(t, nvm).map_err(Rejection::Content));
-        match verdict {
-            Ok(()) => {
-                choice.index = Some(i);
-                break;
-            }
-            Err(r) => choice.rejected[i] = Some(r),
-        }
-    }
-    choice
+    plate_check::choose(slots, base, frames, scratch, |addr, len| Some(nvm.read(addr, len)))
 }
 
 /// Copies `ranges` and writes their lines back, unless the copier made them durable

@@ -18,6 +18,7 @@ pub mod cmdline;
 pub mod control;
 pub mod engine;
 pub mod exit;
+pub mod fsck;
 pub mod header;
 #[cfg(feature = "std")]
 pub mod inspect;

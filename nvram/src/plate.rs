@@ -243,7 +243,9 @@ pub fn page_hash(index: u64, page: &[u8]) -> u64 {
     match <[u64]>::ref_from_bytes(&page[..whole]) {
         // Pages are 8-byte aligned in NVM: four words a step.
         Ok(words) => c.words(words),
-        Err(_) => page[..whole].chunks_exact(8).for_each(|w| c.word(u64::from_le_bytes(w.try_into().unwrap_or_default()))),
+        Err(_) => {
+            page[..whole].chunks_exact(8).for_each(|w| c.word(u64::from_le_bytes(w.try_into().unwrap_or_default())))
+        }
     }
     for &b in &page[whole..] {
         c.word(u64::from(b));

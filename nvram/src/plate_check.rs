@@ -12,7 +12,7 @@
 use core::fmt;
 
 use crate::layout::{self, PAGE_SIZE};
-use crate::plate::{PlateKind, PlateTable, FIXED_FRAME_BITMAP, FIXED_RESOURCES};
+use crate::plate::{area_sum, PlateKind, PlateTable, TableError, FIXED_FRAME_BITMAP, FIXED_RESOURCES};
 
 /// Most pages of a fixed plate: its save area's room.
 pub const FIXED_PAGES_MAX: u64 = layout::RESOURCES_SAVE_MAX / PAGE_SIZE;
@@ -175,6 +175,111 @@ pub fn check_entries(table: &PlateTable, base: u64, frames: u64, scratch: &mut [
         }
     }
     Ok(())
+}
+
+/// Checks that every plate's valid area holds what the write-out that filled it left
+/// there (its content checksum); `Err(n)`: plate `n`'s does not (or lies past what `read`
+/// reaches). `read(addr, len)`: the bytes there. The table's entries must have passed
+/// [`check_entries`] first.
+pub fn verify_areas<'a>(table: &PlateTable, read: impl Fn(u64, u64) -> Option<&'a [u8]>) -> Result<(), usize> {
+    for (i, plate) in table.plates().iter().enumerate().filter(|(_, p)| p.valid != 0) {
+        let v = (plate.valid - 1) as usize & 1;
+        if read(plate.area[v], plate.pages * PAGE_SIZE).is_none_or(|bytes| area_sum(bytes, 0) != plate.sum[v]) {
+            return Err(i);
+        }
+    }
+    Ok(())
+}
+
+/// Why a slot is not the one a restore follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Torn, or never written: its header or checksum does not check out.
+    Table(TableError),
+    /// It checks out, but an entry is wrong for the layout.
+    Entry(EntryError),
+    /// It checks out, but plate `n`'s valid save area does not hold what was written there.
+    Content(usize),
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Table(e) => write!(f, "the table does not check out ({e:?})"),
+            Self::Entry(e) => write!(f, "an entry is wrong: {e}"),
+            Self::Content(n) => write!(f, "plate {n}'s save area does not hold what was written there (checksum)"),
+        }
+    }
+}
+
+/// Which slot a restore follows, and why the others were passed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    /// The slot restored from; `None` if neither may be.
+    pub index: Option<usize>,
+    /// Per slot, why it was passed over (`None`: chosen, or not looked at).
+    pub rejected: [Option<Rejection>; 2],
+    /// Per slot, the generation it claims (a torn slot's claim is only a claim).
+    pub generations: [u64; 2],
+}
+
+impl Choice {
+    /// Whether a slot that checked out (a commit once whole) was refused: something was
+    /// damaged, not merely torn by a crash.
+    pub fn damaged(&self) -> bool {
+        self.rejected.iter().flatten().any(|r| !matches!(r, Rejection::Table(_)))
+    }
+
+    /// The generation restored, if any.
+    pub fn generation(&self) -> Option<u64> {
+        self.index.map(|i| self.generations[i])
+    }
+
+    /// How many generations a restore by this choice goes back behind `recorded`, the
+    /// generation the root header records: 0 normally (the header is written after the
+    /// commit, so the slot restored may be one ahead of it). A damaged slot passed over
+    /// counts as one generation lost even when the header had not recorded it yet.
+    pub fn rolled_back(&self, recorded: u64) -> u64 {
+        let behind = self.generation().map_or(recorded, |g| recorded.saturating_sub(g));
+        if behind == 0 && self.damaged() {
+            1
+        } else {
+            behind
+        }
+    }
+}
+
+/// Chooses the slot to restore from: of those that check out (header, checksum), whose
+/// entries fit the layout of an image of `frames` frames from `base`
+/// (`layout::FRAMES_BASE`) and whose valid save areas hold what was written there
+/// ([`verify_areas`]), the one with the highest generation. The slot claiming the higher
+/// generation is looked at first; the other only if the first is passed over. `scratch`:
+/// at least `frames.div_ceil(64)` words, left dirty.
+pub fn choose<'a>(
+    slots: [&PlateTable; 2],
+    base: u64,
+    frames: u64,
+    scratch: &mut [u64],
+    read: impl Fn(u64, u64) -> Option<&'a [u8]>,
+) -> Choice {
+    let mut choice = Choice { index: None, rejected: [None; 2], generations: slots.map(|t| t.generation) };
+    let order = if slots[1].generation > slots[0].generation { [1, 0] } else { [0, 1] };
+    for i in order {
+        let t = slots[i];
+        let verdict = t
+            .check()
+            .map_err(Rejection::Table)
+            .and_then(|()| check_entries(t, base, frames, scratch).map_err(Rejection::Entry))
+            .and_then(|()| verify_areas(t, &read).map_err(Rejection::Content));
+        match verdict {
+            Ok(()) => {
+                choice.index = Some(i);
+                break;
+            }
+            Err(r) => choice.rejected[i] = Some(r),
+        }
+    }
+    choice
 }
 
 #[cfg(test)]

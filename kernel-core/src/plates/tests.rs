@@ -345,7 +345,8 @@ fn plan_copies_agrees_with_a_page_by_page_model() {
 
 #[test]
 fn plan_copies_merges_and_tracks_what_the_inactive_area_lacks() {
-    let plate = Plate { kind: 3, id: 0, src: 0x10000, pages: 6, area: [0x20000, 0x30000], valid: 1, reserved: 0, sum: [0; 2] };
+    let plate =
+        Plate { kind: 3, id: 0, src: 0x10000, pages: 6, area: [0x20000, 0x30000], valid: 1, reserved: 0, sum: [0; 2] };
     let mut stale = [0b000_011u64];
     let mut ranges = Vec::new();
     let copied = plan_copies(
@@ -546,7 +547,10 @@ fn a_wrong_entry_with_its_checksum_recomputed_is_refused_before_anything_is_copi
     nvm.mem[SLOTS[1] as usize..][..TABLE_SIZE].copy_from_slice(bad.as_bytes());
     let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
     let choice = choose_slot(&slots, &nvm);
-    assert!(matches!(choice.rejected[1], Some(Rejection::Entry(e)) if matches!(e.problem, nvram::plate_check::Problem::Overlap(..))), "{choice:?}");
+    assert!(
+        matches!(choice.rejected[1], Some(Rejection::Entry(e)) if matches!(e.problem, nvram::plate_check::Problem::Overlap(..))),
+        "{choice:?}"
+    );
     assert_eq!(choice.index, Some(0), "generation 1 is intact");
     let area = slots[0].plates[1].area;
     let before = nvm.mem.clone();

@@ -47,14 +47,34 @@ fn each_wrong_entry_is_named() {
         ("a fixed plate of no pages", |t| t.plates[1].pages = 0, plate(1, Problem::Pages(0))),
         ("more pages than frames", |t| t.plates[3].pages = FRAMES + 1, plate(3, Problem::Pages(FRAMES + 1))),
         // The copier would overwrite the kernel image, the header or a slot.
-        ("region over the kernel", |t| t.plates[2].src = layout::KERNEL_START, plate(2, Problem::Outside(Range::Region, layout::KERNEL_START))),
-        ("area over the root header", |t| t.plates[3].area[1] = layout::ROOT_HEADER, plate(3, Problem::Outside(Range::AreaB, layout::ROOT_HEADER))),
-        ("region over a slot", |t| t.plates[3].src = layout::PLATE_SLOTS[1], plate(3, Problem::Outside(Range::Region, layout::PLATE_SLOTS[1]))),
-        ("past the frames", |t| t.plates[3].area[0] = F + (FRAMES - 1) * P, plate(3, Problem::Outside(Range::AreaA, F + (FRAMES - 1) * P))),
+        (
+            "region over the kernel",
+            |t| t.plates[2].src = layout::KERNEL_START,
+            plate(2, Problem::Outside(Range::Region, layout::KERNEL_START)),
+        ),
+        (
+            "area over the root header",
+            |t| t.plates[3].area[1] = layout::ROOT_HEADER,
+            plate(3, Problem::Outside(Range::AreaB, layout::ROOT_HEADER)),
+        ),
+        (
+            "region over a slot",
+            |t| t.plates[3].src = layout::PLATE_SLOTS[1],
+            plate(3, Problem::Outside(Range::Region, layout::PLATE_SLOTS[1])),
+        ),
+        (
+            "past the frames",
+            |t| t.plates[3].area[0] = F + (FRAMES - 1) * P,
+            plate(3, Problem::Outside(Range::AreaA, F + (FRAMES - 1) * P)),
+        ),
         ("unaligned", |t| t.plates[3].src += 8, plate(3, Problem::Outside(Range::Region, F + 12 * P + 8))),
         ("areas overlap", |t| t.plates[3].area[1] = F + 15 * P, plate(3, Problem::Overlap(Range::AreaB, F + 15 * P))),
         ("a fixed plate elsewhere", |t| t.plates[0].area[0] = F, plate(0, Problem::Fixed)),
-        ("a fixed plate too large", |t| t.plates[1].pages = FIXED_PAGES_MAX + 1, plate(1, Problem::Pages(FIXED_PAGES_MAX + 1))),
+        (
+            "a fixed plate too large",
+            |t| t.plates[1].pages = FIXED_PAGES_MAX + 1,
+            plate(1, Problem::Pages(FIXED_PAGES_MAX + 1)),
+        ),
     ];
     for (what, damage, expected) in cases {
         let mut t = sound();
@@ -70,16 +90,25 @@ fn pending_deletions_and_overlaps_across_plates_are_checked() {
     let mut t = sound();
     // A pending area that is also a live plate's region: freeing it would free the region.
     t.pending[0] = Pending { area: [F + 12 * P, F + 30 * P], pages: 1 };
-    assert_eq!(check(&t), Err(EntryError { entry: Entry::Pending(0), problem: Problem::Overlap(Range::AreaA, F + 12 * P) }));
+    assert_eq!(
+        check(&t),
+        Err(EntryError { entry: Entry::Pending(0), problem: Problem::Overlap(Range::AreaA, F + 12 * P) })
+    );
     let mut t = sound();
     t.pending[0].pages = FRAMES + 1;
     assert_eq!(check(&t), Err(EntryError { entry: Entry::Pending(0), problem: Problem::Pages(FRAMES + 1) }));
     let mut t = sound();
     t.plates[3].src = F + 2 * P;
-    assert_eq!(check(&t), Err(EntryError { entry: Entry::Plate(3), problem: Problem::Overlap(Range::Region, F + 2 * P) }));
+    assert_eq!(
+        check(&t),
+        Err(EntryError { entry: Entry::Plate(3), problem: Problem::Overlap(Range::Region, F + 2 * P) })
+    );
     assert_eq!(check_entries(&sound(), F, FRAMES, &mut [0; 2]).unwrap_err().problem, Problem::Scratch);
     let e = check(&t).unwrap_err();
-    assert_eq!(std::format!("{e}"), std::format!("plate 3: region at {:#x} overlaps another plate's frames", F + 2 * P));
+    assert_eq!(
+        std::format!("{e}"),
+        std::format!("plate 3: region at {:#x} overlaps another plate's frames", F + 2 * P)
+    );
 }
 
 #[test]
