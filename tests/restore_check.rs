@@ -72,7 +72,7 @@ fn aim_at_the_kernel(t: &mut PlateTable) {
 /// The restore after the crash: the kernel still runs (the copier did not overwrite it),
 /// `kv` verifies the older generation, and the rollback is said everywhere.
 fn assert_rolled_back(scratch: &Scratch, what: &str) {
-    let after = run_then_crash(&config(scratch, "apps=kv kv_pages=8"), Duration::from_secs(30), |s| {
+    let after = run_then_crash(&config(scratch, "check=on"), Duration::from_secs(30), |s| {
         s.workloads.get("kv").is_some_and(|w| w.last_check != Verified::Unknown)
     });
     let console = scratch.read_console();
@@ -80,6 +80,7 @@ fn assert_rolled_back(scratch: &Scratch, what: &str) {
     assert_eq!(after.workloads["kv"].last_check, Verified::Passed, "{console}");
     assert!(console.contains(what), "the reason named: {console}");
     assert!(console.contains("ROLLING BACK to generation"), "{console}");
+    assert!(console.contains("NVM: check: the restored state is consistent"), "check=on: {console}");
     let restore = after.of(Operation::Restore).last().expect("the restore's metrics");
     assert!(restore.report.rolled_back >= 1, "{restore:?}");
 }

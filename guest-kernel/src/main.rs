@@ -130,9 +130,12 @@ fn start(
     let (plating, restored) = match (kind, areas, restore_from) {
         (BootKind::Restored, Some(areas), Some((index, rolled_back))) => {
             // Restore first: it rewrites the very tables the kernel state points into.
-            let (plating, metrics) = plate::restore(areas, index, rolled_back);
+            let (mut plating, metrics) = plate::restore(areas, index, rolled_back);
             if let Err(e) = nvm.check() {
                 nvm_root::refuse(e);
+            }
+            if cmdline.check {
+                plate::check_restored(&mut plating, nvm.resources, &nvm.frames);
             }
             (Some(plating), Some(metrics))
         }
