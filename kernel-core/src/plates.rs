@@ -133,6 +133,11 @@ pub trait Persist {
     /// The bytes at `addr..addr + len`, as the CPU sees them now (to checksum save areas
     /// and regions; the callers pass ranges of plates already checked against the layout).
     fn read(&self, addr: u64, len: u64) -> &[u8];
+    /// Whether reading to checksum is cheap enough here (not in PVM's emulated kernel
+    /// mode): if not, a write-out leaves the sums of the areas it fills unknown.
+    fn can_sum(&self) -> bool {
+        true
+    }
 }
 
 /// What a write-out did.
@@ -177,15 +182,18 @@ pub fn write_out<P: Persist>(
         // copy, which is batched: the area still holds the old pages when a range is
         // planned, and the regions do not change during a write-out).
         let (mut gone, mut come) = (0u64, 0u64);
+        let summing = nvm.can_sum();
         let copied = plan_copies(
             &snapshot,
             |first, n| dirty(&snapshot, first, n),
             stale,
             base,
             |r| {
-                let first = (r.src - snapshot.src) / PAGE;
-                gone = gone.wrapping_add(area_sum(nvm.read(r.dst, r.len), first));
-                come = come.wrapping_add(area_sum(nvm.read(r.src, r.len), first));
+                if summing {
+                    let first = (r.src - snapshot.src) / PAGE;
+                    gone = gone.wrapping_add(area_sum(nvm.read(r.dst, r.len), first));
+                    come = come.wrapping_add(area_sum(nvm.read(r.src, r.len), first));
+                }
                 if used == BATCH {
                     copy_durably(nvm, &batch);
                     used = 0;
@@ -197,12 +205,20 @@ pub fn write_out<P: Persist>(
         );
         stats.copied_pages += copied;
         let inactive = snapshot.inactive();
-        plate.sum[inactive] = if copied == plate.pages {
+        let known = 1 << inactive;
+        if !summing {
+            if copied != 0 {
+                plate.summed &= !known;
+            }
+        } else if copied == plate.pages {
             // Every page written: what the area held before does not count.
-            come
-        } else {
-            plate.sum[inactive].wrapping_sub(gone).wrapping_add(come)
-        };
+            plate.sum[inactive] = come;
+            plate.summed |= known;
+        } else if copied != 0 {
+            // Known stays known, unknown stays unknown (the old pages' hashes are right
+            // only against a known sum).
+            plate.sum[inactive] = plate.sum[inactive].wrapping_sub(gone).wrapping_add(come);
+        }
         if snapshot.valid == 0 {
             // The first copy went into area A; area B has had none, so it lacks every
             // page (not only this write-out's dirty ones): its first copy is whole too.
@@ -258,9 +274,11 @@ pub fn restore<P: Persist>(committed: &PlateTable, nvm: &mut P) -> u64 {
 
 pub use nvram::plate_check::{Choice, Rejection};
 
-/// [`nvram::plate_check::choose`] over `nvm`'s memory: the slot a restore follows.
+/// [`nvram::plate_check::choose`] over `nvm`'s memory: the slot a restore follows (its
+/// save areas checked where [`Persist::can_sum`]).
 pub fn choose<P: Persist>(slots: [&PlateTable; 2], base: u64, frames: u64, scratch: &mut [u64], nvm: &P) -> Choice {
-    plate_check::choose(slots, base, frames, scratch, |addr, len| Some(nvm.read(addr, len)))
+    let read = nvm.can_sum().then_some(|addr, len| Some(nvm.read(addr, len)));
+    plate_check::choose(slots, base, frames, scratch, read)
 }
 
 /// Copies `ranges` and writes their lines back, unless the copier made them durable

@@ -31,7 +31,7 @@
 //! | 16 | 8 | `pages` |
 //! | 24 | 16 | save areas `[a, b]`, physical |
 //! | 40 | 4 | `valid`: 0 no copy yet, 1 area A, 2 area B |
-//! | 44 | 4 | reserved |
+//! | 44 | 4 | `summed`: bit `i` set when `sum[i]` is known |
 //! | 48 | 16 | `sum`: per area, [`area_sum`] of what it holds (checked at restore) |
 //!
 
@@ -85,7 +85,11 @@ pub struct Plate {
     pub pages: u64,
     pub area: [u64; 2],
     pub valid: u32,
-    pub reserved: u32,
+    /// Bit `i`: `sum[i]` is known. A write-out whose copier cannot read at native speed
+    /// (the bookkeeping in PVM's emulated kernel mode, where hashing a page costs
+    /// milliseconds) leaves the sum of the area it fills unknown; a restore then trusts
+    /// that area as before. A whole copy later makes it known again.
+    pub summed: u32,
     /// Per area, [`area_sum`] of its pages as the write-out that last filled it left them:
     /// a restore checks the valid area against it before copying (a bit flipped in a save
     /// area is refused, not restored).
@@ -95,7 +99,7 @@ pub struct Plate {
 impl Plate {
     /// A new plate, with no copy in either area yet.
     pub fn new(kind: PlateKind, id: u32, src: u64, pages: u64, area: [u64; 2]) -> Self {
-        Self { kind: kind as u32, id, src, pages, area, valid: 0, reserved: 0, sum: [0; 2] }
+        Self { kind: kind as u32, id, src, pages, area, valid: 0, summed: 0, sum: [0; 2] }
     }
 
     /// The area the next write-out fills: the one not holding the committed copy.

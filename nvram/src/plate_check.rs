@@ -184,6 +184,9 @@ pub fn check_entries(table: &PlateTable, base: u64, frames: u64, scratch: &mut [
 pub fn verify_areas<'a>(table: &PlateTable, read: impl Fn(u64, u64) -> Option<&'a [u8]>) -> Result<(), usize> {
     for (i, plate) in table.plates().iter().enumerate().filter(|(_, p)| p.valid != 0) {
         let v = (plate.valid - 1) as usize & 1;
+        if plate.summed & (1 << v) == 0 {
+            continue;
+        }
         if read(plate.area[v], plate.pages * PAGE_SIZE).is_none_or(|bytes| area_sum(bytes, 0) != plate.sum[v]) {
             return Err(i);
         }
@@ -254,13 +257,14 @@ impl Choice {
 /// (`layout::FRAMES_BASE`) and whose valid save areas hold what was written there
 /// ([`verify_areas`]), the one with the highest generation. The slot claiming the higher
 /// generation is looked at first; the other only if the first is passed over. `scratch`:
-/// at least `frames.div_ceil(64)` words, left dirty.
+/// at least `frames.div_ceil(64)` words, left dirty. `read: None`: the save areas are not
+/// checked (where reading them costs too much: PVM's emulated kernel mode).
 pub fn choose<'a>(
     slots: [&PlateTable; 2],
     base: u64,
     frames: u64,
     scratch: &mut [u64],
-    read: impl Fn(u64, u64) -> Option<&'a [u8]>,
+    read: Option<impl Fn(u64, u64) -> Option<&'a [u8]>>,
 ) -> Choice {
     let mut choice = Choice { index: None, rejected: [None; 2], generations: slots.map(|t| t.generation) };
     let order = if slots[1].generation > slots[0].generation { [1, 0] } else { [0, 1] };
@@ -270,7 +274,7 @@ pub fn choose<'a>(
             .check()
             .map_err(Rejection::Table)
             .and_then(|()| check_entries(t, base, frames, scratch).map_err(Rejection::Entry))
-            .and_then(|()| verify_areas(t, &read).map_err(Rejection::Content));
+            .and_then(|()| read.as_ref().map_or(Ok(()), |read| verify_areas(t, read)).map_err(Rejection::Content));
         match verdict {
             Ok(()) => {
                 choice.index = Some(i);

@@ -85,6 +85,10 @@ impl Persist for GuestPersist {
         self.slot_ticks += timer::rdtsc() - t;
     }
 
+    fn can_sum(&self) -> bool {
+        ring3::in_user_mode()
+    }
+
     fn read(&self, addr: u64, len: u64) -> &[u8] {
         // SAFETY: all of RAM is identity-mapped, and the callers pass only ranges of plates
         // inside it (a committed table's entries are checked against the layout first, and

@@ -37,7 +37,7 @@ pub(super) fn plateify(plating: &mut Plating, res: &Resources, frames: &mut Fram
                 return Err(WriteOutError::NoRoom);
             }
         };
-        enlist(plating, Plate { kind: kind as u32, id, src, pages, area: [a, b], valid: 0, reserved: 0, sum: [0; 2] })
+        enlist(plating, Plate { kind: kind as u32, id, src, pages, area: [a, b], valid: 0, summed: 0, sum: [0; 2] })
     };
     if !plating.live.is_plated(PlateKind::Fixed, FIXED_RESOURCES) {
         let pages = (core::mem::size_of::<Resources>() as u64).div_ceil(PAGE);
@@ -48,7 +48,7 @@ pub(super) fn plateify(plating: &mut Plating, res: &Resources, frames: &mut Fram
         ] {
             enlist(
                 plating,
-                Plate { kind: PlateKind::Fixed as u32, id, src, pages, area, valid: 0, reserved: 0, sum: [0; 2] },
+                Plate { kind: PlateKind::Fixed as u32, id, src, pages, area, valid: 0, summed: 0, sum: [0; 2] },
             )?;
         }
     }

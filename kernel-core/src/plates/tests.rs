@@ -183,7 +183,7 @@ impl World {
                 pages,
                 area: [a, b],
                 valid: 0,
-                reserved: 0,
+                summed: 0,
                 sum: [0; 2],
             })
             .unwrap();
@@ -315,7 +315,7 @@ fn plan_copies_agrees_with_a_page_by_page_model() {
             pages,
             area: [0x400000, 0x800000],
             valid: 1 + (rnd() % 2) as u32,
-            reserved: 0,
+            summed: 0,
             sum: [0; 2],
         };
         let dirty: Vec<bool> = (0..pages).map(|_| rnd() % 3 == 0).collect();
@@ -346,7 +346,7 @@ fn plan_copies_agrees_with_a_page_by_page_model() {
 #[test]
 fn plan_copies_merges_and_tracks_what_the_inactive_area_lacks() {
     let plate =
-        Plate { kind: 3, id: 0, src: 0x10000, pages: 6, area: [0x20000, 0x30000], valid: 1, reserved: 0, sum: [0; 2] };
+        Plate { kind: 3, id: 0, src: 0x10000, pages: 6, area: [0x20000, 0x30000], valid: 1, summed: 0, sum: [0; 2] };
     let mut stale = [0b000_011u64];
     let mut ranges = Vec::new();
     let copied = plan_copies(

@@ -20,9 +20,9 @@ fn new_table() -> Box<PlateTable> {
 #[test]
 fn tables_round_trip_and_every_bit_flip_is_caught() {
     let mut t = new_table();
-    t.add(Plate { kind: 3, id: 5, src: 0x1000, pages: 2, area: [0x3000, 0x5000], valid: 1, reserved: 0, sum: [0; 2] })
+    t.add(Plate { kind: 3, id: 5, src: 0x1000, pages: 2, area: [0x3000, 0x5000], valid: 1, summed: 0, sum: [0; 2] })
         .unwrap();
-    t.add(Plate { kind: 1, id: 0, src: 0x9000, pages: 1, area: [0xa000, 0xb000], valid: 2, reserved: 0, sum: [0; 2] })
+    t.add(Plate { kind: 1, id: 0, src: 0x9000, pages: 1, area: [0xa000, 0xb000], valid: 2, summed: 0, sum: [0; 2] })
         .unwrap();
     assert_eq!(t.remove(PlateKind::UserSpace, 5), Ok(true));
     assert_eq!(t.remove(PlateKind::UserSpace, 5), Ok(false));
@@ -45,9 +45,9 @@ fn tables_round_trip_and_every_bit_flip_is_caught() {
 #[test]
 fn the_sealed_checksum_is_checksum64_of_the_meaningful_words() {
     let mut t = new_table();
-    t.add(Plate { kind: 3, id: 2, src: 0x1000, pages: 2, area: [0x3000, 0x5000], valid: 1, reserved: 0, sum: [0; 2] })
+    t.add(Plate { kind: 3, id: 2, src: 0x1000, pages: 2, area: [0x3000, 0x5000], valid: 1, summed: 0, sum: [0; 2] })
         .unwrap();
-    t.add(Plate { kind: 2, id: 1, src: 0x9000, pages: 1, area: [0xa000, 0xb000], valid: 0, reserved: 0, sum: [0; 2] })
+    t.add(Plate { kind: 2, id: 1, src: 0x9000, pages: 1, area: [0xa000, 0xb000], valid: 0, summed: 0, sum: [0; 2] })
         .unwrap();
     t.remove(PlateKind::PageTables, 1).unwrap();
     t.generation = 9;
