@@ -495,8 +495,12 @@ fn the_first_copy_into_either_area_is_whole() {
     check_recovery(image, &w.history, 2);
 }
 
-/// Two commits of two plates; page `page` of plate 1's valid area flipped in the image.
-fn flipped_area_image(both: bool) -> (Vec<u8>, Vec<(u64, Vec<Vec<u8>>)>) {
+/// Region contents at each committed generation.
+type History = Vec<(u64, Vec<Vec<u8>>)>;
+
+/// Two commits of two plates; a bit of plate 1's valid area flipped in the image (and of
+/// its other area, if `both`).
+fn flipped_area_image(both: bool) -> (Vec<u8>, History) {
     let mut w = World::new(&[1, 2]);
     w.touch(1, 0, 1);
     w.write_out(&[(1, 0)].into_iter().collect());

@@ -69,9 +69,12 @@ fn a_sound_state_passes() {
     assert_eq!(Image::sound().check(true), vec![]);
 }
 
+/// What is damaged, how, and the violation it must give.
+type Case = (&'static str, fn(&mut Image), Violation);
+
 #[test]
 fn each_violation_is_named() {
-    let cases: [(&str, fn(&mut Image), Violation); 9] = [
+    let cases: [Case; 9] = [
         ("a frame leaked", |i| i.bitmap[2] = 1, Violation::Leaked { frame: F + 128 * P }),
         ("an area free", |i| i.bitmap[0] &= !(1 << 35), Violation::OwnedButFree { frame: F + 35 * P }),
         // A pending deletion's area reused by a new real memory.

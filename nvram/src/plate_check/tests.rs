@@ -4,7 +4,6 @@
 extern crate std;
 
 use std::boxed::Box;
-use std::vec;
 
 use zerocopy::FromZeros;
 
@@ -30,7 +29,7 @@ fn sound() -> Box<PlateTable> {
 }
 
 fn check(t: &PlateTable) -> Result<(), EntryError> {
-    check_entries(t, F, FRAMES, &mut vec![u64::MAX; 16])
+    check_entries(t, F, FRAMES, &mut [u64::MAX; 16])
 }
 
 #[test]
@@ -38,10 +37,13 @@ fn a_sound_table_passes() {
     assert_eq!(check(&sound()), Ok(()));
 }
 
+/// What is damaged, how, and the verdict it must give.
+type Case = (&'static str, fn(&mut PlateTable), Result<(), EntryError>);
+
 #[test]
 fn each_wrong_entry_is_named() {
     let plate = |i: usize, problem| Err(EntryError { entry: Entry::Plate(i), problem });
-    let cases: [(&str, fn(&mut PlateTable), Result<(), EntryError>); 12] = [
+    let cases: [Case; 12] = [
         ("unknown kind", |t| t.plates[2].kind = 9, plate(2, Problem::Kind(9))),
         ("valid index", |t| t.plates[3].valid = 3, plate(3, Problem::Valid(3))),
         ("a fixed plate of no pages", |t| t.plates[1].pages = 0, plate(1, Problem::Pages(0))),
