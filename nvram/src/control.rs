@@ -462,6 +462,13 @@ mod tests {
         let (b, n) = bytes(&m);
         assert_eq!(decode(&b[..n]), Err(DecodeError::BadTimes));
         m.total = 30;
+        // A rollback is a restore's news; a write-out claiming one is refused.
+        m.rolled_back = 2;
+        let (b, n) = bytes(&m);
+        assert_eq!(decode(&b[..n]), Err(DecodeError::Reserved));
+        m.operation = Operation::Restore.into();
+        let (b, n) = bytes(&m);
+        assert!(matches!(decode(&b[..n]), Ok(Message::Metrics(r)) if r.rolled_back == 2));
         m.operation = 9;
         let (b, n) = bytes(&m);
         assert_eq!(decode(&b[..n]), Err(DecodeError::BadOperation(9)));
