@@ -172,7 +172,7 @@ fn decide(nvm: &mut nvm_root::Nvm, areas: Option<&mut plate::Areas>) -> (BootKin
             Err(e) => nvm_root::refuse(e),
         },
         nvm_root::Found::Known(ShutdownFlag::Abnormal) => {
-            println!("NVM: previous run stopped abruptly, and plate=off: starting afresh");
+            println!("NVM: previous run stopped abruptly and nothing was committed: starting afresh (plate=off)");
             nvm.format();
             BootKind::Cold
         }
