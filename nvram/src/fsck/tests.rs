@@ -136,3 +136,73 @@ fn each_violation_is_named() {
     image.bitmap[0] &= !(0b1111 << 34);
     assert_eq!(image.check(false), vec![]);
 }
+
+/// A crashed image by hand: a header recording `recorded`, slot 0 committing generation 1
+/// (the two fixed plates, their valid areas holding formatted tables and an empty bitmap).
+fn crashed_image(recorded: u64) -> Vec<u64> {
+    use zerocopy::IntoBytes;
+    let frames = 64u64;
+    let mut words = vec![0u64; ((FRAMES_BASE + frames * P) / 8) as usize];
+    let bytes = words.as_mut_bytes();
+    let mut header = crate::header::RootHeader::new(1);
+    header.resources = layout::RESOURCES;
+    header.frame_bitmap = layout::FRAME_BITMAP;
+    header.frames_base = FRAMES_BASE;
+    header.frames = frames;
+    header.generation = recorded;
+    header.seal();
+    bytes[layout::ROOT_HEADER as usize..][..crate::header::HEADER_SIZE].copy_from_slice(&header.to_bytes());
+    let mut res = Resources::new_box_zeroed().unwrap();
+    res.format();
+    let res_pages = (size_of::<Resources>() as u64).div_ceil(P);
+    // The formatted tables in their save area A.
+    let raw: &[u8] = resources_bytes(&res);
+    bytes[layout::RESOURCES_SAVE[0] as usize..][..raw.len()].copy_from_slice(raw);
+    let mut t = PlateTable::new_box_zeroed().unwrap();
+    t.format();
+    let mut fixed = Plate::new(PlateKind::Fixed, FIXED_RESOURCES, layout::RESOURCES, res_pages, layout::RESOURCES_SAVE);
+    let mut bitmap =
+        Plate::new(PlateKind::Fixed, FIXED_FRAME_BITMAP, layout::FRAME_BITMAP, 1, layout::FRAME_BITMAP_SAVE);
+    for p in [&mut fixed, &mut bitmap] {
+        p.valid = 1;
+        p.summed = 1;
+        let at = p.area[0] as usize;
+        p.sum[0] = crate::plate::area_sum(&bytes[at..at + (p.pages * P) as usize], 0);
+    }
+    t.add(fixed).unwrap();
+    t.add(bitmap).unwrap();
+    t.generation = 1;
+    t.seal();
+    bytes[layout::PLATE_SLOTS[0] as usize..][..TABLE_SIZE].copy_from_slice(t.as_bytes());
+    words
+}
+
+/// The resource tables' bytes (`Resources` is `FromBytes` only: zerocopy cannot derive
+/// `IntoBytes` for its generic tables).
+fn resources_bytes(res: &Resources) -> &[u8] {
+    let ptr = res as *const Resources as *const u8;
+    // SAFETY: `Resources` is plain integers with no padding (its tables are `repr(C)` of
+    // u32/u64 fields), so all its bytes are initialized; the slice lives as long as `res`.
+    unsafe { core::slice::from_raw_parts(ptr, size_of::<Resources>()) }
+}
+
+fn check_image_words(words: &[u64]) -> (Result<usize, Unchecked>, Vec<Violation>) {
+    use zerocopy::IntoBytes;
+    let mut found = Vec::new();
+    let r = check_image(words.as_bytes(), &mut [0; 4], |v| found.push(v));
+    (r, found)
+}
+
+#[test]
+fn a_hand_built_crashed_image_checks_out_and_its_generation_and_areas_are_checked() {
+    use zerocopy::IntoBytes;
+    assert_eq!(check_image_words(&crashed_image(1)), (Ok(0), vec![]));
+    // The header records generation 2, the only commit is generation 1: a rollback.
+    let (r, found) = check_image_words(&crashed_image(2));
+    assert_eq!((r, found), (Ok(1), vec![Violation::Generation { header: 2, committed: 1 }]));
+    // A bit flipped in the resource tables' valid area: no slot can be restored.
+    let mut words = crashed_image(1);
+    words.as_mut_bytes()[layout::RESOURCES_SAVE[0] as usize + 40] ^= 1;
+    let (r, found) = check_image_words(&words);
+    assert_eq!((r, found), (Ok(2), vec![Violation::Content { plate: 0 }, Violation::NoCommit { header: 1 }]));
+}
