@@ -160,6 +160,12 @@ pub struct InspectArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also check the image's consistency, like fsck (it reads the whole image): the
+    /// committed slot against the root header, its entries and save areas, and the state
+    /// a boot would run on (each frame owned once, the frame bitmap, plates against
+    /// resources). Each violation is named; exit status 1 if there is any.
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Debug, Args)]

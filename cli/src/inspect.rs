@@ -63,13 +63,70 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         bail!("{} changed while it was read", args.image.display());
     }
     let report = inspect_file(&head, size);
+    let check = if args.check { Some(check(&args.image, &report)?) } else { None };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).context("cannot encode the report")?);
+        let mut value = serde_json::to_value(&report).context("cannot encode the report")?;
+        if let (Some(check), Some(map)) = (&check, value.as_object_mut()) {
+            map.insert("check".into(), serde_json::json!(check));
+        }
+        println!("{}", serde_json::to_string_pretty(&value).context("cannot encode the report")?);
     } else {
         print_human(&report);
+        if let Some(check) = &check {
+            print_check(check);
+        }
     }
-    // Exit 0 exactly when `vmm boot` takes the image.
-    Ok(if report.boot == Boot::Refuse { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    // Exit 0 exactly when `vmm boot` takes the image (and, with --check, it is consistent).
+    let violations = check.as_ref().is_some_and(|c| !c.violations.is_empty());
+    Ok(if report.boot == Boot::Refuse || violations { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// What `--check` found.
+#[derive(Debug, serde::Serialize)]
+pub struct Check {
+    /// Each violation, in words.
+    pub violations: Vec<String>,
+    /// Why the image could not be checked, if so.
+    pub unchecked: Option<String>,
+}
+
+/// Runs `nvram::fsck::check_image` over the whole image (read into words: the check reads
+/// the tables in place, which wants 8-byte alignment).
+pub fn check(path: &Path, report: &Report) -> anyhow::Result<Check> {
+    let violations = Vec::new();
+    if report.verdict != "formatted" {
+        return Ok(Check { violations, unchecked: Some(format!("the image is {}", report.verdict)) });
+    }
+    check_file(path)
+}
+
+/// [`check`] on a file known to be an image: what `vmm torture` runs after each crash.
+pub fn check_file(path: &Path) -> anyhow::Result<Check> {
+    let mut violations = Vec::new();
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    zerocopy::IntoBytes::as_mut_bytes(&mut words[..])[..bytes.len()].copy_from_slice(&bytes);
+    let image = &zerocopy::IntoBytes::as_bytes(&words[..])[..bytes.len()];
+    let mut scratch = vec![0u64; (bytes.len() as u64 / nvram::layout::PAGE_SIZE).div_ceil(64) as usize + 1];
+    let unchecked =
+        nvram::fsck::check_image(image, &mut scratch, |v| violations.push(v.to_string())).err().map(|e| e.to_string());
+    Ok(Check { violations, unchecked })
+}
+
+fn print_check(c: &Check) {
+    match (&c.unchecked, c.violations.len()) {
+        (Some(why), 0) => println!("check: not done: {why}"),
+        (None, 0) => println!("check: consistent"),
+        (_, n) => {
+            println!("check: {n} violation(s):");
+            for v in &c.violations {
+                println!("  {v}");
+            }
+            if let Some(why) = &c.unchecked {
+                println!("check: stopped: {why}");
+            }
+        }
+    }
 }
 
 fn print_human(r: &Report) {

@@ -202,6 +202,19 @@ fn round(
     *last_committed = (*last_committed).max(status.committed_generation);
     tally.crashes += 1;
     tally.inside += u64::from(inside);
+    consistent(config, tally.crashes)
+}
+
+/// `vmm inspect --check` on the crashed image, before the boot that restores it: any
+/// violation is a failure.
+fn consistent(config: &VmConfig, crash: u64) -> anyhow::Result<()> {
+    let check = crate::inspect::check_file(&config.image)?;
+    if let Some(v) = check.violations.first() {
+        bail!("after crash {crash}, inspect --check finds {} violation(s), the first: {v}", check.violations.len());
+    }
+    if let Some(why) = check.unchecked {
+        bail!("after crash {crash}, inspect --check could not check the image: {why}");
+    }
     Ok(())
 }
 
@@ -224,6 +237,12 @@ fn boot_and_check(config: &VmConfig, tally: &mut Tally, last_committed: u64) -> 
         }
         if kind == Some(BootKind::Restored) {
             let restore = status.of(Operation::Restore).last().context("the restore reported no metrics")?;
+            if restore.report.rolled_back != 0 {
+                bail!(
+                    "the restore rolled back {} generation(s): a commit was found damaged",
+                    restore.report.rolled_back
+                );
+            }
             if restore.report.generation < last_committed {
                 bail!(
                     "restored generation {} but generation {} was committed",

@@ -295,6 +295,17 @@ impl MachineControl {
                     Operation::Restore => "restore done",
                 };
                 let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+                if report.rolled_back != 0 {
+                    // Never rate-bounded: at most once a boot, and it is news.
+                    warn!(
+                        generation = report.generation,
+                        rolled_back = report.rolled_back,
+                        "the restore rolled back: the newest commit was found damaged and generation {} was \
+                         restored instead ({} generation(s) lost; the guest's console says why)",
+                        report.generation,
+                        report.rolled_back
+                    );
+                }
                 if logs.operations.allow(now) {
                     info!(
                         generation = report.generation,

@@ -29,7 +29,6 @@ use nvram::cmdline::{App, Cmdline, Fault};
 use nvram::control::BootKind;
 use nvram::exit::ExitCode;
 use nvram::header::ShutdownFlag;
-use nvram::resources::Kind;
 use proc::process::Program;
 use proc::{boot, user};
 
@@ -105,8 +104,8 @@ extern "C" fn kmain(start_info: u64) -> ! {
         let mode = if ring3::enabled() { "at CPL 3" } else { "in kernel mode" };
         println!("plate: write-outs and restores copy by {copier}, their bookkeeping runs {mode}");
     }
-    let areas = plate::Areas::take(nvm.frames.frames());
-    let kind = decide(&mut nvm, cmdline.plate.then_some(&areas));
+    let mut areas = plate::Areas::take(nvm.frames.frames());
+    let (kind, restore_from) = decide(&mut nvm, cmdline.plate.then_some(&mut areas));
 
     match cmdline.fault {
         Some(Fault::InvalidOpcode) => {
@@ -141,14 +140,22 @@ extern "C" fn kmain(start_info: u64) -> ! {
         machine::exit(ExitCode::PowerOff);
     }
 
-    start(nvm, areas, kind, &cmdline, tsc_khz)
+    start(nvm, areas, kind, restore_from, &cmdline, tsc_khz)
 }
 
 /// Prepares the plate function as the boot's kind requires (restores a crashed run's
 /// checkpoint), and hands over to the processes' layer (`proc::boot`), which installs the
 /// kernel state, starts (or resumes) the workloads and the timer, and enters the first
-/// process (or the idle loop).
-fn start(mut nvm: nvm_root::Nvm, areas: plate::Areas, kind: BootKind, cmdline: &Cmdline, tsc_khz: u64) -> ! {
+/// process (or the idle loop). `restore_from`: the slot to restore and the generations it
+/// rolls back (see [`decide`]).
+fn start(
+    mut nvm: nvm_root::Nvm,
+    areas: plate::Areas,
+    kind: BootKind,
+    restore_from: Option<(usize, u32)>,
+    cmdline: &Cmdline,
+    tsc_khz: u64,
+) -> ! {
     let areas = if cmdline.plate {
         Some(areas)
     } else {
@@ -157,26 +164,27 @@ fn start(mut nvm: nvm_root::Nvm, areas: plate::Areas, kind: BootKind, cmdline: &
         plate::forget(areas, (kind == BootKind::Resumed).then_some(&mut nvm.frames));
         None
     };
-    let (plating, restored) = match (kind, areas) {
-        (BootKind::Restored, Some(areas)) => {
+    let (plating, restored) = match (kind, areas, restore_from) {
+        (BootKind::Restored, Some(areas), Some((index, rolled_back))) => {
             // Restore first: it rewrites the very tables the kernel state points into.
-            let Some((plating, metrics)) = plate::restore(areas) else {
-                nvm_root::refuse(nvm_root::ImageError::Table(Kind::VirtualSpace))
-            };
+            let (mut plating, metrics) = plate::restore(areas, index, rolled_back);
             if let Err(e) = nvm.check() {
                 nvm_root::refuse(e);
             }
+            if cmdline.check {
+                plate::check_restored(&mut plating, nvm.resources, &nvm.frames);
+            }
             (Some(plating), Some(metrics))
         }
-        (BootKind::Resumed, Some(areas)) => {
+        (BootKind::Resumed, Some(areas), _) => {
             let plating = plate::resume(areas).unwrap_or_else(|areas| {
                 println!("plate: no live plate table to resume: the plate function starts afresh");
                 plate::format(areas)
             });
             (Some(plating), None)
         }
-        (_, Some(areas)) => (Some(plate::format(areas)), None),
-        (_, None) => (None, None),
+        (_, Some(areas), _) => (Some(plate::format(areas)), None),
+        (_, None, _) => (None, None),
     };
     let nvm_root::Nvm { header, resources, frames, .. } = nvm;
     // Before any conversion to ticks: a write-out every millisecond needs a finer timer.
@@ -188,8 +196,14 @@ fn start(mut nvm: nvm_root::Nvm, areas: plate::Areas, kind: BootKind, cmdline: &
 }
 
 /// Decides from what NVM holds how this boot goes on, and prepares the tables for it.
-fn decide(nvm: &mut nvm_root::Nvm, areas: Option<&plate::Areas>) -> BootKind {
-    match nvm.found {
+/// After a crash, also which commit slot to restore and how many generations that rolls
+/// back behind the root header's; a rollback, and every commit passed over, is said on the
+/// console (and in the restore's metrics, for the VMM).
+fn decide(nvm: &mut nvm_root::Nvm, areas: Option<&mut plate::Areas>) -> (BootKind, Option<(usize, u32)>) {
+    if let (nvm_root::Found::Known(ShutdownFlag::Abnormal), Some(areas)) = (&nvm.found, areas) {
+        return decide_restore(nvm, areas);
+    }
+    let kind = match nvm.found {
         nvm_root::Found::Blank => {
             println!("NVM: blank image: formatting (cold boot)");
             nvm.format();
@@ -202,17 +216,47 @@ fn decide(nvm: &mut nvm_root::Nvm, areas: Option<&plate::Areas>) -> BootKind {
             }
             Err(e) => nvm_root::refuse(e),
         },
-        nvm_root::Found::Known(ShutdownFlag::Abnormal) => match areas.and_then(plate::Areas::committed_generation) {
-            Some(generation) => {
-                println!("NVM: previous run stopped abruptly: restoring the write-out of generation {generation}");
-                BootKind::Restored
-            }
-            None => {
-                println!("NVM: previous run stopped abruptly and nothing was committed: starting afresh");
-                nvm.format();
-                BootKind::Cold
-            }
-        },
+        nvm_root::Found::Known(ShutdownFlag::Abnormal) => {
+            println!("NVM: previous run stopped abruptly and nothing was committed: starting afresh (plate=off)");
+            nvm.format();
+            BootKind::Cold
+        }
+    };
+    (kind, None)
+}
+
+/// [`decide`] after a crash, with the plate function on.
+fn decide_restore(nvm: &mut nvm_root::Nvm, areas: &mut plate::Areas) -> (BootKind, Option<(usize, u32)>) {
+    let recorded = nvm.header.generation;
+    let choice = plate::choose(areas);
+    let rolled_back = choice.rolled_back(recorded);
+    for (slot, why) in choice.rejected.iter().enumerate() {
+        let Some(why) = why else { continue };
+        // A torn slot is the normal trace of a crash during a commit; say it only when it
+        // matters.
+        if rolled_back != 0 || choice.damaged() || choice.index.is_none() {
+            println!("NVM: commit slot {slot} (generation {}) passed over: {why}", choice.generations[slot]);
+        }
+    }
+    match (choice.index, choice.generation()) {
+        (Some(index), Some(generation)) if rolled_back == 0 => {
+            println!("NVM: previous run stopped abruptly: restoring the write-out of generation {generation}");
+            (BootKind::Restored, Some((index, 0)))
+        }
+        (Some(index), Some(generation)) => {
+            println!(
+                "NVM: previous run stopped abruptly: ROLLING BACK to generation {generation}: the root header \
+                 records generation {recorded}, and the newer commit is damaged (above); {rolled_back} \
+                 generation(s) lost"
+            );
+            (BootKind::Restored, Some((index, rolled_back.min(u64::from(u32::MAX)) as u32)))
+        }
+        _ if recorded == 0 && !choice.damaged() => {
+            println!("NVM: previous run stopped abruptly and nothing was committed: starting afresh");
+            nvm.format();
+            (BootKind::Cold, None)
+        }
+        _ => nvm_root::refuse(nvm_root::ImageError::NoIntactCommit { generation: recorded }),
     }
 }
 

@@ -39,6 +39,11 @@ impl<'a> FrameBitmap<'a> {
         (words.len() >= words_for(frames) && base.is_multiple_of(PAGE)).then_some(Self { words, base, frames, hint: 0 })
     }
 
+    /// The bitmap's words (for a consistency check: `nvram::fsck`).
+    pub fn words(&self) -> &[u64] {
+        self.words
+    }
+
     fn is_used(&self, frame: u64) -> bool {
         self.words[(frame / 64) as usize] & (1 << (frame % 64)) != 0
     }

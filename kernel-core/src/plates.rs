@@ -20,7 +20,8 @@
 
 use crate::frames::FrameBitmap;
 
-use nvram::plate::{Pending, Plate, PlateKind, PlateTable};
+use nvram::plate::{area_sum, Pending, Plate, PlateKind, PlateTable};
+use nvram::plate_check;
 
 const PAGE: u64 = nvram::layout::PAGE_SIZE;
 
@@ -129,6 +130,14 @@ pub trait Persist {
     fn fence(&mut self);
     /// Writes `table`'s meaningful bytes into commit slot `slot`, then flushes them.
     fn write_slot(&mut self, slot: usize, table: &PlateTable);
+    /// The bytes at `addr..addr + len`, as the CPU sees them now (to checksum save areas
+    /// and regions; the callers pass ranges of plates already checked against the layout).
+    fn read(&self, addr: u64, len: u64) -> &[u8];
+    /// Whether reading to checksum is cheap enough here (not in PVM's emulated kernel
+    /// mode): if not, a write-out leaves the sums of the areas it fills unknown.
+    fn can_sum(&self) -> bool {
+        true
+    }
 }
 
 /// What a write-out did.
@@ -167,12 +176,24 @@ pub fn write_out<P: Persist>(
         stats.plates += 1;
         stats.plated_pages += plate.pages;
         let snapshot = *plate;
+        let base = stale_index(plate);
+        // The inactive area's content checksum follows its pages: the hashes of the pages
+        // about to be overwritten go, those of the pages copied in come (read before the
+        // copy, which is batched: the area still holds the old pages when a range is
+        // planned, and the regions do not change during a write-out).
+        let (mut gone, mut come) = (0u64, 0u64);
+        let summing = nvm.can_sum();
         let copied = plan_copies(
             &snapshot,
             |first, n| dirty(&snapshot, first, n),
             stale,
-            stale_index(plate),
+            base,
             |r| {
+                if summing {
+                    let first = (r.src - snapshot.src) / PAGE;
+                    gone = gone.wrapping_add(area_sum(nvm.read(r.dst, r.len), first));
+                    come = come.wrapping_add(area_sum(nvm.read(r.src, r.len), first));
+                }
                 if used == BATCH {
                     copy_durably(nvm, &batch);
                     used = 0;
@@ -183,11 +204,36 @@ pub fn write_out<P: Persist>(
             },
         );
         stats.copied_pages += copied;
+        let inactive = snapshot.inactive();
+        let known = 1 << inactive;
+        if !summing {
+            if copied != 0 {
+                plate.summed &= !known;
+            }
+        } else if copied == plate.pages {
+            // Every page written: what the area held before does not count.
+            plate.sum[inactive] = come;
+            plate.summed |= known;
+        } else if copied != 0 {
+            // Known stays known, unknown stays unknown (the old pages' hashes are right
+            // only against a known sum).
+            plate.sum[inactive] = plate.sum[inactive].wrapping_sub(gone).wrapping_add(come);
+        }
+        if snapshot.valid == 0 {
+            // The first copy went into area A; area B has had none, so it lacks every
+            // page (not only this write-out's dirty ones): its first copy is whole too.
+            let mut page = 0;
+            while page < plate.pages {
+                let n = (plate.pages - page).min(64);
+                set_bits_at(stale, base + page, n, u64::MAX);
+                page += n;
+            }
+        }
         // Nothing copied: no page changed and the inactive area lacked none, so both areas
         // equal the plate; it keeps its valid area. Otherwise the inactive area now holds
         // the plate as of this write-out.
         if copied != 0 || plate.valid == 0 {
-            plate.valid = snapshot.inactive() as u32 + 1;
+            plate.valid = inactive as u32 + 1;
         }
     }
     copy_durably(nvm, &batch[..used]);
@@ -224,6 +270,15 @@ pub fn restore<P: Persist>(committed: &PlateTable, nvm: &mut P) -> u64 {
     }
     nvm.fence();
     pages
+}
+
+pub use nvram::plate_check::{Choice, Rejection};
+
+/// [`nvram::plate_check::choose`] over `nvm`'s memory: the slot a restore follows (its
+/// save areas checked where [`Persist::can_sum`]).
+pub fn choose<P: Persist>(slots: [&PlateTable; 2], base: u64, frames: u64, scratch: &mut [u64], nvm: &P) -> Choice {
+    let read = nvm.can_sum().then_some(|addr, len| Some(nvm.read(addr, len)));
+    plate_check::choose(slots, base, frames, scratch, read)
 }
 
 /// Copies `ranges` and writes their lines back, unless the copier made them durable
@@ -275,7 +330,7 @@ pub fn make_plate(
             return Err(NoRoom);
         }
     };
-    let plate = Plate { kind: kind as u32, id, src, pages, area: [a, b], valid: 0, reserved: 0 };
+    let plate = Plate::new(kind, id, src, pages, [a, b]);
     if live.add(plate).is_none() {
         free_pending(&[Pending { area: plate.area, pages }], frames);
         return Err(NoRoom);

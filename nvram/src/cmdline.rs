@@ -126,6 +126,7 @@ pub const KEYS: &[&str] = &[
     "plate",
     "plate_copy",
     "bookkeeping",
+    "check",
     "poweroff",
     "flush",
     "poke-ports",
@@ -165,6 +166,9 @@ pub struct Cmdline {
     pub plate: bool,
     pub plate_copy_engine: bool,
     pub bookkeeping_ring3: bool,
+    /// `check=on`: after a restore, the kernel checks the state it restored
+    /// (`nvram::fsck`) and prints each violation.
+    pub check: bool,
 }
 
 impl Default for Cmdline {
@@ -192,6 +196,7 @@ impl Default for Cmdline {
             plate: true,
             plate_copy_engine: true,
             bookkeeping_ring3: true,
+            check: false,
         }
     }
 }
@@ -264,6 +269,7 @@ impl Cmdline {
             ("plate", "on") => self.plate = true,
             ("plate_copy", copier @ ("engine" | "cpu")) => self.plate_copy_engine = copier == "engine",
             ("bookkeeping", mode @ ("ring3" | "ring0")) => self.bookkeeping_ring3 = mode == "ring3",
+            ("check", on @ ("on" | "off")) => self.check = on == "on",
             _ => return false,
         }
         true
@@ -329,7 +335,7 @@ mod tests {
     fn every_item_sets_its_field() {
         let line = "apps=kv,memtouch kv_seed=0x10 kv_pages=8 kv_verify_every=1 memtouch=32,32,256 memtouch_ms=20 \
                     fault_ms=5 counter_shutdown=3 deleter=600 run_ms=800 checkpoint_ms=50 plate=off plate_copy=cpu \
-                    bookkeeping=ring0 poweroff flush=clwb poke-ports fault=work-panic disk_test=64";
+                    bookkeeping=ring0 poweroff flush=clwb poke-ports fault=work-panic disk_test=64 check=on";
         let (c, bad) = parse_all(line);
         assert_eq!(bad, 0);
         assert_eq!(c.apps().collect::<Vec<_>>(), [App::Kv, App::Memtouch]);
@@ -338,7 +344,7 @@ mod tests {
         assert_eq!((c.counter_shutdown, c.run_ms, c.checkpoint_ms), (3, Some(800), Some(50)));
         assert_eq!(c.deleter, 600);
         assert!(!c.plate && !c.plate_copy_engine && !c.bookkeeping_ring3);
-        assert!(c.poweroff && c.poke_ports);
+        assert!(c.poweroff && c.poke_ports && c.check);
         assert_eq!(c.disk_test, 64);
         assert_eq!((c.flush, c.fault), (Some(Flush::Clwb), Some(Fault::WorkPanic)));
     }

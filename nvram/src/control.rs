@@ -177,7 +177,11 @@ pub struct Metrics {
     pub plates: u32,
     /// A [`Copier`]: what moved the bytes.
     pub copier: u32,
-    pub reserved: u32,
+    /// Restore only: how many generations the restore went back behind the one the root
+    /// header records (0: none). A committed slot found damaged (a wrong entry, a save
+    /// area whose checksum fails) makes the restore fall back to the older one, and says so
+    /// here. Always 0 for a write-out.
+    pub rolled_back: u32,
     /// Generation committed (write-out) or restored (restore).
     pub generation: u64,
     pub plated_bytes: u64,
@@ -300,6 +304,8 @@ pub struct MetricsReport {
     pub operation: Operation,
     pub plates: u32,
     pub copier: Copier,
+    /// See [`Metrics::rolled_back`].
+    pub rolled_back: u32,
     pub generation: u64,
     pub plated_bytes: u64,
     pub copied_bytes: u64,
@@ -407,7 +413,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
             let m: Metrics = read(bytes)?;
             let operation = Operation::try_from(m.operation).map_err(|e| DecodeError::BadOperation(e.number))?;
             let copier = Copier::try_from(m.copier).map_err(|e| DecodeError::BadCopier(e.number))?;
-            if m.reserved != 0 {
+            if operation == Operation::WriteOut && m.rolled_back != 0 {
                 return Err(DecodeError::Reserved);
             }
             let sum = m.phases.iter().try_fold(0u64, |a, &p| a.checked_add(p));
@@ -418,6 +424,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
                 operation,
                 plates: m.plates,
                 copier,
+                rolled_back: m.rolled_back,
                 generation: m.generation,
                 plated_bytes: m.plated_bytes,
                 copied_bytes: m.copied_bytes,
@@ -526,6 +533,13 @@ mod tests {
         let (b, n) = bytes(&m);
         assert_eq!(decode(&b[..n]), Err(DecodeError::BadTimes));
         m.total = 30;
+        // A rollback is a restore's news; a write-out claiming one is refused.
+        m.rolled_back = 2;
+        let (b, n) = bytes(&m);
+        assert_eq!(decode(&b[..n]), Err(DecodeError::Reserved));
+        m.operation = Operation::Restore.into();
+        let (b, n) = bytes(&m);
+        assert!(matches!(decode(&b[..n]), Ok(Message::Metrics(r)) if r.rolled_back == 2));
         m.operation = 9;
         let (b, n) = bytes(&m);
         assert_eq!(decode(&b[..n]), Err(DecodeError::BadOperation(9)));

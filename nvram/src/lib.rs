@@ -18,6 +18,7 @@ pub mod cmdline;
 pub mod control;
 pub mod engine;
 pub mod exit;
+pub mod fsck;
 pub mod header;
 #[cfg(feature = "std")]
 pub mod inspect;
@@ -25,6 +26,7 @@ pub mod layout;
 pub mod mmio;
 pub mod persist;
 pub mod plate;
+pub mod plate_check;
 pub mod ports;
 pub mod pvh;
 pub mod resources;

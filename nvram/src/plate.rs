@@ -19,7 +19,7 @@
 //! | 32 | 8 | `checksum`: [`checksum64`] of every other word, as laid out below |
 //! | 40 | 512 | `plated`: per kind, a bitmap of the resource ids that have a plate |
 //! | 552 | 24 × 1154 | deletion-pending list: save areas `[a, b]` and `pages` |
-//! | 28248 | 48 × 1154 | plates ([`Plate`]) |
+//! | 28248 | 64 × 1154 | plates ([`Plate`]) |
 //!
 //! Plate entry:
 //!
@@ -31,7 +31,8 @@
 //! | 16 | 8 | `pages` |
 //! | 24 | 16 | save areas `[a, b]`, physical |
 //! | 40 | 4 | `valid`: 0 no copy yet, 1 area A, 2 area B |
-//! | 44 | 4 | reserved |
+//! | 44 | 4 | `summed`: bit `i` set when `sum[i]` is known |
+//! | 48 | 16 | `sum`: per area, [`area_sum`] of what it holds (checked at restore) |
 //!
 
 use num_enum::{IntoPrimitive, TryFromPrimitive};
@@ -98,10 +99,23 @@ pub struct Plate {
     pub pages: u64,
     pub area: [u64; 2],
     pub valid: u32,
-    pub reserved: u32,
+    /// Bit `i`: `sum[i]` is known. A write-out whose copier cannot read at native speed
+    /// (the bookkeeping in PVM's emulated kernel mode, where hashing a page costs
+    /// milliseconds) leaves the sum of the area it fills unknown; a restore then trusts
+    /// that area as before. A whole copy later makes it known again.
+    pub summed: u32,
+    /// Per area, [`area_sum`] of its pages as the write-out that last filled it left them:
+    /// a restore checks the valid area against it before copying (a bit flipped in a save
+    /// area is refused, not restored).
+    pub sum: [u64; 2],
 }
 
 impl Plate {
+    /// A new plate, with no copy in either area yet.
+    pub fn new(kind: PlateKind, id: u32, src: u64, pages: u64, area: [u64; 2]) -> Self {
+        Self { kind: kind as u32, id, src, pages, area, valid: 0, summed: 0, sum: [0; 2] }
+    }
+
     /// The area the next write-out fills: the one not holding the committed copy.
     pub fn inactive(&self) -> usize {
         if self.valid == 1 {
@@ -159,7 +173,7 @@ pub struct PlateTable {
 const HEADER_WORDS: usize = 5;
 const PLATED_WORDS: usize = KINDS * MAX_IDS / 64;
 const PENDING_WORDS: usize = 3;
-const PLATE_WORDS: usize = 6;
+const PLATE_WORDS: usize = 8;
 
 /// Size of a plate table.
 pub const TABLE_SIZE: usize = core::mem::size_of::<PlateTable>();
@@ -167,13 +181,13 @@ const _: () =
     assert!(TABLE_SIZE == 8 * (HEADER_WORDS + PLATED_WORDS + PENDING_WORDS * MAX_PENDING + PLATE_WORDS * MAX_PLATES));
 // The offsets of the module docs: the image format.
 const _: () =
-    assert!(TABLE_SIZE == 83_640 && core::mem::size_of::<Plate>() == 48 && core::mem::size_of::<Pending>() == 24);
+    assert!(TABLE_SIZE == 102_104 && core::mem::size_of::<Plate>() == 64 && core::mem::size_of::<Pending>() == 24);
 const _: () = assert!(TABLE_SIZE as u64 <= crate::layout::PLATE_TABLE_MAX);
 const _: () =
     assert!(core::mem::offset_of!(PlateTable, checksum) == 32 && core::mem::offset_of!(PlateTable, plated) == 40);
 const _: () =
     assert!(core::mem::offset_of!(PlateTable, pending) == 552 && core::mem::offset_of!(PlateTable, plates) == 28_248);
-const _: () = assert!(core::mem::offset_of!(Plate, valid) == 40);
+const _: () = assert!(core::mem::offset_of!(Plate, valid) == 40 && core::mem::offset_of!(Plate, sum) == 48);
 
 /// A 64-bit checksum over words: cheap enough for the emulated kernel mode of PVM (three
 /// operations a word, where a bitwise CRC would take forty), and sensitive to every bit
@@ -250,6 +264,39 @@ impl Checksum {
         }
         h ^ (h >> 29)
     }
+}
+
+/// Bytes of a page.
+const PAGE_BYTES: usize = crate::layout::PAGE_SIZE as usize;
+
+/// The [`checksum64`] of one page, with its index in its plate folded in first (so that two
+/// pages swapped do not go unnoticed).
+pub fn page_hash(index: u64, page: &[u8]) -> u64 {
+    let mut c = Checksum::new();
+    c.word(index);
+    let whole = page.len() / 8 * 8;
+    match <[u64]>::ref_from_bytes(&page[..whole]) {
+        // Pages are 8-byte aligned in NVM: four words a step.
+        Ok(words) => c.words(words),
+        Err(_) => {
+            page[..whole].chunks_exact(8).for_each(|w| c.word(u64::from_le_bytes(w.try_into().unwrap_or_default())))
+        }
+    }
+    for &b in &page[whole..] {
+        c.word(u64::from(b));
+    }
+    c.finish()
+}
+
+/// The content checksum of a save area (or of a run of a plate's pages from page `first`):
+/// the wrapping sum of [`page_hash`] over its pages. A sum, so that a write-out that copies
+/// some pages updates it from those pages alone: the sum less the old pages' hashes plus the
+/// new ones'. Any change of one page changes it.
+pub fn area_sum(bytes: &[u8], first: u64) -> u64 {
+    bytes
+        .chunks(PAGE_BYTES)
+        .enumerate()
+        .fold(0u64, |sum, (i, page)| sum.wrapping_add(page_hash(first + i as u64, page)))
 }
 
 /// Why a table cannot be the committed one.

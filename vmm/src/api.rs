@@ -330,6 +330,7 @@ impl Controller {
             boot_kind: status.boot_kind.map(|k| <&str>::from(k).into()),
             boot_count: status.boot_count,
             committed_generation: status.committed_generation,
+            rolled_back: status.of(Operation::Restore).last().map_or(0, |r| r.report.rolled_back),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             workloads,
             image,

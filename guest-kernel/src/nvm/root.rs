@@ -50,6 +50,12 @@ pub enum ImageError {
     },
     /// A resource table's header is not what it must be.
     Table(nvram::resources::Kind),
+    /// After a crash, no commit slot may be restored (each was torn, holds a wrong entry or
+    /// points at a damaged save area), though the root header says generation `generation`
+    /// was committed.
+    NoIntactCommit {
+        generation: u64,
+    },
 }
 
 impl core::fmt::Display for ImageError {
@@ -65,6 +71,11 @@ impl core::fmt::Display for ImageError {
                 "the root header's layout does not match this RAM size: the image has {frames} frames, this RAM holds {available}"
             ),
             Self::Table(kind) => write!(f, "the {kind:?} table is corrupt"),
+            Self::NoIntactCommit { generation } => write!(
+                f,
+                "the root header records generation {generation}, but no commit slot can be restored intact \
+                 (the reasons are above)"
+            ),
         }
     }
 }

@@ -84,4 +84,16 @@ impl Persist for GuestPersist {
         }
         self.slot_ticks += timer::rdtsc() - t;
     }
+
+    fn can_sum(&self) -> bool {
+        ring3::in_user_mode()
+    }
+
+    fn read(&self, addr: u64, len: u64) -> &[u8] {
+        // SAFETY: all of RAM is identity-mapped, and the callers pass only ranges of plates
+        // inside it (a committed table's entries are checked against the layout first, and
+        // the live table's are the kernel's own); nothing writes them while the slice is
+        // read (one CPU, the system occupied by the write-out or the restore).
+        unsafe { core::slice::from_raw_parts(addr as *const u8, len as usize) }
+    }
 }

@@ -23,7 +23,7 @@ use kernel_core::plates;
 use nvram::control::{Metrics, Operation};
 use nvram::header::RootHeader;
 use nvram::layout;
-use nvram::plate::{self, Plate, PlateKind, PlateTable};
+use nvram::plate::{Plate, PlateKind, PlateTable};
 use nvram::resources::{Resources, TABLE_POOL_PAGES};
 
 use crate::arch::{paging, ring3, timer};
@@ -102,13 +102,28 @@ pub fn resume(areas: Areas) -> Result<Plating, Areas> {
     Ok(areas.into_plating(committed))
 }
 
+/// After a crash, which slot to restore from (`kernel_core::plates::choose`): the newest
+/// whose table checks out, whose entries fit the layout and whose valid save areas hold
+/// what was written there. Runs at CPL 3 when it can (it reads every valid save area).
+pub fn choose(areas: &mut Areas) -> plates::Choice {
+    let frames = areas.frames;
+    let Areas { slots, dirty, .. } = areas;
+    let choice = ring3::run(|| {
+        plates::choose([&*slots[0], &*slots[1]], layout::FRAMES_BASE, frames, dirty, &GuestPersist::default())
+    });
+    // The dirty bitmap was the check's scratch: a write-out expects it clear.
+    dirty.fill(0);
+    choice
+}
+
 /// After a crash: copies every plate's committed area back (the tables first, so that the
 /// kernel's state is the checkpoint's), frees the save areas pending deletion, and makes the
 /// committed table the live one again. Returns the plate function's state and the metrics.
-pub fn restore(areas: Areas) -> Option<(Plating, Metrics)> {
+/// `index`: the slot [`choose`] chose; `rolled_back`: the generations it went back behind
+/// the root header's (reported in the metrics).
+pub fn restore(areas: Areas, index: usize, rolled_back: u32) -> (Plating, Metrics) {
     let start = timer::rdtsc();
     let (plating, mut m) = ring3::run(|| {
-        let index = plate::committed([&*areas.slots[0], &*areas.slots[1]])?;
         let committed: &PlateTable = areas.slots[index];
         let mut nvm = GuestPersist::default();
         let pages = plates::restore(committed, &mut nvm);
@@ -118,17 +133,40 @@ pub fn restore(areas: Areas) -> Option<(Plating, Metrics)> {
         let mut m = Metrics::new(Operation::Restore);
         m.copier = nvm.copier() as u32;
         m.plates = committed.count;
+        m.rolled_back = rolled_back;
         m.generation = committed.generation;
         m.plated_bytes = committed.plates().iter().map(|p| p.pages * PAGE).sum();
         m.copied_bytes = pages * PAGE;
         m.phases[2] = nvm.copy_ticks;
         m.phases[4] = nvm.flush_ticks;
         let generation = committed.generation;
-        Some((areas.into_plating(Some((index, generation))), m))
-    })?;
+        (areas.into_plating(Some((index, generation))), m)
+    });
     install_ops();
     m.total = timer::rdtsc() - start;
-    Some((plating, m))
+    (plating, m)
+}
+
+/// `check=on`: checks the state a restore brought back (`nvram::fsck`, the code of `vmm
+/// inspect --check`) before the kernel runs on it, printing each violation; returns how
+/// many. At CPL 3 when it can (it walks every table).
+pub fn check_restored(plating: &mut Plating, res: &Resources, frames: &FrameBitmap) -> usize {
+    let state = nvram::fsck::State {
+        resources: res,
+        bitmap: frames.words(),
+        table: plating.live,
+        frames: plating.frames,
+        committed: true,
+    };
+    let dirty: &mut [u64] = plating.dirty;
+    let found =
+        ring3::run(|| nvram::fsck::check_state(&state, dirty, |v| crate::println!("NVM: check: VIOLATION: {v}")));
+    // The dirty bitmap was the check's scratch: a write-out expects it clear.
+    dirty.fill(0);
+    if found == 0 {
+        crate::println!("NVM: check: the restored state is consistent");
+    }
+    found
 }
 
 /// Frees the save areas the committed table left pending (after a restore, once the kernel

@@ -48,7 +48,7 @@ pub(super) fn plateify(plating: &mut Plating, res: &Resources, frames: &mut Fram
             (FIXED_RESOURCES, layout::RESOURCES, pages, layout::RESOURCES_SAVE),
             (FIXED_FRAME_BITMAP, layout::FRAME_BITMAP, bitmap_pages, layout::FRAME_BITMAP_SAVE),
         ] {
-            enlist(plating, Plate { kind: PlateKind::Fixed as u32, id, src, pages, area, valid: 0, reserved: 0 })?;
+            enlist(plating, Plate::new(PlateKind::Fixed, id, src, pages, area))?;
         }
     }
     // Only the resources without a plate, found a bitmap word at a time (against a copy of

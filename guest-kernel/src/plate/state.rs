@@ -59,11 +59,6 @@ impl Areas {
         ring3::run(|| plate::committed([&*self.slots[0], &*self.slots[1]]))
     }
 
-    /// The generation a crash would restore, if any.
-    pub fn committed_generation(&self) -> Option<u64> {
-        self.committed().map(|i| self.slots[i].generation)
-    }
-
     /// Becomes the plate function's state (the slots are reached by address from now on).
     pub(super) fn into_plating(self, committed: Option<(usize, u64)>) -> Plating {
         Plating { live: self.live, committed, stale: self.stale, dirty: self.dirty, frames: self.frames }

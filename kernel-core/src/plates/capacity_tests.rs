@@ -29,7 +29,7 @@ fn a_full_table_refuses_a_plate_at_every_retry_without_losing_frames() {
     let mut live = new_table();
     for id in 0..MAX_PLATES as u32 {
         let kind = [PlateKind::KernelSpace, PlateKind::PageTables, PlateKind::UserSpace][id as usize % 3];
-        let plate = Plate { kind: kind as u32, id: id / 3, src: 0, pages: 1, area: [0, 0], valid: 1, reserved: 0 };
+        let plate = Plate { valid: 1, ..Plate::new(kind, id / 3, 0, 1, [0, 0]) };
         live.add(plate).expect("room for the filler plates");
     }
     let used = frames.used();

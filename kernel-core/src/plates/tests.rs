@@ -145,6 +145,10 @@ impl Persist for SimNvm {
             self.flush(SLOTS[slot] + at as u64, len as u64);
         }
     }
+
+    fn read(&self, addr: u64, len: u64) -> &[u8] {
+        &self.mem[addr as usize..(addr + len) as usize]
+    }
 }
 
 fn new_table() -> Box<PlateTable> {
@@ -179,7 +183,8 @@ impl World {
                 pages,
                 area: [a, b],
                 valid: 0,
-                reserved: 0,
+                summed: 0,
+                sum: [0; 2],
             })
             .unwrap();
         }
@@ -254,12 +259,18 @@ impl World {
 fn recover_and_restore(image: Vec<u8>) -> Option<(u64, Vec<Vec<u8>>)> {
     let mut nvm = SimNvm::from_image(image);
     let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
-    let i = committed([&slots[0], &slots[1]])?;
+    let i = choose_slot(&slots, &nvm).index?;
     let table = &slots[i];
     restore(table, &mut nvm);
     let regions =
         table.plates().iter().map(|p| nvm.mem[p.src as usize..(p.src + p.pages * PAGE) as usize].to_vec()).collect();
     Some((table.generation, regions))
+}
+
+/// [`choose`] over the simulated memory: its frame area is all of it.
+fn choose_slot(slots: &[Box<PlateTable>; 2], nvm: &SimNvm) -> Choice {
+    let mut scratch = [0u64; (MEM / PAGE).div_ceil(64) as usize];
+    choose([&slots[0], &slots[1]], 0, MEM / PAGE, &mut scratch, nvm)
 }
 
 /// Checks that `image` recovers to exactly one of the committed checkpoints in `history`,
@@ -304,7 +315,8 @@ fn plan_copies_agrees_with_a_page_by_page_model() {
             pages,
             area: [0x400000, 0x800000],
             valid: 1 + (rnd() % 2) as u32,
-            reserved: 0,
+            summed: 0,
+            sum: [0; 2],
         };
         let dirty: Vec<bool> = (0..pages).map(|_| rnd() % 3 == 0).collect();
         let mut stale: Vec<u64> = (0..10).map(|_| rnd()).collect();
@@ -333,7 +345,8 @@ fn plan_copies_agrees_with_a_page_by_page_model() {
 
 #[test]
 fn plan_copies_merges_and_tracks_what_the_inactive_area_lacks() {
-    let plate = Plate { kind: 3, id: 0, src: 0x10000, pages: 6, area: [0x20000, 0x30000], valid: 1, reserved: 0 };
+    let plate =
+        Plate { kind: 3, id: 0, src: 0x10000, pages: 6, area: [0x20000, 0x30000], valid: 1, summed: 0, sum: [0; 2] };
     let mut stale = [0b000_011u64];
     let mut ranges = Vec::new();
     let copied = plan_copies(
@@ -457,5 +470,97 @@ proptest! {
                 prop_assert_eq!(&w.nvm.mem[area as usize..area as usize + len], &w.nvm.mem[p.src as usize..p.src as usize + len]);
             }
         }
+    }
+}
+
+/// A plate's area B is filled for the first time at the write-out after its creation: it
+/// must get every page then, not only the pages dirtied since (its old bytes are whatever
+/// its frames held), or a restore from B brings those old bytes back.
+#[test]
+fn the_first_copy_into_either_area_is_whole() {
+    let mut w = World::new(&[3]);
+    // The region's pages as the program left them before the first write-out, and garbage
+    // in the save areas (frames used before).
+    for page in 0..3 {
+        w.touch(0, page, 0x11 + page as u8);
+    }
+    let p = w.live.plates()[0];
+    w.nvm.store(p.area[1], &vec![0xee; (3 * PAGE) as usize]);
+    w.nvm.fence();
+    w.write_out(&BTreeSet::new());
+    w.touch(0, 1, 0x42);
+    w.write_out(&[(0, 1)].into_iter().collect());
+    assert_eq!(w.live.plates()[0].valid, 2, "area B holds the last commit");
+    let image = w.nvm.durable.clone();
+    check_recovery(image, &w.history, 2);
+}
+
+/// Region contents at each committed generation.
+type History = Vec<(u64, Vec<Vec<u8>>)>;
+
+/// Two commits of two plates; a bit of plate 1's valid area flipped in the image (and of
+/// its other area, if `both`).
+fn flipped_area_image(both: bool) -> (Vec<u8>, History) {
+    let mut w = World::new(&[1, 2]);
+    w.touch(1, 0, 1);
+    w.write_out(&[(1, 0)].into_iter().collect());
+    w.touch(1, 1, 2);
+    w.write_out(&[(1, 1)].into_iter().collect());
+    let mut image = w.nvm.durable.clone();
+    let p = w.live.plates()[1];
+    let valid = (p.valid - 1) as usize;
+    image[(p.area[valid] + PAGE + 100) as usize] ^= 4;
+    if both {
+        image[(p.area[1 - valid] + 7) as usize] ^= 1;
+    }
+    (image, w.history)
+}
+
+#[test]
+fn a_flipped_bit_in_a_save_area_falls_back_to_the_older_generation_or_is_refused() {
+    let (image, history) = flipped_area_image(false);
+    let nvm = SimNvm::from_image(image.clone());
+    let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
+    let choice = choose_slot(&slots, &nvm);
+    assert_eq!(choice.index, Some(0), "generation 1, in slot 0, is intact");
+    assert_eq!(choice.rejected[1], Some(Rejection::Content(1)), "generation 2's plate 1 is named");
+    assert!(choice.damaged());
+    // What is restored is generation 1 exactly.
+    check_recovery(image, &history, 1);
+    let (image, _) = flipped_area_image(true);
+    let nvm = SimNvm::from_image(image);
+    let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
+    let choice = choose_slot(&slots, &nvm);
+    assert_eq!(choice.index, None, "neither generation is intact: refused");
+    assert_eq!(choice.rejected, [Some(Rejection::Content(1)), Some(Rejection::Content(1))]);
+}
+
+#[test]
+fn a_wrong_entry_with_its_checksum_recomputed_is_refused_before_anything_is_copied() {
+    let mut w = World::new(&[1, 2]);
+    w.write_out(&BTreeSet::new());
+    w.write_out(&BTreeSet::new());
+    let mut nvm = SimNvm::from_image(w.nvm.durable.clone());
+    // Slot 1 (generation 2) made to copy plate 0 over plate 1's save area A (the
+    // simulation's stand-in for the kernel or a slot: its frame area is the whole memory),
+    // consistently resealed.
+    let mut bad = nvm.table(SLOTS[1]);
+    assert_eq!(bad.generation, 2);
+    bad.plates[0].src = bad.plates[1].area[0];
+    bad.seal();
+    nvm.mem[SLOTS[1] as usize..][..TABLE_SIZE].copy_from_slice(bad.as_bytes());
+    let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
+    let choice = choose_slot(&slots, &nvm);
+    assert!(
+        matches!(choice.rejected[1], Some(Rejection::Entry(e)) if matches!(e.problem, nvram::plate_check::Problem::Overlap(..))),
+        "{choice:?}"
+    );
+    assert_eq!(choice.index, Some(0), "generation 1 is intact");
+    let area = slots[0].plates[1].area;
+    let before = nvm.mem.clone();
+    restore(&slots[0], &mut nvm);
+    for a in area {
+        let r = a as usize..(a + 2 * PAGE) as usize;
+        assert_eq!(nvm.mem[r.clone()], before[r], "plate 1's save areas untouched");
     }
 }

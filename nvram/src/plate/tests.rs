@@ -20,8 +20,8 @@ fn new_table() -> Box<PlateTable> {
 #[test]
 fn tables_round_trip_and_every_bit_flip_is_caught() {
     let mut t = new_table();
-    t.add(Plate { kind: 3, id: 5, src: 0x1000, pages: 2, area: [0x3000, 0x5000], valid: 1, reserved: 0 }).unwrap();
-    t.add(Plate { kind: 1, id: 0, src: 0x9000, pages: 1, area: [0xa000, 0xb000], valid: 2, reserved: 0 }).unwrap();
+    t.add(Plate { valid: 1, ..Plate::new(PlateKind::UserSpace, 5, 0x1000, 2, [0x3000, 0x5000]) }).unwrap();
+    t.add(Plate { valid: 2, ..Plate::new(PlateKind::KernelSpace, 0, 0x9000, 1, [0xa000, 0xb000]) }).unwrap();
     assert_eq!(t.remove(PlateKind::UserSpace, 5), Ok(Removed::Pending));
     assert_eq!(t.remove(PlateKind::UserSpace, 5), Ok(Removed::NoPlate));
     assert_eq!(t.pending(), &[Pending { area: [0x3000, 0x5000], pages: 2 }]);
@@ -43,8 +43,8 @@ fn tables_round_trip_and_every_bit_flip_is_caught() {
 #[test]
 fn the_sealed_checksum_is_checksum64_of_the_meaningful_words() {
     let mut t = new_table();
-    t.add(Plate { kind: 3, id: 2, src: 0x1000, pages: 2, area: [0x3000, 0x5000], valid: 1, reserved: 0 }).unwrap();
-    t.add(Plate { kind: 2, id: 1, src: 0x9000, pages: 1, area: [0xa000, 0xb000], valid: 2, reserved: 0 }).unwrap();
+    t.add(Plate { valid: 1, ..Plate::new(PlateKind::UserSpace, 2, 0x1000, 2, [0x3000, 0x5000]) }).unwrap();
+    t.add(Plate { valid: 2, ..Plate::new(PlateKind::PageTables, 1, 0x9000, 1, [0xa000, 0xb000]) }).unwrap();
     assert_eq!(t.remove(PlateKind::PageTables, 1), Ok(Removed::Pending));
     t.generation = 9;
     t.seal();
@@ -130,7 +130,7 @@ fn every_resource() -> Vec<(PlateKind, u32)> {
 
 fn plate_of(kind: PlateKind, id: u32, n: u64) -> Plate {
     let src = 0x100_0000 + n * 0x3000;
-    Plate { kind: kind as u32, id, src, pages: 1, area: [src + 0x1000, src + 0x2000], valid: 0, reserved: 0 }
+    Plate::new(kind, id, src, 1, [src + 0x1000, src + 0x2000])
 }
 
 #[test]

@@ -62,6 +62,10 @@ pub struct StatusReply {
     pub boot_kind: Option<String>,
     pub boot_count: u64,
     pub committed_generation: u64,
+    /// This boot's restore went back this many generations behind the one the root header
+    /// records (a damaged commit was passed over); absent when it did not.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rolled_back: u32,
     pub uptime_ms: u64,
     pub workloads: BTreeMap<String, WorkloadReply>,
     /// What became of the image file; none when the controller does not watch it.
@@ -93,6 +97,10 @@ impl From<ImageFate> for ImageState {
     }
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// One write-out or restore, as the guest measured it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OperationReply {
@@ -101,6 +109,10 @@ pub struct OperationReply {
     pub plated_bytes: u64,
     pub copied_bytes: u64,
     pub copier: String,
+    /// A restore that went back behind the generation the root header records: by how
+    /// many generations (the newer commit was found damaged).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rolled_back: u32,
     pub total_ms: f64,
     pub phases_ms: BTreeMap<String, f64>,
 }
@@ -113,6 +125,7 @@ impl From<&OperationRecord> for OperationReply {
             plated_bytes: r.report.plated_bytes,
             copied_bytes: r.report.copied_bytes,
             copier: <&str>::from(r.report.copier).into(),
+            rolled_back: r.report.rolled_back,
             total_ms: ms(r.total),
             phases_ms: nvram::control::PHASES.iter().zip(r.phases).map(|(name, d)| (name.to_string(), ms(d))).collect(),
         }

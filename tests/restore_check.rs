@@ -1,0 +1,142 @@
+//! A restore checks what it restores: a committed slot whose entries were rewritten with
+//! its checksum recomputed, or a save area with a bit flipped, is passed over for the older
+//! generation when that one is intact (and the boot says it rolls back), or refused. The
+//! copier never writes over the kernel, the header or a slot.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Scratch;
+use kernel_core::plates::Rejection;
+use nvram::control::{BootKind, Operation, Verified};
+use nvram::layout;
+use nvram::plate::{PlateKind, PlateTable, TABLE_SIZE};
+use vmm::harness::run_then_crash;
+use vmm::{ConsoleOutput, VmConfig};
+
+fn config(scratch: &Scratch, cmdline: &str) -> VmConfig {
+    let mut config = VmConfig::new(scratch.image());
+    config.mem_size = Some(64 << 20);
+    config.cmdline = cmdline.into();
+    config.console = ConsoleOutput::File(scratch.console());
+    config
+}
+
+/// `kv` run until two write-outs are committed, then a power failure; the image checks
+/// out (`vmm inspect --check`).
+fn crashed_image(scratch: &Scratch) {
+    run_then_crash(&config(scratch, "apps=kv kv_pages=8 checkpoint_ms=100"), Duration::from_secs(30), |s| {
+        s.committed_generation >= 3
+    });
+    let (code, out) = inspect_check(scratch);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("check: consistent"), "{out}");
+}
+
+/// `vmm inspect --check` on the scratch image: exit status and output.
+fn inspect_check(scratch: &Scratch) -> (Option<i32>, String) {
+    let image = scratch.image().display().to_string();
+    let out = common::vmm(&["inspect", "--check", &image]).output().expect("run vmm inspect");
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn read_slot(image: &[u8], slot: usize) -> Box<PlateTable> {
+    let at = layout::PLATE_SLOTS[slot] as usize;
+    let mut t = <PlateTable as zerocopy::FromZeros>::new_box_zeroed().expect("a table fits in memory");
+    zerocopy::IntoBytes::as_mut_bytes(&mut *t).copy_from_slice(&image[at..at + TABLE_SIZE]);
+    t
+}
+
+fn write_slot(image: &mut [u8], slot: usize, t: &PlateTable) {
+    let at = layout::PLATE_SLOTS[slot] as usize;
+    image[at..at + TABLE_SIZE].copy_from_slice(zerocopy::IntoBytes::as_bytes(t));
+}
+
+/// The committed slot (the checksum's choice) and the other.
+fn newest(image: &[u8]) -> (usize, Box<PlateTable>) {
+    let slots = [read_slot(image, 0), read_slot(image, 1)];
+    let i = nvram::plate::committed([&slots[0], &slots[1]]).expect("a committed slot");
+    let [a, b] = slots;
+    (i, if i == 0 { a } else { b })
+}
+
+/// Points the newest commit's first user-space plate at the kernel image, resealed so that
+/// its checksum passes.
+fn aim_at_the_kernel(t: &mut PlateTable) {
+    let p = t.plates_mut().iter_mut().find(|p| p.kind == PlateKind::UserSpace as u32).expect("a user-space plate");
+    p.src = layout::KERNEL_START;
+    t.seal();
+}
+
+/// The restore after the crash: the kernel still runs (the copier did not overwrite it),
+/// `kv` verifies the older generation, and the rollback is said everywhere.
+fn assert_rolled_back(scratch: &Scratch, what: &str) {
+    let after = run_then_crash(&config(scratch, "check=on"), Duration::from_secs(30), |s| {
+        s.workloads.get("kv").is_some_and(|w| w.last_check != Verified::Unknown)
+    });
+    let console = scratch.read_console();
+    assert_eq!(after.boot_kind, Some(BootKind::Restored), "{console}");
+    assert_eq!(after.workloads["kv"].last_check, Verified::Passed, "{console}");
+    assert!(console.contains(what), "the reason named: {console}");
+    assert!(console.contains("ROLLING BACK to generation"), "{console}");
+    assert!(console.contains("NVM: check: the restored state is consistent"), "check=on: {console}");
+    let restore = after.of(Operation::Restore).last().expect("the restore's metrics");
+    assert!(restore.report.rolled_back >= 1, "{restore:?}");
+}
+
+#[test]
+fn a_commit_rewritten_to_copy_over_the_kernel_is_passed_over_for_the_older_one() {
+    let scratch = Scratch::new();
+    crashed_image(&scratch);
+    let mut image = std::fs::read(scratch.image()).unwrap();
+    let (i, mut t) = newest(&image);
+    aim_at_the_kernel(&mut t);
+    write_slot(&mut image, i, &t);
+    std::fs::write(scratch.image(), &image).unwrap();
+    let (code, out) = inspect_check(&scratch);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("region at 0x100000 is outside the frame area"), "{out}");
+    assert_rolled_back(&scratch, "is outside the frame area");
+}
+
+#[test]
+fn a_bit_flipped_in_a_valid_save_area_is_not_restored() {
+    let scratch = Scratch::new();
+    crashed_image(&scratch);
+    let mut image = std::fs::read(scratch.image()).unwrap();
+    let (_, t) = newest(&image);
+    let (n, p) = t
+        .plates()
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.kind == PlateKind::UserSpace as u32 && p.valid != 0)
+        .expect("a user-space plate with a copy");
+    image[(p.area[p.valid as usize - 1] + 123) as usize] ^= 0x10;
+    std::fs::write(scratch.image(), &image).unwrap();
+    let (code, out) = inspect_check(&scratch);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(&format!("plate {n}'s valid save area fails its checksum")), "{out}");
+    assert_rolled_back(&scratch, &Rejection::Content(n).to_string());
+}
+
+#[test]
+fn with_both_commits_damaged_the_image_is_refused() {
+    let scratch = Scratch::new();
+    crashed_image(&scratch);
+    let mut image = std::fs::read(scratch.image()).unwrap();
+    for slot in 0..2 {
+        let mut t = read_slot(&image, slot);
+        aim_at_the_kernel(&mut t);
+        write_slot(&mut image, slot, &t);
+    }
+    std::fs::write(scratch.image(), &image).unwrap();
+    let image = scratch.image().display().to_string();
+    let console = scratch.console().display().to_string();
+    let args = ["boot", "--nvram", &image, "--console", &console, "--cmdline", "apps=kv kv_pages=8"];
+    let done = common::run(&mut common::vmm(&args), Duration::from_secs(30));
+    let console = scratch.read_console();
+    assert_eq!(done.code(), Some(5), "the VMM exits 5 on a refused image: {console}");
+    assert!(console.contains("no commit slot can be restored intact"), "{console}");
+    assert_eq!(console.matches("passed over: an entry is wrong").count(), 2, "{console}");
+}
