@@ -20,6 +20,8 @@ pub struct LogLimit {
     started: Option<Instant>,
     in_window: u32,
     suppressed: u64,
+    /// Lines allowed in all: what the limiter let through, for tests and statistics.
+    allowed: u64,
 }
 
 impl LogLimit {
@@ -31,7 +33,7 @@ impl LogLimit {
     /// At most `burst` lines about `what` (a phrase that names the device and the kind,
     /// such as "virtio-blk guest error"), logged at `level`, every `window`.
     pub const fn new(what: &'static str, level: Level, burst: u32, window: Duration) -> Self {
-        Self { what, level, burst, window, started: None, in_window: 0, suppressed: 0 }
+        Self { what, level, burst, window, started: None, in_window: 0, suppressed: 0, allowed: 0 }
     }
 
     /// Whether a line may be logged at `now`; if lines were held back before it, says how
@@ -46,6 +48,7 @@ impl LogLimit {
             return false;
         }
         self.in_window += 1;
+        self.allowed += 1;
         if self.suppressed > 0 {
             let (n, what, burst, window) = (self.suppressed, self.what, self.burst, self.window);
             let line = format_args!("{what}: {n} more were not logged (more than {burst} in {window:?})");
@@ -62,6 +65,11 @@ impl LogLimit {
     /// [`allow`](Self::allow) at the present instant.
     pub fn allow_now(&mut self) -> bool {
         self.allow(Instant::now())
+    }
+
+    /// Lines let through so far.
+    pub fn allowed(&self) -> u64 {
+        self.allowed
     }
 
     /// Lines held back and not yet reported.
@@ -81,6 +89,7 @@ mod tests {
         let t0 = Instant::now();
         let allowed = (0..1000).filter(|i| limit.allow(t0 + Duration::from_micros(*i))).count();
         assert_eq!(allowed, 3);
+        assert_eq!(limit.allowed(), 3);
         assert_eq!(limit.suppressed(), 997);
         assert!(limit.allow(t0 + Duration::from_secs(1)), "a new window");
         assert_eq!(limit.suppressed(), 0, "the count was reported");

@@ -117,6 +117,11 @@ impl BlockBackend {
         self.errors.count()
     }
 
+    /// How many of the guest's errors were logged (the rest were only counted).
+    pub fn errors_logged(&self) -> u64 {
+        self.errors.logged()
+    }
+
     /// Requests completed so far, failed ones included.
     pub fn requests(&self) -> u64 {
         self.requests

@@ -159,6 +159,11 @@ impl MmioBlock {
         self.errors.count()
     }
 
+    /// How many of the transport's errors were logged (the rest were only counted).
+    pub fn transport_errors_logged(&self) -> u64 {
+        self.errors.logged()
+    }
+
     /// Status 0: forget features, queue and interrupts; the disk and counters stay.
     fn reset(&mut self) {
         self.status = 0;

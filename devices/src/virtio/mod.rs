@@ -101,4 +101,9 @@ impl ErrorLog {
     pub fn count(&self) -> u64 {
         self.count
     }
+
+    /// How many of them were logged.
+    pub fn logged(&self) -> u64 {
+        self.log.allowed()
+    }
 }

@@ -494,45 +494,26 @@ fn a_notify_before_the_queue_is_ready_breaks_the_device() {
 
 #[test]
 fn a_guest_repeating_bad_requests_is_counted_not_grown() {
-    let events = Arc::new(AtomicU32::new(0));
-    let subscriber = EventCounter(events.clone());
     let mut rig = Rig::new(MmioVersion::Modern);
     let heap = rig.dev.backend().heap_bytes();
-    tracing::subscriber::with_default(subscriber, || {
-        for _ in 0..1000 {
-            assert_eq!(rig.request(VIRTIO_BLK_T_IN, DISK_SECTORS, &[(DATA_AT, 512, W)]), (IOERR, 1));
-        }
-        for _ in 0..1000 {
-            wr(&mut rig.dev, 0x0c4, 1); // no such register
-        }
-    });
+    for _ in 0..1000 {
+        assert_eq!(rig.request(VIRTIO_BLK_T_IN, DISK_SECTORS, &[(DATA_AT, 512, W)]), (IOERR, 1));
+    }
+    for _ in 0..1000 {
+        wr(&mut rig.dev, 0x0c4, 1); // no such register
+    }
     assert_eq!(rig.dev.backend().errors(), 1000);
     assert_eq!(rig.dev.transport_errors(), 1000);
     assert_eq!(rig.dev.backend().heap_bytes(), heap);
-    let logged = events.load(Ordering::SeqCst);
-    // A second's budget of eight lines each, for the request side and the registers (the
-    // count of those held back comes with the next line a later second allows).
-    assert!(logged <= 2 * 8 * 2, "{logged} log lines for 2000 guest errors");
-    assert!(logged >= 2 * 8, "{logged} log lines for 2000 guest errors");
-}
-
-/// A `tracing` subscriber that only counts events.
-struct EventCounter(Arc<AtomicU32>);
-
-impl tracing::Subscriber for EventCounter {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
+    // A second's budget of eight lines each, for the request side and the registers: the
+    // loops may straddle one window's end, not more. (Counted by the limiter itself, not
+    // by a `tracing` subscriber, whose cached callsite interest makes such a count racy
+    // while other tests log on other threads.)
+    for (what, logged) in
+        [("requests", rig.dev.backend().errors_logged()), ("registers", rig.dev.transport_errors_logged())]
+    {
+        assert!((8..=16).contains(&logged), "{logged} log lines for 1000 {what} errors");
     }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, _: &tracing::Event<'_>) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
 }
 
 /// `queue_unset` as virtio-drivers does it when a `VirtIOBlk` is dropped.
