@@ -6,8 +6,9 @@
 //!
 //! The window sits above every RAM size the image format allows ([`crate::layout::MAX_RAM`],
 //! 3 GiB) and below the IOAPIC (`0xfec0_0000`) and LAPIC (`0xfee0_0000`) windows, inside the
-//! 4 GiB the guest's boot page tables map. Without a disk nothing answers there: the magic
-//! register reads as all ones, which is how the guest finds that there is no disk.
+//! 4 GiB the guest's boot page tables map. Without a disk the window holds virtio-mmio's
+//! placeholder (device ID 0, "no function"), which is how the guest finds that there is no
+//! disk; under another VMM (QEMU) nothing may answer, and the magic reads as something else.
 
 /// Base of the virtio-blk device's register window.
 pub const VIRTIO_BLK_BASE: u64 = 0xd000_0000;

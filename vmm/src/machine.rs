@@ -152,8 +152,15 @@ impl Machine {
         let barrier = PersistBarrier::new(mem.clone(), domain.clone());
         pio.register(nvram::persist::BASE, nvram::persist::LEN, Box::new(barrier)).map_err(overlap)?;
         let mut mmio = MmioBus::new();
-        if let Some(disk) = &config.disk {
-            attach_disk(&mut mmio, &vm_fd, &mem, disk, tracker.clone())?;
+        match &config.disk {
+            Some(disk) => attach_disk(&mut mmio, &vm_fd, &mem, disk, tracker.clone())?,
+            None => mmio
+                .register(
+                    nvram::mmio::VIRTIO_BLK_BASE,
+                    nvram::mmio::VIRTIO_BLK_LEN,
+                    Box::new(devices::virtio::Placeholder),
+                )
+                .map_err(Error::MmioBus)?,
         }
         let engine = CopyEngine::new(mem.clone(), domain.clone()).with_dirty_log(tracker);
         let engine_stats = engine.stats();

@@ -61,6 +61,30 @@ pub const MMIO_WINDOW: u64 = nvram::mmio::VIRTIO_BLK_LEN;
 /// The largest queue the device offers (QueueNumMax); virtio-drivers uses 16, Linux up to 256.
 pub const QUEUE_MAX_SIZE: u16 = 256;
 
+/// What answers at a virtio-mmio window with no device behind it: the magic, version 2 and
+/// device ID 0, the spec's placeholder "with no function" (virtio 1.2, 4.2.2), which a
+/// driver ignores. A machine without a disk puts one at the disk's window, so that the
+/// guest's probe finds "no disk" by the book instead of poking an address nobody owns
+/// (which the bus would log at every boot).
+#[derive(Debug, Default)]
+pub struct Placeholder;
+
+impl crate::BusDevice<u64> for Placeholder {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let value: u32 = match offset {
+            0x000 => nvram::mmio::VIRTIO_MMIO_MAGIC,
+            0x004 => 2,
+            _ => 0,
+        };
+        let bytes = value.to_le_bytes();
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = bytes.get(i).copied().unwrap_or(0);
+        }
+    }
+
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
 /// How the device raises its interrupt line. The VMM passes an `EventFd` registered as an
 /// irqfd; tests pass a counter.
 pub trait Interrupt: Send {

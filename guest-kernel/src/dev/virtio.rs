@@ -1,7 +1,7 @@
 //! The machine's virtio block device (`vmm boot --disk`), found at its fixed MMIO window
 //! (`nvram::mmio`), driven by the `virtio-drivers` crate over its MMIO transport. Without a
-//! disk nothing answers there and the magic register reads as all ones, so probing is
-//! always safe.
+//! disk the window holds virtio-mmio's placeholder (device ID 0), and under another VMM
+//! nothing may answer there (the magic reads as something else): probing is always safe.
 //!
 //! The crate asks its [`Hal`] for DMA memory and for the device's view of buffers. This
 //! kernel's memory is identity-mapped, so a physical address is the virtual one; DMA pages
