@@ -183,6 +183,11 @@ pub fn write_out<P: Persist>(
         // planned, and the regions do not change during a write-out).
         let (mut gone, mut come) = (0u64, 0u64);
         let summing = nvm.can_sum();
+        // The hashes of the pages overwritten count only against a known sum: an area with
+        // none (a new plate's, or one a kernel-mode write-out left unsummed) is not read,
+        // so the CPU never touches its fresh frames (a first touch costs a host and, under
+        // PVM, a shadow-paging fault a page: most of a first write-out's time otherwise).
+        let old_counts = snapshot.summed & (1 << snapshot.inactive()) != 0;
         let copied = plan_copies(
             &snapshot,
             |first, n| dirty(&snapshot, first, n),
@@ -191,7 +196,9 @@ pub fn write_out<P: Persist>(
             |r| {
                 if summing {
                     let first = (r.src - snapshot.src) / PAGE;
-                    gone = gone.wrapping_add(area_sum(nvm.read(r.dst, r.len), first));
+                    if old_counts {
+                        gone = gone.wrapping_add(area_sum(nvm.read(r.dst, r.len), first));
+                    }
                     come = come.wrapping_add(area_sum(nvm.read(r.src, r.len), first));
                 }
                 if used == BATCH {
