@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::Scratch;
+use common::{machine_config, Scratch};
 use devices::exit::GuestExit;
 use nvram::control::{BootKind, Operation, Verified};
 use nvram::exit::ExitCode;
@@ -18,14 +18,10 @@ use nvram::plate::{PlateTable, TABLE_SIZE};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use vmm::harness::{run_then_crash, start};
-use vmm::{ConsoleOutput, RunOutcome, VmConfig};
+use vmm::{RunOutcome, VmConfig};
 
 fn config(scratch: &Scratch, cmdline: &str) -> VmConfig {
-    let mut config = VmConfig::new(scratch.image());
-    config.mem_size = Some(64 << 20);
-    config.cmdline = cmdline.into();
-    config.console = ConsoleOutput::File(scratch.console());
-    config
+    machine_config(scratch, cmdline, 64 << 20)
 }
 
 fn table_at(image: &[u8], at: u64) -> Box<PlateTable> {

@@ -11,23 +11,19 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{vmm_bin, Scratch};
+use common::{machine_config, vmm_bin, Scratch};
 use nvram::control::{BootKind, Copier, Operation, Verified};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use vmm::harness::run_then_crash;
-use vmm::{ConsoleOutput, VmConfig};
+use vmm::VmConfig;
 
 fn config(scratch: &Scratch, cmdline: &str) -> VmConfig {
     config_mem(scratch, cmdline, 128 << 20)
 }
 
 fn config_mem(scratch: &Scratch, cmdline: &str, mem: u64) -> VmConfig {
-    let mut config = VmConfig::new(scratch.image());
-    config.mem_size = Some(mem);
-    config.cmdline = cmdline.into();
-    config.console = ConsoleOutput::File(scratch.console());
-    config
+    machine_config(scratch, cmdline, mem)
 }
 
 #[test]

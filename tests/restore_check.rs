@@ -7,20 +7,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::Scratch;
+use common::{machine_config, Scratch};
 use kernel_core::plates::Rejection;
 use nvram::control::{BootKind, Operation, Verified};
 use nvram::layout;
 use nvram::plate::{PlateKind, PlateTable, TABLE_SIZE};
 use vmm::harness::run_then_crash;
-use vmm::{ConsoleOutput, VmConfig};
+use vmm::VmConfig;
 
 fn config(scratch: &Scratch, cmdline: &str) -> VmConfig {
-    let mut config = VmConfig::new(scratch.image());
-    config.mem_size = Some(64 << 20);
-    config.cmdline = cmdline.into();
-    config.console = ConsoleOutput::File(scratch.console());
-    config
+    machine_config(scratch, cmdline, 64 << 20)
 }
 
 /// `kv` run until two write-outs are committed, then a power failure; the image checks

@@ -6,17 +6,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::Scratch;
+use common::{machine_config, Scratch};
 use devices::MachineStatus;
 use nvram::control::{BootKind, Verified};
-use vmm::{harness, ConsoleOutput, RunOutcome, VmConfig};
+use vmm::{harness, RunOutcome, VmConfig};
 
 fn config(scratch: &Scratch, cmdline: &str) -> VmConfig {
-    let mut config = VmConfig::new(scratch.image());
-    config.mem_size = Some(64 << 20);
-    config.cmdline = cmdline.into();
-    config.console = ConsoleOutput::File(scratch.console());
-    config
+    machine_config(scratch, cmdline, 64 << 20)
 }
 
 /// Boots `config` on a thread until `done` holds (or fails after `limit`), then stops the

@@ -39,6 +39,16 @@ impl Scratch {
     }
 }
 
+/// An in-process machine on the scratch image (`vmm::harness`): `mem` bytes of RAM, the
+/// console in the scratch file.
+pub fn machine_config(scratch: &Scratch, cmdline: &str, mem: u64) -> vmm::VmConfig {
+    let mut config = vmm::VmConfig::new(scratch.image());
+    config.mem_size = Some(mem);
+    config.cmdline = cmdline.into();
+    config.console = vmm::ConsoleOutput::File(scratch.console());
+    config
+}
+
 /// A `vmm` command with quiet logs.
 pub fn vmm(args: &[&str]) -> Command {
     let mut cmd = Command::new(vmm_bin());
