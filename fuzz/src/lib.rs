@@ -51,8 +51,9 @@ pub fn cmdline(data: &[u8]) {
 /// An image file (`vmm inspect`), as its head (everything decoded lies below
 /// `nvram::layout::FRAMES_BASE`): the input's first two bytes choose the file's size in
 /// MiB, the next 4 KiB are the root header's page, the rest the first plate-table slot;
-/// any bytes give a report, and the report serializes.
-pub fn image(data: &[u8]) {
+/// any bytes give a report, and the report serializes. Returns whether the root header
+/// decoded (the seeds' check that they get past the first refusal).
+pub fn image(data: &[u8]) -> bool {
     use nvram::layout::{FRAMES_BASE, PLATE_SLOTS, ROOT_HEADER};
     thread_local! {
         static HEAD: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; FRAMES_BASE as usize]);
@@ -69,13 +70,15 @@ pub fn image(data: &[u8]) {
         for (at, bytes) in places {
             head[at..at + bytes.len()].copy_from_slice(bytes);
         }
-        alloc_bound::within(|| {
+        let decoded = alloc_bound::within(|| {
             let report = nvram::inspect::inspect_file(&head, size);
             serde_json::to_string(&report).expect("a report serializes");
+            report.header.is_some()
         });
         for (at, bytes) in places {
             head[at..at + bytes.len()].fill(0);
         }
+        decoded
     })
 }
 

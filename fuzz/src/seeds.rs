@@ -53,7 +53,7 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     barrier_bytes.extend_from_slice(ranges.as_bytes());
     let mut header = RootHeader::new(0x1234);
     header.seal();
-    let mut image = vec![0x01, 0x00]; // 256 MiB
+    let mut image = 256u16.to_le_bytes().to_vec(); // a file of 256 MiB
     image.extend_from_slice(&header.to_bytes());
     let control_base = nvram::control::REG_DOORBELL as u8;
     vec![
