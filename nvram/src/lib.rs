@@ -14,6 +14,7 @@
 //! checks beside each record catch an accidental one.
 #![cfg_attr(not(feature = "std"), no_std)]
 
+pub mod abi;
 pub mod cmdline;
 pub mod control;
 pub mod engine;

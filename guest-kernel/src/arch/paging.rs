@@ -22,9 +22,9 @@ use x86_64::structures::paging::{
 use x86_64::{PhysAddr, VirtAddr};
 
 /// First virtual address of user spaces (PML4 entry 1).
-pub const USER_BASE: u64 = 0x80_0000_0000;
+pub const USER_BASE: u64 = nvram::abi::USER_BASE;
 /// End of the user half.
-pub const USER_END: u64 = 0x8000_0000_0000;
+pub const USER_END: u64 = nvram::abi::USER_END;
 
 const PAGE: u64 = 4096;
 

@@ -36,8 +36,7 @@ pub use state::{Areas, Plating, WriteOutError};
 use state::{FIXED_PAGES_MAX, PAGE};
 
 /// `checkpoint()`'s result in the running process, and in the one restored from it.
-pub const SAVED: u64 = 0;
-pub const RESTORED: u64 = 1;
+pub use nvram::abi::{RESTORED, SAVED};
 
 /// Enables the plate function on a freshly formatted image: an empty plate table, no
 /// commit, every save area stale; and the deletion of spaces replaced by one that defers

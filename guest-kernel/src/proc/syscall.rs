@@ -29,28 +29,7 @@ use crate::proc::kernel::{self, Kernel};
 use crate::proc::process;
 use crate::res_op;
 
-/// System call numbers.
-pub mod nr {
-    pub const WRITE: u64 = 0;
-    pub const YIELD: u64 = 1;
-    pub const SLEEP: u64 = 2;
-    pub const TIME: u64 = 3;
-    pub const MAP: u64 = 4;
-    pub const UNMAP: u64 = 5;
-    pub const EXIT: u64 = 6;
-    pub const CHECKPOINT: u64 = 7;
-    pub const REPORT: u64 = 8;
-    pub const SHUTDOWN: u64 = 9;
-}
-
-/// Error results (as `u64`, they are the two's complement of small numbers).
-pub mod err {
-    pub const BAD_ADDRESS: u64 = -14i64 as u64;
-    pub const NO_MEMORY: u64 = -12i64 as u64;
-    pub const INVALID: u64 = -22i64 as u64;
-    pub const UNSUPPORTED: u64 = -38i64 as u64;
-    pub const NO_SUCH_CALL: u64 = -38i64 as u64 - 1;
-}
+pub use nvram::abi::{err, nr};
 
 /// Most pages one `map` may ask for (32 MiB: a space's page-table pool maps 58 MiB).
 const MAX_MAP_PAGES: u64 = 8192;
