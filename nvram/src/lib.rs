@@ -28,6 +28,7 @@ pub mod mmio;
 pub mod persist;
 pub mod plate;
 pub mod plate_check;
+pub mod program;
 pub mod ports;
 pub mod pvh;
 pub mod resources;
