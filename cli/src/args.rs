@@ -224,6 +224,12 @@ pub struct BootArgs {
     /// Kernel command line (e.g. "poweroff").
     #[arg(long, value_name = "STR", default_value = "")]
     pub cmdline: String,
+    /// Start your own program: a static x86-64 ELF file built with `user-rt` (see
+    /// docs/abi.md), and after a comma the argument string it gets (`--app ./mine,n=3`).
+    /// Repeatable. Only a boot that formats the image starts programs; from then on they
+    /// are part of it, so an image that will resume or restore takes none.
+    #[arg(long = "app", value_name = "PATH[,ARGS]", value_parser = parse_app)]
+    pub apps: Vec<vmm::ProgramFile>,
     /// Write the guest console to FILE instead of stdout.
     #[arg(long, value_name = "FILE")]
     pub console: Option<PathBuf>,
@@ -296,4 +302,13 @@ mod tests {
         assert!(parse_size("M").is_err());
         assert!(parse_size("99999999999999G").is_err());
     }
+}
+
+/// `PATH[,ARGS]`: the program's file, and the argument string after the first comma.
+fn parse_app(value: &str) -> Result<vmm::ProgramFile, String> {
+    let (path, args) = value.split_once(',').unwrap_or((value, ""));
+    if path.is_empty() {
+        return Err("the program's file is missing before the comma".into());
+    }
+    Ok(vmm::ProgramFile { path: path.into(), args: args.into() })
 }

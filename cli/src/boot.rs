@@ -62,6 +62,7 @@ pub fn config(args: BootArgs) -> Result<VmConfig, UsageError> {
     config.reformat = args.reformat;
     config.kernel = args.kernel.map_or(KernelSource::Bundled, KernelSource::File);
     config.cmdline = args.cmdline;
+    config.programs = args.apps;
     config.console = args.console.map_or(ConsoleOutput::Stdout, ConsoleOutput::File);
     config.kvm_device = args.kvm_device;
     config.set_engine_pause_ms(args.engine_pause_ms).map_err(usage)?;

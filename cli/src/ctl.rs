@@ -84,6 +84,9 @@ fn print_human(command: CtlCommand, reply: Value) -> anyhow::Result<()> {
                     name(&w.verified)
                 );
             }
+            for refused in &status.refused {
+                println!("  program {} REFUSED: {}", refused.program, refused.reason);
+            }
         }
         CtlCommand::Checkpoint => {
             let w = typed::<CheckpointReply>(reply)?.write_out;

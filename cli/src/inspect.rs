@@ -134,9 +134,10 @@ fn print_human(r: &Report) {
     println!("boot: {} ({} bytes of RAM)", r.boot.as_str(), r.size);
     let Some(h) = &r.header else { return };
     println!(
-        "header: format {}, kernel build {}, boot {} of the image, shutdown flag {}, generation {}, {} frames, checksum {}",
+        "header: format {}, NVM ABI {} (kernel build {}), boot {} of the image, shutdown flag {}, generation {}, {} frames, checksum {}",
         h.format_version,
-        h.build_id,
+        h.nvm_abi,
+        h.build_tag,
         h.boot_count,
         h.shutdown_flag,
         h.generation,

@@ -71,7 +71,21 @@ pub struct MachineStatus {
     /// The first process this boot entered, and when the VMM heard of it: after a restore,
     /// the end of "crash to running".
     pub running: Option<RunningEvent>,
+    /// The programs the guest refused to start this boot (the first [`MAX_REFUSED`]), and
+    /// how many in all.
+    pub refused: Vec<RefusedProgram>,
+    pub refused_total: u64,
 }
+
+/// A user program the guest did not start ([`nvram::control::Refused`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedProgram {
+    pub name: String,
+    pub error: nvram::program::ProgramError,
+}
+
+/// How many refused programs the status keeps.
+pub const MAX_REFUSED: usize = 32;
 
 /// The guest's report that it entered its first process ([`nvram::control::Running`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +191,7 @@ struct LogLimits {
     workloads: LogLimit,
     heartbeats: LogLimit,
     failed: LogLimit,
+    refused: LogLimit,
     /// Whether the full workload table was reported (once).
     table_full: bool,
 }
@@ -193,6 +208,7 @@ impl Default for LogLimits {
             workloads: LogLimit::new("machine-control first heartbeat", Level::INFO, 16, second),
             heartbeats: LogLimit::new("machine-control heartbeat", Level::DEBUG, 128, second),
             failed: LogLimit::new("machine-control verification failed", Level::WARN, 16, second),
+            refused: LogLimit::new("machine-control program refused", Level::WARN, 16, second),
             table_full: false,
         }
     }
@@ -262,12 +278,23 @@ impl MachineControl {
                 status.workloads.clear();
                 status.booted_at = Some(now);
                 status.running = None;
+                status.refused.clear();
+                status.refused_total = 0;
             }
             Message::Running { pid, generation } => {
                 if logs.booted.allow(now) {
                     debug!(pid, generation, "first process entered");
                 }
                 status.running = Some(RunningEvent { pid, generation, at: now });
+            }
+            Message::Refused { name, error } => {
+                if logs.refused.allow(now) {
+                    warn!(program = name.as_str(), "the guest refused to start program {}: {error}", name.as_str());
+                }
+                status.refused_total += 1;
+                if status.refused.len() < MAX_REFUSED {
+                    status.refused.push(RefusedProgram { name: name.as_str().to_string(), error });
+                }
             }
             Message::Started { generation, cause } => {
                 if logs.started.allow(now) {
@@ -466,6 +493,26 @@ mod tests {
         assert_eq!((kv.progress, kv.checksum, kv.heartbeats), (900, 0xbeef, 2));
         assert_eq!((kv.verified, kv.last_check), (Verified::Unknown, Verified::Passed));
         assert_eq!((status.accepted, status.rejected), (3, 0));
+    }
+
+    #[test]
+    fn refused_programs_are_kept_up_to_a_bound_and_a_boot_clears_them() {
+        use nvram::control::Refused;
+        use nvram::program::ProgramError;
+        let mut dev = device();
+        for i in 0..(MAX_REFUSED + 5) {
+            put(&dev, 0x1000, &Refused::new(&format!("p{i}"), ProgramError::Overlap(1)));
+            ring(&mut dev, 0x1000);
+        }
+        {
+            let status = lock(&dev.status);
+            assert_eq!((status.refused.len(), status.refused_total), (MAX_REFUSED, MAX_REFUSED as u64 + 5));
+            assert_eq!(status.refused[0], RefusedProgram { name: "p0".into(), error: ProgramError::Overlap(1) });
+        }
+        put(&dev, 0x1000, &Booted::new(BootKind::Cold, 1, 0));
+        ring(&mut dev, 0x1000);
+        let status = lock(&dev.status);
+        assert!(status.refused.is_empty() && status.refused_total == 0);
     }
 
     #[test]

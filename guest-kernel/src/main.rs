@@ -25,12 +25,11 @@ mod proc;
 use arch::{gdt, interrupts, paging, pvh, ring3, timer};
 use dev::{console, control, engine, machine, persist};
 use nvm::root as nvm_root;
-use nvram::cmdline::{App, Cmdline, Fault};
+use nvram::cmdline::{Cmdline, Fault};
 use nvram::control::BootKind;
 use nvram::exit::ExitCode;
 use nvram::header::ShutdownFlag;
-use proc::process::Program;
-use proc::{boot, user};
+use proc::boot;
 
 /// Finds the virtio disk, says what it is, and runs the `disk_test` check on it if asked.
 fn open_disk(test_sectors: u64) {
@@ -140,7 +139,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
         machine::exit(ExitCode::PowerOff);
     }
 
-    start(nvm, areas, kind, restore_from, &cmdline, tsc_khz)
+    start(nvm, areas, kind, restore_from, &cmdline, &info, tsc_khz)
 }
 
 /// Prepares the plate function as the boot's kind requires (restores a crashed run's
@@ -154,6 +153,7 @@ fn start(
     kind: BootKind,
     restore_from: Option<(usize, u32)>,
     cmdline: &Cmdline,
+    info: &pvh::BootInfo,
     tsc_khz: u64,
 ) -> ! {
     let areas = if cmdline.plate {
@@ -191,8 +191,9 @@ fn start(
     timer::set_hz(timer::hz_for_interval(cmdline.checkpoint_ms));
     let checkpoint_ticks = cmdline.checkpoint_ms.map_or(0, timer::ms_to_ticks);
     boot::install(header, resources, frames, plating, checkpoint_ticks, restored);
-    let programs = cmdline.apps().map(|app| program(app, cmdline));
-    boot::run(kind, programs, tsc_khz, cmdline.run_ms)
+    // SAFETY: the entries come from the start info's module list.
+    let modules = info.modules.iter().map(|entry| unsafe { proc::load::Module::new(entry, info.cmdline) });
+    boot::run(kind, modules, tsc_khz, cmdline.run_ms)
 }
 
 /// Decides from what NVM holds how this boot goes on, and prepares the tables for it.
@@ -257,30 +258,6 @@ fn decide_restore(nvm: &mut nvm_root::Nvm, areas: &mut plate::Areas) -> (BootKin
             (BootKind::Cold, None)
         }
         _ => nvm_root::refuse(nvm_root::ImageError::NoIntactCommit { generation: recorded }),
-    }
-}
-
-fn program(app: App, cmdline: &Cmdline) -> Program {
-    let [regions, kib, dirty] = cmdline.memtouch;
-    match app {
-        App::Counter => {
-            Program { name: "counter", entry: user::counter::main, args: [cmdline.counter_shutdown, 0, 0, 0] }
-        }
-        App::Kv => Program {
-            name: "kv",
-            entry: user::kv::main,
-            args: [cmdline.kv_seed, cmdline.kv_pages, cmdline.kv_verify_every, 0],
-        },
-        App::Memtouch => {
-            Program { name: "memtouch", entry: user::memtouch::main, args: [regions, kib, dirty, cmdline.memtouch_ms] }
-        }
-        App::Fault => Program { name: "fault", entry: user::fault::main, args: [cmdline.fault_ms, 0, 0, 0] },
-        App::Deleter => Program { name: "deleter", entry: user::deleter::main, args: [cmdline.deleter, 0, 0, 0] },
-        App::Churn => Program {
-            name: "churn",
-            entry: user::churn::main,
-            args: [cmdline.churn_seed, cmdline.churn_ops, cmdline.churn_pages, 0],
-        },
     }
 }
 

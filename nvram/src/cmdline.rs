@@ -71,6 +71,18 @@ impl App {
             _ => None,
         }
     }
+
+    /// The name the command line calls it by (and its program's name).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Counter => "counter",
+            Self::Kv => "kv",
+            Self::Memtouch => "memtouch",
+            Self::Fault => "fault",
+            Self::Deleter => "deleter",
+            Self::Churn => "churn",
+        }
+    }
 }
 
 /// A cache flush instruction, as `flush=` names it.

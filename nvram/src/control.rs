@@ -20,6 +20,7 @@
 //! | 3    | [`Metrics`]      | a write-out was committed, or a restore done                 |
 //! | 4    | [`Started`]      | a write-out begins (a crash from here to its metrics is one inside a write-out) |
 //! | 5    | [`Running`]      | the first process of this boot is entered (after a restore: the restored workload runs again) |
+//! | 6    | [`Refused`]      | a user program given at boot was not started (its ELF file, or room for it, is wanting) |
 //!
 //! Requests: the VMM raises interrupt line [`REQUEST_IRQ`] (the PIC's IRQ 5) when it queues
 //! one, so that the guest acts on it at once rather than at its next timer tick; the guest
@@ -68,6 +69,7 @@ pub const KIND_HEARTBEAT: u32 = 2;
 pub const KIND_METRICS: u32 = 3;
 pub const KIND_STARTED: u32 = 4;
 pub const KIND_RUNNING: u32 = 5;
+pub const KIND_REFUSED: u32 = 6;
 
 /// Every message starts with this.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
@@ -139,6 +141,41 @@ impl Running {
     pub fn new(pid: u32, generation: u64) -> Self {
         Self { header: MessageHeader::of::<Self>(KIND_RUNNING), pid, reserved: 0, generation }
     }
+}
+
+/// Kind 6: the program `name` (its boot module's name) was not started, for `code` (a
+/// [`crate::program::ProgramError`] as [`ProgramError::code`](crate::program::ProgramError::code)
+/// gives it, with its `detail`). The machine goes on with its other programs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct Refused {
+    pub header: MessageHeader,
+    pub name: [u8; NAME_LEN],
+    pub code: u32,
+    pub reserved: u32,
+    pub detail: u64,
+}
+
+impl Refused {
+    pub fn new(name: &str, error: crate::program::ProgramError) -> Self {
+        Self {
+            header: MessageHeader::of::<Self>(KIND_REFUSED),
+            name: padded_name(name),
+            code: error.code(),
+            reserved: 0,
+            detail: error.detail(),
+        }
+    }
+}
+
+/// `name` cut to [`NAME_LEN`] bytes and NUL-padded; bytes that are not printable ASCII
+/// become `?`, so that a program's name always decodes.
+fn padded_name(name: &str) -> [u8; NAME_LEN] {
+    let mut padded = [0u8; NAME_LEN];
+    for (slot, &b) in padded.iter_mut().zip(name.as_bytes()) {
+        *slot = if b.is_ascii_graphic() { b } else { b'?' };
+    }
+    padded
 }
 
 /// What a [`Metrics`] message measures.
@@ -296,6 +333,7 @@ pub enum Message {
     Metrics(MetricsReport),
     Started { generation: u64, cause: Cause },
     Running { pid: u32, generation: u64 },
+    Refused { name: Name, error: crate::program::ProgramError },
 }
 
 /// A decoded [`Metrics`] message.
@@ -357,6 +395,8 @@ pub enum DecodeError {
     /// A reserved field is not zero.
     #[error("a reserved field is not zero")]
     Reserved,
+    #[error("program refusal {0} is not one the kernel sends")]
+    BadRefusal(u32),
 }
 
 /// Reads the header of a message: its kind and total length.
@@ -371,6 +411,17 @@ fn read<T: FromBytes>(bytes: &[u8]) -> Result<T, DecodeError> {
         .map_err(|_| DecodeError::Truncated { have: bytes.len(), need: core::mem::size_of::<T>() })
 }
 
+/// A name field: 1 to [`NAME_LEN`] printable ASCII bytes, NUL-padded.
+fn decode_name(name: [u8; NAME_LEN]) -> Result<Name, DecodeError> {
+    let len = name.iter().position(|&b| b == 0).unwrap_or(NAME_LEN);
+    let printable = name[..len].iter().all(|b| b.is_ascii_graphic());
+    let padded = name[len..].iter().all(|&b| b == 0);
+    if len == 0 || !printable || !padded {
+        return Err(DecodeError::BadName);
+    }
+    Ok(Name { bytes: name, len })
+}
+
 /// Decodes and checks a whole message.
 pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
     let header = peek_header(bytes)?;
@@ -380,6 +431,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         KIND_METRICS => core::mem::size_of::<Metrics>(),
         KIND_STARTED => core::mem::size_of::<Started>(),
         KIND_RUNNING => core::mem::size_of::<Running>(),
+        KIND_REFUSED => core::mem::size_of::<Refused>(),
         kind => return Err(DecodeError::UnknownKind(kind)),
     };
     if header.len as usize != size {
@@ -409,6 +461,15 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
             }
             Ok(Message::Running { pid: m.pid, generation: m.generation })
         }
+        KIND_REFUSED => {
+            let m: Refused = read(bytes)?;
+            if m.reserved != 0 {
+                return Err(DecodeError::Reserved);
+            }
+            let error =
+                crate::program::ProgramError::from_code(m.code, m.detail).ok_or(DecodeError::BadRefusal(m.code))?;
+            Ok(Message::Refused { name: decode_name(m.name)?, error })
+        }
         KIND_METRICS => {
             let m: Metrics = read(bytes)?;
             let operation = Operation::try_from(m.operation).map_err(|e| DecodeError::BadOperation(e.number))?;
@@ -434,16 +495,9 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         }
         _ => {
             let m: Heartbeat = read(bytes)?;
-            let name = m.name;
-            let len = name.iter().position(|&b| b == 0).unwrap_or(NAME_LEN);
-            let printable = name[..len].iter().all(|b| b.is_ascii_graphic());
-            let padded = name[len..].iter().all(|&b| b == 0);
-            if len == 0 || !printable || !padded {
-                return Err(DecodeError::BadName);
-            }
             let verified = Verified::try_from(m.verified).map_err(|e| DecodeError::BadVerified(e.number))?;
             Ok(Message::Heartbeat {
-                name: Name { bytes: name, len },
+                name: decode_name(m.name)?,
                 pid: m.pid,
                 progress: m.progress,
                 checksum: m.checksum,
@@ -485,6 +539,28 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn refusals_round_trip_and_unknown_codes_are_refused() {
+        use crate::program::ProgramError;
+        let (b, n) = bytes(&Refused::new("mine", ProgramError::OutsideWindow(2)));
+        match decode(&b[..n]) {
+            Ok(Message::Refused { name, error: ProgramError::OutsideWindow(2) }) => assert_eq!(name.as_str(), "mine"),
+            other => panic!("{other:?}"),
+        }
+        // A name that is not printable is sent with `?`s, and a long one cut: both decode.
+        let (b, n) = bytes(&Refused::new("a b\u{e9}c-and-a-much-longer-tail", ProgramError::NoMemory));
+        match decode(&b[..n]) {
+            Ok(Message::Refused { name, .. }) => assert_eq!(name.as_str(), "a?b??c-and-a-muc"),
+            other => panic!("{other:?}"),
+        }
+        let (mut b, n) = bytes(&Refused::new("mine", ProgramError::NoMemory));
+        b[24] = 99;
+        assert_eq!(decode(&b[..n]), Err(DecodeError::BadRefusal(99)));
+        let (mut b, n) = bytes(&Refused::new("mine", ProgramError::NoMemory));
+        b[28] = 1;
+        assert_eq!(decode(&b[..n]), Err(DecodeError::Reserved));
     }
 
     #[test]

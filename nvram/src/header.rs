@@ -6,7 +6,8 @@
 //! | 0      | 8    | `magic`          | `b"TNDRNVM\0"`; all zeros means a blank image              |
 //! | 8      | 4    | `format_version` | [`FORMAT_VERSION`] of the kernel that formatted it         |
 //! | 12     | 4    | `header_size`    | [`HEADER_SIZE`], checked before anything else is read      |
-//! | 16     | 8    | `build_id`       | hash of the sources of the kernel that wrote the image     |
+//! | 16     | 4    | `nvm_abi`        | [`crate::abi::NVM_ABI_VERSION`] of the kernel that wrote it |
+//! | 20     | 4    | `build_tag`      | a hash of that kernel's sources: shown, never compared     |
 //! | 24     | 8    | `boot_count`     | boots of this image, this one included                     |
 //! | 32     | 4    | `shutdown_flag`  | [`ShutdownFlag`]: how the previous run ended               |
 //! | 36     | 4    | `reserved`       | zero                                                       |
@@ -20,7 +21,9 @@
 //! | 92     | 4    | `reserved2`      | zero                                                       |
 //!
 //! A header is trusted only when magic, version, size and checksum all hold; a kernel
-//! continues an image only if the build id is its own. Anything else is reported, never
+//! continues an image only if its NVM ABI version is its own. Which build wrote it does
+//! not matter: the programs are the image's, not the kernel's, so a kernel built from
+//! other sources (a fix, a new banner) continues an image of the same ABI. Anything else is reported, never
 //! silently reformatted; only a blank image is formatted without being asked.
 //!
 //! The header is kept twice ([`crate::layout::ROOT_HEADER`] and
@@ -38,7 +41,7 @@ pub const MAGIC: [u8; 8] = *b"TNDRNVM\0";
 
 /// Version of the image format. Bumped at every incompatible change of any structure kept
 /// in NVM; a kernel refuses to resume an image of another version.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
 /// How the previous run of the kernel on this image ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, TryFromPrimitive, IntoPrimitive, strum::IntoStaticStr)]
@@ -58,7 +61,8 @@ pub struct RootHeader {
     pub magic: [u8; 8],
     pub format_version: u32,
     pub header_size: u32,
-    pub build_id: u64,
+    pub nvm_abi: u32,
+    pub build_tag: u32,
     pub boot_count: u64,
     pub shutdown_flag: u32,
     pub reserved: u32,
@@ -101,13 +105,15 @@ pub enum HeaderError {
 }
 
 impl RootHeader {
-    /// A freshly formatted header for this format version, written by kernel `build_id`.
-    pub fn new(build_id: u64) -> Self {
+    /// A freshly formatted header for this format version and NVM ABI, written by the
+    /// kernel build `build_tag`.
+    pub fn new(build_tag: u32) -> Self {
         let mut header = Self {
             magic: MAGIC,
             format_version: FORMAT_VERSION,
             header_size: HEADER_SIZE as u32,
-            build_id,
+            nvm_abi: crate::abi::NVM_ABI_VERSION,
+            build_tag,
             shutdown_flag: ShutdownFlag::Abnormal.into(),
             ..Self::default()
         };

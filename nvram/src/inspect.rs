@@ -80,7 +80,8 @@ pub struct Report {
 #[derive(Debug, Serialize)]
 pub struct HeaderReport {
     pub format_version: u32,
-    pub build_id: String,
+    pub nvm_abi: u32,
+    pub build_tag: String,
     pub boot_count: u64,
     pub shutdown_flag: &'static str,
     pub generation: u64,
@@ -291,7 +292,8 @@ fn decode(bytes: &[u8], size: u64) -> Report {
     }
     report.header = Some(HeaderReport {
         format_version: header.format_version,
-        build_id: format!("{:016x}", header.build_id),
+        nvm_abi: header.nvm_abi,
+        build_tag: format!("{:08x}", header.build_tag),
         boot_count: header.boot_count,
         shutdown_flag: ShutdownFlag::try_from(header.shutdown_flag).map_or("invalid", <&str>::from),
         generation: header.generation,

@@ -17,7 +17,7 @@ use elf::endian::LittleEndian;
 use elf::file::Class;
 use elf::ElfBytes;
 
-use crate::abi::{MAX_IMAGE_BYTES, MAX_SEGMENTS, PROGRAM_BASE, PROGRAM_END};
+use crate::abi::{MAX_ARGS_LEN, MAX_IMAGE_BYTES, MAX_SEGMENTS, PROGRAM_BASE, PROGRAM_END};
 
 const PAGE: u64 = 4096;
 
@@ -84,6 +84,13 @@ pub enum ProgramError {
     TooLarge,
     #[error("its entry point {0:#x} is not in an executable segment")]
     BadEntry(u64),
+    // Not about the file: what loading it met.
+    #[error("NVM has no room for its segments and stack (frames or resource tables are used up)")]
+    NoMemory,
+    #[error("the boot module at {0:#x} lies in memory the kernel owns (it must be above the frame area)")]
+    Misplaced(u64),
+    #[error("its argument string is longer than {MAX_ARGS_LEN} bytes")]
+    ArgsTooLong,
 }
 
 impl ProgramError {
@@ -103,6 +110,9 @@ impl ProgramError {
             Self::WritableAndExecutable(_) => 11,
             Self::TooLarge => 12,
             Self::BadEntry(_) => 13,
+            Self::NoMemory => 14,
+            Self::Misplaced(_) => 15,
+            Self::ArgsTooLong => 16,
         }
     }
 
@@ -124,6 +134,9 @@ impl ProgramError {
             11 => Self::WritableAndExecutable(index),
             12 => Self::TooLarge,
             13 => Self::BadEntry(detail),
+            14 => Self::NoMemory,
+            15 => Self::Misplaced(detail),
+            16 => Self::ArgsTooLong,
             _ => return None,
         })
     }
@@ -132,11 +145,8 @@ impl ProgramError {
     pub fn detail(&self) -> u64 {
         match *self {
             Self::WrongMachine(m) | Self::NotExecutable(m) => u64::from(m),
-            Self::OutsideWindow(i)
-            | Self::FileRange(i)
-            | Self::Overlap(i)
-            | Self::WritableAndExecutable(i) => i as u64,
-            Self::BadEntry(addr) => addr,
+            Self::OutsideWindow(i) | Self::FileRange(i) | Self::Overlap(i) | Self::WritableAndExecutable(i) => i as u64,
+            Self::BadEntry(addr) | Self::Misplaced(addr) => addr,
             _ => 0,
         }
     }
@@ -207,7 +217,8 @@ pub fn check(file: &[u8]) -> Result<Program, ProgramError> {
             writable,
             executable,
         };
-        let clash = program.segments().iter().any(|s| first < s.vaddr + s.pages * PAGE && s.vaddr < first + pages * PAGE);
+        let clash =
+            program.segments().iter().any(|s| first < s.vaddr + s.pages * PAGE && s.vaddr < first + pages * PAGE);
         if clash {
             return Err(ProgramError::Overlap(index));
         }
@@ -218,8 +229,10 @@ pub fn check(file: &[u8]) -> Result<Program, ProgramError> {
         return Err(ProgramError::NoSegments);
     }
     let entry = program.entry;
-    let runs =
-        program.segments().iter().any(|s| s.executable && entry >= s.vaddr + s.start_in_page && entry < s.vaddr + s.pages * PAGE);
+    let runs = program
+        .segments()
+        .iter()
+        .any(|s| s.executable && entry >= s.vaddr + s.start_in_page && entry < s.vaddr + s.pages * PAGE);
     if !runs {
         return Err(ProgramError::BadEntry(entry));
     }

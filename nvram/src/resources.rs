@@ -113,6 +113,8 @@ pub struct VirtualUserSpace {
 
 /// A user space the process may write.
 pub const USER_WRITABLE: u64 = 1;
+/// A user space the process may run (a program's code; never together with [`USER_WRITABLE`]).
+pub const USER_EXECUTABLE: u64 = 2;
 
 /// Capacities of the tables.
 pub const REAL_MEMORIES: usize = 1024;

@@ -333,6 +333,11 @@ impl Controller {
             rolled_back: status.of(Operation::Restore).last().map_or(0, |r| r.report.rolled_back),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             workloads,
+            refused: status
+                .refused
+                .iter()
+                .map(|r| RefusedReply { program: r.name.clone(), reason: r.error.to_string() })
+                .collect(),
             image,
             warning,
         }

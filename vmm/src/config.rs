@@ -74,6 +74,10 @@ pub struct VmConfig {
     pub reformat: bool,
     pub kernel: KernelSource,
     pub cmdline: String,
+    /// The user's own programs (`vmm boot --app`), started beside the ones the command
+    /// line's `apps=` names. Only a boot that formats the image starts programs: with an
+    /// image that will resume or restore, [`crate::Machine::build`] refuses them.
+    pub programs: Vec<ProgramFile>,
     pub console: ConsoleOutput,
     /// The KVM device node (tests point it elsewhere to check the error).
     pub kvm_device: PathBuf,
@@ -87,6 +91,28 @@ pub struct VmConfig {
     pub prefault: Prefault,
     /// Whether the image's blocks are reserved on its file system before boot.
     pub allocation: crate::image::Allocation,
+}
+
+/// A user program's ELF file and the argument string it is started with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramFile {
+    pub path: PathBuf,
+    pub args: String,
+}
+
+impl ProgramFile {
+    /// The program's name: the file's name without its extension, cut to what the guest
+    /// shows (15 bytes), characters other than printable ASCII made `_`.
+    pub fn name(&self) -> String {
+        let stem = self.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let name: String =
+            stem.chars().map(|c| if c.is_ascii_graphic() { c } else { '_' }).take(crate::modules::MAX_NAME).collect();
+        if name.is_empty() {
+            "app".into()
+        } else {
+            name
+        }
+    }
 }
 
 /// A configuration that makes no sense, found before anything is built. The messages speak
@@ -211,6 +237,7 @@ impl VmConfig {
             reformat: false,
             kernel: KernelSource::Bundled,
             cmdline: String::new(),
+            programs: Vec::new(),
             console: ConsoleOutput::Stdout,
             kvm_device: PathBuf::from("/dev/kvm"),
             #[cfg(feature = "test-knobs")]

@@ -44,4 +44,19 @@ pub enum Error {
     MmioBus(#[source] devices::bus::OverlapError),
     #[error(transparent)]
     Disk(#[from] devices::virtio::DiskError),
+    #[error(transparent)]
+    Modules(#[from] crate::modules::ModuleError),
+    #[error("cannot read the program {path}")]
+    ReadProgram {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "programs are started only by a boot that formats the image, and the image {path} {how}: its programs \
+         are in it already (boot it without programs, or start the image afresh)"
+    )]
+    ProgramsForWarmImage { path: PathBuf, how: &'static str },
+    #[error("the command line asks for the program `{name}`, which this VMM does not bundle")]
+    NoSuchApp { name: &'static str },
 }

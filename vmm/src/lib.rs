@@ -14,6 +14,7 @@
 //!    [`Machine::spawn`] for a thread of its own, driven through its [`Controller`]).
 
 pub mod api;
+pub mod apps;
 pub mod config;
 pub mod control_socket;
 pub mod error;
@@ -24,7 +25,9 @@ pub mod kernel;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod modules;
 pub mod perf;
+pub mod programs;
 pub use devices::quantile;
 pub mod running;
 pub mod sigbus;
@@ -36,7 +39,7 @@ pub mod vm;
 pub mod harness;
 
 pub use api::Controller;
-pub use config::{ConfigError, ConsoleOutput, DiskConfig, KernelSource, MemoryKind, Prefault, VmConfig};
+pub use config::{ConfigError, ConsoleOutput, DiskConfig, KernelSource, MemoryKind, Prefault, ProgramFile, VmConfig};
 pub use error::Error;
 pub use machine::{Machine, RunOutcome};
 pub use running::{RunningMachine, WaitError};

@@ -85,31 +85,37 @@ pub fn load_kernel(mem: &GuestMemory, image: &[u8], what: &str) -> Result<Loaded
     }
 }
 
-/// Writes the command line, the memory map and `hvm_start_info`; returns the start info's
-/// address, which the vCPU gets in `rbx`.
-pub fn write_boot_params(mem: &GuestMemory, cmdline: &str) -> Result<u64, LoadError> {
-    let ram = mem.last_addr().0 + 1;
+/// Writes the command line, the memory map and `hvm_start_info` for `ram` bytes of RAM and
+/// the boot modules already in their window (`modules`: the list's address and length,
+/// see `crate::modules`); returns the start info's address, which the vCPU gets in `rbx`.
+pub fn write_boot_params(mem: &GuestMemory, ram: u64, cmdline: &str, modules: (u64, u32)) -> Result<u64, LoadError> {
     let mut line = Cmdline::new(layout::CMDLINE_MAX as usize).map_err(LoadError::Cmdline)?;
     if !cmdline.is_empty() {
         line.insert_str(cmdline).map_err(LoadError::Cmdline)?;
     }
     linux_loader::loader::load_cmdline(mem, GuestAddress(layout::CMDLINE), &line).map_err(LoadError::WriteCmdline)?;
 
-    let memmap = [
+    let mut memmap = vec![
         MemoryRegion::new(0, layout::LOW_RAM_END, E820_RAM),
         MemoryRegion::new(layout::LOW_RAM_END, layout::KERNEL_START - layout::LOW_RAM_END, E820_RESERVED),
         MemoryRegion::new(layout::KERNEL_START, ram - layout::KERNEL_START, E820_RAM),
     ];
-    const { assert!(3 <= layout::MEMMAP_MAX_ENTRIES) };
+    // The module window is memory, but not RAM the kernel may use.
+    if modules.1 > 0 {
+        memmap.push(MemoryRegion::new(nvram::pvh::MODULES_BASE, nvram::pvh::MODULES_MAX, E820_RESERVED));
+    }
+    const { assert!(4 <= layout::MEMMAP_MAX_ENTRIES) };
     let start_info = StartInfo {
         magic: START_MAGIC,
         version: START_VERSION,
+        nr_modules: modules.1,
+        modlist_paddr: modules.0,
         cmdline_paddr: layout::CMDLINE,
         memmap_paddr: layout::MEMMAP,
         memmap_entries: memmap.len() as u32,
         ..Default::default()
     };
-    for (bytes, at) in [(start_info.as_bytes(), layout::START_INFO), (memmap.as_bytes(), layout::MEMMAP)] {
+    for (bytes, at) in [(start_info.as_bytes(), layout::START_INFO), (memmap.as_slice().as_bytes(), layout::MEMMAP)] {
         mem.write_slice(bytes, GuestAddress(at)).map_err(LoadError::BootParams)?;
     }
     Ok(layout::START_INFO)
@@ -154,7 +160,7 @@ mod tests {
     #[test]
     fn writes_start_info_memory_map_and_command_line() {
         let mem = ram(16 << 20);
-        let addr = write_boot_params(&mem, "poweroff fault=ud").unwrap();
+        let addr = write_boot_params(&mem, 16 << 20, "poweroff fault=ud", (0, 0)).unwrap();
         let mut info = StartInfo::new_zeroed();
         mem.read_slice(info.as_mut_bytes(), GuestAddress(addr)).unwrap();
         assert_eq!(info.magic, START_MAGIC);
@@ -166,5 +172,19 @@ mod tests {
         let mut line = [0u8; 18];
         mem.read_slice(&mut line, GuestAddress(info.cmdline_paddr)).unwrap();
         assert_eq!(&line, b"poweroff fault=ud\0");
+        assert_eq!((info.nr_modules, info.modlist_paddr), (0, 0));
+    }
+
+    #[test]
+    fn modules_are_listed_and_their_window_reserved() {
+        let mem = ram(16 << 20);
+        let addr = write_boot_params(&mem, 16 << 20, "", (nvram::pvh::MODULES_BASE, 2)).unwrap();
+        let mut info = StartInfo::new_zeroed();
+        mem.read_slice(info.as_mut_bytes(), GuestAddress(addr)).unwrap();
+        assert_eq!((info.nr_modules, info.modlist_paddr, info.memmap_entries), (2, nvram::pvh::MODULES_BASE, 4));
+        let mut map = [MemoryRegion::new_zeroed(); 4];
+        mem.read_slice(map.as_mut_bytes(), GuestAddress(info.memmap_paddr)).unwrap();
+        assert_eq!(map[3].addr, nvram::pvh::MODULES_BASE);
+        assert!(!map[3].is_ram(), "the kernel must not take the window for RAM");
     }
 }

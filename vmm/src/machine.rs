@@ -27,6 +27,7 @@ use crate::running::RunningMachine;
 use crate::vcpu::{self, VcpuStop};
 use crate::vcpu_state::{install_kick_handler, VcpuHandle, VcpuShared};
 use crate::vm;
+use crate::{modules, programs};
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,10 +91,13 @@ impl Machine {
             MemoryKind::Volatile => (None, memory::map_volatile(config.ram_size())?),
         };
         let ram_size = image.as_ref().map_or(config.ram_size(), NvmImage::size);
+        let cmdline = vm::host_cmdline_quirks(&config.cmdline);
+        let boot_modules = programs::boot_modules(config, &cmdline, &mem)?;
+        let mem = modules::add_window(mem, modules::window_size(&boot_modules)?)?;
         let vm_fd = vm::create_vm(&kvm, &mem)?;
         let kernel = loader::load_kernel(&mem, &kernel_bytes, &kernel_name)?;
-        let cmdline = vm::host_cmdline_quirks(&config.cmdline);
-        let start_info = loader::write_boot_params(&mem, &cmdline)?;
+        let module_list = modules::write(&mem, &boot_modules)?;
+        let start_info = loader::write_boot_params(&mem, ram_size, &cmdline, module_list)?;
         let vcpu = vcpu::create_vcpu(&kvm, &vm_fd, kernel.entry, start_info)?;
 
         let serial_irq =

@@ -3,12 +3,11 @@
 //! ```text
 //!   virtual address                     mapping
 //!   0x0000_0000_0000 - 0x0000_ffff_ffff  identity map of the first 4 GiB (boot page tables,
-//!                                        shared by every space), kernel only, except the
-//!                                        kernel's text and read-only data, which user
-//!                                        mode may read and run (the workloads' code lives
-//!                                        there; it touches no kernel data)
-//!   0x0080_0000_0000 - ...               user spaces of the process, 4 KiB pages, each
-//!                                        followed by an unmapped guard page
+//!                                        shared by every space), kernel only
+//!   0x0080_0000_0000 - 0x3fff_ffff_ffff  user spaces `map` gives and the stack, 4 KiB
+//!                                        pages, each followed by an unmapped guard page
+//!   0x4000_0000_0000 - + 1 GiB           the program's segments, where its ELF file was
+//!                                        linked (`nvram::abi`)
 //! ```
 //!
 //! Every space's PML4 shares entry 0 with the kernel's; the rest of the PML4 is the
@@ -23,18 +22,12 @@ use x86_64::{PhysAddr, VirtAddr};
 
 /// First virtual address of user spaces (PML4 entry 1).
 pub const USER_BASE: u64 = nvram::abi::USER_BASE;
-/// End of the user half.
-pub const USER_END: u64 = nvram::abi::USER_END;
 
 const PAGE: u64 = 4096;
 
 extern "C" {
     static boot_pml4: u8;
-    static boot_pdpt: u8;
     static boot_pt0: u8;
-    static boot_pd: u8;
-    static __user_visible_start: u8;
-    static __user_visible_end: u8;
     static __stack_guard: u8;
 }
 
@@ -43,31 +36,30 @@ pub fn kernel_root() -> u64 {
     &raw const boot_pml4 as u64
 }
 
-/// Lets user mode read and run the kernel's text and read-only data: sets the user bit on
-/// the boot tables' path to them (the boot tables are rewritten from the ELF at every boot).
+/// Makes the guard page below the kernel stack not present. The kernel's own pages are
+/// all kernel-only: user mode runs nothing of the kernel's (programs are ELF files of
+/// their own, loaded into their spaces).
 pub fn init() {
     // SAFETY: the boot page tables are identity-mapped statics of the kernel image, used by
-    // this CPU alone; setting the user bit on the path and on the text pages keeps every
-    // mapping's address and only widens access to read/execute of code and constants; the
-    // guard page below the kernel stack holds nothing (linker script).
+    // this CPU alone; the guard page below the kernel stack holds nothing (linker script).
     unsafe {
-        let pml4 = &raw const boot_pml4 as *mut u64;
-        let pdpt = &raw const boot_pdpt as *mut u64;
-        let pd = &raw const boot_pd as *mut u64;
         let pt = &raw const boot_pt0 as *mut u64;
-        let user = Flags::USER_ACCESSIBLE.bits();
-        *pml4 |= user;
-        *pdpt |= user;
-        *pd |= user;
-        let start = &raw const __user_visible_start as u64 / PAGE;
-        let end = (&raw const __user_visible_end as u64).div_ceil(PAGE);
-        for page in start..end {
-            *pt.add(page as usize) |= user;
-        }
-        // The guard page below the kernel stack: not present.
         let guard = &raw const __stack_guard as u64 / PAGE;
         *pt.add(guard as usize) &= !Flags::PRESENT.bits();
         x86_64::instructions::tlb::flush_all();
+    }
+}
+
+/// Points entry 0 (the kernel's identity map) of each of these PML4s at this kernel's
+/// tables. A space made by another build of the kernel (an image resumed or restored by a
+/// newer kernel) names that build's boot tables there, which may lie elsewhere now.
+pub fn refresh_kernel_entries(roots: impl Iterator<Item = u64>) {
+    // SAFETY: the kernel PML4 is the boot one, identity-mapped.
+    let entry = unsafe { *(kernel_root() as *const u64) };
+    for root in roots {
+        // SAFETY: `root` is a space's PML4, a frame of its own, identity-mapped; entry 0 is
+        // the kernel's by construction (`init_root`), never a user mapping.
+        unsafe { *(root as *mut u64) = entry };
     }
 }
 
@@ -120,18 +112,28 @@ pub enum MapError {
     AlreadyMapped,
 }
 
+/// What user mode may do with a mapping: never write and run the same page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    ReadWrite,
+    ReadExecute,
+}
+
 /// Maps `pages` pages of physical `phys` at user address `va` in the space `root`.
 pub fn map_user(
     root: u64,
     va: u64,
     phys: u64,
     pages: u64,
-    writable: bool,
+    access: Access,
     frames: &mut TablePool,
 ) -> Result<(), MapError> {
-    let mut flags = Flags::PRESENT | Flags::USER_ACCESSIBLE | Flags::NO_EXECUTE;
-    if writable {
-        flags |= Flags::WRITABLE;
+    let mut flags = Flags::PRESENT | Flags::USER_ACCESSIBLE;
+    match access {
+        Access::ReadWrite => flags |= Flags::WRITABLE | Flags::NO_EXECUTE,
+        Access::Read => flags |= Flags::NO_EXECUTE,
+        Access::ReadExecute => {}
     }
     let parents = Flags::PRESENT | Flags::WRITABLE | Flags::USER_ACCESSIBLE;
     // SAFETY: `root` is a space's PML4; the kernel runs alone.
@@ -180,13 +182,6 @@ pub fn switch_to(root: u64) {
         // continues unchanged.
         unsafe { Cr3::write(PhysFrame::containing_address(PhysAddr::new(root)), Cr3Flags::empty()) };
     }
-}
-
-/// Whether `addr..addr + len` is readable by user code in the current space: inside a user
-/// space (checked by the caller against the space's table) or the user-visible kernel image.
-pub fn in_user_visible_image(addr: u64, len: u64) -> bool {
-    let (start, end) = (&raw const __user_visible_start as u64, &raw const __user_visible_end as u64);
-    addr >= start && addr.checked_add(len).is_some_and(|e| e <= end)
 }
 
 /// Finds the pages of `va..va + pages * 4 KiB` (a user space of the space `root`) that were

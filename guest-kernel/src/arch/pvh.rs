@@ -2,13 +2,29 @@
 //! command line (Xen `include/public/arch-x86/hvm/start_info.h`), as `nvram::pvh` defines
 //! them for both sides.
 
-use nvram::pvh::{MemoryRegion, StartInfo, START_MAGIC};
+use nvram::pvh::{MemoryRegion, ModListEntry, StartInfo, MAX_MODULES, MODULE_CMDLINE_MAX, START_MAGIC};
 
 /// The boot information, checked and copied out of the boot area (which later boots and
 /// the VMM overwrite).
 pub struct BootInfo {
     pub cmdline: &'static str,
     pub memory_map: &'static [MemoryRegion],
+    /// The boot modules (user programs), at most [`MAX_MODULES`]. Their bytes are not read
+    /// here: where they lie is checked before (see `proc::load`).
+    pub modules: &'static [ModListEntry],
+}
+
+/// A boot module's command line: `None` when it has none (QEMU's `-initrd`).
+///
+/// # Safety
+///
+/// `entry` must come from [`BootInfo::modules`], whose command lines the loader wrote.
+pub unsafe fn module_cmdline(entry: &ModListEntry) -> Option<&'static str> {
+    if entry.cmdline_paddr == 0 {
+        return None;
+    }
+    // SAFETY: per the caller, a NUL-terminated string the loader wrote, read up to its bound.
+    Some(unsafe { c_str(entry.cmdline_paddr as *const u8, MODULE_CMDLINE_MAX) })
 }
 
 /// Why the start info cannot be used.
@@ -53,7 +69,14 @@ impl BootInfo {
         } else {
             &[]
         };
-        Ok(Self { cmdline, memory_map })
+        let modules = if info.nr_modules != 0 && info.modlist_paddr != 0 {
+            let count = (info.nr_modules as usize).min(MAX_MODULES);
+            // SAFETY: the loader wrote `nr_modules` entries at `modlist_paddr`.
+            unsafe { core::slice::from_raw_parts(info.modlist_paddr as *const ModListEntry, count) }
+        } else {
+            &[]
+        };
+        Ok(Self { cmdline, memory_map, modules })
     }
 
     /// End of the highest usable RAM region: the size of NVM.

@@ -80,6 +80,11 @@ pub fn running(message: Running) {
     send(&message);
 }
 
+/// Tells the VMM that the program `name` was not started, and why.
+pub fn refused(name: &str, error: nvram::program::ProgramError) {
+    send(&nvram::control::Refused::new(name, error));
+}
+
 pub fn metrics(message: Metrics) {
     send(&message);
 }

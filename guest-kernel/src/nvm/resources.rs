@@ -8,14 +8,15 @@
 //! user address.
 
 use kernel_core::frames::FrameBitmap;
+use nvram::abi::{PROGRAM_BASE, PROGRAM_END};
 use nvram::plate::PlateTable;
 use nvram::resources::{
     KernelSpaceUse, RealMemory, Resources, VirtualKernelSpace, VirtualRegion, VirtualSpace, VirtualUserSpace,
-    TABLE_POOL_PAGES, USER_WRITABLE,
+    TABLE_POOL_PAGES, USER_EXECUTABLE, USER_WRITABLE,
 };
 use spin::RwLock;
 
-use crate::arch::paging::{self, TablePool};
+use crate::arch::paging::{self, Access, TablePool};
 
 const PAGE: u64 = 4096;
 
@@ -68,9 +69,20 @@ pub struct KernelSpaceOps {
     pub delete: fn(&mut Mem<'_>, id: u32) -> Result<(), ResError>,
 }
 
+/// Where a new user space goes in its process's address space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// At the next free address of the `map` window (`nvram::abi::USER_BASE` up to
+    /// `PROGRAM_BASE`), followed by an unmapped guard page.
+    Next,
+    /// At this page-aligned address of the program window (a program's segment, where its
+    /// ELF file was linked).
+    At(u64),
+}
+
 /// Virtual user spaces: regions attached into a process's space.
 pub struct UserSpaceOps {
-    pub create: fn(&mut Mem<'_>, space: u32, pages: u64, flags: u64) -> Result<u32, ResError>,
+    pub create: fn(&mut Mem<'_>, space: u32, pages: u64, flags: u64, place: Place) -> Result<u32, ResError>,
     pub delete: fn(&mut Mem<'_>, id: u32) -> Result<(), ResError>,
 }
 
@@ -190,19 +202,39 @@ pub fn kernel_space_delete_now(m: &mut Mem<'_>, id: u32) -> Result<(), ResError>
     res_op!(region.delete(m, space.region))
 }
 
-fn user_space_create(m: &mut Mem<'_>, space_id: u32, pages: u64, flags: u64) -> Result<u32, ResError> {
+fn user_space_create(m: &mut Mem<'_>, space_id: u32, pages: u64, flags: u64, place: Place) -> Result<u32, ResError> {
     let space = *m.res.spaces.get(space_id).ok_or(ResError::NoSuch)?;
-    let va = space.next_va;
-    // Each user space is followed by an unmapped guard page.
-    let next_va =
-        va.checked_add((pages + 1) * PAGE).filter(|&end| end <= paging::USER_END).ok_or(ResError::NoAddressSpace)?;
+    let (va, next_va) = match place {
+        // Each user space is followed by an unmapped guard page.
+        Place::Next => {
+            let end = space.next_va.checked_add((pages + 1) * PAGE).filter(|&end| end <= PROGRAM_BASE);
+            (space.next_va, end.ok_or(ResError::NoAddressSpace)?)
+        }
+        Place::At(va) => {
+            let end = va.checked_add(pages * PAGE).ok_or(ResError::NoAddressSpace)?;
+            let taken = m
+                .res
+                .user_spaces
+                .iter()
+                .any(|(_, u)| u.space == space_id && va < u.vaddr + u.pages * PAGE && u.vaddr < end);
+            if va % PAGE != 0 || va < PROGRAM_BASE || end > PROGRAM_END || taken {
+                return Err(ResError::NoAddressSpace);
+            }
+            (va, space.next_va)
+        }
+    };
     let region = res_op!(region.create(m, pages))?;
     let phys = region_base(m.res, region).ok_or(ResError::NoSuch)?;
     crate::arch::memory::zero(phys, pages * PAGE);
     let pool_base = m.res.real.get(space.pool).ok_or(ResError::NoSuch)?.base;
     let mut used = space.pool_used;
     let mut pool = TablePool { base: pool_base, capacity: TABLE_POOL_PAGES, used: &mut used };
-    let mapped = paging::map_user(space.root, va, phys, pages, flags & USER_WRITABLE != 0, &mut pool);
+    let access = match (flags & USER_WRITABLE != 0, flags & USER_EXECUTABLE != 0) {
+        (true, _) => Access::ReadWrite,
+        (false, true) => Access::ReadExecute,
+        (false, false) => Access::Read,
+    };
+    let mapped = paging::map_user(space.root, va, phys, pages, access, &mut pool);
     if let Some(space) = m.res.spaces.get_mut(space_id) {
         space.pool_used = used;
     }
@@ -234,6 +266,11 @@ pub fn user_space_delete_now(m: &mut Mem<'_>, id: u32) -> Result<(), ResError> {
 }
 
 /// The user space of `space` that contains `addr..addr + len`, if one does.
+/// Physical address of user space `id`'s first page (its region is one run of frames).
+pub fn user_space_phys(res: &Resources, id: u32) -> Option<u64> {
+    region_base(res, res.user_spaces.get(id)?.region)
+}
+
 pub fn user_space_at(res: &Resources, space: u32, addr: u64, len: u64) -> Option<(u32, VirtualUserSpace)> {
     let end = addr.checked_add(len)?;
     res.user_spaces

@@ -1,7 +1,7 @@
 //! The kernel's lasting state in NVM: the root header and the tables it leads to.
 //!
 //! At boot the root header decides: a blank image is formatted; a formatted image of this
-//! kernel build is opened, and its shutdown flag says whether its tables can be used as
+//! kernel's NVM ABI version is opened, and its shutdown flag says whether its tables can be used as
 //! they are (a graceful shutdown) or not; anything else is refused (see `nvram::header`).
 
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -13,8 +13,9 @@ use nvram::resources::Resources;
 
 use crate::dev::persist;
 
-/// Hash of the kernel's sources, computed by build.rs: an image written by another build is
-/// not continued.
+/// Hash of the kernel's sources, computed by build.rs: recorded in the images this kernel
+/// formats and shown at boot, so that one can tell which build wrote an image. It decides
+/// nothing: the NVM ABI version does (`nvram::abi::NVM_ABI_VERSION`).
 pub const BUILD_ID: u64 = match u64::from_str_radix(env!("KERNEL_BUILD_ID"), 16) {
     Ok(id) => id,
     Err(_) => panic!("KERNEL_BUILD_ID is not hexadecimal"),
@@ -33,9 +34,9 @@ pub enum Found {
 #[derive(Debug)]
 pub enum ImageError {
     Header(HeaderError),
-    /// Written by another kernel build.
-    ForeignBuild {
-        found: u64,
+    /// Written by a kernel of another NVM ABI version.
+    ForeignAbi {
+        found: u32,
     },
     /// RAM is too small for the fixed areas.
     TooSmall {
@@ -62,9 +63,11 @@ impl core::fmt::Display for ImageError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Self::Header(e) => write!(f, "{e}"),
-            Self::ForeignBuild { found } => {
-                write!(f, "the image was written by kernel build {found:016x}, this is build {BUILD_ID:016x}")
-            }
+            Self::ForeignAbi { found } => write!(
+                f,
+                "the image was written by a kernel of NVM ABI version {found}, this kernel keeps version {}",
+                nvram::abi::NVM_ABI_VERSION
+            ),
             Self::TooSmall { ram } => write!(f, "{ram} bytes of RAM cannot hold the kernel's tables"),
             Self::Layout { frames, available } => write!(
                 f,
@@ -126,7 +129,9 @@ pub fn open(ram_end: u64) -> Result<Nvm, ImageError> {
     }
     let available = (ram_end - layout::FRAMES_BASE) / layout::PAGE_SIZE;
     let found = match chosen.map(|(_, flag, _)| flag) {
-        Ok(_) if header.build_id != BUILD_ID => return Err(ImageError::ForeignBuild { found: header.build_id }),
+        Ok(_) if header.nvm_abi != nvram::abi::NVM_ABI_VERSION => {
+            return Err(ImageError::ForeignAbi { found: header.nvm_abi })
+        }
         // The layout is the one recorded in the header, checked against the memory map:
         // the frames the image was formatted with must all be RAM here.
         Ok(_) if header.frames > available || header.resources != layout::RESOURCES => {
@@ -137,7 +142,7 @@ pub fn open(ram_end: u64) -> Result<Nvm, ImageError> {
             Found::Known(flag)
         }
         Err(HeaderError::Blank) => {
-            header = RootHeader::new(BUILD_ID);
+            header = RootHeader::new(BUILD_ID as u32);
             header.resources = layout::RESOURCES;
             header.frame_bitmap = layout::FRAME_BITMAP;
             header.frames_base = layout::FRAMES_BASE;

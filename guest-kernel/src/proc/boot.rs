@@ -9,13 +9,14 @@ use nvram::header::RootHeader;
 use nvram::resources::{KernelSpaceUse, Kind, Resources};
 
 use crate::arch::frame::TrapFrame;
-use crate::arch::{interrupts, timer};
+use crate::arch::{interrupts, paging, timer};
 use crate::dev::{control, machine};
 use crate::nvm::root::{self, ImageError};
 use crate::plate::{self, Plating};
 use crate::println;
 use crate::proc::kernel::{self, Kernel};
-use crate::proc::process::{self, Program};
+use crate::proc::load::{self, Module};
+use crate::proc::process;
 use crate::res_op;
 
 /// Installs the kernel's state for this boot. `restored`: the metrics of the restore this
@@ -57,9 +58,9 @@ pub fn install(
     }
 }
 
-/// Starts (a cold boot: `programs`) or resumes the workloads and the timer, and enters the
-/// first process (or the idle loop). `run_ms`: power off after that long.
-pub fn run(kind: BootKind, programs: impl Iterator<Item = Program>, tsc_khz: u64, run_ms: Option<u64>) -> ! {
+/// Starts (a cold boot: the programs in `modules`) or resumes the processes and the timer,
+/// and enters the first process (or the idle loop). `run_ms`: power off after that long.
+pub fn run(kind: BootKind, modules: impl Iterator<Item = Module>, tsc_khz: u64, run_ms: Option<u64>) -> ! {
     kernel::with(|k| {
         if kind == BootKind::Cold {
             let pages = (core::mem::size_of::<ProcessTable>() as u64).div_ceil(4096);
@@ -69,10 +70,8 @@ pub fn run(kind: BootKind, programs: impl Iterator<Item = Program>, tsc_khz: u64
             // SAFETY: the kernel space was just allocated (zeroed) for the table, identity-mapped.
             k.procs = unsafe { &mut *(addr as *mut ProcessTable) };
             k.procs.format(Kind::Process as u32);
-            for program in programs {
-                if let Err(e) = process::spawn(k, &program) {
-                    println!("cannot start {}: {e:?}", program.name);
-                }
+            for module in modules {
+                load::start(k, &module);
             }
         } else {
             let table = k.res.kernel_spaces.iter().find(|(_, s)| s.usage == KernelSpaceUse::ProcessTable as u32);
@@ -84,6 +83,11 @@ pub fn run(kind: BootKind, programs: impl Iterator<Item = Program>, tsc_khz: u64
                 root::refuse(ImageError::Table(Kind::Process));
             }
             process::wake_all(k);
+            paging::refresh_kernel_entries(k.res.spaces.iter().map(|(_, s)| s.root));
+            let ignored = modules.count();
+            if ignored > 0 {
+                println!("{ignored} boot modules ignored: the image holds its programs already");
+            }
             println!("NVM: {} processes to resume", k.procs.live());
         }
         if kind == BootKind::Cold && k.plating.is_some() {

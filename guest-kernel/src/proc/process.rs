@@ -1,81 +1,20 @@
 //! Processes: creation, scheduling and death.
 //!
 //! A process is an entry of the process table (NVM) with its saved registers, and a virtual
-//! space with its user spaces (its stack, and the regions it maps). There is one kernel
+//! space with its user spaces (its program's segments, its stack, and the regions it maps).
+//! Processes are made from programs' ELF files (`load`). There is one kernel
 //! stack: a process's whole context is its saved [`TrapFrame`], so switching is copying a
 //! frame out and another in, and loading CR3.
 
-use kernel_core::process::{self, Process, Regs, State};
+use kernel_core::process::{self, State};
 use nvram::control::Running;
-use nvram::resources::USER_WRITABLE;
 
 use crate::arch::frame::{from_user, TrapFrame};
 use crate::arch::{gdt, paging};
 use crate::dev::control;
-use crate::nvm::resources::ResError;
 use crate::println;
 use crate::proc::kernel::Kernel;
 use crate::res_op;
-
-/// Pages of a process's stack.
-const STACK_PAGES: u64 = 8;
-
-/// A user program: its entry and up to four arguments.
-#[derive(Debug, Clone, Copy)]
-pub struct Program {
-    pub name: &'static str,
-    pub entry: extern "C" fn(u64, u64, u64, u64) -> !,
-    pub args: [u64; 4],
-}
-
-/// Creates a process running `program` in a new virtual space.
-pub fn spawn(k: &mut Kernel, program: &Program) -> Result<u32, ResError> {
-    let mut name = [0u8; 16];
-    let len = program.name.len().min(15);
-    name[..len].copy_from_slice(&program.name.as_bytes()[..len]);
-    let placeholder = Process { state: 0, space: 0, name, wake_at: 0, regs: Regs::default() };
-    let pid = k.procs.insert(placeholder).ok_or(ResError::Exhausted)?;
-    let made = (|| {
-        let space = res_op!(space.create(&mut k.mem(), pid))?;
-        let stack = res_op!(user_space.create(&mut k.mem(), space, STACK_PAGES, USER_WRITABLE))?;
-        Ok((space, stack))
-    })();
-    let (space, stack) = match made {
-        Ok(made) => made,
-        Err(e) => {
-            k.procs.remove(pid);
-            return Err(e);
-        }
-    };
-    let stack_top = k.res.user_spaces.get(stack).map_or(0, |s| s.vaddr + s.pages * 4096);
-    let sel = gdt_selectors();
-    let [a, b, c, d] = program.args;
-    let regs = Regs {
-        rip: program.entry as usize as u64,
-        cs: u64::from(sel.0),
-        rflags: 0x202, // IF
-        // At a function's entry the stack is 8 bytes off 16-byte alignment (a pushed return).
-        rsp: stack_top - 8,
-        ss: u64::from(sel.1),
-        rdi: a,
-        rsi: b,
-        rdx: c,
-        rcx: d,
-        ..Regs::default()
-    };
-    if let Some(p) = k.procs.get_mut(pid) {
-        p.space = space;
-        p.regs = regs;
-        p.state = State::Runnable as u32;
-    }
-    println!("process {pid} ({}) started", program.name);
-    Ok(pid)
-}
-
-fn gdt_selectors() -> (u16, u16) {
-    let sel = gdt::selectors();
-    (sel.user_code.0, sel.user_data.0)
-}
 
 /// Ends process `pid` and frees everything it holds.
 pub fn kill(k: &mut Kernel, pid: u32) {

@@ -19,9 +19,9 @@ use nvram::control::{Heartbeat, Verified, NAME_LEN};
 use nvram::resources::USER_WRITABLE;
 
 use crate::arch::frame::TrapFrame;
-use crate::arch::{paging, timer};
+use crate::arch::timer;
 use crate::dev::control;
-use crate::nvm::resources;
+use crate::nvm::resources::{self, Place};
 use crate::plate::{self, WriteOutError, SAVED};
 use crate::print;
 use crate::println;
@@ -85,10 +85,9 @@ pub fn handle(frame: &mut TrapFrame) {
 /// long as the kernel's state is, so that no unmap can free them meanwhile.
 fn user_bytes(k: &Kernel, addr: u64, len: u64) -> Option<&[u8]> {
     let space = k.procs.get(k.current?)?.space;
-    let readable =
-        resources::user_space_at(k.res, space, addr, len).is_some() || paging::in_user_visible_image(addr, len);
+    let readable = resources::user_space_at(k.res, space, addr, len).is_some();
     // SAFETY: the range lies in a user space of the current process (mapped, since its
-    // space is loaded) or in the kernel's read-only image.
+    // space is loaded).
     readable.then(|| unsafe { core::slice::from_raw_parts(addr as *const u8, len as usize) })
 }
 
@@ -108,7 +107,9 @@ fn map(k: &mut Kernel, pages: u64) -> u64 {
         return err::INVALID;
     }
     let Some(space) = k.current.and_then(|c| k.procs.get(c)).map(|p| p.space) else { return err::INVALID };
-    let Ok(id) = res_op!(user_space.create(&mut k.mem(), space, pages, USER_WRITABLE)) else { return err::NO_MEMORY };
+    let Ok(id) = res_op!(user_space.create(&mut k.mem(), space, pages, USER_WRITABLE, Place::Next)) else {
+        return err::NO_MEMORY;
+    };
     // With the plate function, the region gets its plate (two save areas) at once: if the
     // frames for them are not there, this map is what fails, cleanly, and not every
     // write-out from now on.

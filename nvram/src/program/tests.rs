@@ -174,6 +174,9 @@ fn every_error_survives_the_wire() {
         ProgramError::WritableAndExecutable(0),
         ProgramError::TooLarge,
         ProgramError::BadEntry(0x1234),
+        ProgramError::NoMemory,
+        ProgramError::Misplaced(0xc000_0000),
+        ProgramError::ArgsTooLong,
     ];
     for e in all {
         assert_eq!(ProgramError::from_code(e.code(), e.detail()), Some(e));

@@ -54,6 +54,14 @@ pub struct WorkloadReply {
     pub heartbeats: u64,
 }
 
+/// A program the guest did not start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedReply {
+    pub program: String,
+    /// Why, in words.
+    pub reason: String,
+}
+
 /// The reply to `status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusReply {
@@ -68,6 +76,10 @@ pub struct StatusReply {
     pub rolled_back: u32,
     pub uptime_ms: u64,
     pub workloads: BTreeMap<String, WorkloadReply>,
+    /// The user programs the guest refused to start this boot, and why (the first
+    /// `devices::control::MAX_REFUSED`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<RefusedReply>,
     /// What became of the image file; none when the controller does not watch it.
     #[serde(default)]
     pub image: Option<ImageState>,
