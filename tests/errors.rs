@@ -212,6 +212,27 @@ fn a_foreign_image_is_refused_by_the_guest_and_reformat_recovers_it() {
 }
 
 #[test]
+fn an_image_of_another_nvm_abi_is_refused_with_its_version() {
+    let scratch = Scratch::new();
+    let image = path(&scratch.image());
+    let mut header = nvram::header::RootHeader::new(0);
+    header.nvm_abi = nvram::abi::NVM_ABI_VERSION + 1;
+    header.shutdown_flag = nvram::header::ShutdownFlag::Normal.into();
+    header.frames = 1024;
+    header.resources = nvram::layout::RESOURCES;
+    header.seal();
+    let mut bytes = vec![0u8; 32 << 20];
+    let at = nvram::layout::ROOT_HEADER as usize;
+    bytes[at..at + nvram::header::HEADER_SIZE].copy_from_slice(&header.to_bytes());
+    std::fs::write(&image, bytes).unwrap();
+    let out = run(vmm(&[]).args(boot_args(&scratch, "poweroff")), BOOT_LIMIT);
+    assert_eq!(out.code(), Some(5), "{out:?}");
+    let console = scratch.read_console();
+    let said = format!("NVM ABI version {}, this kernel keeps version {}", header.nvm_abi, nvram::abi::NVM_ABI_VERSION);
+    assert!(console.contains(&said), "{console}");
+}
+
+#[test]
 fn inspect_explains_every_kind_of_image() {
     let scratch = Scratch::new();
     let image = path(&scratch.image());

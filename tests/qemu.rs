@@ -4,7 +4,7 @@
 //! QEMU's q35 machine (SeaBIOS) reports less RAM than the image holds (firmware keeps the
 //! top pages), our VMM all of it; the image's layout must not depend on that difference.
 //! QEMU gets the image as its RAM (`memory-backend-file`, `share=on`) and boots the bundled
-//! kernel with `-kernel`, as the README's QEMU section shows. The tests skip, saying so,
+//! kernel with `-kernel` and a program with `-initrd`, as the README's QEMU section shows. The tests skip, saying so,
 //! only where `qemu-system-x86_64` is not installed (`.ci/run` installs it).
 
 mod common;
@@ -41,10 +41,19 @@ fn qemu_runs() -> bool {
 }
 
 /// QEMU on `image` as its RAM, booting the bundled kernel with `cmdline`, console to `log`.
-fn qemu(scratch: &Scratch, cmdline: &str, log: &Path) -> Child {
+/// QEMU booting the bundled kernel on the scratch image, with `program` (a bundled
+/// program's name) as its one boot module (`-initrd`: QEMU hands over one module, without
+/// a command line, so the program takes the kernel's command line as its arguments).
+fn qemu(scratch: &Scratch, cmdline: &str, log: &Path, program: Option<&str>) -> Child {
     let kernel = scratch.path("kernel.elf");
     if !kernel.exists() {
         std::fs::write(&kernel, vmm::kernel::BUNDLED_KERNEL).expect("write the kernel out");
+    }
+    let mut initrd = Vec::new();
+    if let Some(name) = program {
+        let path = scratch.path(&format!("{name}.elf"));
+        std::fs::write(&path, vmm::apps::embedded(name).expect("a bundled program").elf).expect("write it out");
+        initrd = vec!["-initrd".to_string(), path.display().to_string()];
     }
     let backend = format!("memory-backend-file,id=mem,size={MEM_MIB}M,mem-path={},share=on", scratch.image().display());
     Command::new(QEMU)
@@ -52,6 +61,7 @@ fn qemu(scratch: &Scratch, cmdline: &str, log: &Path) -> Child {
         .args(["-object", &backend, "-machine", "memory-backend=mem"])
         .args(["-kernel", &kernel.display().to_string()])
         .args(["-append", &vmm::vm::host_cmdline_quirks(cmdline)])
+        .args(&initrd)
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
         .args(["-display", "none", "-monitor", "none", "-serial", &format!("file:{}", log.display())])
         .stdin(Stdio::null())
@@ -125,7 +135,7 @@ fn an_image_crashed_under_our_vmm_restores_under_qemu() {
     let last = *committed.lock().unwrap();
 
     let log = scratch.path("qemu.log");
-    let status = wait(qemu(&scratch, "run_ms=2500", &log), QEMU_LIMIT, &log);
+    let status = wait(qemu(&scratch, "run_ms=2500", &log, None), QEMU_LIMIT, &log);
     let console = read(&log);
     // isa-debug-exit: status (code << 1) | 1, and a power-off is code 0.
     let stderr = read(&scratch.path("qemu.err"));
@@ -152,7 +162,7 @@ fn an_image_crashed_under_qemu_restores_under_our_vmm() {
     }
     let scratch = Scratch::new();
     let log = scratch.path("qemu.log");
-    let mut child = qemu(&scratch, "apps=kv,counter kv_verify_every=1 checkpoint_ms=50", &log);
+    let mut child = qemu(&scratch, "kv_verify_every=1 checkpoint_ms=50", &log, Some("kv"));
     // Under QEMU the image is the only witness: its root header counts the generations.
     let deadline = Instant::now() + QEMU_LIMIT;
     loop {
