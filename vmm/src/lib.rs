@@ -14,6 +14,7 @@
 //!    [`Machine::spawn`] for a thread of its own, driven through its [`Controller`]).
 
 pub mod api;
+pub mod apps;
 pub mod config;
 pub mod control_socket;
 pub mod error;
