@@ -140,3 +140,17 @@ mod tests {
         assert!(mutate(&|b| b[memsz..memsz + 8].copy_from_slice(&huge)).contains("more than"));
     }
 }
+
+#[cfg(test)]
+mod readme {
+    /// The README's "Your own program" shows the example program whole: the two must not drift.
+    #[test]
+    fn the_readme_shows_the_example_program_as_it_is() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+        let example = std::fs::read_to_string(format!("{root}/examples/src/main.rs")).unwrap();
+        // From the first attribute on: the file's doc comment is not in the README.
+        let code = &example[example.find("#![no_std]").unwrap()..];
+        assert!(readme.contains(code), "README.md's example differs from examples/src/main.rs");
+    }
+}
