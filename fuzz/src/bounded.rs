@@ -61,6 +61,11 @@ fn persist_barrier() {
 }
 
 #[test]
+fn program() {
+    run("program", crate::program);
+}
+
+#[test]
 fn virtio_blk() {
     run("virtio_blk", crate::virtio_blk);
 }
@@ -77,6 +82,7 @@ fn the_seeds_reach_the_devices_accepting_paths() {
             "persist_barrier" => crate::persist_barrier(&bytes) == 1,
             "virtio_blk" => crate::virtio_blk(&bytes),
             "image" => crate::image(&bytes),
+            "program" => crate::program(&bytes),
             _ => true,
         };
         assert!(reached, "{target}/{name} does not reach the accepting path");

@@ -82,6 +82,35 @@ pub fn image(data: &[u8]) -> bool {
     })
 }
 
+/// A user program's ELF file, as the kernel's loader checks it (`nvram::program::check`,
+/// the very function the guest runs): any bytes are refused or accepted, and what is
+/// accepted is what the loader may place without further thought: every segment inside the
+/// program window, on pages of its own, its file bytes inside the file, never writable and
+/// executable, all of them within the size cap, the entry in code. Returns whether the
+/// file was accepted (the seeds' check).
+pub fn program(data: &[u8]) -> bool {
+    use nvram::abi::{MAX_IMAGE_BYTES, PROGRAM_BASE, PROGRAM_END};
+    alloc_bound::within(|| {
+        let Ok(program) = nvram::program::check(data) else { return false };
+        let segments = program.segments();
+        assert!(!segments.is_empty() && segments.len() <= nvram::abi::MAX_SEGMENTS);
+        for (i, s) in segments.iter().enumerate() {
+            let end = s.vaddr + s.pages * 4096;
+            assert!(s.vaddr % 4096 == 0 && s.vaddr >= PROGRAM_BASE && end <= PROGRAM_END, "{s:?}");
+            assert!(s.start_in_page < 4096 && s.start_in_page + s.file_len <= s.pages * 4096, "{s:?}");
+            assert!((s.file_offset + s.file_len) as usize <= data.len(), "{s:?}");
+            assert!(!(s.writable && s.executable), "{s:?}");
+            for t in &segments[..i] {
+                assert!(end <= t.vaddr || t.vaddr + t.pages * 4096 <= s.vaddr, "{s:?} overlaps {t:?}");
+            }
+        }
+        assert!(program.memory_bytes() <= MAX_IMAGE_BYTES);
+        let entry = program.entry;
+        assert!(segments.iter().any(|s| s.executable && entry >= s.vaddr && entry < s.vaddr + s.pages * 4096));
+        true
+    })
+}
+
 /// Seeded random and mutated inputs for the bounded runs.
 pub fn inputs(corpus: &[Vec<u8>], count: usize, seed: u64) -> impl Iterator<Item = Vec<u8>> + '_ {
     use rand::rngs::SmallRng;

@@ -76,6 +76,9 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ("persist_barrier", "list", device_input(&[write_op(0, 0x1000)], &[(0x1000, &barrier_bytes)])),
         ("virtio_blk", "handshake", device_input(&virtio_handshake(), &[])),
         ("image", "sealed-header", image),
+        // The bundled programs: real files of the linker script users build with.
+        ("program", "counter", vmm::apps::embedded("counter").expect("bundled").elf.to_vec()),
+        ("program", "kv", vmm::apps::embedded("kv").expect("bundled").elf.to_vec()),
     ]
 }
 
