@@ -54,6 +54,7 @@ fn main() {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }
     println!("cargo:rerun-if-env-changed=VMM_GUEST_KERNEL");
+    println!("cargo:rerun-if-env-changed=VMM_GUEST_APPS");
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
@@ -69,10 +70,15 @@ fn main() {
         println!("cargo:rustc-env=GUEST_KERNEL_PATH={}", kernel.display());
     }
 
-    let target_dir = out_dir.join("apps-target");
-    nested_build(&cargo, &root.join("apps"), &target_dir, "the workloads' programs");
-    let apps = target_dir.join(TARGET).join("release");
-    println!("cargo:rustc-env=GUEST_APPS_DIR={}", apps.display());
+    // Likewise prebuilt programs: a directory holding one ELF file per name of APPS.
+    if let Some(prebuilt) = env::var_os("VMM_GUEST_APPS") {
+        println!("cargo:rustc-env=GUEST_APPS_DIR={}", PathBuf::from(prebuilt).display());
+    } else {
+        let target_dir = out_dir.join("apps-target");
+        nested_build(&cargo, &root.join("apps"), &target_dir, "the workloads' programs");
+        let apps = target_dir.join(TARGET).join("release");
+        println!("cargo:rustc-env=GUEST_APPS_DIR={}", apps.display());
+    }
 }
 
 /// Builds the guest workspace in `dir` (release, for the guest's target) into `target_dir`.
