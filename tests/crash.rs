@@ -190,8 +190,8 @@ fn six_hundred_regions_deleted_and_made_again_between_two_write_outs_restore_who
     assert_eq!(after.workloads["deleter"].last_check, Verified::Passed, "{after:?}");
 }
 
-/// As many regions as one process can map (1,020: the real-memory table is full), with its
-/// stack and address book 1,022 user spaces: with the kernel's own resources that is more
+/// As many regions as one process can map (1,018: the real-memory table is full), with its
+/// two segments, stack and address book 1,022 user spaces: with the kernel's own resources that is more
 /// plates than the plate table once held (1,024), and every write-out failed (leaking save
 /// areas) from then on. Both
 /// checkpoints must commit and the second come back whole.
@@ -199,14 +199,14 @@ fn six_hundred_regions_deleted_and_made_again_between_two_write_outs_restore_who
 fn a_process_holding_every_user_space_still_checkpoints_and_restores() {
     let scratch = Scratch::new();
     let mem = 64 << 20;
-    let first = config_mem(&scratch, "apps=deleter deleter=1020", mem);
+    let first = config_mem(&scratch, "apps=deleter deleter=1018", mem);
     run_then_crash(&first, Duration::from_secs(120), |s| s.workloads.get("deleter").is_some_and(|w| w.progress == 1));
-    assert!(scratch.read_console().contains("1020 regions deleted and made again"), "{}", scratch.read_console());
+    assert!(scratch.read_console().contains("1018 regions deleted and made again"), "{}", scratch.read_console());
     let after = run_then_crash(&config_mem(&scratch, "", mem), Duration::from_secs(60), |s| {
         s.workloads.get("deleter").is_some_and(|w| w.progress == 2)
     });
     assert_eq!(after.boot_kind, Some(BootKind::Restored));
-    assert!(scratch.read_console().contains("0 of 1020 regions differ"), "{}", scratch.read_console());
+    assert!(scratch.read_console().contains("0 of 1018 regions differ"), "{}", scratch.read_console());
 }
 
 /// A boot with `plate=off` forgets the commits of the boots before it: a later crash with

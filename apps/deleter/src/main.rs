@@ -30,8 +30,9 @@ const PAGES: u64 = 4;
 /// Pages of each large mapping that takes up the free frames after the deletion.
 const FILL_PAGES: u64 = 1024;
 /// Most regions of the bulk mode: the real-memory table holds 1,024 runs of frames, and the
-/// process table, this process's page-table pool, stack and address book take four.
-const MAX_REGIONS: u64 = 1020;
+/// process table, this process's page-table pool, its two segments (code, constants), its
+/// stack and its address book take six.
+const MAX_REGIONS: u64 = 1018;
 const WORDS_PER_PAGE: usize = 512;
 
 fn pattern(i: usize) -> u64 {
