@@ -209,3 +209,86 @@ fn an_image_outlives_a_kernel_build_with_an_unrelated_change() {
     assert_eq!(last.boot_kind, Some(nvram::control::BootKind::Restored), "{}", scratch.read_console());
     assert!(last.workloads.contains_key("counter"), "{last:?}");
 }
+
+/// The README's example program, built here as a user builds it (`cd examples && cargo
+/// build --release`), into a target directory of the tests.
+fn build_example() -> PathBuf {
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("examples-target");
+    let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&examples)
+        .args(["build", "--release", "--locked", "--target-dir"])
+        .arg(&target)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "building examples/ failed");
+    target.join("x86_64-unknown-none/release/tally")
+}
+
+/// The last `tally: N saved` on the console, and the `restored at` count after it.
+fn tally_counts(console: &str) -> (Option<u64>, Option<u64>) {
+    let number = |line: &str, prefix: &str, suffix: &str| {
+        line.strip_prefix(prefix).and_then(|r| r.strip_suffix(suffix)).and_then(|n| n.trim().parse().ok())
+    };
+    let saved = console.lines().rev().find_map(|l| number(l, "tally: ", " saved"));
+    let restored = console.lines().rev().find_map(|l| number(l, "tally: restored at ", ""));
+    (saved, restored)
+}
+
+#[test]
+fn a_program_built_by_the_user_comes_back_after_a_sigkill() {
+    let tally = build_example();
+    let scratch = Scratch::new();
+    let bad = scratch.path("broken.elf");
+    std::fs::write(&bad, &counter_elf()[..200]).unwrap();
+    let socket = scratch.path("vmm.sock");
+    let (image, console, sock) =
+        (scratch.image().display().to_string(), scratch.console().display().to_string(), socket.display().to_string());
+    let app = format!("{},2000000", tally.display());
+    let bad_app = bad.display().to_string();
+    let args = [
+        "boot",
+        "--nvram",
+        &image,
+        "--mem",
+        "64M",
+        "--console",
+        &console,
+        "--control",
+        &sock,
+        "--app",
+        &app,
+        "--app",
+        &bad_app,
+    ];
+    let quiet = || std::process::Stdio::null();
+    let mut first = vmm(&args).stdout(quiet()).stderr(quiet()).spawn().expect("boot");
+    common::wait_for_text(&scratch.console(), "tally: 6000000 saved", Duration::from_secs(30));
+    // The control socket names the refused program and why.
+    let status = vmm(&["ctl", "--socket", &sock, "status"]).output().expect("vmm ctl status");
+    let said = String::from_utf8_lossy(&status.stdout);
+    assert!(said.contains("program broken REFUSED: not an ELF file"), "{said}");
+    first.kill().expect("SIGKILL");
+    first.wait().unwrap();
+    let (saved, _) = tally_counts(&scratch.read_console());
+    let saved = saved.expect("a checkpoint was saved");
+
+    // No --app now: the program is in the image.
+    let args = ["boot", "--nvram", &image, "--console", &console, "--cmdline", "run_ms=1500"];
+    let second = common::run(&mut vmm(&args), Duration::from_secs(30));
+    assert_eq!(second.code(), Some(0), "{second:?}");
+    let console = scratch.read_console();
+    let after = console.split("previous run stopped abruptly").nth(1).expect("the second boot restored");
+    let (_, restored) = tally_counts(after);
+    // Back in its checkpoint call with its count: the last one saved (or a later one, if a
+    // write-out committed between the console line and the kill).
+    let restored = restored.unwrap_or_else(|| panic!("no `restored at` after the restore:\n{console}"));
+    assert!(restored >= saved && restored % 2_000_000 == 0, "saved {saved}, restored at {restored}:\n{console}");
+    let (next, _) = tally_counts(after);
+    assert!(next.is_some_and(|n| n > restored), "it goes on counting:\n{console}");
+}

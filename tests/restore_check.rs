@@ -102,10 +102,14 @@ fn a_bit_flipped_in_a_valid_save_area_is_not_restored() {
     crashed_image(&scratch);
     let mut image = std::fs::read(scratch.image()).unwrap();
     let (_, t) = newest(&image);
+    // The last user-space plate: `kv`'s table, written between the two commits, so that the
+    // older commit's copy of it is the other save area (its code's plate, never written, has
+    // one copy for both, and a flip there leaves no generation intact: a refusal).
     let (n, p) = t
         .plates()
         .iter()
         .enumerate()
+        .rev()
         .find(|(_, p)| p.kind == PlateKind::UserSpace as u32 && p.valid != 0)
         .expect("a user-space plate with a copy");
     image[(p.area[p.valid as usize - 1] + 123) as usize] ^= 0x10;

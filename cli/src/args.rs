@@ -288,6 +288,15 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     number.checked_mul(1 << shift).ok_or_else(|| format!("\"{text}\" is too large"))
 }
 
+/// `PATH[,ARGS]`: the program's file, and the argument string after the first comma.
+fn parse_app(value: &str) -> Result<vmm::ProgramFile, String> {
+    let (path, args) = value.split_once(',').unwrap_or((value, ""));
+    if path.is_empty() {
+        return Err("the program's file is missing before the comma".into());
+    }
+    Ok(vmm::ProgramFile { path: path.into(), args: args.into() })
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_size;
@@ -302,13 +311,4 @@ mod tests {
         assert!(parse_size("M").is_err());
         assert!(parse_size("99999999999999G").is_err());
     }
-}
-
-/// `PATH[,ARGS]`: the program's file, and the argument string after the first comma.
-fn parse_app(value: &str) -> Result<vmm::ProgramFile, String> {
-    let (path, args) = value.split_once(',').unwrap_or((value, ""));
-    if path.is_empty() {
-        return Err("the program's file is missing before the comma".into());
-    }
-    Ok(vmm::ProgramFile { path: path.into(), args: args.into() })
 }

@@ -4,9 +4,9 @@
 //! boot in NVM, reachable from the root header ([`nvm::root`]): Tender's memory-resource
 //! tables ([`nvm::resources`]), the frame allocator and the process table. Its own
 //! `.data`/`.bss` are scratch for one boot, since the loader writes the kernel image anew at
-//! every boot. Workloads ([`proc::user`]) run in ring 3, preempted by the timer
-//! ([`arch::timer`], [`proc::process`]), and report to the VMM through the machine-control
-//! device ([`dev::control`]).
+//! every boot. User programs, ELF files handed over as boot modules ([`proc::load`]), run
+//! in ring 3, preempted by the timer ([`arch::timer`], [`proc::process`]), and report to
+//! the VMM through the machine-control device ([`dev::control`]).
 //!
 //! The kernel is in layers, each using only those below it (`LAYERS.md`, checked by
 //! `scripts/check-layers.sh`): `arch`, `dev`, `nvm`, `plate`, `proc`, and this file, which

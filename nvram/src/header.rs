@@ -251,7 +251,8 @@ mod tests {
         header.seal();
         assert_eq!(header.validate(), Ok(ShutdownFlag::Abnormal));
         assert_eq!(RootHeader::from_bytes(&header.to_bytes()), header);
-        assert_eq!(&header.to_bytes()[16..24], &0x1234u64.to_le_bytes());
+        assert_eq!(&header.to_bytes()[16..20], &crate::abi::NVM_ABI_VERSION.to_le_bytes());
+        assert_eq!(&header.to_bytes()[20..24], &0x1234u32.to_le_bytes());
     }
 
     #[test]

@@ -86,20 +86,6 @@ const _: () = assert!(core::mem::size_of::<ModListEntry>() == 32);
 const _: () =
     assert!(MODULES_BASE >= crate::layout::MAX_RAM && MODULES_BASE + MODULES_MAX <= crate::mmio::VIRTIO_BLK_BASE);
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_module_command_line_is_a_name_and_arguments() {
-        assert_eq!(split_module_cmdline(Some("kv kv_seed=3 kv_pages=4"), "k"), ("kv", "kv_seed=3 kv_pages=4"));
-        assert_eq!(split_module_cmdline(Some("mine"), "k"), ("mine", ""));
-        assert_eq!(split_module_cmdline(Some(""), "apps=kv"), ("app", "apps=kv"));
-        assert_eq!(split_module_cmdline(None, "apps=kv"), ("app", "apps=kv"));
-        assert_eq!(split_module_cmdline(Some("  x  y"), ""), ("x", " y"));
-    }
-}
-
 impl MemoryRegion {
     pub const fn new(addr: u64, size: u64, kind: u32) -> Self {
         Self { addr, size, kind, reserved: 0 }
@@ -121,5 +107,19 @@ impl MemoryRegion {
             7 => "pmem",
             _ => "other",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_module_command_line_is_a_name_and_arguments() {
+        assert_eq!(split_module_cmdline(Some("kv kv_seed=3 kv_pages=4"), "k"), ("kv", "kv_seed=3 kv_pages=4"));
+        assert_eq!(split_module_cmdline(Some("mine"), "k"), ("mine", ""));
+        assert_eq!(split_module_cmdline(Some(""), "apps=kv"), ("app", "apps=kv"));
+        assert_eq!(split_module_cmdline(None, "apps=kv"), ("app", "apps=kv"));
+        assert_eq!(split_module_cmdline(Some("  x  y"), ""), ("x", " y"));
     }
 }

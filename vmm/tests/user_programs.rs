@@ -16,8 +16,6 @@ use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use goblin::elf::program_header::{PF_W, PF_X, PT_LOAD};
-use goblin::elf::Elf;
 use nvram::abi::{err, nr, NAME_LEN, RESTORED, SAVED, STACK_PAGES, USER_BASE};
 
 const PAGE: u64 = 4096;
@@ -30,30 +28,34 @@ const MAP_BASE: u64 = USER_BASE + (1 << 30);
 /// How long a program may take to print what a test waits for (a failure guard only).
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// A segment to load: its address, pages, bytes and protection.
+/// A segment to load: its first page, its length in whole pages, its bytes (from the
+/// segment's offset in its first page) and protection.
 struct Segment {
     vaddr: u64,
     memsz: u64,
+    start_in_page: u64,
     bytes: Vec<u8>,
     prot: i32,
 }
 
+/// The segments as the kernel's loader reads them: with its very check
+/// (`nvram::program::check`), which the ELF must pass first.
 fn segments(elf: &[u8]) -> (Vec<Segment>, u64) {
-    let parsed = Elf::parse(elf).expect("an ELF file");
-    let segments = parsed
-        .program_headers
+    let program = nvram::program::check(elf).expect("a program the kernel loads");
+    let segments = program
+        .segments()
         .iter()
-        .filter(|h| h.p_type == PT_LOAD)
-        .map(|h| Segment {
-            vaddr: h.p_vaddr,
-            memsz: h.p_memsz,
-            bytes: elf[h.p_offset as usize..(h.p_offset + h.p_filesz) as usize].to_vec(),
+        .map(|s| Segment {
+            vaddr: s.vaddr,
+            memsz: s.pages * PAGE,
+            start_in_page: s.start_in_page,
+            bytes: elf[s.file_offset as usize..(s.file_offset + s.file_len) as usize].to_vec(),
             prot: libc::PROT_READ
-                | if h.p_flags & PF_W != 0 { libc::PROT_WRITE } else { 0 }
-                | if h.p_flags & PF_X != 0 { libc::PROT_EXEC } else { 0 },
+                | if s.writable { libc::PROT_WRITE } else { 0 }
+                | if s.executable { libc::PROT_EXEC } else { 0 },
         })
         .collect();
-    (segments, parsed.entry)
+    (segments, program.entry)
 }
 
 /// The child's state: one thread, touched by its signal handlers only after the jump.
@@ -253,7 +255,7 @@ unsafe fn run_child(segments: &[Segment], entry: u64, args: &[u8], out: i32, alt
         for s in segments {
             let len = s.memsz.next_multiple_of(PAGE);
             fixed(s.vaddr, len, libc::PROT_READ | libc::PROT_WRITE);
-            std::ptr::copy_nonoverlapping(s.bytes.as_ptr(), s.vaddr as *mut u8, s.bytes.len());
+            std::ptr::copy_nonoverlapping(s.bytes.as_ptr(), (s.vaddr + s.start_in_page) as *mut u8, s.bytes.len());
             libc::mprotect(s.vaddr as *mut c_void, len as usize, s.prot);
         }
         // The kernel's memory the `fault` program writes to: present here, and out of reach.

@@ -288,8 +288,6 @@ pub fn run<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Runs `f` in kernel mode: directly when already there, else by a trap from the work.
-/// (A process, which runs kernel-linked code too, calls `f` itself: a port write then
-/// faults, and the process is killed, as before there was any work at CPL 3.)
 pub fn privileged<R>(f: impl FnOnce() -> R) -> R {
     if !in_user_mode() || !ACTIVE.load(Ordering::SeqCst) {
         return f();
