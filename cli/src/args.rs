@@ -66,18 +66,28 @@ pub struct ReportArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct TortureArgs {
+    #[command(subcommand)]
+    pub command: Option<TortureCommand>,
     /// The NVM image, started afresh: a new file, or an image of this format (one an
     /// earlier torture or boot made); anything else only with `--force`.
-    #[arg(long, value_name = "IMG")]
-    pub nvram: PathBuf,
+    #[arg(long, value_name = "IMG", required = true)]
+    pub nvram: Option<PathBuf>,
     /// Overwrite an `--nvram` that is not an image of this format, or is one of another
     /// size than `--mem`. Never an image another program holds.
     #[arg(long)]
     pub force: bool,
-    /// How many crashes.
+    /// How many crashes (of the whole campaign, when `--shard` runs a part of it).
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub crashes: u64,
+    /// Run only shard I of N (from 0) of the campaign: its crashes whose index is I
+    /// modulo N, each drawn as the whole campaign would draw it (needs `--seed`).
+    #[arg(long, value_name = "I/N", value_parser = crate::torture::shard::parse_shard, requires = "seed")]
+    pub shard: Option<crate::torture::shard::Shard>,
+    /// Print the summary as JSON (what `vmm torture merge` adds up).
+    #[arg(long)]
+    pub json: bool,
     /// Seed of the crash times and of the lines `--crash-evict` writes (default: from the
     /// clock); printed to reproduce a failure.
     #[arg(long, value_name = "S")]
@@ -97,6 +107,23 @@ pub struct TortureArgs {
     pub copier: Copier,
     #[command(flatten)]
     pub persistence: PersistenceArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TortureCommand {
+    /// Add up the `--json` summaries of a campaign's shards (all of them, each once) into
+    /// the campaign's summary.
+    Merge(MergeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The shards' summaries (`vmm torture --shard I/N --json`).
+    #[arg(required = true, value_name = "FILES")]
+    pub files: Vec<PathBuf>,
+    /// Print the merged summary as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Which stores survive a crash.

@@ -64,6 +64,8 @@ pub struct MachineStatus {
     pub restores: OperationStats,
     /// The generation of a write-out under way (started, not yet committed).
     pub writing_out: Option<u64>,
+    /// Where write-outs are among the persist barriers (when the device counts them).
+    pub barriers: WriteOutBarriers,
     /// Write-outs started, by cause (`nvram::control::Cause` as index).
     pub write_out_causes: [u64; nvram::control::CAUSES],
     /// When the guest's boot report arrived (this boot).
@@ -71,6 +73,16 @@ pub struct MachineStatus {
     /// The first process this boot entered, and when the VMM heard of it: after a restore,
     /// the end of "crash to running".
     pub running: Option<RunningEvent>,
+}
+
+/// The persist barriers of write-outs, from the domain's count: a crash inside a write-out
+/// falls after `count now - at_start` of its barriers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteOutBarriers {
+    /// The domain's count when the write-out under way (or the last one) started.
+    pub at_start: u64,
+    /// How many barriers the last committed write-out ran, start to report.
+    pub last: Option<u64>,
 }
 
 /// The guest's report that it entered its first process ([`nvram::control::Running`]).
@@ -216,12 +228,19 @@ pub struct MachineControl {
     tsc_khz: u32,
     status: StatusHandle,
     logs: LogLimits,
+    barriers: Option<crate::persistence::BarrierCounter>,
 }
 
 impl MachineControl {
     /// A device reading messages from `mem`, reporting `tsc_khz` as the guest's TSC rate.
     pub fn new(mem: GuestMemoryMmap<()>, tsc_khz: u32) -> Self {
-        Self { mem, tsc_khz, status: StatusHandle::default(), logs: LogLimits::default() }
+        Self { mem, tsc_khz, status: StatusHandle::default(), logs: LogLimits::default(), barriers: None }
+    }
+
+    /// Notes the persistence domain's barrier count as each write-out starts and ends.
+    pub fn with_barrier_counter(mut self, counter: crate::persistence::BarrierCounter) -> Self {
+        self.barriers = Some(counter);
+        self
     }
 
     pub fn status(&self) -> StatusHandle {
@@ -250,6 +269,7 @@ impl MachineControl {
         let status = &mut *guard;
         let logs = &mut self.logs;
         let now = Instant::now();
+        let barriers = self.barriers.as_ref().map(|c| c.load(std::sync::atomic::Ordering::Relaxed));
         status.accepted += 1;
         match message {
             Message::Booted { boot_kind, boot_count, generation } => {
@@ -275,10 +295,12 @@ impl MachineControl {
                 }
                 status.write_out_causes[cause as usize] += 1;
                 status.writing_out = Some(generation);
+                status.barriers.at_start = barriers.unwrap_or(0);
             }
             Message::Metrics(report) => {
                 if report.operation == Operation::WriteOut {
                     status.writing_out = None;
+                    status.barriers.last = barriers.map(|b| b.saturating_sub(status.barriers.at_start));
                 }
                 let to_duration = |ticks: u64| {
                     let khz = u64::from(self.tsc_khz.max(1));

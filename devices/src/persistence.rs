@@ -13,6 +13,7 @@
 //! With `sync`, every barrier also `msync`s what it made durable, so that it survives a crash
 //! of the host as well.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nvram::persist::FlushedRange;
@@ -84,7 +85,14 @@ pub struct PersistenceDomain {
     dirty: Option<(Arc<Mutex<DirtyTracker>>, DirtyView)>,
     evict: Option<CrashEvict>,
     stats: PersistStats,
+    /// The barriers run, shared with whoever places a crash among them (the machine-control
+    /// device notes it when a write-out starts and ends).
+    barriers: BarrierCounter,
 }
+
+/// A count of the persist barriers a domain has run, readable from other devices without
+/// the domain's lock.
+pub type BarrierCounter = Arc<AtomicU64>;
 
 impl PersistenceDomain {
     /// eADR: guest RAM is a shared mapping of the image.
@@ -98,6 +106,7 @@ impl PersistenceDomain {
             dirty: None,
             evict: None,
             stats: Default::default(),
+            barriers: BarrierCounter::default(),
         }
     }
 
@@ -119,7 +128,14 @@ impl PersistenceDomain {
             dirty: Some((tracker, view)),
             evict,
             stats: Default::default(),
+            barriers: BarrierCounter::default(),
         }
+    }
+
+    /// Counts the barriers into `counter` (from now on, added to what it holds).
+    pub fn with_barrier_counter(mut self, counter: BarrierCounter) -> Self {
+        self.barriers = counter;
+        self
     }
 
     pub fn model(&self) -> PersistenceModel {
@@ -148,6 +164,7 @@ impl PersistenceDomain {
             return Err(OutOfRam { index, range });
         }
         self.stats.barriers += 1;
+        self.barriers.fetch_add(1, Ordering::Relaxed);
         for r in ranges.iter().filter(|r| r.len > 0) {
             // Caches write back whole lines.
             let start = r.addr & !(LINE - 1);

@@ -114,7 +114,10 @@ impl Machine {
         pio.register(ports::EXIT, 4, Box::new(exit_device)).map_err(overlap)?;
         // The guest's TSC rate, so that it need not calibrate (an emulated loop under PVM).
         let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
-        let control = MachineControl::new(mem.clone(), tsc_khz);
+        // The domain's persist barriers, counted where the control device sees them: a crash
+        // is placed among the barriers of the write-out under way (torture's coverage).
+        let barriers = devices::persistence::BarrierCounter::default();
+        let control = MachineControl::new(mem.clone(), tsc_khz).with_barrier_counter(barriers.clone());
         let status = control.status();
         pio.register(nvram::control::BASE, nvram::control::LEN, Box::new(control)).map_err(overlap)?;
         let vm_fd = Arc::new(vm_fd);
@@ -139,16 +142,19 @@ impl Machine {
         if let Some(image) = &image {
             let _ = memory::prefault(image, mappings, config.prefault)?;
         }
-        let domain = Arc::new(Mutex::new(match image_view.clone() {
-            None => PersistenceDomain::eadr(mem.clone(), persistence.sync),
-            Some(image_view) => PersistenceDomain::adr(
-                mem.clone(),
-                image_view.clone(),
-                tracker.clone(),
-                persistence.crash_evict,
-                persistence.sync,
-            ),
-        }));
+        let domain = Arc::new(Mutex::new(
+            match image_view.clone() {
+                None => PersistenceDomain::eadr(mem.clone(), persistence.sync),
+                Some(image_view) => PersistenceDomain::adr(
+                    mem.clone(),
+                    image_view.clone(),
+                    tracker.clone(),
+                    persistence.crash_evict,
+                    persistence.sync,
+                ),
+            }
+            .with_barrier_counter(barriers),
+        ));
         let barrier = PersistBarrier::new(mem.clone(), domain.clone());
         pio.register(nvram::persist::BASE, nvram::persist::LEN, Box::new(barrier)).map_err(overlap)?;
         let mut mmio = MmioBus::new();
