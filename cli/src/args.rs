@@ -41,6 +41,9 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Crash the machine again and again, and check that nothing committed is ever lost.
     Torture(TortureArgs),
+    /// Every crash point of one write-out (ADR): crash images at each persist barrier,
+    /// each booted and checked.
+    Explore(ExploreArgs),
     /// Re-run the paper's evaluation here (within a minute) and print it beside the paper's,
     /// with the ratio of each figure to what the hardware allows; SVG charts into --out.
     Report(ReportArgs),
@@ -107,6 +110,44 @@ pub struct TortureArgs {
     pub copier: Copier,
     #[command(flatten)]
     pub persistence: PersistenceArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ExploreArgs {
+    /// The NVM image the workloads run on, started afresh (as for torture); the crash
+    /// images are built next to it (IMG.crash.img), failing ones kept (IMG.fail-N.img).
+    #[arg(long, value_name = "IMG")]
+    pub nvram: PathBuf,
+    /// Overwrite an `--nvram` that is not an image of this format, or of another size.
+    #[arg(long)]
+    pub force: bool,
+    /// RAM of the image (default: the size of the image given, 128M for a new one).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub mem: Option<u64>,
+    /// Which write-out to explore (from 1; at least 2, so that one is committed before).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub write_out: u64,
+    /// The guest's command line (default: kv and memtouch, a write-out every 50 ms).
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Build every subset of a crash point's pending extents when there are at most K;
+    /// otherwise none, all, each alone, all but each one, and `--sample` more.
+    #[arg(long, value_name = "K", default_value_t = 8)]
+    pub subsets_up_to: usize,
+    /// Random subsets per crash point beyond `--subsets-up-to`.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub sample: usize,
+    /// Seed of the sampled subsets.
+    #[arg(long, value_name = "S", default_value_t = 1)]
+    pub seed: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Testing: plant a bug in the recorded write-out, flush:K (barrier K's lines never
+    /// written back) or fence:K (written back only at the next barrier); refused unless
+    /// the VMM is built with the `test-knobs` feature.
+    #[arg(long, value_name = "KIND:K", hide = true)]
+    pub plant: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -171,6 +171,10 @@ impl MachineStatus {
     }
 }
 
+fn lock_domain(d: &Mutex<crate::PersistenceDomain>) -> MutexGuard<'_, crate::PersistenceDomain> {
+    d.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Shared view of the status.
 pub type StatusHandle = Arc<Mutex<MachineStatus>>;
 
@@ -229,12 +233,20 @@ pub struct MachineControl {
     status: StatusHandle,
     logs: LogLimits,
     barriers: Option<crate::persistence::BarrierCounter>,
+    /// Told when write-outs start and report, for the one it may record.
+    domain: Option<Arc<Mutex<crate::PersistenceDomain>>>,
 }
 
 impl MachineControl {
     /// A device reading messages from `mem`, reporting `tsc_khz` as the guest's TSC rate.
     pub fn new(mem: GuestMemoryMmap<()>, tsc_khz: u32) -> Self {
-        Self { mem, tsc_khz, status: StatusHandle::default(), logs: LogLimits::default(), barriers: None }
+        Self { mem, tsc_khz, status: StatusHandle::default(), logs: LogLimits::default(), barriers: None, domain: None }
+    }
+
+    /// Tells `domain` when write-outs start and report (so it can record one).
+    pub fn with_domain(mut self, domain: Arc<Mutex<crate::PersistenceDomain>>) -> Self {
+        self.domain = Some(domain);
+        self
     }
 
     /// Notes the persistence domain's barrier count as each write-out starts and ends.
@@ -265,6 +277,14 @@ impl MachineControl {
     }
 
     fn apply(&mut self, message: Message) {
+        // The domain first, its lock apart from the status's.
+        if let Some(domain) = &self.domain {
+            match &message {
+                Message::Started { generation, .. } => lock_domain(domain).write_out_started(*generation),
+                Message::Metrics(r) if r.operation == Operation::WriteOut => lock_domain(domain).write_out_reported(),
+                _ => {}
+            }
+        }
         let mut guard = lock(&self.status);
         let status = &mut *guard;
         let logs = &mut self.logs;

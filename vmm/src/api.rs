@@ -301,6 +301,13 @@ impl Controller {
         })
     }
 
+    /// The write-out recorded for `vmm explore` ([`crate::Machine::record_write_out`]),
+    /// once it has reported.
+    pub fn write_out_record(&self) -> Option<devices::record::WriteOutRecord> {
+        let domain = self.persistence.as_ref()?.lock().unwrap_or_else(|e| e.into_inner());
+        domain.write_out_record().cloned()
+    }
+
     /// Stops the vCPU dead: nothing of the guest runs after this returns.
     pub fn crash(&self) {
         self.vcpu.stop();

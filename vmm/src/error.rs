@@ -44,4 +44,6 @@ pub enum Error {
     MmioBus(#[source] devices::bus::OverlapError),
     #[error(transparent)]
     Disk(#[from] devices::virtio::DiskError),
+    #[error("{0} is a test knob, and this build has none (cargo feature `test-knobs`)")]
+    TestKnob(&'static str),
 }

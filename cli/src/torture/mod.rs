@@ -62,7 +62,7 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
     let shard = args.shard.unwrap_or(Shard::WHOLE);
     let console = nvram.with_extension("console.log");
     // Held to the end of the run, across every reboot (see `claim`).
-    let (_hold, mem) = claim(&args, &nvram)?;
+    let (_hold, mem) = claim(&nvram, args.mem, args.force)?;
     let mut config = VmConfig::new(&nvram);
     config.mem_size = Some(mem);
     config.cmdline = match args.copier {
@@ -210,23 +210,23 @@ fn reproduce(args: &TortureArgs, nvram: &Path, seed: u64, mem: u64) -> String {
 /// afresh only a file it may overwrite: a new or empty file, or one that holds a valid root
 /// header of this format (an image, as torture or `vmm boot` made it) of the `--mem` size.
 /// Any other file, or an image of another size, only with `--force`.
-fn claim(args: &TortureArgs, nvram: &Path) -> anyhow::Result<(vmm::image::ImageHold, u64)> {
+pub(crate) fn claim(nvram: &Path, mem: Option<u64>, force: bool) -> anyhow::Result<(vmm::image::ImageHold, u64)> {
     let path = nvram.display();
     let (hold, created) = vmm::image::ImageHold::lock(nvram)?;
     let file = hold.file();
     let len = file.metadata().with_context(|| format!("cannot read {path}"))?.len();
     let image = len > 0 && vmm::image::has_root_header(file).with_context(|| format!("cannot read {path}"))?;
-    let mem = args.mem.unwrap_or(if image { len } else { nvram::layout::DEFAULT_RAM });
+    let mem = mem.unwrap_or(if image { len } else { nvram::layout::DEFAULT_RAM });
     vmm::image::check_size("--mem", mem)?;
-    if len > 0 && !image && !args.force {
+    if len > 0 && !image && !force {
         bail!(
-            "{path} is not an image of this machine (no valid root header): torture would overwrite it; give --force to make it a new image of {} MiB",
+            "{path} is not an image of this machine (no valid root header): it would be overwritten; give --force to make it a new image of {} MiB",
             mem >> 20
         );
     }
-    if image && len != mem && !args.force {
+    if image && len != mem && !force {
         bail!(
-            "{path} is an image of {len} bytes but --mem asks for {mem}; drop --mem to torture it at its size, or give --force to make it a new image of {} MiB",
+            "{path} is an image of {len} bytes but --mem asks for {mem}; drop --mem to use it at its size, or give --force to make it a new image of {} MiB",
             mem >> 20
         );
     }
