@@ -134,6 +134,15 @@ pub struct ExploreArgs {
     /// otherwise none, all, each alone, all but each one, and `--sample` more.
     #[arg(long, value_name = "K", default_value_t = 8)]
     pub subsets_up_to: usize,
+    /// Only none and all of each point's pending extents (two images a point).
+    #[arg(long)]
+    pub quick: bool,
+    /// Explore only these crash points (0: before the first barrier; repeatable).
+    #[arg(long, value_name = "K")]
+    pub point: Vec<usize>,
+    /// Go on after a failure (by default the first one stops the exploration).
+    #[arg(long)]
+    pub keep_going: bool,
     /// Random subsets per crash point beyond `--subsets-up-to`.
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub sample: usize,
@@ -144,8 +153,9 @@ pub struct ExploreArgs {
     #[arg(long)]
     pub json: bool,
     /// Testing: plant a bug in the recorded write-out, flush:K (barrier K's lines never
-    /// written back) or fence:K (written back only at the next barrier); refused unless
-    /// the VMM is built with the `test-knobs` feature.
+    /// written back), fence:K (written back only at the next barrier), flush:commit (the
+    /// commit never written back) or fence:commit (nothing durable before the commit's
+    /// barrier); refused unless the VMM is built with the `test-knobs` feature.
     #[arg(long, value_name = "KIND:K", hide = true)]
     pub plant: Option<String>,
 }

@@ -24,7 +24,11 @@ fn main() -> ExitCode {
     }
     // Torture boots hundreds of machines under a progress bar: their logs only if asked.
     let level = match &cli.command {
-        args::Command::Torture(_) | args::Command::Explore(_) | args::Command::Report(_) if !cli.verbose && !cli.quiet => "warn",
+        args::Command::Torture(_) | args::Command::Explore(_) | args::Command::Report(_)
+            if !cli.verbose && !cli.quiet =>
+        {
+            "warn"
+        }
         _ => cli.log_level(),
     };
     tracing_subscriber::fmt()

@@ -30,6 +30,17 @@ pub enum Plant {
     /// The barrier's lines become durable only at the next barrier (the fence that should
     /// have ordered them before the stores that follow was left out).
     DropFence { barrier: usize },
+    /// The commit's lines are never written back (the barrier that writes a commit slot).
+    DropCommitFlush,
+    /// Nothing before the commit becomes durable until the commit's barrier: the fence
+    /// that orders the save areas' copies before the commit was left out.
+    DropCommitFence,
+}
+
+/// Whether a barrier writes a commit slot (`nvram::layout::PLATE_SLOTS`): the commit.
+pub fn is_commit(ranges: &[FlushedRange]) -> bool {
+    let slot = std::mem::size_of::<nvram::plate::PlateTable>() as u64;
+    ranges.iter().any(|r| r.len > 0 && nvram::layout::PLATE_SLOTS.iter().any(|&s| (s..s + slot).contains(&r.addr)))
 }
 
 /// One persist barrier of the recorded write-out.
@@ -65,11 +76,13 @@ pub(crate) struct Recorder {
     pub(crate) plant: Option<Plant>,
     /// Ranges of a barrier whose fence was left out, written back at the next one.
     pub(crate) deferred: Vec<FlushedRange>,
+    /// A barrier of the recorded write-out has written a commit slot.
+    pub(crate) committed: bool,
 }
 
 impl Recorder {
     pub(crate) fn new(nth: u64, plant: Option<Plant>) -> Self {
-        Self { nth, started: 0, view: None, record: None, plant, deferred: Vec::new() }
+        Self { nth, started: 0, view: None, record: None, plant, deferred: Vec::new(), committed: false }
     }
 
     /// Whether barriers now belong to the recorded write-out.
@@ -84,9 +97,18 @@ impl Recorder {
 
     /// Of the ranges of barrier `index`, those written back now (the rest the plant keeps).
     pub(crate) fn applied(&mut self, index: usize, ranges: &[FlushedRange]) -> Vec<FlushedRange> {
+        let commit = is_commit(ranges);
+        // Before the commit, an unfenced commit holds everything back.
+        let hold = self.plant == Some(Plant::DropCommitFence) && !self.committed && !commit;
+        self.committed |= commit;
+        if hold {
+            self.deferred.extend_from_slice(ranges);
+            return Vec::new();
+        }
         let mut now = std::mem::take(&mut self.deferred);
         match self.plant {
             Some(Plant::DropFlush { barrier }) if barrier == index => {}
+            Some(Plant::DropCommitFlush) if commit => {}
             Some(Plant::DropFence { barrier }) if barrier == index => self.deferred = ranges.to_vec(),
             _ => now.extend_from_slice(ranges),
         }
@@ -124,7 +146,27 @@ mod tests {
         let mut fence = Recorder::new(1, Some(Plant::DropFence { barrier: 0 }));
         assert!(fence.applied(0, &[r(0)]).is_empty());
         assert_eq!(fence.applied(1, &[r(64)]), [r(0), r(64)], "held to the next barrier");
+        let slot = FlushedRange { addr: nvram::layout::PLATE_SLOTS[1], len: 64 };
+        assert!(is_commit(&[r(0), slot]) && !is_commit(&[r(0)]));
+        let mut unfenced = Recorder::new(1, Some(Plant::DropCommitFence));
+        assert!(unfenced.applied(0, &[r(0)]).is_empty());
+        assert!(unfenced.applied(1, &[r(64)]).is_empty());
+        assert_eq!(unfenced.applied(2, &[slot]), [r(0), r(64), slot], "all at the commit");
+        assert_eq!(unfenced.applied(3, &[r(128)]), [r(128)]);
+        let mut unflushed = Recorder::new(1, Some(Plant::DropCommitFlush));
+        assert!(unflushed.applied(0, &[slot]).is_empty());
+        assert_eq!(unflushed.applied(1, &[r(0)]), [r(0)]);
         assert_eq!(lines_of(&[FlushedRange { addr: 60, len: 10 }, r(64)], 4096), [0, 64]);
+        let slot = FlushedRange { addr: nvram::layout::PLATE_SLOTS[1], len: 64 };
+        assert!(is_commit(&[r(0), slot]) && !is_commit(&[r(0)]));
+        let mut unfenced = Recorder::new(1, Some(Plant::DropCommitFence));
+        assert!(unfenced.applied(0, &[r(0)]).is_empty());
+        assert!(unfenced.applied(1, &[r(64)]).is_empty());
+        assert_eq!(unfenced.applied(2, &[slot]), [r(0), r(64), slot], "all at the commit");
+        assert_eq!(unfenced.applied(3, &[r(128)]), [r(128)]);
+        let mut unflushed = Recorder::new(1, Some(Plant::DropCommitFlush));
+        assert!(unflushed.applied(0, &[slot]).is_empty());
+        assert_eq!(unflushed.applied(1, &[r(0)]), [r(0)]);
         assert_eq!(lines_of(&[FlushedRange { addr: 4000, len: 500 }], 4096), [3968, 4032], "clamped to RAM");
     }
 }

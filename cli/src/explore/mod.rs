@@ -19,6 +19,7 @@ use serde::Serialize;
 use vmm::{ConsoleOutput, Machine, VmConfig};
 
 use crate::args::ExploreArgs;
+use crate::inspect::Check;
 use images::Subset;
 
 /// The default workloads: a verifying `kv`, and `memtouch` to give write-outs pages to copy.
@@ -45,6 +46,8 @@ struct Report {
     write_out: u64,
     generation: u64,
     barriers: usize,
+    /// The barrier that writes the commit slot.
+    commit_barrier: Option<usize>,
     crash_points: usize,
     /// Per crash point: its pending extents and the images built.
     points: Vec<PointReport>,
@@ -53,6 +56,10 @@ struct Report {
     failures: u64,
     record_s: f64,
     explore_s: f64,
+    /// Where the time went: building images, `inspect --check`, booting and checking.
+    build_s: f64,
+    inspect_s: f64,
+    boot_s: f64,
     failed: Vec<Failure>,
 }
 
@@ -71,7 +78,10 @@ const KEEP: usize = 3;
 pub fn run(args: ExploreArgs) -> anyhow::Result<ExitCode> {
     let plant = args.plant.as_deref().map(parse_plant).transpose().map_err(crate::args::UsageError)?;
     if args.write_out < 2 {
-        return Err(crate::args::UsageError("--write-out must be 2 or more: the first write-out has nothing committed before it to fall back on".into()).into());
+        return Err(crate::args::UsageError(
+            "--write-out must be 2 or more: the first write-out has nothing committed before it to fall back on".into(),
+        )
+        .into());
     }
     let cmdline = args.cmdline.clone().unwrap_or_else(|| CMDLINE.into());
     let started = Instant::now();
@@ -90,16 +100,21 @@ pub fn run(args: ExploreArgs) -> anyhow::Result<ExitCode> {
     let points = images::points(&record);
     let plan: Vec<(usize, Subset)> = points
         .iter()
+        .filter(|p| args.point.is_empty() || args.point.contains(&p.index))
         .flat_map(|p| {
-            images::subsets(p.extents.len(), args.subsets_up_to, args.sample, args.seed ^ p.index as u64)
-                .into_iter()
-                .map(move |s| (p.index, s))
+            let subsets = match args.quick {
+                true if p.extents.is_empty() => vec![Subset::None],
+                true => vec![Subset::None, Subset::All],
+                false => images::subsets(p.extents.len(), args.subsets_up_to, args.sample, args.seed ^ p.index as u64),
+            };
+            subsets.into_iter().map(move |s| (p.index, s))
         })
         .collect();
     let mut report = Report {
         write_out: args.write_out,
         generation: record.generation,
         barriers: record.barriers.len(),
+        commit_barrier: commit_barrier(&record),
         crash_points: points.len(),
         points: points
             .iter()
@@ -116,6 +131,7 @@ pub fn run(args: ExploreArgs) -> anyhow::Result<ExitCode> {
     };
 
     let base = hold.file();
+    let mut memory = images::InMemory::read(base).context("cannot read the recorded image")?;
     let work_path = args.nvram.with_extension("crash.img");
     let work = images::create(&work_path).with_context(|| format!("cannot create {}", work_path.display()))?;
     let mut check = config.clone();
@@ -137,14 +153,24 @@ pub fn run(args: ExploreArgs) -> anyhow::Result<ExitCode> {
     );
     for (index, subset) in &plan {
         let point = &points[*index];
+        let t = Instant::now();
+        let inspected = memory.check(images::patch(point, subset));
+        report.inspect_s += t.elapsed().as_secs_f64();
+        let t = Instant::now();
         images::clone_base(base, &work).with_context(|| format!("cannot build {}", work_path.display()))?;
         images::write_image(&work, point, subset).with_context(|| format!("cannot write {}", work_path.display()))?;
+        report.build_s += t.elapsed().as_secs_f64();
         report.images += 1;
-        let verdict = oracle.check(&check, point.index, &mut report.boots);
+        let verdict = oracle.check(&check, point.index, inspected, &mut report);
         if let Err(why) = verdict {
             let n = report.failed.len();
             let kept = (n < KEEP).then(|| args.nvram.with_extension(format!("fail-{n}.img")));
-            let kept = kept.filter(|k| std::fs::copy(&work_path, k).is_ok());
+            // Built again: the boot changed the work image.
+            let kept = kept.filter(|k| {
+                images::create(k)
+                    .and_then(|f| images::clone_base(base, &f).and_then(|()| images::write_image(&f, point, subset)))
+                    .is_ok()
+            });
             report.failed.push(Failure {
                 point: point.index,
                 subset: subset.to_string(),
@@ -153,6 +179,9 @@ pub fn run(args: ExploreArgs) -> anyhow::Result<ExitCode> {
                 image: kept.map(|k| k.display().to_string()),
             });
             report.failures += 1;
+            if !args.keep_going {
+                break;
+            }
         }
         bar.inc(1);
         bar.set_message(format!("{} failures", report.failures));
@@ -169,8 +198,15 @@ pub fn run(args: ExploreArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn parse_plant(text: &str) -> Result<Plant, String> {
-    let bad = || format!("\"{text}\" is not a planted bug: give flush:K or fence:K (K a barrier, from 0)");
+    let bad = || {
+        format!("\"{text}\" is not a planted bug: give flush:K, fence:K (K a barrier, from 0), flush:commit or fence:commit")
+    };
     let (kind, k) = text.split_once(':').ok_or_else(bad)?;
+    match (kind, k) {
+        ("flush", "commit") => return Ok(Plant::DropCommitFlush),
+        ("fence", "commit") => return Ok(Plant::DropCommitFence),
+        _ => {}
+    }
     let barrier: usize = k.parse().map_err(|_| bad())?;
     match kind {
         "flush" => Ok(Plant::DropFlush { barrier }),
@@ -201,9 +237,7 @@ fn record(config: &VmConfig, nth: u64, plant: Option<Plant>) -> anyhow::Result<W
 /// The barrier that writes the commit (the first to write back a line of a commit slot):
 /// from the point after it, the new generation is committed.
 fn commit_barrier(record: &WriteOutRecord) -> Option<usize> {
-    let slot = std::mem::size_of::<nvram::plate::PlateTable>() as u64;
-    let in_slot = |a: u64| nvram::layout::PLATE_SLOTS.iter().any(|&s| (s..s + slot).contains(&a));
-    record.barriers.iter().position(|b| b.announced.iter().any(|r| r.len > 0 && in_slot(r.addr)))
+    record.barriers.iter().position(|b| devices::record::is_commit(&b.announced))
 }
 
 /// What a crash image must do when booted.
@@ -216,15 +250,22 @@ struct Oracle {
 impl Oracle {
     /// `inspect --check`, then a boot that restores the right generation and whose
     /// workloads verify.
-    fn check(&self, config: &VmConfig, point: usize, boots: &mut u64) -> anyhow::Result<()> {
-        let check = crate::inspect::check_file(&config.image)?;
+    fn check(&self, config: &VmConfig, point: usize, check: Check, report: &mut Report) -> anyhow::Result<()> {
         if let Some(v) = check.violations.first() {
             bail!("inspect --check finds {} violation(s), the first: {v}", check.violations.len());
         }
         if let Some(why) = check.unchecked {
             bail!("inspect --check could not check the image: {why}");
         }
-        *boots += 1;
+        report.boots += 1;
+        let t = Instant::now();
+        let result = self.boot(config, point);
+        report.boot_s += t.elapsed().as_secs_f64();
+        result
+    }
+
+    /// The boot of a crash image, and its checks.
+    fn boot(&self, config: &VmConfig, point: usize) -> anyhow::Result<()> {
         let vm = Machine::build(config)?.spawn()?;
         let status = vm.wait_for(Duration::from_secs(60), "boot report", |s| s.boot_kind.is_some())?;
         if status.boot_kind != Some(BootKind::Restored) {
@@ -233,12 +274,18 @@ impl Oracle {
         let restore = status.of(Operation::Restore).last().context("the restore reported no metrics")?;
         let got = restore.report.generation;
         if restore.report.rolled_back != 0 {
-            bail!("the restore rolled back {} generation(s) (to {got}): a commit was damaged", restore.report.rolled_back);
+            bail!(
+                "the restore rolled back {} generation(s) (to {got}): a commit was damaged",
+                restore.report.rolled_back
+            );
         }
         let committed = self.commit.is_some_and(|c| point > c);
         let (old, new) = (self.generation - 1, self.generation);
         if committed && got != new {
-            bail!("restored generation {got}, but the commit of {new} had been made durable (barrier {:?})", self.commit);
+            bail!(
+                "restored generation {got}, but the commit of {new} had been made durable (barrier {:?})",
+                self.commit
+            );
         }
         if got != old && got != new {
             bail!("restored generation {got}: neither {old} nor {new}");
@@ -258,16 +305,21 @@ impl Oracle {
 }
 
 fn reproduce(image: &Path, mem: u64, cmdline: &str) -> String {
-    format!(
-        "vmm inspect --check {0} && vmm boot --nvram {0} --mem {mem} --cmdline '{cmdline}'",
-        image.display()
-    )
+    format!("vmm inspect --check {0} && vmm boot --nvram {0} --mem {mem} --cmdline '{cmdline}'", image.display())
 }
 
 fn print(r: &Report) {
     println!(
-        "write-out {} (generation {}): {} persist barriers, {} crash points, all explored",
-        r.write_out, r.generation, r.barriers, r.crash_points
+        "write-out {} (generation {}): {} persist barriers, {} crash points, {} explored",
+        r.write_out,
+        r.generation,
+        r.barriers,
+        r.crash_points,
+        if r.points.iter().all(|p| p.images > 0) {
+            "all".to_string()
+        } else {
+            format!("{}", r.points.iter().filter(|p| p.images > 0).count())
+        }
     );
     println!("| crash point | lines undone | pending extents (lines) | images |");
     println!("|---|---|---|---|");
@@ -284,7 +336,7 @@ fn print(r: &Report) {
     println!("| crash points | images | boots | failures | time |");
     println!("|---|---|---|---|---|");
     println!(
-        "| {} | {} | {} | {} | {:.1} s (recording {:.1} s) |",
-        r.crash_points, r.images, r.boots, r.failures, r.explore_s, r.record_s
+        "| {} | {} | {} | {} | {:.1} s (recording {:.1} s, images {:.1} s, inspect {:.1} s, boots {:.1} s) |",
+        r.crash_points, r.images, r.boots, r.failures, r.explore_s, r.record_s, r.build_s, r.inspect_s, r.boot_s
     );
 }
