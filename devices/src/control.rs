@@ -10,6 +10,7 @@
 //! ([`stats`]), at most [`MAX_WORKLOADS`] workloads, and a budget of log lines per kind of
 //! message ([`limit`]).
 
+pub mod barriers;
 pub mod stats;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -17,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::LogLimit;
+pub use barriers::WriteOutBarriers;
 pub use stats::{DurationSummary, OperationStats};
 
 use nvram::control::{
@@ -73,16 +75,6 @@ pub struct MachineStatus {
     /// The first process this boot entered, and when the VMM heard of it: after a restore,
     /// the end of "crash to running".
     pub running: Option<RunningEvent>,
-}
-
-/// The persist barriers of write-outs, from the domain's count: a crash inside a write-out
-/// falls after `count now - at_start` of its barriers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct WriteOutBarriers {
-    /// The domain's count when the write-out under way (or the last one) started.
-    pub at_start: u64,
-    /// How many barriers the last committed write-out ran, start to report.
-    pub last: Option<u64>,
 }
 
 /// The guest's report that it entered its first process ([`nvram::control::Running`]).
@@ -169,10 +161,6 @@ impl MachineStatus {
     pub fn bytes_copied(&self) -> u64 {
         self.write_outs.copied_bytes.saturating_add(self.restores.copied_bytes)
     }
-}
-
-fn lock_domain(d: &Mutex<crate::PersistenceDomain>) -> MutexGuard<'_, crate::PersistenceDomain> {
-    d.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Shared view of the status.
@@ -280,8 +268,10 @@ impl MachineControl {
         // The domain first, its lock apart from the status's.
         if let Some(domain) = &self.domain {
             match &message {
-                Message::Started { generation, .. } => lock_domain(domain).write_out_started(*generation),
-                Message::Metrics(r) if r.operation == Operation::WriteOut => lock_domain(domain).write_out_reported(),
+                Message::Started { generation, .. } => barriers::lock_domain(domain).write_out_started(*generation),
+                Message::Metrics(r) if r.operation == Operation::WriteOut => {
+                    barriers::lock_domain(domain).write_out_reported()
+                }
                 _ => {}
             }
         }
