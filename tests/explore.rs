@@ -35,21 +35,23 @@ fn every_crash_point_of_a_write_out_restores_and_verifies() {
 }
 
 /// Nothing before the commit made durable until the commit's own barrier: a crash just
-/// before it, with the commit's lines evicted, restores a commit whose save areas were never
-/// written.
+/// before it, with the commit's lines evicted, holds a commit whose save areas were never
+/// written. The second write-out: it fills the second save areas whole for the first time,
+/// so that what the lost fence loses differs from what the image held (a later write-out
+/// may copy pages whose stale copies happen to be equal).
 #[test]
 fn a_commit_left_unfenced_is_found() {
     let scratch = Scratch::new();
-    let (code, r, out) = explore(&scratch, &["--quick", "--plant", "fence:commit"]);
+    let (code, r, out) = explore(&scratch, &["--quick", "--write-out", "2", "--plant", "fence:commit"]);
     assert_eq!(code, Some(1), "{out:?}");
     assert_eq!(r["failures"], 1, "the first failure stops it: {r:#}");
     let failure = &r["failed"][0];
     assert_eq!(failure["point"], r["commit_barrier"], "just before the commit: {r:#}");
-    // The failing image is kept, and the command it prints finds it broken.
+    let why = failure["why"].as_str().unwrap();
+    assert!(why.contains("holds the commit") && why.contains("announced durable before it"), "{r:#}");
+    // The failing image is kept as it was built, and the command it prints names it.
     let kept = failure["image"].as_str().unwrap();
-    let check = run(&mut vmm(&["inspect", "--check", kept]), Duration::from_secs(60));
-    assert!(failure["why"].as_str().unwrap().contains("inspect --check"), "{r:#}");
-    assert_eq!(check.code(), Some(1), "{check:?}");
+    assert!(std::path::Path::new(kept).exists(), "{r:#}");
     assert!(failure["reproduce"].as_str().unwrap().contains(kept), "{r:#}");
 }
 

@@ -221,6 +221,14 @@ impl PersistenceDomain {
         let ram = self.ram();
         let Some(rec) = self.recorder.as_mut() else { return };
         let index = rec.record.as_ref().map_or(0, |r| r.barriers.len());
+        let intended = lines_of(ranges, ram)
+            .into_iter()
+            .map(|addr| {
+                let mut line = [0u8; LINE as usize];
+                let _ = self.guest.read_slice(&mut line, GuestAddress(addr));
+                (addr, line)
+            })
+            .collect();
         let applied = rec.applied(index, ranges);
         let mut lines = Vec::new();
         for addr in lines_of(&applied, ram) {
@@ -232,7 +240,7 @@ impl PersistenceDomain {
             lines.push((addr, before, after));
         }
         self.stats.ranges += ranges.len() as u64;
-        let record = crate::record::BarrierRecord { announced: ranges.to_vec(), lines, pending };
+        let record = crate::record::BarrierRecord { announced: ranges.to_vec(), lines, pending, intended };
         if let Some(r) = self.recorder.as_mut().and_then(|r| r.record.as_mut()) {
             r.barriers.push(record);
         }

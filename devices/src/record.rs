@@ -52,6 +52,9 @@ pub struct BarrierRecord {
     pub lines: Vec<(u64, [u8; LINE as usize], [u8; LINE as usize])>,
     /// Lines stored since the write-out started and not durable, just before the barrier.
     pub pending: Vec<Line>,
+    /// Every line of `announced` as the guest held it then: what the barrier was to make
+    /// durable (whatever a planted bug did with it).
+    pub intended: Vec<Line>,
 }
 
 /// The recorded write-out.

@@ -150,12 +150,17 @@ pub fn write_image(work: &File, point: &Point, subset: &Subset) -> io::Result<()
 /// The lines an image changes from the base: the point's durable state, then the subset's
 /// pending lines over it.
 pub fn patch<'a>(point: &'a Point, subset: &'a Subset) -> impl Iterator<Item = (u64, &'a [u8; LINE as usize])> {
+    point.durable.iter().map(|(a, l)| (*a, l)).chain(kept(point, subset).map(|(a, l)| (*a, l)))
+}
+
+/// The pending lines `subset` keeps.
+pub fn kept<'a>(point: &'a Point, subset: &'a Subset) -> impl Iterator<Item = &'a Line> {
     let kept: Vec<&Vec<Line>> = match subset {
         Subset::None => Vec::new(),
         Subset::All => point.extents.iter().collect(),
         Subset::Some(v) => v.iter().filter_map(|&i| point.extents.get(i)).collect(),
     };
-    point.durable.iter().map(|(a, l)| (*a, l)).chain(kept.into_iter().flatten().map(|(a, l)| (*a, l)))
+    kept.into_iter().flatten()
 }
 
 /// The base image in memory, 8-byte aligned, for `inspect --check` of each crash image
@@ -173,8 +178,12 @@ impl InMemory {
         Ok(Self { words, len })
     }
 
-    /// `inspect --check` of the base with `lines` written over it.
-    pub fn check<'a>(&mut self, lines: impl Iterator<Item = (u64, &'a [u8; LINE as usize])>) -> crate::inspect::Check {
+    /// `inspect --check` of the base with `lines` written over it, and `also` of its bytes.
+    pub fn check<'a, T>(
+        &mut self,
+        lines: impl Iterator<Item = (u64, &'a [u8; LINE as usize])>,
+        also: impl FnOnce(&[u8]) -> T,
+    ) -> (crate::inspect::Check, T) {
         let len = self.len;
         let bytes = &mut zerocopy::IntoBytes::as_mut_bytes(&mut self.words[..])[..len];
         let mut saved = Vec::new();
@@ -188,16 +197,46 @@ impl InMemory {
             }
         }
         let check = crate::inspect::check_words(&self.words, len);
+        let other = also(&zerocopy::IntoBytes::as_bytes(&self.words[..])[..len]);
         let bytes = &mut zerocopy::IntoBytes::as_mut_bytes(&mut self.words[..])[..len];
         // Put back in reverse: a line patched twice ends as the base had it.
         for (at, old) in saved.into_iter().rev() {
             bytes[at..at + LINE as usize].copy_from_slice(&old);
         }
-        check
+        (check, other)
     }
 }
 
-/// Whether `path` can be opened for writing (the work image is made next to the base).
+/// What the guest announced durable before the commit (barriers before `commit`), each
+/// line as it was to be: a crash image that holds the commit must hold these too.
+pub fn before_commit(record: &WriteOutRecord, commit: usize) -> BTreeMap<u64, [u8; LINE as usize]> {
+    record.barriers[..commit.min(record.barriers.len())].iter().flat_map(|b| b.intended.iter().copied()).collect()
+}
+
+/// Of `before`, the lines an image (`bytes`) lacks: those not rewritten later (by barriers
+/// from `commit` to the point, or by a pending line the image kept) whose contents differ.
+pub fn missing(
+    bytes: &[u8],
+    before: &BTreeMap<u64, [u8; LINE as usize]>,
+    record: &WriteOutRecord,
+    commit: usize,
+    point: &Point,
+    subset: &Subset,
+) -> Vec<u64> {
+    let later: std::collections::BTreeSet<u64> = record.barriers[commit.min(point.index)..point.index]
+        .iter()
+        .flat_map(|b| b.intended.iter().map(|l| l.0))
+        .chain(kept(point, subset).map(|l| l.0))
+        .collect();
+    before
+        .iter()
+        .filter(|(addr, _)| !later.contains(addr))
+        .filter(|(addr, line)| bytes.get(**addr as usize..**addr as usize + LINE as usize) != Some(&line[..]))
+        .map(|(addr, _)| *addr)
+        .collect()
+}
+
+/// Opens `path` for reading and writing, created if missing (the work image, kept ones).
 pub fn create(path: &Path) -> io::Result<File> {
     std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)
 }
@@ -215,6 +254,7 @@ mod tests {
     fn points_undo_the_later_barriers_and_cut_pending_lines_into_extents() {
         let barrier = |lines: Vec<(u64, u8, u8)>, pending: Vec<Line>| BarrierRecord {
             announced: vec![],
+            intended: lines.iter().map(|&(a, _, c)| (a, [c; 64])).collect(),
             lines: lines.into_iter().map(|(a, b, c)| (a, [b; 64], [c; 64])).collect(),
             pending,
         };

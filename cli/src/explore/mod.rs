@@ -141,6 +141,7 @@ pub fn run(args: ExploreArgs) -> anyhow::Result<ExitCode> {
     // The images are checked under eADR: the restore's stores need no write-back there.
     check.persistence.model = PersistenceModel::Eadr;
     let commit = commit_barrier(&record);
+    let before_commit = commit.map(|c| images::before_commit(&record, c)).unwrap_or_default();
     let oracle = Oracle { generation: record.generation, commit, verified: verified(&cmdline) };
 
     let bar = ProgressBar::new(plan.len() as u64);
@@ -154,14 +155,29 @@ pub fn run(args: ExploreArgs) -> anyhow::Result<ExitCode> {
     for (index, subset) in &plan {
         let point = &points[*index];
         let t = Instant::now();
-        let inspected = memory.check(images::patch(point, subset));
+        let commit_kept = images::kept(point, subset)
+            .any(|&(addr, _)| devices::record::is_commit(&[nvram::persist::FlushedRange { addr, len: 64 }]));
+        let holds_commit = commit.is_some_and(|c| point.index > c) || commit_kept;
+        let (inspected, missing) = memory.check(images::patch(point, subset), |bytes| match commit {
+            Some(c) if holds_commit => images::missing(bytes, &before_commit, &record, c, point, subset),
+            _ => Vec::new(),
+        });
         report.inspect_s += t.elapsed().as_secs_f64();
         let t = Instant::now();
         images::clone_base(base, &work).with_context(|| format!("cannot build {}", work_path.display()))?;
         images::write_image(&work, point, subset).with_context(|| format!("cannot write {}", work_path.display()))?;
         report.build_s += t.elapsed().as_secs_f64();
         report.images += 1;
-        let verdict = oracle.check(&check, point.index, inspected, &mut report);
+        let verdict = match missing.first() {
+            // The protocol's own rule, whatever the checksums can see: no commit without
+            // everything announced before it.
+            Some(first) => Err(anyhow::anyhow!(
+                "the image holds the commit of generation {} but {} line(s) announced durable before it are not in it (the first at {first:#x})",
+                record.generation,
+                missing.len()
+            )),
+            None => oracle.check(&check, point.index, commit_kept, inspected, &mut report),
+        };
         if let Err(why) = verdict {
             let n = report.failed.len();
             let kept = (n < KEEP).then(|| args.nvram.with_extension(format!("fail-{n}.img")));
@@ -250,7 +266,16 @@ struct Oracle {
 impl Oracle {
     /// `inspect --check`, then a boot that restores the right generation and whose
     /// workloads verify.
-    fn check(&self, config: &VmConfig, point: usize, check: Check, report: &mut Report) -> anyhow::Result<()> {
+    /// `commit_kept`: the image holds lines of a commit slot that the point's durable state
+    /// lacks (pending ones it kept), so that the new generation may be whole.
+    fn check(
+        &self,
+        config: &VmConfig,
+        point: usize,
+        commit_kept: bool,
+        check: Check,
+        report: &mut Report,
+    ) -> anyhow::Result<()> {
         if let Some(v) = check.violations.first() {
             bail!("inspect --check finds {} violation(s), the first: {v}", check.violations.len());
         }
@@ -259,13 +284,13 @@ impl Oracle {
         }
         report.boots += 1;
         let t = Instant::now();
-        let result = self.boot(config, point);
+        let result = self.boot(config, point, commit_kept);
         report.boot_s += t.elapsed().as_secs_f64();
         result
     }
 
     /// The boot of a crash image, and its checks.
-    fn boot(&self, config: &VmConfig, point: usize) -> anyhow::Result<()> {
+    fn boot(&self, config: &VmConfig, point: usize, commit_kept: bool) -> anyhow::Result<()> {
         let vm = Machine::build(config)?.spawn()?;
         let status = vm.wait_for(Duration::from_secs(60), "boot report", |s| s.boot_kind.is_some())?;
         if status.boot_kind != Some(BootKind::Restored) {
@@ -285,6 +310,11 @@ impl Oracle {
             bail!(
                 "restored generation {got}, but the commit of {new} had been made durable (barrier {:?})",
                 self.commit
+            );
+        }
+        if !committed && !commit_kept && got != old {
+            bail!(
+                "restored generation {got}, but the commit of {new} is not in the image: {old} was the last committed"
             );
         }
         if got != old && got != new {

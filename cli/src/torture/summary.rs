@@ -203,7 +203,10 @@ fn differences(a: &Campaign, b: &Campaign) -> Vec<String> {
     else {
         return vec!["campaign".into()];
     };
-    a.iter().filter(|(k, v)| b.get(*k) != Some(v)).map(|(k, v)| format!("{k} {v} against {}", b[k])).collect()
+    a.iter()
+        .filter(|(k, v)| b.get(*k) != Some(v))
+        .map(|(k, v)| format!("{k} {v} against {}", b.get(k).unwrap_or(&serde_json::Value::Null)))
+        .collect()
 }
 
 /// Adds up the summaries of all the shards of one campaign, each exactly once.
