@@ -41,6 +41,9 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Crash the machine again and again, and check that nothing committed is ever lost.
     Torture(TortureArgs),
+    /// Every crash point of one write-out (ADR): crash images at each persist barrier,
+    /// each booted and checked.
+    Explore(ExploreArgs),
     /// Re-run the paper's evaluation here (within a minute) and print it beside the paper's,
     /// with the ratio of each figure to what the hardware allows; SVG charts into --out.
     Report(ReportArgs),
@@ -66,18 +69,28 @@ pub struct ReportArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct TortureArgs {
+    #[command(subcommand)]
+    pub command: Option<TortureCommand>,
     /// The NVM image, started afresh: a new file, or an image of this format (one an
     /// earlier torture or boot made); anything else only with `--force`.
-    #[arg(long, value_name = "IMG")]
-    pub nvram: PathBuf,
+    #[arg(long, value_name = "IMG", required = true)]
+    pub nvram: Option<PathBuf>,
     /// Overwrite an `--nvram` that is not an image of this format, or is one of another
     /// size than `--mem`. Never an image another program holds.
     #[arg(long)]
     pub force: bool,
-    /// How many crashes.
+    /// How many crashes (of the whole campaign, when `--shard` runs a part of it).
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub crashes: u64,
+    /// Run only shard I of N (from 0) of the campaign: its crashes whose index is I
+    /// modulo N, each drawn as the whole campaign would draw it (needs `--seed`).
+    #[arg(long, value_name = "I/N", value_parser = crate::torture::shard::parse_shard, requires = "seed")]
+    pub shard: Option<crate::torture::shard::Shard>,
+    /// Print the summary as JSON (what `vmm torture merge` adds up).
+    #[arg(long)]
+    pub json: bool,
     /// Seed of the crash times and of the lines `--crash-evict` writes (default: from the
     /// clock); printed to reproduce a failure.
     #[arg(long, value_name = "S")]
@@ -97,6 +110,71 @@ pub struct TortureArgs {
     pub copier: Copier,
     #[command(flatten)]
     pub persistence: PersistenceArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ExploreArgs {
+    /// The NVM image the workloads run on, started afresh (as for torture); the crash
+    /// images are built next to it (IMG.crash.img), failing ones kept (IMG.fail-N.img).
+    #[arg(long, value_name = "IMG")]
+    pub nvram: PathBuf,
+    /// Overwrite an `--nvram` that is not an image of this format, or of another size.
+    #[arg(long)]
+    pub force: bool,
+    /// RAM of the image (default: the size of the image given, 128M for a new one).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub mem: Option<u64>,
+    /// Which write-out to explore (from 1; at least 2, so that one is committed before).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub write_out: u64,
+    /// The guest's command line (default: kv and memtouch, a write-out every 50 ms).
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Build every subset of a crash point's pending extents when there are at most K;
+    /// otherwise none, all, each alone, all but each one, and `--sample` more.
+    #[arg(long, value_name = "K", default_value_t = 8)]
+    pub subsets_up_to: usize,
+    /// Only none and all of each point's pending extents (two images a point).
+    #[arg(long)]
+    pub quick: bool,
+    /// Explore only these crash points (0: before the first barrier; repeatable).
+    #[arg(long, value_name = "K")]
+    pub point: Vec<usize>,
+    /// Go on after a failure (by default the first one stops the exploration).
+    #[arg(long)]
+    pub keep_going: bool,
+    /// Random subsets per crash point beyond `--subsets-up-to`.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub sample: usize,
+    /// Seed of the sampled subsets.
+    #[arg(long, value_name = "S", default_value_t = 1)]
+    pub seed: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Testing: plant a bug in the recorded write-out, flush:K (barrier K's lines never
+    /// written back), fence:K (written back only at the next barrier), flush:commit (the
+    /// commit never written back) or fence:commit (nothing durable before the commit's
+    /// barrier); refused unless the VMM is built with the `test-knobs` feature.
+    #[arg(long, value_name = "KIND:K", hide = true)]
+    pub plant: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TortureCommand {
+    /// Add up the `--json` summaries of a campaign's shards (all of them, each once) into
+    /// the campaign's summary.
+    Merge(MergeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The shards' summaries (`vmm torture --shard I/N --json`).
+    #[arg(required = true, value_name = "FILES")]
+    pub files: Vec<PathBuf>,
+    /// Print the merged summary as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Which stores survive a crash.

@@ -102,15 +102,22 @@ pub fn check(path: &Path, report: &Report) -> anyhow::Result<Check> {
 
 /// [`check`] on a file known to be an image: what `vmm torture` runs after each crash.
 pub fn check_file(path: &Path) -> anyhow::Result<Check> {
-    let mut violations = Vec::new();
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut words = vec![0u64; bytes.len().div_ceil(8)];
     zerocopy::IntoBytes::as_mut_bytes(&mut words[..])[..bytes.len()].copy_from_slice(&bytes);
-    let image = &zerocopy::IntoBytes::as_bytes(&words[..])[..bytes.len()];
+    Ok(check_words(&words, bytes.len()))
+}
+
+/// The check of an image held in memory (`len` bytes of `words`, 8-byte aligned as the
+/// records need): `vmm explore` checks each crash image without reading it from a file.
+pub fn check_words(words: &[u64], len: usize) -> Check {
+    let mut violations = Vec::new();
+    let image = &zerocopy::IntoBytes::as_bytes(words)[..len];
+    let bytes = image;
     let mut scratch = vec![0u64; (bytes.len() as u64 / nvram::layout::PAGE_SIZE).div_ceil(64) as usize + 1];
     let unchecked =
         nvram::fsck::check_image(image, &mut scratch, |v| violations.push(v.to_string())).err().map(|e| e.to_string());
-    Ok(Check { violations, unchecked })
+    Check { violations, unchecked }
 }
 
 fn print_check(c: &Check) {

@@ -4,6 +4,7 @@
 mod args;
 mod boot;
 mod ctl;
+mod explore;
 mod inspect;
 mod report;
 mod torture;
@@ -23,7 +24,11 @@ fn main() -> ExitCode {
     }
     // Torture boots hundreds of machines under a progress bar: their logs only if asked.
     let level = match &cli.command {
-        args::Command::Torture(_) | args::Command::Report(_) if !cli.verbose && !cli.quiet => "warn",
+        args::Command::Torture(_) | args::Command::Explore(_) | args::Command::Report(_)
+            if !cli.verbose && !cli.quiet =>
+        {
+            "warn"
+        }
         _ => cli.log_level(),
     };
     tracing_subscriber::fmt()
@@ -37,6 +42,7 @@ fn main() -> ExitCode {
         args::Command::Ctl(ctl) => ctl::run(ctl),
         args::Command::Inspect(inspect) => inspect::run(inspect),
         args::Command::Torture(torture) => torture::run(torture),
+        args::Command::Explore(explore) => explore::run(explore),
         args::Command::Report(report) => report::run(report),
     };
     match result {

@@ -10,6 +10,7 @@
 //! ([`stats`]), at most [`MAX_WORKLOADS`] workloads, and a budget of log lines per kind of
 //! message ([`limit`]).
 
+pub mod barriers;
 pub mod stats;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -17,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::LogLimit;
+pub use barriers::WriteOutBarriers;
 pub use stats::{DurationSummary, OperationStats};
 
 use nvram::control::{
@@ -64,6 +66,8 @@ pub struct MachineStatus {
     pub restores: OperationStats,
     /// The generation of a write-out under way (started, not yet committed).
     pub writing_out: Option<u64>,
+    /// Where write-outs are among the persist barriers (when the device counts them).
+    pub barriers: WriteOutBarriers,
     /// Write-outs started, by cause (`nvram::control::Cause` as index).
     pub write_out_causes: [u64; nvram::control::CAUSES],
     /// When the guest's boot report arrived (this boot).
@@ -233,12 +237,27 @@ pub struct MachineControl {
     tsc_khz: u32,
     status: StatusHandle,
     logs: LogLimits,
+    barriers: Option<crate::persistence::BarrierCounter>,
+    /// Told when write-outs start and report, for the one it may record.
+    domain: Option<Arc<Mutex<crate::PersistenceDomain>>>,
 }
 
 impl MachineControl {
     /// A device reading messages from `mem`, reporting `tsc_khz` as the guest's TSC rate.
     pub fn new(mem: GuestMemoryMmap<()>, tsc_khz: u32) -> Self {
-        Self { mem, tsc_khz, status: StatusHandle::default(), logs: LogLimits::default() }
+        Self { mem, tsc_khz, status: StatusHandle::default(), logs: LogLimits::default(), barriers: None, domain: None }
+    }
+
+    /// Tells `domain` when write-outs start and report (so it can record one).
+    pub fn with_domain(mut self, domain: Arc<Mutex<crate::PersistenceDomain>>) -> Self {
+        self.domain = Some(domain);
+        self
+    }
+
+    /// Notes the persistence domain's barrier count as each write-out starts and ends.
+    pub fn with_barrier_counter(mut self, counter: crate::persistence::BarrierCounter) -> Self {
+        self.barriers = Some(counter);
+        self
     }
 
     pub fn status(&self) -> StatusHandle {
@@ -263,10 +282,21 @@ impl MachineControl {
     }
 
     fn apply(&mut self, message: Message) {
+        // The domain first, its lock apart from the status's.
+        if let Some(domain) = &self.domain {
+            match &message {
+                Message::Started { generation, .. } => barriers::lock_domain(domain).write_out_started(*generation),
+                Message::Metrics(r) if r.operation == Operation::WriteOut => {
+                    barriers::lock_domain(domain).write_out_reported()
+                }
+                _ => {}
+            }
+        }
         let mut guard = lock(&self.status);
         let status = &mut *guard;
         let logs = &mut self.logs;
         let now = Instant::now();
+        let barriers = self.barriers.as_ref().map(|c| c.load(std::sync::atomic::Ordering::Relaxed));
         status.accepted += 1;
         match message {
             Message::Booted { boot_kind, boot_count, generation } => {
@@ -301,10 +331,12 @@ impl MachineControl {
                 }
                 status.write_out_causes[cause as usize] += 1;
                 status.writing_out = Some(generation);
+                status.barriers.at_start = barriers.unwrap_or(0);
             }
             Message::Metrics(report) => {
                 if report.operation == Operation::WriteOut {
                     status.writing_out = None;
+                    status.barriers.last = barriers.map(|b| b.saturating_sub(status.barriers.at_start));
                 }
                 let to_duration = |ticks: u64| {
                     let khz = u64::from(self.tsc_khz.max(1));

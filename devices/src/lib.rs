@@ -13,6 +13,7 @@ pub mod exit;
 pub mod log_limit;
 pub mod persistence;
 pub mod quantile;
+pub mod record;
 pub mod requests;
 pub mod serial;
 pub mod virtio;

@@ -13,6 +13,7 @@
 //! With `sync`, every barrier also `msync`s what it made durable, so that it survives a crash
 //! of the host as well.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nvram::persist::FlushedRange;
@@ -22,6 +23,7 @@ use tracing::warn;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::dirty::{pages, DirtyTracker, DirtyView};
+use crate::record::{lines_of, Line, Plant, Recorder, WriteOutRecord};
 
 const LINE: u64 = 64;
 const PAGE: u64 = 4096;
@@ -84,7 +86,16 @@ pub struct PersistenceDomain {
     dirty: Option<(Arc<Mutex<DirtyTracker>>, DirtyView)>,
     evict: Option<CrashEvict>,
     stats: PersistStats,
+    /// The barriers run, shared with whoever places a crash among them (the machine-control
+    /// device notes it when a write-out starts and ends).
+    barriers: BarrierCounter,
+    /// The write-out `vmm explore` records, if any (ADR).
+    recorder: Option<Recorder>,
 }
+
+/// A count of the persist barriers a domain has run, readable from other devices without
+/// the domain's lock.
+pub type BarrierCounter = Arc<AtomicU64>;
 
 impl PersistenceDomain {
     /// eADR: guest RAM is a shared mapping of the image.
@@ -98,6 +109,8 @@ impl PersistenceDomain {
             dirty: None,
             evict: None,
             stats: Default::default(),
+            barriers: BarrierCounter::default(),
+            recorder: None,
         }
     }
 
@@ -119,6 +132,117 @@ impl PersistenceDomain {
             dirty: Some((tracker, view)),
             evict,
             stats: Default::default(),
+            barriers: BarrierCounter::default(),
+            recorder: None,
+        }
+    }
+
+    /// Counts the barriers into `counter` (from now on, added to what it holds).
+    pub fn with_barrier_counter(mut self, counter: BarrierCounter) -> Self {
+        self.barriers = counter;
+        self
+    }
+
+    /// Records the `nth` write-out to start (from 1) barrier by barrier, then makes nothing
+    /// durable any more ([`crate::record`]); `plant` is a test's planted bug. ADR only:
+    /// under eADR every store is durable at once, there is nothing to record.
+    pub fn record_write_out(&mut self, nth: u64, plant: Option<Plant>) {
+        if self.model == PersistenceModel::Adr {
+            self.recorder = Some(Recorder::new(nth, plant));
+        }
+    }
+
+    /// The guest announced the start of a write-out (the machine-control device says so).
+    pub fn write_out_started(&mut self, generation: u64) {
+        let Some(rec) = self.recorder.as_mut() else { return };
+        rec.started += 1;
+        if rec.started != rec.nth || rec.record.is_some() {
+            return;
+        }
+        // A view of its own, emptied now: the pages written from the start on.
+        if let Some((tracker, _)) = &self.dirty {
+            let mut tracker = lock(tracker);
+            let view = tracker.view();
+            let _ = tracker.take(view);
+            rec.view = Some(view);
+        }
+        rec.record = Some(WriteOutRecord { generation, ..WriteOutRecord::default() });
+    }
+
+    /// The guest reported a write-out committed: the recorded one ends.
+    pub fn write_out_reported(&mut self) {
+        if !self.recorder.as_ref().is_some_and(Recorder::recording) {
+            return;
+        }
+        let pending = self.pending_lines();
+        if let Some(record) = self.recorder.as_mut().and_then(|r| r.record.as_mut()) {
+            record.pending_at_end = pending;
+            record.done = true;
+        }
+    }
+
+    /// The recorded write-out, once it has reported.
+    pub fn write_out_record(&self) -> Option<&WriteOutRecord> {
+        self.recorder.as_ref()?.record.as_ref().filter(|r| r.done)
+    }
+
+    fn frozen(&self) -> bool {
+        self.recorder.as_ref().is_some_and(Recorder::frozen)
+    }
+
+    /// Lines written since the recorded write-out started whose durable copy differs.
+    fn pending_lines(&mut self) -> Vec<Line> {
+        let view = self.recorder.as_ref().and_then(|r| r.view);
+        let candidates = match (&self.dirty, view) {
+            (Some((tracker, _)), Some(view)) => lock(tracker).peek(view).map(|b| pages(b).collect::<Vec<_>>()),
+            _ => None,
+        };
+        let candidates = candidates.unwrap_or_else(|| (0..self.ram() / PAGE).collect());
+        let mut lines = Vec::new();
+        let (mut ours, mut image) = (vec![0u8; PAGE as usize], vec![0u8; PAGE as usize]);
+        for page in candidates {
+            let at = GuestAddress(page * PAGE);
+            if self.guest.read_slice(&mut ours, at).is_err() || self.durable.read_slice(&mut image, at).is_err() {
+                continue;
+            }
+            for (i, (a, b)) in ours.chunks(LINE as usize).zip(image.chunks(LINE as usize)).enumerate() {
+                if a != b {
+                    lines.push((page * PAGE + i as u64 * LINE, a.try_into().unwrap_or([0; LINE as usize])));
+                }
+            }
+        }
+        lines
+    }
+
+    /// A barrier of the recorded write-out: what was pending, what it writes back (as the
+    /// plant allows), each line's durable contents before and after.
+    fn write_back_recorded(&mut self, ranges: &[FlushedRange]) {
+        let pending = self.pending_lines();
+        let ram = self.ram();
+        let Some(rec) = self.recorder.as_mut() else { return };
+        let index = rec.record.as_ref().map_or(0, |r| r.barriers.len());
+        let intended = lines_of(ranges, ram)
+            .into_iter()
+            .map(|addr| {
+                let mut line = [0u8; LINE as usize];
+                let _ = self.guest.read_slice(&mut line, GuestAddress(addr));
+                (addr, line)
+            })
+            .collect();
+        let applied = rec.applied(index, ranges);
+        let mut lines = Vec::new();
+        for addr in lines_of(&applied, ram) {
+            let mut before = [0u8; LINE as usize];
+            let _ = self.durable.read_slice(&mut before, GuestAddress(addr));
+            self.persist(addr, LINE);
+            let mut after = [0u8; LINE as usize];
+            let _ = self.durable.read_slice(&mut after, GuestAddress(addr));
+            lines.push((addr, before, after));
+        }
+        self.stats.ranges += ranges.len() as u64;
+        let record = crate::record::BarrierRecord { announced: ranges.to_vec(), lines, pending, intended };
+        if let Some(r) = self.recorder.as_mut().and_then(|r| r.record.as_mut()) {
+            r.barriers.push(record);
         }
     }
 
@@ -148,6 +272,14 @@ impl PersistenceDomain {
             return Err(OutOfRam { index, range });
         }
         self.stats.barriers += 1;
+        self.barriers.fetch_add(1, Ordering::Relaxed);
+        if self.frozen() {
+            return Ok(());
+        }
+        if self.recorder.as_ref().is_some_and(Recorder::recording) {
+            self.write_back_recorded(ranges);
+            return Ok(());
+        }
         for r in ranges.iter().filter(|r| r.len > 0) {
             // Caches write back whole lines.
             let start = r.addr & !(LINE - 1);
@@ -203,6 +335,9 @@ impl PersistenceDomain {
     /// time (the whole of RAM if the host keeps no dirty log).
     pub fn write_back_all(&mut self) {
         self.stats.write_back_alls += 1;
+        if self.frozen() {
+            return;
+        }
         if let Some((tracker, view)) = &self.dirty {
             let taken = lock(tracker).take(*view);
             match taken {
@@ -227,7 +362,9 @@ impl PersistenceDomain {
     /// The power fails: what is not durable is lost, but for the lines evicted by chance.
     /// Returns what was lost and evicted (nothing under eADR).
     pub fn power_fail(&mut self) -> PowerFailure {
-        let Some((tracker, view)) = &self.dirty else { return PowerFailure::default() };
+        let Some((tracker, view)) = &self.dirty.as_ref().filter(|_| !self.frozen()) else {
+            return PowerFailure::default();
+        };
         let candidates = lock(tracker).peek(*view).map(|bitmap| pages(bitmap).collect::<Vec<_>>());
         let candidates = candidates.unwrap_or_else(|| (0..self.ram() / PAGE).collect());
         // A line is dirty and unflushed when the guest's copy differs from the image's.

@@ -282,6 +282,32 @@ impl Controller {
         lock(&self.status).boot_kind.is_some()
     }
 
+    /// Where the machine is in the write-out under way, among its persist barriers: `None`
+    /// when no write-out is under way. Read after [`Controller::crash`], it places the crash.
+    pub fn write_out_point(&self) -> Option<WriteOutPoint> {
+        let (announced, now) = match &self.persistence {
+            Some(domain) => {
+                let domain = domain.lock().unwrap_or_else(|e| e.into_inner());
+                (domain.wants_barriers(), domain.stats().barriers)
+            }
+            None => (false, 0),
+        };
+        let status = lock(&self.status);
+        let generation = status.writing_out?;
+        Some(WriteOutPoint {
+            generation,
+            barriers_passed: announced.then(|| now.saturating_sub(status.barriers.at_start)),
+            last_write_out_barriers: status.barriers.last.filter(|_| announced),
+        })
+    }
+
+    /// The write-out recorded for `vmm explore` ([`crate::Machine::record_write_out`]),
+    /// once it has reported.
+    pub fn write_out_record(&self) -> Option<devices::record::WriteOutRecord> {
+        let domain = self.persistence.as_ref()?.lock().unwrap_or_else(|e| e.into_inner());
+        domain.write_out_record().cloned()
+    }
+
     /// Stops the vCPU dead: nothing of the guest runs after this returns.
     pub fn crash(&self) {
         self.vcpu.stop();
@@ -418,6 +444,18 @@ impl Controller {
             engine,
         }
     }
+}
+
+/// A moment inside a write-out, placed among its persist barriers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteOutPoint {
+    /// The generation the write-out is to commit.
+    pub generation: u64,
+    /// The barriers of this write-out already run; `None` when the guest does not announce
+    /// its barriers (eADR without sync: its stores need none).
+    pub barriers_passed: Option<u64>,
+    /// How many barriers the last committed write-out ran, start to report.
+    pub last_write_out_barriers: Option<u64>,
 }
 
 #[cfg(test)]

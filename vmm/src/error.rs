@@ -59,4 +59,6 @@ pub enum Error {
     ProgramsForWarmImage { path: PathBuf, how: &'static str },
     #[error("the command line asks for the program `{name}`, which this VMM does not bundle")]
     NoSuchApp { name: &'static str },
+    #[error("{0} is a test knob, and this build has none (cargo feature `test-knobs`)")]
+    TestKnob(&'static str),
 }

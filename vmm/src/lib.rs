@@ -38,7 +38,7 @@ pub mod vm;
 #[cfg(feature = "harness")]
 pub mod harness;
 
-pub use api::Controller;
+pub use api::{Controller, WriteOutPoint};
 pub use config::{ConfigError, ConsoleOutput, DiskConfig, KernelSource, MemoryKind, Prefault, ProgramFile, VmConfig};
 pub use error::Error;
 pub use machine::{Machine, RunOutcome};

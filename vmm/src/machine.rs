@@ -118,9 +118,9 @@ impl Machine {
         pio.register(ports::EXIT, 4, Box::new(exit_device)).map_err(overlap)?;
         // The guest's TSC rate, so that it need not calibrate (an emulated loop under PVM).
         let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
-        let control = MachineControl::new(mem.clone(), tsc_khz);
-        let status = control.status();
-        pio.register(nvram::control::BASE, nvram::control::LEN, Box::new(control)).map_err(overlap)?;
+        // The domain's persist barriers, counted where the control device sees them: a crash
+        // is placed among the barriers of the write-out under way (torture's coverage).
+        let barriers = devices::persistence::BarrierCounter::default();
         let vm_fd = Arc::new(vm_fd);
         let log_vm = vm_fd.clone();
         let ram = ram_size as usize;
@@ -143,16 +143,24 @@ impl Machine {
         if let Some(image) = &image {
             let _ = memory::prefault(image, mappings, config.prefault)?;
         }
-        let domain = Arc::new(Mutex::new(match image_view.clone() {
-            None => PersistenceDomain::eadr(mem.clone(), persistence.sync),
-            Some(image_view) => PersistenceDomain::adr(
-                mem.clone(),
-                image_view.clone(),
-                tracker.clone(),
-                persistence.crash_evict,
-                persistence.sync,
-            ),
-        }));
+        let domain = Arc::new(Mutex::new(
+            match image_view.clone() {
+                None => PersistenceDomain::eadr(mem.clone(), persistence.sync),
+                Some(image_view) => PersistenceDomain::adr(
+                    mem.clone(),
+                    image_view.clone(),
+                    tracker.clone(),
+                    persistence.crash_evict,
+                    persistence.sync,
+                ),
+            }
+            .with_barrier_counter(barriers.clone()),
+        ));
+        let control = MachineControl::new(mem.clone(), tsc_khz)
+            .with_barrier_counter(barriers.clone())
+            .with_domain(domain.clone());
+        let status = control.status();
+        pio.register(nvram::control::BASE, nvram::control::LEN, Box::new(control)).map_err(overlap)?;
         let barrier = PersistBarrier::new(mem.clone(), domain.clone());
         pio.register(nvram::persist::BASE, nvram::persist::LEN, Box::new(barrier)).map_err(overlap)?;
         let mut mmio = MmioBus::new();
@@ -224,6 +232,18 @@ impl Machine {
             Some(watch) => controller.with_image(watch.clone()),
             None => controller,
         }
+    }
+
+    /// Records the `nth` write-out to start (from 1) barrier by barrier, and makes nothing
+    /// durable after it (`vmm explore`; ADR only, see [`devices::record`]). `plant`, a bug
+    /// planted in that write-out, is a test knob: refused by a build without the feature
+    /// `test-knobs`, so that no production VMM can be told to lose flushes.
+    pub fn record_write_out(&self, nth: u64, plant: Option<devices::record::Plant>) -> Result<(), Error> {
+        if plant.is_some() && !cfg!(feature = "test-knobs") {
+            return Err(Error::TestKnob("a planted bug"));
+        }
+        lock_domain(&self.domain).record_write_out(nth, plant);
+        Ok(())
     }
 
     /// Runs the machine on a thread of its own; the handle owns that thread and offers the
@@ -316,4 +336,8 @@ fn open_console(output: &ConsoleOutput) -> Result<Box<dyn Write + Send>, Error> 
             Box::new(LineWriter::new(file))
         }
     })
+}
+
+fn lock_domain(d: &Mutex<PersistenceDomain>) -> std::sync::MutexGuard<'_, PersistenceDomain> {
+    d.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -3,21 +3,26 @@
 //! the restore: boot kind, restored generation at least the last committed one, `kv` and
 //! `churn` verified.
 //! Over and over; the first failure stops it with the seed and the command to reproduce.
+//! A campaign may be split into shards run anywhere ([`shard`]), whose JSON summaries
+//! `vmm torture merge` adds up ([`summary`]).
 
+pub mod shard;
+pub mod summary;
+
+use std::path::Path;
 use std::process::ExitCode;
 use std::thread;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use devices::MachineStatus;
-use indicatif::{ProgressBar, ProgressStyle};
+use devices::{MachineStatus, PersistenceModel};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nvram::control::{BootKind, Operation, Verified};
-use rand::rngs::SmallRng;
-use rand::{RngExt, SeedableRng};
-use vmm::quantile::quantile;
 use vmm::{ConsoleOutput, Machine, RunningMachine, VmConfig};
 
-use crate::args::{Copier, Model, TortureArgs};
+use crate::args::{Copier, Model, TortureArgs, TortureCommand};
+use shard::Shard;
+use summary::{Campaign, Counts, Coverage, Failure, Shards, Summary};
 
 /// The workloads under torture: a verifying `kv`, `memtouch` to make write-outs long, and
 /// `churn`, which maps and unmaps past every table's capacity and verifies all it holds.
@@ -26,34 +31,39 @@ const CMDLINE: &str = "apps=kv,memtouch,churn memtouch=32,32,256 memtouch_ms=20 
 /// The workloads whose own check must pass after every restore.
 const VERIFIED: [&str; 2] = ["kv", "churn"];
 
-/// A power failure: the vCPU stops dead; returns the last status and whether a write-out
-/// was under way.
-fn crash(vm: RunningMachine) -> anyhow::Result<(MachineStatus, bool)> {
-    vm.controller().crash();
-    let status = vm.controller().snapshot();
-    let inside = status.writing_out.is_some();
-    vm.wait().context("the machine failed")?;
-    Ok((status, inside))
-}
-
+/// What a run has counted so far.
 #[derive(Default)]
 struct Tally {
-    crashes: u64,
-    inside: u64,
-    restores: u64,
+    counts: Counts,
+    coverage: Coverage,
     restore_times: Vec<Duration>,
+    /// The campaign index of the last crash.
+    last_crash: Option<u64>,
+}
+
+/// A power failure: the vCPU stops dead; returns the last status and, if a write-out was
+/// under way, where among its barriers.
+fn crash(vm: RunningMachine) -> anyhow::Result<(MachineStatus, Option<vmm::WriteOutPoint>)> {
+    vm.controller().crash();
+    let status = vm.controller().snapshot();
+    let point = vm.controller().write_out_point();
+    vm.wait().context("the machine failed")?;
+    Ok((status, point))
 }
 
 pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
+    if let Some(TortureCommand::Merge(merge)) = &args.command {
+        return summary::merge_files(&merge.files, merge.json);
+    }
+    let Some(nvram) = args.nvram.clone() else { bail!("torture needs --nvram IMG") };
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
     });
-    // Reproducible crash times and evictions, all from the one seed.
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let console = args.nvram.with_extension("console.log");
+    let shard = args.shard.unwrap_or(Shard::WHOLE);
+    let console = nvram.with_extension("console.log");
     // Held to the end of the run, across every reboot (see `claim`).
-    let (_hold, mem) = claim(&args)?;
-    let mut config = VmConfig::new(&args.nvram);
+    let (_hold, mem) = claim(&nvram, args.mem, args.force)?;
+    let mut config = VmConfig::new(&nvram);
     config.mem_size = Some(mem);
     config.cmdline = match args.copier {
         Copier::Engine => CMDLINE.into(),
@@ -61,73 +71,128 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
     };
     config.console = ConsoleOutput::File(console.clone());
     config.reformat = true;
-    // Each crash reseeds the evictions from `rng` (below).
+    // Each crash reseeds the evictions from its plan (below).
     config.persistence = crate::boot::persistence(args.persistence, Some(seed));
     config.validate().map_err(crate::boot::usage)?;
+    let campaign = campaign(&args, seed, mem, &config.cmdline);
 
-    let bar = ProgressBar::new(args.crashes);
+    let mine: Vec<u64> = shard.crashes(args.crashes).collect();
+    let bar = ProgressBar::new(mine.len() as u64);
+    if args.json {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} crashes ({msg}) {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut tally = Tally::default();
+    tally.coverage.announced = config.persistence.model == PersistenceModel::Adr || config.persistence.sync;
     let mut last_committed = 0u64;
+    let mut crashes = mine.iter();
     let failure = loop {
-        if tally.crashes == args.crashes {
+        let Some(&index) = crashes.next() else {
             // The last crash is checked too: one more boot, verified, then stopped.
-            break check_last(&config, &mut tally, last_committed).err();
-        }
-        // Each crash evicts other lines, all following from the one seed.
+            break (!mine.is_empty()).then(|| check_last(&config, &mut tally, last_committed).err()).flatten();
+        };
+        let plan = shard::plan(seed, index, args.inside_share, args.max_run_ms);
+        // Each crash evicts other lines, all following from the seed and its index.
         if let Some(evict) = config.persistence.crash_evict.as_mut() {
-            evict.seed = rng.random();
+            evict.seed = plan.evict_seed;
         }
-        match round(&args, &config, &mut rng, &mut tally, &mut last_committed) {
+        match round(&config, plan, index, &mut tally, &mut last_committed) {
             Ok(()) => {
                 config.reformat = false;
                 bar.inc(1);
-                bar.set_message(format!("{} inside write-outs", tally.inside));
+                bar.set_message(format!("{} inside write-outs", tally.counts.inside));
             }
             Err(e) => break Some(e),
         }
     };
     bar.finish_and_clear();
-    let model = match (args.persistence.persistence, args.persistence.crash_evict) {
-        (Model::Eadr, _) => "eADR: every store is durable".to_string(),
-        (Model::Adr, None) => "ADR: only written-back lines are durable, no evictions".to_string(),
-        (Model::Adr, Some(f)) => format!("ADR: only written-back lines are durable, {f} of the others evicted"),
+    let failure = failure.map(|e| Failure {
+        shard: shard.index,
+        after_crash: tally.last_crash,
+        message: format!("{e:#}"),
+        image: nvram.display().to_string(),
+        reproduce: reproduce(&args, &nvram, seed, mem),
+    });
+    tally.counts.failures = u64::from(failure.is_some());
+    let summary = Summary {
+        format: summary::FORMAT,
+        campaign,
+        shards: Shards { count: shard.count, run: vec![shard.index] },
+        counts: tally.counts,
+        coverage: tally.coverage,
+        restore_us: tally.restore_times.iter().map(|d| d.as_micros() as u64).collect(),
+        failures: failure.iter().cloned().collect(),
     };
-    println!("persistence: {model}");
-    print_summary(&tally, failure.is_some());
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        summary.print();
+    }
     match failure {
         None => Ok(ExitCode::SUCCESS),
-        Some(e) => {
-            eprintln!("FAILED after {} crashes: {e:#}", tally.crashes);
-            eprintln!("the image is kept: {} (console: {})", args.nvram.display(), console.display());
-            let p = &args.persistence;
-            let mut model = String::new();
-            if p.persistence == Model::Adr {
-                model.push_str(" --persistence adr");
-            }
-            if let Some(fraction) = p.crash_evict {
-                model.push_str(&format!(" --crash-evict {fraction}"));
-            }
-            if p.sync {
-                model.push_str(" --sync");
-            }
-            if args.copier == Copier::Cpu {
-                model.push_str(" --copier cpu");
-            }
-            eprintln!(
-                "reproduce: vmm torture --nvram {} --crashes {} --seed {seed} --mem {} --inside-share {} --max-run-ms {}{model}",
-                args.nvram.display(),
-                args.crashes,
-                mem,
-                args.inside_share,
-                args.max_run_ms
-            );
+        Some(f) => {
+            eprintln!("FAILED after {} crashes: {}", summary.counts.crashes, f.message);
+            eprintln!("the image is kept: {} (console: {})", f.image, console.display());
+            eprintln!("reproduce: {}", f.reproduce);
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// The campaign this run belongs to: what its shards must share.
+fn campaign(args: &TortureArgs, seed: u64, mem: u64, cmdline: &str) -> Campaign {
+    let p = &args.persistence;
+    Campaign {
+        seed,
+        crashes: args.crashes,
+        mem,
+        inside_share: args.inside_share,
+        max_run_ms: args.max_run_ms,
+        copier: match args.copier {
+            Copier::Engine => "engine",
+            Copier::Cpu => "cpu",
+        }
+        .into(),
+        persistence: match p.persistence {
+            Model::Eadr => "eadr",
+            Model::Adr => "adr",
+        }
+        .into(),
+        crash_evict: p.crash_evict,
+        sync: p.sync,
+        cmdline: cmdline.into(),
+    }
+}
+
+/// The command that runs this shard again.
+fn reproduce(args: &TortureArgs, nvram: &Path, seed: u64, mem: u64) -> String {
+    let p = &args.persistence;
+    let mut model = String::new();
+    if p.persistence == Model::Adr {
+        model.push_str(" --persistence adr");
+    }
+    if let Some(fraction) = p.crash_evict {
+        model.push_str(&format!(" --crash-evict {fraction}"));
+    }
+    if p.sync {
+        model.push_str(" --sync");
+    }
+    if args.copier == Copier::Cpu {
+        model.push_str(" --copier cpu");
+    }
+    if let Some(shard) = args.shard {
+        model.push_str(&format!(" --shard {shard}"));
+    }
+    format!(
+        "vmm torture --nvram {} --crashes {} --seed {seed} --mem {mem} --inside-share {} --max-run-ms {}{model}",
+        nvram.display(),
+        args.crashes,
+        args.inside_share,
+        args.max_run_ms
+    )
 }
 
 /// Takes the image for the whole run and makes it ready: its size, the RAM size to boot.
@@ -145,23 +210,23 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
 /// afresh only a file it may overwrite: a new or empty file, or one that holds a valid root
 /// header of this format (an image, as torture or `vmm boot` made it) of the `--mem` size.
 /// Any other file, or an image of another size, only with `--force`.
-fn claim(args: &TortureArgs) -> anyhow::Result<(vmm::image::ImageHold, u64)> {
-    let path = args.nvram.display();
-    let (hold, created) = vmm::image::ImageHold::lock(&args.nvram)?;
+pub(crate) fn claim(nvram: &Path, mem: Option<u64>, force: bool) -> anyhow::Result<(vmm::image::ImageHold, u64)> {
+    let path = nvram.display();
+    let (hold, created) = vmm::image::ImageHold::lock(nvram)?;
     let file = hold.file();
     let len = file.metadata().with_context(|| format!("cannot read {path}"))?.len();
     let image = len > 0 && vmm::image::has_root_header(file).with_context(|| format!("cannot read {path}"))?;
-    let mem = args.mem.unwrap_or(if image { len } else { nvram::layout::DEFAULT_RAM });
+    let mem = mem.unwrap_or(if image { len } else { nvram::layout::DEFAULT_RAM });
     vmm::image::check_size("--mem", mem)?;
-    if len > 0 && !image && !args.force {
+    if len > 0 && !image && !force {
         bail!(
-            "{path} is not an image of this machine (no valid root header): torture would overwrite it; give --force to make it a new image of {} MiB",
+            "{path} is not an image of this machine (no valid root header): it would be overwritten; give --force to make it a new image of {} MiB",
             mem >> 20
         );
     }
-    if image && len != mem && !args.force {
+    if image && len != mem && !force {
         bail!(
-            "{path} is an image of {len} bytes but --mem asks for {mem}; drop --mem to torture it at its size, or give --force to make it a new image of {} MiB",
+            "{path} is an image of {len} bytes but --mem asks for {mem}; drop --mem to use it at its size, or give --force to make it a new image of {} MiB",
             mem >> 20
         );
     }
@@ -183,32 +248,42 @@ fn verdict(status: &MachineStatus, name: &str) -> anyhow::Result<()> {
     }
 }
 
-/// One boot, its checks, and its crash.
+/// One boot, its checks, and its crash (crash `index` of the campaign, as `plan` says).
 fn round(
-    args: &TortureArgs,
     config: &VmConfig,
-    rng: &mut SmallRng,
+    plan: shard::Plan,
+    index: u64,
     tally: &mut Tally,
     last_committed: &mut u64,
 ) -> anyhow::Result<()> {
     let vm = boot_and_check(config, tally, *last_committed)?;
     // Crash: aimed inside a write-out, or at a random moment.
-    if rng.random::<f64>() < args.inside_share {
+    if plan.aimed_inside {
         let _ = vm.wait_for(Duration::from_secs(5), "write-out", |s| s.writing_out.is_some());
     } else {
-        thread::sleep(Duration::from_millis(rng.random_range(0..args.max_run_ms.max(1))));
+        thread::sleep(Duration::from_millis(plan.run_ms));
     }
-    let (status, inside) = crash(vm)?;
+    let (status, point) = crash(vm)?;
     *last_committed = (*last_committed).max(status.committed_generation);
-    tally.crashes += 1;
-    tally.inside += u64::from(inside);
-    consistent(config, tally.crashes)
+    let c = &mut tally.counts;
+    c.crashes += 1;
+    c.aimed_inside += u64::from(plan.aimed_inside);
+    if let Some(point) = point {
+        c.inside += 1;
+        if let Some(passed) = point.barriers_passed {
+            tally.coverage.add(passed, point.last_write_out_barriers);
+        }
+    }
+    tally.last_crash = Some(index);
+    consistent(config, index, tally)
 }
 
 /// `vmm inspect --check` on the crashed image, before the boot that restores it: any
 /// violation is a failure.
-fn consistent(config: &VmConfig, crash: u64) -> anyhow::Result<()> {
+fn consistent(config: &VmConfig, crash: u64, tally: &mut Tally) -> anyhow::Result<()> {
     let check = crate::inspect::check_file(&config.image)?;
+    tally.counts.checks += 1;
+    tally.counts.violations += check.violations.len() as u64;
     if let Some(v) = check.violations.first() {
         bail!("after crash {crash}, inspect --check finds {} violation(s), the first: {v}", check.violations.len());
     }
@@ -231,9 +306,9 @@ fn boot_and_check(config: &VmConfig, tally: &mut Tally, last_committed: u64) -> 
     let vm = Machine::build(config)?.spawn()?;
     let status = vm.wait_for(Duration::from_secs(60), "boot report", |s| s.boot_kind.is_some())?;
     let kind = status.boot_kind;
-    if tally.crashes > 0 {
+    if tally.counts.crashes > 0 {
         if last_committed > 0 && kind != Some(BootKind::Restored) {
-            bail!("boot {} was {kind:?}, not a restore", tally.crashes + 1);
+            bail!("boot {} was {kind:?}, not a restore", tally.counts.crashes + 1);
         }
         if kind == Some(BootKind::Restored) {
             let restore = status.of(Operation::Restore).last().context("the restore reported no metrics")?;
@@ -250,7 +325,8 @@ fn boot_and_check(config: &VmConfig, tally: &mut Tally, last_committed: u64) -> 
                     last_committed
                 );
             }
-            tally.restores += 1;
+            tally.counts.restores += 1;
+            tally.counts.generations_checked += 1;
             tally.restore_times.push(restore.total);
         }
         let status = vm.wait_for(Duration::from_secs(30), "kv and churn verifications", |s| {
@@ -259,26 +335,9 @@ fn boot_and_check(config: &VmConfig, tally: &mut Tally, last_committed: u64) -> 
         for name in VERIFIED {
             verdict(&status, name)?;
         }
+        tally.counts.verified += 1;
     }
     Ok(vm)
-}
-
-fn print_summary(tally: &Tally, failed: bool) {
-    let mut times = tally.restore_times.clone();
-    times.sort();
-    let at = |q: f64| quantile(&times, q);
-    let ms = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3));
-    println!("| crashes | inside write-outs | restores | failures | restore median | restore p99 |");
-    println!("|---|---|---|---|---|---|");
-    println!(
-        "| {} | {} | {} | {} | {} | {} |",
-        tally.crashes,
-        tally.inside,
-        tally.restores,
-        u64::from(failed),
-        ms(at(0.5)),
-        ms(at(0.99))
-    );
 }
 
 #[cfg(test)]
