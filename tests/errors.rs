@@ -189,6 +189,15 @@ fn a_pvh_kernel_from_a_file_boots() {
     assert_eq!(out.code(), Some(0), "{out:?}");
 }
 
+/// A 32 MiB image file at `image` holding `header` (sealed) and nothing else.
+fn write_image_with_header(image: &str, mut header: nvram::header::RootHeader) {
+    header.seal();
+    let mut bytes = vec![0u8; 32 << 20];
+    let at = nvram::layout::ROOT_HEADER as usize;
+    bytes[at..at + nvram::header::HEADER_SIZE].copy_from_slice(&header.to_bytes());
+    std::fs::write(image, bytes).unwrap();
+}
+
 #[test]
 fn a_foreign_image_is_refused_by_the_guest_and_reformat_recovers_it() {
     let scratch = Scratch::new();
@@ -196,11 +205,7 @@ fn a_foreign_image_is_refused_by_the_guest_and_reformat_recovers_it() {
     // An image whose root header carries another format version.
     let mut header = nvram::header::RootHeader::new(0);
     header.format_version += 1;
-    header.seal();
-    let mut bytes = vec![0u8; 32 << 20];
-    let at = nvram::layout::ROOT_HEADER as usize;
-    bytes[at..at + nvram::header::HEADER_SIZE].copy_from_slice(&header.to_bytes());
-    std::fs::write(&image, bytes).unwrap();
+    write_image_with_header(&image, header);
 
     let out = run(vmm(&[]).args(boot_args(&scratch, "poweroff")), BOOT_LIMIT);
     assert_eq!(out.code(), Some(5), "{out:?}");
@@ -220,11 +225,7 @@ fn an_image_of_another_nvm_abi_is_refused_with_its_version() {
     header.shutdown_flag = nvram::header::ShutdownFlag::Normal.into();
     header.frames = 1024;
     header.resources = nvram::layout::RESOURCES;
-    header.seal();
-    let mut bytes = vec![0u8; 32 << 20];
-    let at = nvram::layout::ROOT_HEADER as usize;
-    bytes[at..at + nvram::header::HEADER_SIZE].copy_from_slice(&header.to_bytes());
-    std::fs::write(&image, bytes).unwrap();
+    write_image_with_header(&image, header);
     let out = run(vmm(&[]).args(boot_args(&scratch, "poweroff")), BOOT_LIMIT);
     assert_eq!(out.code(), Some(5), "{out:?}");
     let console = scratch.read_console();

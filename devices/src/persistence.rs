@@ -197,6 +197,12 @@ impl PersistenceDomain {
             (Some((tracker, _)), Some(view)) => lock(tracker).peek(view).map(|b| pages(b).collect::<Vec<_>>()),
             _ => None,
         };
+        self.differing_lines(candidates)
+    }
+
+    /// The lines of `candidates` (pages; all of RAM when `None`) whose guest copy differs
+    /// from the durable one, with the guest's contents: the lines stored and not written back.
+    fn differing_lines(&self, candidates: Option<Vec<u64>>) -> Vec<Line> {
         let candidates = candidates.unwrap_or_else(|| (0..self.ram() / PAGE).collect());
         let mut lines = Vec::new();
         let (mut ours, mut image) = (vec![0u8; PAGE as usize], vec![0u8; PAGE as usize]);
@@ -366,21 +372,8 @@ impl PersistenceDomain {
             return PowerFailure::default();
         };
         let candidates = lock(tracker).peek(*view).map(|bitmap| pages(bitmap).collect::<Vec<_>>());
-        let candidates = candidates.unwrap_or_else(|| (0..self.ram() / PAGE).collect());
         // A line is dirty and unflushed when the guest's copy differs from the image's.
-        let mut lines = Vec::new();
-        let (mut ours, mut image) = (vec![0u8; PAGE as usize], vec![0u8; PAGE as usize]);
-        for page in candidates {
-            let at = GuestAddress(page * PAGE);
-            if self.guest.read_slice(&mut ours, at).is_err() || self.durable.read_slice(&mut image, at).is_err() {
-                continue;
-            }
-            for (i, (a, b)) in ours.chunks(LINE as usize).zip(image.chunks(LINE as usize)).enumerate() {
-                if a != b {
-                    lines.push(page * PAGE + i as u64 * LINE);
-                }
-            }
-        }
+        let lines: Vec<u64> = self.differing_lines(candidates).into_iter().map(|(addr, _)| addr).collect();
         let mut failure = PowerFailure { dirty_lines: lines.len() as u64, evicted_lines: 0 };
         if let Some(CrashEvict { fraction, seed }) = self.evict {
             let count = ((lines.len() as f64 * fraction.clamp(0.0, 1.0)).round() as usize).min(lines.len());

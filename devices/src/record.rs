@@ -160,16 +160,6 @@ mod tests {
         assert!(unflushed.applied(0, &[slot]).is_empty());
         assert_eq!(unflushed.applied(1, &[r(0)]), [r(0)]);
         assert_eq!(lines_of(&[FlushedRange { addr: 60, len: 10 }, r(64)], 4096), [0, 64]);
-        let slot = FlushedRange { addr: nvram::layout::PLATE_SLOTS[1], len: 64 };
-        assert!(is_commit(&[r(0), slot]) && !is_commit(&[r(0)]));
-        let mut unfenced = Recorder::new(1, Some(Plant::DropCommitFence));
-        assert!(unfenced.applied(0, &[r(0)]).is_empty());
-        assert!(unfenced.applied(1, &[r(64)]).is_empty());
-        assert_eq!(unfenced.applied(2, &[slot]), [r(0), r(64), slot], "all at the commit");
-        assert_eq!(unfenced.applied(3, &[r(128)]), [r(128)]);
-        let mut unflushed = Recorder::new(1, Some(Plant::DropCommitFlush));
-        assert!(unflushed.applied(0, &[slot]).is_empty());
-        assert_eq!(unflushed.applied(1, &[r(0)]), [r(0)]);
         assert_eq!(lines_of(&[FlushedRange { addr: 4000, len: 500 }], 4096), [3968, 4032], "clamped to RAM");
     }
 }
