@@ -135,7 +135,9 @@ fn an_image_crashed_under_our_vmm_restores_under_qemu() {
     let last = *committed.lock().unwrap();
 
     let log = scratch.path("qemu.log");
-    let status = wait(qemu(&scratch, "run_ms=2500", &log, None), QEMU_LIMIT, &log);
+    // `kv` prints its verdict at every 20th report (one each 100 ms): the run must hold 20
+    // of them after the restore, with room for a loaded host.
+    let status = wait(qemu(&scratch, "run_ms=4000", &log, None), QEMU_LIMIT, &log);
     let console = read(&log);
     // isa-debug-exit: status (code << 1) | 1, and a power-off is code 0.
     let stderr = read(&scratch.path("qemu.err"));
