@@ -106,4 +106,4 @@ pub enum Check {
 pub const NAME_LEN: usize = crate::control::NAME_LEN;
 
 const _: () = assert!(USER_BASE < PROGRAM_BASE && PROGRAM_BASE < PROGRAM_END && PROGRAM_END <= USER_END);
-const _: () = assert!(PROGRAM_BASE % (1 << 39) == 0, "programs start in a PML4 entry of their own");
+const _: () = assert!(PROGRAM_BASE.is_multiple_of(1 << 39), "programs start in a PML4 entry of their own");

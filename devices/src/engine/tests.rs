@@ -267,7 +267,9 @@ fn a_refused_batch_returns_no_sum() {
     let good = Descriptor { src: 0x10000, dst: 0x20000, len: 4096 };
     let outside = Descriptor { src: 0x10000, dst: (1 << 20) - 10, len: 4096 };
     let requests = [RangeSum { written: 0x5eed, overwritten: 0x5eed, ..RangeSum::new(0, true) }; 2];
-    let cases: [(&[Descriptor], u64, u64, (u32, u32)); 4] = [
+    /// The descriptors, where the sums are, a flag added to each request, the status.
+    type Case<'a> = (&'a [Descriptor], u64, u64, (u32, u32));
+    let cases: [Case; 4] = [
         (&[good, outside], 0x2000, 0, (STATUS_BAD_DESCRIPTOR, 1)),
         (&[good, good], 0x2000, 2, (STATUS_BAD_DESCRIPTOR, 0)),
         (&[good], (1 << 20) - 16, 0, (STATUS_BAD_BATCH, 0)),
