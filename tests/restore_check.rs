@@ -22,9 +22,13 @@ fn config(scratch: &Scratch, cmdline: &str) -> VmConfig {
 /// `kv` run until two write-outs are committed, then a power failure; the image checks
 /// out (`vmm inspect --check`).
 fn crashed_image(scratch: &Scratch) {
-    run_then_crash(&config(scratch, "apps=kv kv_pages=8 checkpoint_ms=100"), Duration::from_secs(30), |s| {
-        s.committed_generation >= 3
-    });
+    crashed_image_with(scratch, "");
+}
+
+/// [`crashed_image`], `extra` added to the command line (the copier).
+fn crashed_image_with(scratch: &Scratch, extra: &str) {
+    let cmdline = format!("apps=kv kv_pages=8 checkpoint_ms=100 {extra}");
+    run_then_crash(&config(scratch, &cmdline), Duration::from_secs(30), |s| s.committed_generation >= 3);
     let (code, out) = inspect_check(scratch);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("check: consistent"), "{out}");
@@ -68,7 +72,12 @@ fn aim_at_the_kernel(t: &mut PlateTable) {
 /// The restore after the crash: the kernel still runs (the copier did not overwrite it),
 /// `kv` verifies the older generation, and the rollback is said everywhere.
 fn assert_rolled_back(scratch: &Scratch, what: &str) {
-    let after = run_then_crash(&config(scratch, "check=on"), Duration::from_secs(30), |s| {
+    assert_rolled_back_with(scratch, what, "");
+}
+
+/// [`assert_rolled_back`], `extra` added to the command line (the copier).
+fn assert_rolled_back_with(scratch: &Scratch, what: &str, extra: &str) {
+    let after = run_then_crash(&config(scratch, &format!("check=on {extra}")), Duration::from_secs(30), |s| {
         s.workloads.get("kv").is_some_and(|w| w.last_check != Verified::Unknown)
     });
     let console = scratch.read_console();
@@ -98,8 +107,23 @@ fn a_commit_rewritten_to_copy_over_the_kernel_is_passed_over_for_the_older_one()
 
 #[test]
 fn a_bit_flipped_in_a_valid_save_area_is_not_restored() {
+    bit_flipped_in_a_valid_save_area(ENGINE);
+}
+
+/// The CPU copier sums the pages as it copies them, as the engine does: its sums catch the
+/// flip too.
+#[test]
+fn a_bit_flipped_in_a_valid_save_area_is_not_restored_with_the_cpu_copier() {
+    bit_flipped_in_a_valid_save_area(CPU);
+}
+
+/// The command line's copier items.
+const ENGINE: &str = "plate_copy=engine";
+const CPU: &str = "plate_copy=cpu";
+
+fn bit_flipped_in_a_valid_save_area(copier: &str) {
     let scratch = Scratch::new();
-    crashed_image(&scratch);
+    crashed_image_with(&scratch, copier);
     let mut image = std::fs::read(scratch.image()).unwrap();
     let (_, t) = newest(&image);
     // The last user-space plate: `kv`'s table, written between the two commits, so that the
@@ -117,7 +141,7 @@ fn a_bit_flipped_in_a_valid_save_area_is_not_restored() {
     let (code, out) = inspect_check(&scratch);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains(&format!("plate {n}'s valid save area fails its checksum")), "{out}");
-    assert_rolled_back(&scratch, &Rejection::Content(n).to_string());
+    assert_rolled_back_with(&scratch, &Rejection::Content(n).to_string(), copier);
 }
 
 #[test]

@@ -1,17 +1,21 @@
 //! The copy engine (`nvram::engine`): copies guest memory for the guest at the host's
 //! memory speed. Everything in a batch is checked before anything is copied, so a bad batch
-//! changes nothing but its status; nothing outside guest RAM is ever touched.
+//! changes nothing but its status; nothing outside guest RAM is ever touched. Asked to, it
+//! returns the content checksums of what it wrote and overwrote, computed as it copies
+//! (`nvram::plate::AreaSum`): a write-out then never reads a page a second time.
 
 use std::sync::{Arc, Mutex};
 
 use nvram::engine::{
-    BatchHeader, Completion, Descriptor, DirtyRequest, BATCH_MAGIC, COMPLETION_OFFSET, DIRTY_MAGIC,
+    BatchHeader, Completion, Descriptor, DirtyRequest, RangeSum, BATCH_MAGIC, COMPLETION_OFFSET, DIRTY_MAGIC,
     DIRTY_STATUS_OFFSET, ENGINE_ID, FLAG_DURABLE, MAX_DESCRIPTORS, REG_DIRTY, STATUS_BAD_BATCH, STATUS_BAD_DESCRIPTOR,
-    STATUS_DONE, STATUS_UNSUPPORTED,
+    STATUS_DONE, STATUS_UNSUPPORTED, SUM_OVERWRITTEN,
 };
+use nvram::layout::PAGE_SIZE;
 use nvram::persist::FlushedRange;
+use nvram::plate::AreaSum;
 use tracing::{warn, Level};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 use zerocopy::IntoBytes;
 
 use crate::dirty::{DirtyTracker, DirtyView};
@@ -140,12 +144,26 @@ impl CopyEngine {
         if self.mem.read_slice(descriptors.as_mut_bytes(), GuestAddress(header.descriptors)).is_err() {
             return Some((STATUS_BAD_BATCH, 0));
         }
+        // The sums asked for, one per descriptor (none: `sums` is 0).
+        let summed = header.sums != 0;
+        let mut sums = vec![RangeSum::default(); if summed { descriptors.len() } else { 0 }];
+        if summed
+            && (!header.sums.is_multiple_of(8)
+                || self.mem.read_slice(sums.as_mut_bytes(), GuestAddress(header.sums)).is_err())
+        {
+            return Some((STATUS_BAD_BATCH, 0));
+        }
         let ram = self.ram();
         for (i, &d) in descriptors.iter().enumerate() {
+            let unknown_flags = sums.get(i).is_some_and(|s| s.flags & !SUM_OVERWRITTEN != 0);
             if let Err(e) = d.check(ram) {
                 self.reject(&format_args!(
                     "copy engine: descriptor {i} of the batch at {addr:#x} refused ({e:?}): {d:x?}"
                 ));
+                return Some((STATUS_BAD_DESCRIPTOR, i as u32));
+            }
+            if unknown_flags {
+                self.reject(&format_args!("copy engine: sum {i} of the batch at {addr:#x} has an unknown flag"));
                 return Some((STATUS_BAD_DESCRIPTOR, i as u32));
             }
         }
@@ -163,8 +181,15 @@ impl CopyEngine {
             ) else {
                 return Some((STATUS_BAD_BATCH, 0));
             };
-            src.copy_to_volatile_slice(dst);
+            match sums.get_mut(i) {
+                Some(sum) => copy_summed(&src, &dst, sum),
+                None => src.copy_to_volatile_slice(dst),
+            }
             bytes += d.len;
+        }
+        // After the copies: a sums array that a copy overwrote gets the sums all the same.
+        if summed && !self.store(sums.as_bytes(), header.sums) {
+            return Some((STATUS_BAD_BATCH, 0));
         }
         // Durable copies count as written back (under eADR they are already in the image);
         // the others are stores like the CPU's.
@@ -197,6 +222,36 @@ impl CopyEngine {
             warn!("{why}");
         }
     }
+}
+
+/// Copies `src` to `dst` (as long, not overlapping) page by page through a buffer, hashing
+/// each page on its way (`sum.written`), and, if asked, each page of `dst` just before it is
+/// overwritten (`sum.overwritten`). The buffer stays in the host's cache, so the copy still
+/// reads and writes each byte of guest RAM once (twice `dst` with the overwritten sum).
+fn copy_summed(src: &VolatileSlice<'_, ()>, dst: &VolatileSlice<'_, ()>, sum: &mut RangeSum) {
+    const PAGE: usize = PAGE_SIZE as usize;
+    // Words, so that the hash reads them four at a time (`nvram::plate::page_hash`).
+    let mut buffer = [0u64; PAGE / 8];
+    let mut written = AreaSum::new(sum.first);
+    let mut overwritten = AreaSum::new(sum.first);
+    let len = src.len().min(dst.len());
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(PAGE);
+        // Inside both slices: `at + n <= len`.
+        let (Ok(from), Ok(to)) = (src.subslice(at, n), dst.subslice(at, n)) else { return };
+        let bytes = &mut buffer.as_mut_bytes()[..n];
+        if sum.wants_overwritten() {
+            to.copy_to(bytes);
+            overwritten.page(bytes);
+        }
+        from.copy_to(bytes);
+        written.page(bytes);
+        to.copy_from(bytes);
+        at += n;
+    }
+    sum.written = written.sum();
+    sum.overwritten = if sum.wants_overwritten() { overwritten.sum() } else { 0 };
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -245,209 +300,4 @@ impl BusDevice<u16> for CopyEngine {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use nvram::engine::FLAG_DURABLE;
-
-    fn engine_on(mem: GuestMemoryMmap<()>) -> CopyEngine {
-        let domain = Arc::new(Mutex::new(PersistenceDomain::eadr(mem.clone(), false)));
-        CopyEngine::new(mem, domain)
-    }
-
-    fn engine() -> CopyEngine {
-        engine_on(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap())
-    }
-
-    /// A batch header at `at`, its descriptors right after it.
-    fn put_batch(e: &CopyEngine, at: u64, descriptors: &[Descriptor]) {
-        put_batch_with(e, at, FLAG_DURABLE, at + nvram::engine::HEADER_SIZE, descriptors);
-    }
-
-    fn put_batch_with(e: &CopyEngine, at: u64, flags: u64, array: u64, descriptors: &[Descriptor]) {
-        let head = BatchHeader {
-            magic: BATCH_MAGIC,
-            count: descriptors.len() as u32,
-            status: 0,
-            failed: 0,
-            flags,
-            descriptors: array,
-        };
-        e.mem.write_slice(head.as_bytes(), GuestAddress(at)).unwrap();
-        e.mem.write_slice(descriptors.as_bytes(), GuestAddress(array)).unwrap();
-    }
-
-    /// The batch header at `at`, as the engine left it.
-    fn header(e: &CopyEngine, at: u64) -> BatchHeader {
-        let mut head = BatchHeader::default();
-        e.mem.read_slice(head.as_mut_bytes(), GuestAddress(at)).unwrap();
-        head
-    }
-
-    fn status(e: &CopyEngine, at: u64) -> (u32, u32) {
-        let head = header(e, at);
-        (head.status, head.failed)
-    }
-
-    /// Writes one field of the batch header at `at` (a test's corruption).
-    fn poke(e: &CopyEngine, at: u64, change: impl FnOnce(&mut BatchHeader)) {
-        let mut head = header(e, at);
-        change(&mut head);
-        e.mem.write_slice(head.as_bytes(), GuestAddress(at)).unwrap();
-    }
-
-    #[test]
-    fn copies_a_batch_and_reports_done() {
-        let mut e = engine();
-        e.mem.write_slice(&[7u8; 8192], GuestAddress(0x10000)).unwrap();
-        e.mem.write_slice(&[9u8; 100], GuestAddress(0x30000)).unwrap();
-        put_batch(
-            &e,
-            0x1000,
-            &[
-                Descriptor { src: 0x10000, dst: 0x20000, len: 8192 },
-                Descriptor { src: 0x30000, dst: 0x40000, len: 100 },
-            ],
-        );
-        e.write(0, &0x1000u32.to_le_bytes());
-        assert_eq!(status(&e, 0x1000), (STATUS_DONE, 0));
-        let mut out = [0u8; 8192];
-        e.mem.read_slice(&mut out, GuestAddress(0x20000)).unwrap();
-        assert!(out.iter().all(|&b| b == 7));
-        let stats = *e.stats.lock().unwrap();
-        assert_eq!((stats.batches, stats.copies, stats.bytes), (1, 2, 8292));
-    }
-
-    /// Under ADR a durable batch's destinations are in the image when the status says done;
-    /// a batch without the flag leaves them as stores, which a power failure loses.
-    #[test]
-    fn a_durable_batch_reaches_the_image_and_a_plain_one_waits_for_a_barrier() {
-        use crate::persistence::tests::setup;
-        let mut s = setup("engine-durable", None);
-        let adr = std::mem::replace(&mut s.domain, PersistenceDomain::eadr(s.guest.clone(), false));
-        let domain = Arc::new(Mutex::new(adr));
-        let mut e = CopyEngine::new(s.guest.clone(), domain.clone());
-        s.store(0x1000, &[5; 4096]);
-        for (flags, dst) in [(FLAG_DURABLE, 0x4000), (0, 0x6000)] {
-            put_batch_with(&e, 0x8000, flags, 0x8040, &[Descriptor { src: 0x1000, dst, len: 4096 }]);
-            e.write(0, &0x8000u32.to_le_bytes());
-            assert_eq!(status(&e, 0x8000), (STATUS_DONE, 0), "flags {flags}");
-        }
-        let image = s.image();
-        assert!(image[0x4000..0x5000].iter().all(|&b| b == 5), "the durable copy is in the image");
-        assert!(image[0x6000..0x7000].iter().all(|&b| b == 0xee), "the plain copy is not, yet");
-        domain.lock().unwrap().power_fail();
-        assert!(s.image()[0x6000..0x7000].iter().all(|&b| b == 0xee), "and a power failure loses it");
-        // A plain copy is in the caches, where a barrier (here: write back everything) finds
-        // it: the engine told the domain what it stored.
-        put_batch_with(&e, 0x8000, 0, 0x8040, &[Descriptor { src: 0x1000, dst: 0x6000, len: 4096 }]);
-        e.write(0, &0x8000u32.to_le_bytes());
-        assert_eq!(status(&e, 0x8000), (STATUS_DONE, 0));
-        domain.lock().unwrap().write_back_all();
-        assert!(s.image()[0x6000..0x7000].iter().all(|&b| b == 5), "after a barrier the plain copy is in the image");
-    }
-
-    #[test]
-    fn a_bad_descriptor_fails_the_whole_batch_and_copies_nothing() {
-        let mut e = engine();
-        e.mem.write_slice(&[7u8; 4096], GuestAddress(0x10000)).unwrap();
-        put_batch(
-            &e,
-            0x1000,
-            &[
-                Descriptor { src: 0x10000, dst: 0x20000, len: 4096 },
-                Descriptor { src: 0x10000, dst: (1 << 20) - 10, len: 4096 },
-            ],
-        );
-        e.write(0, &0x1000u32.to_le_bytes());
-        assert_eq!(status(&e, 0x1000), (STATUS_BAD_DESCRIPTOR, 1));
-        let mut out = [0u8; 4096];
-        e.mem.read_slice(&mut out, GuestAddress(0x20000)).unwrap();
-        assert!(out.iter().all(|&b| b == 0), "the good descriptor was not applied either");
-        // The array may be anywhere in RAM, but not misaligned nor past its end; no unknown flag.
-        let d = [Descriptor { src: 0x10000, dst: 0x20000, len: 4096 }];
-        put_batch_with(&e, 0x1000, 0, 0x8000, &d);
-        e.write(0, &0x1000u32.to_le_bytes());
-        assert_eq!(status(&e, 0x1000), (STATUS_DONE, 0), "an array away from its header");
-        for (flags, array) in [(2, 0x8000), (FLAG_DURABLE, 0x8004), (FLAG_DURABLE, (1 << 20) - 8)] {
-            put_batch_with(&e, 0x1000, flags, 0x8000, &d);
-            poke(&e, 0x1000, |h| h.descriptors = array);
-            e.write(0, &0x1000u32.to_le_bytes());
-            assert_eq!(status(&e, 0x1000).0, STATUS_BAD_BATCH, "flags {flags}, array at {array:#x}");
-        }
-        for bad in [
-            Descriptor { src: 0x10000, dst: 0x10800, len: 4096 },
-            Descriptor { src: 0x10000, dst: 0x20000, len: 0 },
-            Descriptor { src: u64::MAX - 4, dst: 0x20000, len: 8 },
-        ] {
-            put_batch(&e, 0x1000, &[bad]);
-            e.write(0, &0x1000u32.to_le_bytes());
-            assert_eq!(status(&e, 0x1000), (STATUS_BAD_DESCRIPTOR, 0), "{bad:?}");
-        }
-    }
-
-    fn put_request(e: &CopyEngine, at: u64, first: u64, pages: u64, out: u64) {
-        let request = DirtyRequest { magic: DIRTY_MAGIC, status: 0, first_page: first, pages, out };
-        e.mem.write_slice(request.as_bytes(), GuestAddress(at)).unwrap();
-    }
-
-    fn request_status(e: &CopyEngine, at: u64) -> u32 {
-        let mut request = DirtyRequest::default();
-        e.mem.read_slice(request.as_mut_bytes(), GuestAddress(at)).unwrap();
-        request.status
-    }
-
-    #[test]
-    fn dirty_log_requests_extract_the_asked_pages() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        // Pages 3, 64, 70 and 200 written.
-        let mut log = vec![0u64; 4];
-        for page in [3u64, 64, 70, 200] {
-            log[(page / 64) as usize] |= 1 << (page % 64);
-        }
-        let tracker = DirtyTracker::new(1 << 20, Some(Box::new(move || Some(log.clone()))));
-        let mut e = engine_on(mem).with_dirty_log(Arc::new(Mutex::new(tracker)));
-        put_request(&e, 0x1000, 64, 140, 0x2000);
-        e.write(REG_DIRTY, &0x1000u32.to_le_bytes());
-        assert_eq!(request_status(&e, 0x1000), STATUS_DONE);
-        assert_eq!(e.mem.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), 1 | 1 << 6);
-        assert_eq!(e.mem.read_obj::<u64>(GuestAddress(0x2008)).unwrap(), 0);
-        assert_eq!(e.mem.read_obj::<u64>(GuestAddress(0x2010)).unwrap(), 1 << (200 - 64 - 128));
-        put_request(&e, 0x1000, 3, 5, 0x2000);
-        e.write(REG_DIRTY, &0x1000u32.to_le_bytes());
-        assert_eq!(e.mem.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), 1, "unaligned start");
-        for (first, pages, out) in [(250, 10, 0x2000), (0, 8, (1 << 20) - 4), (0, 8, 0x2004)] {
-            put_request(&e, 0x1000, first, pages, out);
-            e.write(REG_DIRTY, &0x1000u32.to_le_bytes());
-            assert_eq!(request_status(&e, 0x1000), STATUS_BAD_BATCH);
-        }
-        let mut plain = engine();
-        put_request(&plain, 0x1000, 0, 8, 0x2000);
-        plain.write(REG_DIRTY, &0x1000u32.to_le_bytes());
-        assert_eq!(request_status(&plain, 0x1000), STATUS_UNSUPPORTED);
-    }
-
-    #[test]
-    fn bad_batches_are_refused_without_harm() {
-        let mut e = engine();
-        put_batch(&e, 0x1000, &[]);
-        poke(&e, 0x1000, |h| h.magic = 0xdead);
-        e.write(0, &0x1000u32.to_le_bytes());
-        assert_eq!(status(&e, 0x1000).0, STATUS_BAD_BATCH, "bad magic");
-        put_batch(&e, 0x1000, &[]);
-        poke(&e, 0x1000, |h| h.count = MAX_DESCRIPTORS + 1);
-        e.write(0, &0x1000u32.to_le_bytes());
-        assert_eq!(status(&e, 0x1000).0, STATUS_BAD_BATCH, "too many descriptors");
-        put_batch_with(&e, 0x1000, FLAG_DURABLE, (1 << 20) - 48, &[]);
-        poke(&e, 0x1000, |h| h.count = 10);
-        e.write(0, &0x1000u32.to_le_bytes());
-        assert_eq!(status(&e, 0x1000).0, STATUS_BAD_BATCH, "descriptors past the end of RAM");
-        e.write(0, &(((1u32 << 20) - 16).to_le_bytes())); // a header past the end of RAM
-        e.write(0, &0x1004u32.to_le_bytes()); // misaligned: no status to write
-        e.write(0, &u32::MAX.to_le_bytes()); // outside RAM
-        e.write(0, &[1, 2]); // wrong width
-        let mut id = [0u8; 4];
-        e.read(0, &mut id);
-        assert_eq!(u32::from_le_bytes(id), ENGINE_ID);
-        assert_eq!(e.stats.lock().unwrap().batches, 0);
-    }
-}
+mod tests;

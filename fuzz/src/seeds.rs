@@ -3,7 +3,7 @@
 //! `corpus/` (the text seeds there are written by hand).
 
 use nvram::control::{Cause, Heartbeat, Started, Verified};
-use nvram::engine::{BatchHeader, Descriptor, DirtyRequest, BATCH_MAGIC, DIRTY_MAGIC, FLAG_DURABLE};
+use nvram::engine::{BatchHeader, Descriptor, DirtyRequest, RangeSum, BATCH_MAGIC, DIRTY_MAGIC, FLAG_DURABLE};
 use nvram::header::RootHeader;
 use nvram::persist::{BarrierHeader, FlushedRange, BARRIER_MAGIC};
 use zerocopy::IntoBytes;
@@ -42,8 +42,16 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let started = Started::new(7, Cause::Periodic);
     let heartbeat = Heartbeat::new("kv", 3, 1000, 0xfeed, Verified::Passed);
     let heartbeat_bytes = heartbeat.as_bytes();
-    let batch =
-        BatchHeader { magic: BATCH_MAGIC, count: 2, status: 0, failed: 0, flags: FLAG_DURABLE, descriptors: 0x2000 };
+    let batch = BatchHeader {
+        magic: BATCH_MAGIC,
+        count: 2,
+        status: 0,
+        failed: 0,
+        flags: FLAG_DURABLE,
+        descriptors: 0x2000,
+        sums: 0x3000,
+    };
+    let sums = [RangeSum::new(0, true), RangeSum::new(3, false)];
     let descriptors =
         [Descriptor { dst: 0x8000, src: 0x4000, len: 0x1000 }, Descriptor { dst: 0x9000, src: 0x100, len: 64 }];
     let dirty = DirtyRequest { magic: DIRTY_MAGIC, status: 0, first_page: 0, pages: 64, out: 0x5000 };
@@ -66,7 +74,10 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         (
             "copy_engine",
             "batch",
-            device_input(&[write_op(0, 0x1000)], &[(0x1000, batch.as_bytes()), (0x2000, descriptors.as_bytes())]),
+            device_input(
+                &[write_op(0, 0x1000)],
+                &[(0x1000, batch.as_bytes()), (0x2000, descriptors.as_bytes()), (0x3000, sums.as_bytes())],
+            ),
         ),
         (
             "copy_engine",

@@ -28,6 +28,9 @@ const PAGE: u64 = nvram::layout::PAGE_SIZE;
 /// A run of bytes to copy between physical addresses. The copy engine's descriptor
 /// itself, so that a list of copies goes to the engine as it was built.
 pub type CopyRange = nvram::engine::Descriptor;
+/// The content checksums of a copy, asked for and returned: the copy engine's record
+/// itself, for the same reason.
+pub type RangeSum = nvram::engine::RangeSum;
 
 /// Bits `bit..bit + n` (`n` ≤ 64) of `bitmap`, as the low bits of a word; bits past the
 /// end of the bitmap read as ones (unknown: assume the worst).
@@ -116,6 +119,21 @@ pub fn plan_copies(
     copied
 }
 
+/// Whether [`plan_copies`] will copy every page of `plate` (each dirty or stale), asked
+/// before it plans: it changes `stale`.
+fn copies_every_page(plate: &Plate, mut dirty: impl FnMut(u64, u64) -> u64, stale: &[u64], stale_base: u64) -> bool {
+    let mut page = 0;
+    while page < plate.pages {
+        let n = (plate.pages - page).min(64);
+        let all = low_mask(n);
+        if (dirty(page, n) | bits_at(stale, stale_base + page, n)) & all != all {
+            return false;
+        }
+        page += n;
+    }
+    true
+}
+
 /// How the write-out and the restore touch NVM. The guest implements it over
 /// identity-mapped memory (`clflushopt`/`clwb` + `sfence`, or a copy engine); the tests over
 /// a simulated NVM with a cache that a crash may partly lose.
@@ -124,6 +142,18 @@ pub trait Persist {
     /// durable writes), or still need [`Persist::flush`]. All bulk copying goes through
     /// here, so that a copy engine can take it over.
     fn copy(&mut self, ranges: &[CopyRange]) -> bool;
+    /// [`Persist::copy`], and for each range `i` the content checksums `sums[i]` asks for
+    /// (`nvram::engine::RangeSum`: of what it wrote, and of what it overwrote, read before),
+    /// when [`Persist::can_sum`]. A copier that copies page by page hashes each page as it
+    /// moves it (the copy engine, the guest's CPU copier), so that nothing is read twice;
+    /// this default reads the ranges before copying them.
+    fn copy_summed(&mut self, ranges: &[CopyRange], sums: &mut [RangeSum]) -> bool {
+        for (r, s) in ranges.iter().zip(sums.iter_mut()) {
+            s.overwritten = if s.wants_overwritten() { area_sum(self.read(r.dst, r.len), s.first) } else { 0 };
+            s.written = area_sum(self.read(r.src, r.len), s.first);
+        }
+        self.copy(ranges)
+    }
     /// Writes back the cache lines of `addr..addr + len` (not yet ordered).
     fn flush(&mut self, addr: u64, len: u64);
     /// Waits until every flush before it is durable.
@@ -133,8 +163,10 @@ pub trait Persist {
     /// The bytes at `addr..addr + len`, as the CPU sees them now (to checksum save areas
     /// and regions; the callers pass ranges of plates already checked against the layout).
     fn read(&self, addr: u64, len: u64) -> &[u8];
-    /// Whether reading to checksum is cheap enough here (not in PVM's emulated kernel
-    /// mode): if not, a write-out leaves the sums of the areas it fills unknown.
+    /// Whether checksumming is cheap enough here (not in PVM's emulated kernel mode): if
+    /// not, a write-out leaves the sums of the areas it fills unknown, and calls
+    /// [`Persist::copy`] instead of [`Persist::copy_summed`]; a restore does not read the
+    /// save areas to check them.
     fn can_sum(&self) -> bool {
         true
     }
@@ -151,6 +183,63 @@ pub struct WriteOutStats {
 
 /// Ranges batched per `Persist::copy` call (a copy engine's doorbell each).
 const BATCH: usize = 256;
+
+/// A write-out's copies under way: up to [`BATCH`] ranges, the sums asked for each, and
+/// which plate's area each sum goes to once the batch is copied.
+struct Batch {
+    ranges: [CopyRange; BATCH],
+    sums: [RangeSum; BATCH],
+    /// Per range: the plate's index in the live table, times two, plus the area.
+    owner: [u16; BATCH],
+    used: usize,
+    summing: bool,
+}
+
+const _: () = assert!(2 * nvram::plate::MAX_PLATES <= u16::MAX as usize);
+
+impl Batch {
+    fn new(summing: bool) -> Self {
+        let empty = CopyRange { dst: 0, src: 0, len: 0 };
+        Self { ranges: [empty; BATCH], sums: [RangeSum::default(); BATCH], owner: [0; BATCH], used: 0, summing }
+    }
+
+    /// Adds a copy of plate `index`'s pages into its `area`; `sum`: what to hash of it.
+    fn push<P: Persist>(&mut self, nvm: &mut P, live: &mut PlateTable, r: CopyRange, sum: RangeSum, owner: u16) {
+        if self.used == BATCH {
+            self.run(nvm, live);
+        }
+        self.ranges[self.used] = r;
+        self.sums[self.used] = sum;
+        self.owner[self.used] = owner;
+        self.used += 1;
+    }
+
+    /// Copies the batch durably, and moves each area's sum by what its copies wrote less
+    /// what they overwrote (when asked: a known sum).
+    fn run<P: Persist>(&mut self, nvm: &mut P, live: &mut PlateTable) {
+        let n = core::mem::take(&mut self.used);
+        if n == 0 {
+            return;
+        }
+        let ranges = &self.ranges[..n];
+        let durable = if self.summing { nvm.copy_summed(ranges, &mut self.sums[..n]) } else { nvm.copy(ranges) };
+        if !durable {
+            for r in ranges {
+                nvm.flush(r.dst, r.len);
+            }
+        }
+        if !self.summing {
+            return;
+        }
+        let plates = live.plates_mut();
+        for (s, &owner) in self.sums[..n].iter().zip(&self.owner[..n]) {
+            let Some(plate) = plates.get_mut(usize::from(owner / 2)) else { continue };
+            let sum = &mut plate.sum[usize::from(owner & 1)];
+            let gone = if s.wants_overwritten() { s.overwritten } else { 0 };
+            *sum = sum.wrapping_add(s.written).wrapping_sub(gone);
+        }
+    }
+}
 
 /// Steps 4 to 10 of a write-out, after plate-ification: copies what changed of every plate
 /// into its inactive area and makes it durable, then commits the live table (generation
@@ -170,62 +259,53 @@ pub fn write_out<P: Persist>(
     nvm: &mut P,
 ) -> WriteOutStats {
     let mut stats = WriteOutStats::default();
-    let mut batch = [CopyRange { dst: 0, src: 0, len: 0 }; BATCH];
-    let mut used = 0;
-    for plate in live.plates_mut() {
+    let summing = nvm.can_sum();
+    let mut batch = Batch::new(summing);
+    for index in 0..live.plates().len() {
+        let snapshot = live.plates()[index];
         stats.plates += 1;
-        stats.plated_pages += plate.pages;
-        let snapshot = *plate;
-        let base = stale_index(plate);
-        // The inactive area's content checksum follows its pages: the hashes of the pages
-        // about to be overwritten go, those of the pages copied in come (read before the
-        // copy, which is batched: the area still holds the old pages when a range is
-        // planned, and the regions do not change during a write-out).
-        let (mut gone, mut come) = (0u64, 0u64);
-        let summing = nvm.can_sum();
-        // The hashes of the pages overwritten count only against a known sum: an area with
-        // none (a new plate's, or one a kernel-mode write-out left unsummed) is not read,
-        // so the CPU never touches its fresh frames (a first touch costs a host and, under
-        // PVM, a shadow-paging fault a page: most of a first write-out's time otherwise).
-        let old_counts = snapshot.summed & (1 << snapshot.inactive()) != 0;
+        stats.plated_pages += snapshot.pages;
+        let base = stale_index(&snapshot);
+        let inactive = snapshot.inactive();
+        let known = 1 << inactive;
+        // The inactive area's content checksum follows its pages: the copier hashes each
+        // page it writes and, where asked, each it overwrites, as it copies
+        // (`Persist::copy_summed`). A copy of every page sums the area afresh, from zero,
+        // and never asks for the old pages: they do not count, and the recorded sum may not
+        // be theirs (a write-out cut short by a crash scribbled on this area after the
+        // commit that recorded it; the restore then marks every page stale, so the next
+        // write-out copies them all). A copy of some pages moves a known sum by what it
+        // writes less what it overwrites; an unknown sum (a kernel-mode write-out's) stays
+        // unknown. Old pages are read only then: a new plate's fresh frames are only written
+        // (a first touch costs the host, and under PVM a shadow-paging fault, a page).
+        let whole = summing && copies_every_page(&snapshot, |first, n| dirty(&snapshot, first, n), stale, base);
+        let old_counts = !whole && snapshot.summed & known != 0;
+        if summing && !old_counts {
+            live.plates_mut()[index].sum[inactive] = 0;
+        }
+        let owner = (index * 2 + inactive) as u16;
         let copied = plan_copies(
             &snapshot,
             |first, n| dirty(&snapshot, first, n),
             stale,
             base,
             |r| {
-                if summing {
-                    let first = (r.src - snapshot.src) / PAGE;
-                    if old_counts {
-                        gone = gone.wrapping_add(area_sum(nvm.read(r.dst, r.len), first));
-                    }
-                    come = come.wrapping_add(area_sum(nvm.read(r.src, r.len), first));
-                }
-                if used == BATCH {
-                    copy_durably(nvm, &batch);
-                    used = 0;
-                }
-                batch[used] = r;
-                used += 1;
+                let sum = RangeSum::new((r.src - snapshot.src) / PAGE, old_counts);
+                batch.push(nvm, live, r, sum, owner);
                 stats.ranges += 1;
             },
         );
         stats.copied_pages += copied;
-        let inactive = snapshot.inactive();
-        let known = 1 << inactive;
+        let plate = &mut live.plates_mut()[index];
         if !summing {
             if copied != 0 {
                 plate.summed &= !known;
             }
         } else if copied == plate.pages {
-            // Every page written: what the area held before does not count.
-            plate.sum[inactive] = come;
+            // Every page written, summed from zero: known.
             plate.summed |= known;
-        } else if copied != 0 {
-            // Known stays known, unknown stays unknown (the old pages' hashes are right
-            // only against a known sum).
-            plate.sum[inactive] = plate.sum[inactive].wrapping_sub(gone).wrapping_add(come);
         }
+        // Copied in part: known stays known, unknown stays unknown.
         if snapshot.valid == 0 {
             // The first copy went into area A; area B has had none, so it lacks every
             // page (not only this write-out's dirty ones): its first copy is whole too.
@@ -243,7 +323,7 @@ pub fn write_out<P: Persist>(
             plate.valid = inactive as u32 + 1;
         }
     }
-    copy_durably(nvm, &batch[..used]);
+    batch.run(nvm, live);
     // The copies are durable before the table that declares them valid is written.
     nvm.fence();
     live.generation = committed_generation + 1;
@@ -347,5 +427,7 @@ pub fn make_plate(
 
 #[cfg(test)]
 mod capacity_tests;
+#[cfg(test)]
+mod sum_tests;
 #[cfg(test)]
 mod tests;

@@ -22,19 +22,32 @@
 //! | `count` ≤ [`MAX_DESCRIPTORS`], no unknown flag | [`STATUS_BAD_BATCH`] |
 //! | each descriptor: `0 < len ≤` [`MAX_LEN`], source and destination inside guest RAM, not overlapping | [`STATUS_BAD_DESCRIPTOR`], `failed` = its index |
 //!
-//! Batch header layout (little endian, 32 bytes): `magic` u32 ([`BATCH_MAGIC`]), `count` u32,
+//! Batch header layout (little endian, 40 bytes): `magic` u32 ([`BATCH_MAGIC`]), `count` u32,
 //! `status` u32, `failed` u32, `flags` u64 ([`FLAG_DURABLE`]: make every destination durable
 //! before completing), `descriptors` u64: the guest-physical address of an array of `count`
-//! descriptors of 24 bytes: `dst` u64, `src` u64, `len` u64.
+//! descriptors of 24 bytes: `dst` u64, `src` u64, `len` u64; `sums` u64: 0, or the
+//! guest-physical address of an array of `count` [`RangeSum`]s of 32 bytes, one per
+//! descriptor, in which the engine returns the content checksums of the copies.
 //!
 //! The array is separate from the header so that a kernel hands over the list of copies it
 //! has already built, as it is: under PVM each instruction of the guest kernel is emulated,
 //! and rewriting hundreds of descriptors into another format costs more than the copies.
+//!
+//! Sums: a save area's content checksum (`crate::plate::area_sum`) follows every copy into
+//! it, and the engine, which reads and writes each byte of a copy anyway, computes it as it
+//! copies (page by page through a buffer that stays in the host's cache), so the guest reads
+//! nothing twice. For descriptor `i`, `sums[i].written` is `area_sum` of the bytes it wrote,
+//! with `sums[i].first` as the index of its first page; with [`SUM_OVERWRITTEN`] in
+//! `sums[i].flags`, `sums[i].overwritten` is that of the bytes the copy overwrote, read
+//! just before. A batch refused writes no sum. The sums array is checked with the batch
+//! (inside guest RAM, 8-byte aligned: else [`STATUS_BAD_BATCH`]; an unknown flag:
+//! [`STATUS_BAD_DESCRIPTOR`]); the engine writes it after the copies.
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Version of this interface.
-pub const ABI_VERSION: u32 = 2;
+/// 3: the batch header's `sums` (content checksums computed while copying).
+pub const ABI_VERSION: u32 = 3;
 /// What offset 0 reads as: "NVCE" with the version in the low byte.
 pub const ENGINE_ID: u32 = 0x4e56_4300 | ABI_VERSION;
 /// First port.
@@ -96,7 +109,12 @@ pub const DESCRIPTOR_SIZE: u64 = core::mem::size_of::<Descriptor>() as u64;
 pub const COMPLETION_OFFSET: u64 = core::mem::offset_of!(BatchHeader, status) as u64;
 
 const _: () = assert!(DIRTY_REQUEST_SIZE == 32 && DIRTY_STATUS_OFFSET == 4);
-const _: () = assert!(HEADER_SIZE == 32 && DESCRIPTOR_SIZE == 24 && COMPLETION_OFFSET == 8);
+/// Size of a [`RangeSum`].
+pub const RANGE_SUM_SIZE: u64 = core::mem::size_of::<RangeSum>() as u64;
+/// [`RangeSum::flags`]: also return the sum of what the copy overwrote.
+pub const SUM_OVERWRITTEN: u64 = 1;
+
+const _: () = assert!(HEADER_SIZE == 40 && DESCRIPTOR_SIZE == 24 && COMPLETION_OFFSET == 8 && RANGE_SUM_SIZE == 32);
 const _: () = assert!(core::mem::offset_of!(BatchHeader, failed) as u64 == COMPLETION_OFFSET + 4);
 
 /// What the engine writes back into a batch header (`status`, `failed`), as one store.
@@ -117,6 +135,35 @@ pub struct BatchHeader {
     pub failed: u32,
     pub flags: u64,
     pub descriptors: u64,
+    /// 0, or the guest-physical address of `count` [`RangeSum`]s (see the module docs).
+    pub sums: u64,
+}
+
+/// The content checksums of one descriptor's copy, asked for (`first`, `flags`) and
+/// returned (`written`, `overwritten`) in place.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct RangeSum {
+    /// In: the index, in its plate, of the copy's first page (`area_sum`'s `first`).
+    pub first: u64,
+    /// In: [`SUM_OVERWRITTEN`] or 0.
+    pub flags: u64,
+    /// Out: `area_sum(written bytes, first)`.
+    pub written: u64,
+    /// Out, with [`SUM_OVERWRITTEN`]: `area_sum(overwritten bytes, first)`.
+    pub overwritten: u64,
+}
+
+impl RangeSum {
+    /// A request for the sums of a copy whose first page is page `first` of its plate.
+    pub fn new(first: u64, overwritten: bool) -> Self {
+        Self { first, flags: if overwritten { SUM_OVERWRITTEN } else { 0 }, written: 0, overwritten: 0 }
+    }
+
+    /// Whether the sum of what the copy overwrote is asked for.
+    pub fn wants_overwritten(&self) -> bool {
+        self.flags & SUM_OVERWRITTEN != 0
+    }
 }
 
 /// One copy: `len` bytes from `src` to `dst`.

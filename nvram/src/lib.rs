@@ -9,9 +9,12 @@
 //! the struct itself: no offsets written out by hand anywhere. Host-only helpers (the
 //! offline image decoder, [`inspect`]) sit behind the `std` feature.
 //!
-//! Any change to a `#[repr(C)]` structure here or to the meaning of a field is a change
-//! of the image format and must bump [`header::FORMAT_VERSION`]; the compile-time size
-//! checks beside each record catch an accidental one.
+//! Any change to a `#[repr(C)]` structure kept in the image, or to the meaning of a field,
+//! is a change of the image format and must bump [`header::FORMAT_VERSION`]; a device's
+//! records (which live only while a machine runs) carry their own interface version
+//! instead (`control::ABI_VERSION`, `engine::ABI_VERSION`, `persist::ABI_VERSION`), which the
+//! guest checks when it probes the device. The compile-time size checks beside each record
+//! catch an accidental change.
 #![cfg_attr(not(feature = "std"), no_std)]
 
 pub mod abi;

@@ -293,10 +293,36 @@ pub fn page_hash(index: u64, page: &[u8]) -> u64 {
 /// some pages updates it from those pages alone: the sum less the old pages' hashes plus the
 /// new ones'. Any change of one page changes it.
 pub fn area_sum(bytes: &[u8], first: u64) -> u64 {
-    bytes
-        .chunks(PAGE_BYTES)
-        .enumerate()
-        .fold(0u64, |sum, (i, page)| sum.wrapping_add(page_hash(first + i as u64, page)))
+    let mut sum = AreaSum::new(first);
+    bytes.chunks(PAGE_BYTES).for_each(|page| sum.page(page));
+    sum.sum()
+}
+
+/// [`area_sum`] page by page, for a copier that hashes each page as it moves it (the copy
+/// engine, the guest's CPU copier): the same function, so that what a copier returns is
+/// what a restore and `vmm inspect --check` recompute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AreaSum {
+    next: u64,
+    sum: u64,
+}
+
+impl AreaSum {
+    /// The sum of no page yet, of a run whose first page is page `first` of its plate.
+    pub fn new(first: u64) -> Self {
+        Self { next: first, sum: 0 }
+    }
+
+    /// Adds the next page (a whole page but, possibly, for the last one of a run).
+    pub fn page(&mut self, page: &[u8]) {
+        self.sum = self.sum.wrapping_add(page_hash(self.next, page));
+        self.next += 1;
+    }
+
+    /// [`area_sum`] of the pages added.
+    pub fn sum(&self) -> u64 {
+        self.sum
+    }
 }
 
 /// Why a table cannot be the committed one.

@@ -5,7 +5,7 @@
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use kernel_core::plates::CopyRange;
+use kernel_core::plates::{CopyRange, RangeSum};
 use nvram::engine::{
     BatchHeader, DirtyRequest, BASE, BATCH_MAGIC, DIRTY_MAGIC, ENGINE_ID, FLAG_DURABLE, MAX_DESCRIPTORS, REG_DIRTY,
     STATUS_DONE, STATUS_PENDING,
@@ -16,8 +16,15 @@ use x86_64::instructions::port::Port;
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// The batch header, in kernel memory (identity-mapped: its address is physical).
-static BATCH: Mutex<BatchHeader> =
-    Mutex::new(BatchHeader { magic: BATCH_MAGIC, count: 0, status: 0, failed: 0, flags: FLAG_DURABLE, descriptors: 0 });
+static BATCH: Mutex<BatchHeader> = Mutex::new(BatchHeader {
+    magic: BATCH_MAGIC,
+    count: 0,
+    status: 0,
+    failed: 0,
+    flags: FLAG_DURABLE,
+    descriptors: 0,
+    sums: 0,
+});
 
 /// Detects the engine; `wanted` is false with `plate_copy=cpu`. Returns whether it is used.
 pub fn init(wanted: bool) -> bool {
@@ -40,21 +47,40 @@ pub fn enabled() -> bool {
 /// From ring-3 kernel work (`ring3`), the whole of it runs in kernel mode, one trap for
 /// all the batches: the doorbell is a port.
 pub fn copy(ranges: &[CopyRange]) -> bool {
-    crate::arch::ring3::privileged(|| copy_in_kernel_mode(ranges))
+    crate::arch::ring3::privileged(|| copy_in_kernel_mode(ranges, None))
 }
 
-fn copy_in_kernel_mode(ranges: &[CopyRange]) -> bool {
+/// [`copy`], and the engine returns in `sums` (one per range) the content checksums of what
+/// each copy wrote and, where asked, overwrote, computed as it copied. One batch: at most
+/// `MAX_DESCRIPTORS` ranges, so that `false` (refused) always means that nothing was copied
+/// and no sum written, and the caller can copy and sum by itself from the old contents.
+pub fn copy_summed(ranges: &[CopyRange], sums: &mut [RangeSum]) -> bool {
+    if ranges.len() > MAX_DESCRIPTORS as usize || sums.len() != ranges.len() {
+        return false;
+    }
+    crate::arch::ring3::privileged(|| copy_in_kernel_mode(ranges, Some(sums)))
+}
+
+fn copy_in_kernel_mode(ranges: &[CopyRange], mut sums: Option<&mut [RangeSum]>) -> bool {
     let mut batch = BATCH.lock();
-    for chunk in ranges.chunks(MAX_DESCRIPTORS as usize) {
+    for (i, chunk) in ranges.chunks(MAX_DESCRIPTORS as usize).enumerate() {
+        let at = i * MAX_DESCRIPTORS as usize;
         batch.magic = BATCH_MAGIC;
         batch.count = chunk.len() as u32;
         batch.status = STATUS_PENDING;
         batch.flags = FLAG_DURABLE;
         batch.descriptors = chunk.as_ptr() as u64;
+        // With sums, one chunk only (`copy_summed`), as long as the ranges.
+        batch.sums = match sums.as_deref_mut().map(|s| s.get_mut(at..at + chunk.len())) {
+            Some(Some(s)) => s.as_mut_ptr() as u64,
+            Some(None) => return false,
+            None => 0,
+        };
         let addr = &*batch as *const BatchHeader as u64;
         // SAFETY: the doorbell takes the physical address of the batch header, which stays
-        // put and locked while the engine reads it, as does the borrowed array of ranges
-        // (the port write returns once the batch is done).
+        // put and locked while the engine reads it, as do the borrowed array of ranges and
+        // the borrowed array of sums the engine writes (as many as ranges: checked above);
+        // the port write returns once the batch is done.
         unsafe { Port::<u32>::new(BASE).write(addr as u32) };
         // SAFETY: the engine wrote the status in place; read it as it is now.
         let status = unsafe { core::ptr::read_volatile(&batch.status) };

@@ -1,10 +1,10 @@
 //! How the plate function copies and makes durable: a [`Persist`] over identity-mapped
 //! physical memory, by the copy engine when there is one, else by the CPU, timed per phase.
 
-use kernel_core::plates::{CopyRange, Persist};
+use kernel_core::plates::{CopyRange, Persist, RangeSum};
 use nvram::control::Copier;
 use nvram::layout;
-use nvram::plate::PlateTable;
+use nvram::plate::{AreaSum, PlateTable};
 
 use crate::arch::{memory, ring3, timer};
 use crate::dev::{engine, persist};
@@ -49,10 +49,52 @@ impl GuestPersist {
     }
 }
 
+/// Copies `r` page by page, hashing each page of the source as it goes (`sum.written`) and,
+/// if asked, each page of the destination just before it is overwritten (`sum.overwritten`):
+/// a page is hashed while it is in the cache for its copy, not read again afterwards.
+fn copy_and_sum(r: &CopyRange, sum: &mut RangeSum) {
+    let page = layout::PAGE_SIZE;
+    let mut written = AreaSum::new(sum.first);
+    let mut overwritten = AreaSum::new(sum.first);
+    let mut at = 0;
+    while at < r.len {
+        let n = (r.len - at).min(page);
+        let (src, dst) = (r.src + at, r.dst + at);
+        // SAFETY: all of RAM is identity-mapped and the ranges are the plates' own (see
+        // `read`); the slices are dropped before the copy writes `dst`.
+        let (from, to) = unsafe {
+            (
+                core::slice::from_raw_parts(src as *const u8, n as usize),
+                core::slice::from_raw_parts(dst as *const u8, n as usize),
+            )
+        };
+        if sum.wants_overwritten() {
+            overwritten.page(to);
+        }
+        written.page(from);
+        memory::copy(dst, src, n);
+        at += n;
+    }
+    sum.written = written.sum();
+    sum.overwritten = if sum.wants_overwritten() { overwritten.sum() } else { 0 };
+}
+
 impl Persist for GuestPersist {
     fn copy(&mut self, ranges: &[CopyRange]) -> bool {
         let t = timer::rdtsc();
         let durable = !self.copy_ranges(ranges, false);
+        self.copy_ticks += timer::rdtsc() - t;
+        durable
+    }
+
+    /// By the engine, which sums as it copies; else (no engine, or a batch it refused,
+    /// which copied nothing) by the CPU, page by page.
+    fn copy_summed(&mut self, ranges: &[CopyRange], sums: &mut [RangeSum]) -> bool {
+        let t = timer::rdtsc();
+        let durable = self.engine && engine::copy_summed(ranges, sums);
+        if !durable {
+            ranges.iter().zip(sums.iter_mut()).for_each(|(r, s)| copy_and_sum(r, s));
+        }
         self.copy_ticks += timer::rdtsc() - t;
         durable
     }
@@ -85,6 +127,10 @@ impl Persist for GuestPersist {
         self.slot_ticks += timer::rdtsc() - t;
     }
 
+    /// At CPL 3, where the CPU reads natively (a restore checks the save areas then) and the
+    /// bookkeeping of the sums costs nothing to speak of. The engine could sum in kernel mode
+    /// too, but there each plate's share of the bookkeeping is emulated, instruction by
+    /// instruction: the sums stay unknown, as the restore's check is off there.
     fn can_sum(&self) -> bool {
         ring3::in_user_mode()
     }

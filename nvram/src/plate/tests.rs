@@ -117,6 +117,36 @@ fn the_checksum_is_the_same_however_the_words_are_split() {
     }
 }
 
+/// A save area's sum: split at any page into runs (as a write-out copies them, each run with
+/// the index of its first page), the runs' sums add up to the whole area's, page by page
+/// ([`AreaSum`], what the copiers use) as over the bytes ([`area_sum`]); a flipped bit or two
+/// pages swapped change it; a short last page counts its bytes.
+#[test]
+fn an_area_sum_is_the_sum_of_its_runs_and_sees_any_change() {
+    let page = PAGE_BYTES;
+    let bytes: Vec<u8> =
+        (0..5 * page + 100).map(|i| (i as u64).wrapping_mul(0x9e37_79b9) as u8 ^ (i >> 12) as u8).collect();
+    let whole = area_sum(&bytes, 0);
+    let mut by_page = AreaSum::new(0);
+    bytes.chunks(page).for_each(|p| by_page.page(p));
+    assert_eq!(by_page.sum(), whole);
+    for cut in 0..=6 {
+        let at = (cut * page).min(bytes.len());
+        let runs = area_sum(&bytes[..at], 0).wrapping_add(area_sum(&bytes[at..], cut as u64));
+        assert_eq!(runs, whole, "cut at page {cut}");
+    }
+    let mut flipped = bytes.clone();
+    flipped[3 * page + 17] ^= 4;
+    assert_ne!(area_sum(&flipped, 0), whole);
+    let mut swapped = bytes.clone();
+    swapped[..2 * page].rotate_left(page);
+    assert_ne!(area_sum(&swapped, 0), whole);
+    let mut tail = bytes.clone();
+    tail[5 * page + 99] ^= 1;
+    assert_ne!(area_sum(&tail, 0), whole);
+    assert_eq!(area_sum(&[], 7), 0, "no page, no hash");
+}
+
 /// Every resource that can exist at once, as (kind, id): the two fixed tables, every kernel
 /// space, every space's page tables, every user space.
 fn every_resource() -> Vec<(PlateKind, u32)> {
