@@ -126,3 +126,28 @@ fn a_partly_written_line_is_not_read() {
     assert_eq!(complete_line_after("a: 12\nb: 134", "b: "), None);
     assert_eq!(complete_line_after("a: 12\nb: 1341\n", "b: ").as_deref(), Some("1341"));
 }
+
+/// Periodic write-outs that outlast their interval (32 MiB dirtied between two of them,
+/// a write-out every 5 ms) leave the processes an interval after each one ends: were the
+/// next one due an interval after the previous *started*, they would run back to back and
+/// nothing else would run.
+#[test]
+fn periodic_write_outs_longer_than_their_interval_leave_the_processes_time() {
+    let scratch = Scratch::new();
+    let cmdline = "apps=memtouch memtouch=16,2048,32768 memtouch_ms=1 checkpoint_ms=5";
+    let status = run_until(machine_config(&scratch, cmdline, 128 << 20), Duration::from_secs(60), |s| {
+        s.of(nvram::control::Operation::WriteOut).count() >= 12
+    });
+    let write_outs: Vec<_> = status.of(nvram::control::Operation::WriteOut).skip(1).collect();
+    let gaps: Vec<Duration> =
+        write_outs.windows(2).map(|w| (w[1].at - w[1].total).saturating_duration_since(w[0].at)).collect();
+    let longest = write_outs.iter().map(|r| r.total).max().unwrap();
+    // Ticks of 1 ms: the next write-out starts 4 to 5 ms after the end of the one before.
+    for (gap, pair) in gaps.iter().zip(write_outs.windows(2)) {
+        assert!(
+            *gap >= Duration::from_millis(3),
+            "a write-out started {gap:?} after the one before ended (it took {:?}; the longest {longest:?})",
+            pair[0].total
+        );
+    }
+}

@@ -189,8 +189,8 @@ fn start(
     let nvm_root::Nvm { header, resources, frames, .. } = nvm;
     // Before any conversion to ticks: a write-out every millisecond needs a finer timer.
     timer::set_hz(timer::hz_for_interval(cmdline.checkpoint_ms));
-    let checkpoint_ticks = cmdline.checkpoint_ms.map_or(0, timer::ms_to_ticks);
-    boot::install(header, resources, frames, plating, checkpoint_ticks, restored);
+    let checkpoint_ns = cmdline.checkpoint_ms.map_or(0, |ms| ms.saturating_mul(1_000_000));
+    boot::install(header, resources, frames, plating, checkpoint_ns, restored);
     // SAFETY: the entries come from the start info's module list.
     let modules = info.modules.iter().map(|entry| unsafe { proc::load::Module::new(entry, info.cmdline) });
     boot::run(kind, modules, tsc_khz, cmdline.run_ms)

@@ -26,7 +26,7 @@ pub fn install(
     res: &'static mut Resources,
     frames: FrameBitmap<'static>,
     plating: Option<Plating>,
-    checkpoint_ticks: u64,
+    checkpoint_ns: u64,
     restored: Option<Metrics>,
 ) {
     kernel::install(Kernel {
@@ -37,8 +37,8 @@ pub fn install(
         current: None,
         ticks: 0,
         plating,
-        next_checkpoint: if checkpoint_ticks == 0 { u64::MAX } else { checkpoint_ticks },
-        checkpoint_ticks,
+        next_checkpoint_ns: if checkpoint_ns == 0 { u64::MAX } else { checkpoint_ns },
+        checkpoint_ns,
         entered_first: false,
     });
     if let Some(metrics) = restored {

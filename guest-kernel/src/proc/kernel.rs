@@ -37,10 +37,12 @@ pub struct Kernel {
     pub ticks: u64,
     /// The plate function (`None` with `plate=off`).
     pub plating: Option<Plating>,
-    /// Tick of the next periodic write-out (`u64::MAX`: none).
-    pub next_checkpoint: u64,
-    /// Ticks between periodic write-outs (0: none).
-    pub checkpoint_ticks: u64,
+    /// When the next periodic write-out is due, in TSC nanoseconds since the timer started
+    /// (`u64::MAX`: none). Measured by the TSC, not by counting ticks: KVM delivers the
+    /// ticks a long write-out held back in a burst after it.
+    pub next_checkpoint_ns: u64,
+    /// Nanoseconds from the end of one periodic write-out to the next (0: none).
+    pub checkpoint_ns: u64,
     /// Whether this boot has entered a process yet (and told the VMM so).
     pub entered_first: bool,
 }

@@ -60,10 +60,10 @@ pub fn dispatch(frame: &mut TrapFrame) {
                     println!("run time over");
                     k.shutdown(frame);
                 }
-                let periodic = k.ticks >= k.next_checkpoint;
-                if periodic {
-                    k.next_checkpoint = k.ticks + k.checkpoint_ticks;
-                }
+                // Half a tick early is on time: the tick that ends the interval may come a
+                // hair before the TSC says so.
+                let half_tick = 500_000_000 / timer::hz().max(1);
+                let periodic = timer::now_ns().saturating_add(half_tick) >= k.next_checkpoint_ns;
                 // Requests come by their own interrupt (a look here too would take a request
                 // whose interrupt is pending behind this one's); the tick looks when that
                 // interrupt was lost in ring-3 work, and once a second in case.
@@ -71,6 +71,12 @@ pub fn dispatch(frame: &mut TrapFrame) {
                 let look = ring3::take_missed_irq(REQUEST_IRQ) || k.ticks.is_multiple_of(timer::hz());
                 let request = if look { control::request() } else { Request::None };
                 serve(k, frame, request, false, periodic);
+                if periodic {
+                    // The next one is due an interval after this one ended: a write-out
+                    // that outlasts the interval (a loaded host, many dirty pages) must not
+                    // start the next at once, or the processes would never run between them.
+                    k.next_checkpoint_ns = timer::now_ns().saturating_add(k.checkpoint_ns);
+                }
                 // Preempt every slice; the idle context must notice a sleeper that woke.
                 if slice || k.current.is_none() {
                     process::schedule(k, frame);
