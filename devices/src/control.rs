@@ -14,6 +14,7 @@ pub mod barriers;
 pub mod stats;
 
 use std::collections::{BTreeMap, VecDeque};
+use std::io::Write;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -240,17 +241,33 @@ pub struct MachineControl {
     barriers: Option<crate::persistence::BarrierCounter>,
     /// Told when write-outs start and report, for the one it may record.
     domain: Option<Arc<Mutex<crate::PersistenceDomain>>>,
+    /// Where console text goes (dropped without one).
+    console: Option<crate::SharedConsole>,
 }
 
 impl MachineControl {
     /// A device reading messages from `mem`, reporting `tsc_khz` as the guest's TSC rate.
     pub fn new(mem: GuestMemoryMmap<()>, tsc_khz: u32) -> Self {
-        Self { mem, tsc_khz, status: StatusHandle::default(), logs: LogLimits::default(), barriers: None, domain: None }
+        Self {
+            mem,
+            tsc_khz,
+            status: StatusHandle::default(),
+            logs: LogLimits::default(),
+            barriers: None,
+            domain: None,
+            console: None,
+        }
     }
 
     /// Tells `domain` when write-outs start and report (so it can record one).
     pub fn with_domain(mut self, domain: Arc<Mutex<crate::PersistenceDomain>>) -> Self {
         self.domain = Some(domain);
+        self
+    }
+
+    /// Prints the guest's console text on `console`, the UART's output.
+    pub fn with_console(mut self, console: crate::SharedConsole) -> Self {
+        self.console = Some(console);
         self
     }
 
@@ -277,6 +294,15 @@ impl MachineControl {
         let mut bytes = vec![0u8; header.len as usize];
         self.mem.read_slice(&mut bytes, GuestAddress(addr)).map_err(|_| Refused::OutOfRam { addr })?;
         let message = control::decode(&bytes).map_err(|error| Refused::Malformed { addr, error })?;
+        if let Message::Console { len } = message {
+            // Text, not a report: not counted among the accepted messages.
+            let text = bytes.get(head.len()..head.len() + len).unwrap_or_default();
+            if let Some(console) = &mut self.console {
+                // A lost console drops its bytes (`ConsoleOut`): no error to give.
+                let _ = console.write_all(text);
+            }
+            return Ok(());
+        }
         self.apply(message);
         Ok(())
     }
@@ -299,6 +325,8 @@ impl MachineControl {
         let barriers = self.barriers.as_ref().map(|c| c.load(std::sync::atomic::Ordering::Relaxed));
         status.accepted += 1;
         match message {
+            // Printed at the doorbell, which holds its bytes.
+            Message::Console { .. } => {}
             Message::Booted { boot_kind, boot_count, generation } => {
                 if logs.booted.allow(now) {
                     info!(kind = <&str>::from(boot_kind), boot_count, generation, "guest booted");

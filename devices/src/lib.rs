@@ -25,4 +25,4 @@ pub use engine::CopyEngine;
 pub use exit::{ExitDevice, GuestExit};
 pub use log_limit::LogLimit;
 pub use persistence::{CrashEvict, PersistenceDomain, PersistenceModel};
-pub use serial::SerialConsole;
+pub use serial::{SerialConsole, SharedConsole};

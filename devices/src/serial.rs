@@ -1,6 +1,7 @@
 //! COM1: a 16550 UART (vm-superio) whose output goes to the VMM's console.
 
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -27,13 +28,39 @@ impl Trigger for EventFdTrigger {
 
 /// The guest's console.
 pub struct SerialConsole {
-    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, ConsoleOut>,
+    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, SharedConsole>,
 }
 
 impl SerialConsole {
     /// A UART whose transmitted bytes go to `out`.
-    pub fn new(interrupt: EventFd, out: Box<dyn Write + Send>) -> Self {
-        Self { uart: Serial::new(EventFdTrigger::new(interrupt), ConsoleOut::new(out)) }
+    pub fn new(interrupt: EventFd, out: SharedConsole) -> Self {
+        Self { uart: Serial::new(EventFdTrigger::new(interrupt), out) }
+    }
+}
+
+/// The console's output, shared by the devices that print to it: the UART, byte by byte,
+/// and the machine-control device, a line at a time (`nvram::control`'s console text). One
+/// output, so that what both print comes out in the order the guest printed it.
+#[derive(Clone)]
+pub struct SharedConsole(Arc<Mutex<ConsoleOut>>);
+
+impl SharedConsole {
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
+        Self(Arc::new(Mutex::new(ConsoleOut::new(out))))
+    }
+
+    fn out(&self) -> std::sync::MutexGuard<'_, ConsoleOut> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Write for SharedConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.out().write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out().flush()
     }
 }
 

@@ -59,6 +59,23 @@ fn open_disk(test_sectors: u64) {
     }
 }
 
+/// The memory map, a line a region: one print for all of them, since each print costs a
+/// trip to CPL 3 and a VM exit (`dev::console`).
+struct MemoryMap(&'static [nvram::pvh::MemoryRegion]);
+
+impl core::fmt::Display for MemoryMap {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let mut regions = self.0.iter().filter(|r| r.size != 0).peekable();
+        while let Some(r) = regions.next() {
+            write!(f, "  memory {:#012x}-{:#012x} {}", r.addr, r.addr + r.size, r.kind_name())?;
+            if regions.peek().is_some() {
+                f.write_str("\n")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Rust entry, called by the boot code in long mode with `start_info` the physical address
 /// of the PVH `hvm_start_info`.
 #[no_mangle]
@@ -68,6 +85,10 @@ extern "C" fn kmain(start_info: u64) -> ! {
     gdt::init();
     interrupts::init();
     paging::init();
+    // Before the first print: printing formats at CPL 3 and hands the text to the
+    // machine-control device when there is one (`dev::console`).
+    ring3::init(true);
+    let tsc_khz = control::init();
 
     println!(
         "Tender NVM kernel {} (image format {}, build {:016x})",
@@ -80,10 +101,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
         Ok(info) => info,
         Err(e) => panic!("unusable PVH start info: {e}"),
     };
-    println!("command line: \"{}\"", info.cmdline);
-    for region in info.memory_map.iter().filter(|r| r.size != 0) {
-        println!("  memory {:#012x}-{:#012x} {}", region.addr, region.addr + region.size, region.kind_name());
-    }
+    println!("command line: \"{}\"\n{}", info.cmdline, MemoryMap(info.memory_map));
     let cmdline = Cmdline::parse(info.cmdline, |item| println!("ignoring unknown command-line item \"{item}\""));
 
     let (flush, announce) = persist::init(cmdline.flush);
@@ -96,7 +114,6 @@ extern "C" fn kmain(start_info: u64) -> ! {
         if announce { ", barriers announced to the machine" } else { "" }
     );
     ring3::init(cmdline.bookkeeping_ring3);
-    let tsc_khz = control::init();
     let copier = if engine::init(cmdline.plate_copy_engine) { "copy engine" } else { "CPU" };
     open_disk(cmdline.disk_test);
     if cmdline.plate {

@@ -10,7 +10,7 @@ use devices::engine::EngineStats;
 use devices::persistence::PowerFailure;
 use devices::{
     CopyEngine, ExitDevice, GuestExit, MachineControl, MmioBus, PersistBarrier, PersistenceDomain, PersistenceModel,
-    PioBus, SerialConsole, StatusHandle,
+    PioBus, SerialConsole, SharedConsole, StatusHandle,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use nvram::ports;
@@ -79,7 +79,7 @@ impl Machine {
                 (bytes, path.display().to_string())
             }
         };
-        let console = open_console(&config.console)?;
+        let console = SharedConsole::new(open_console(&config.console)?);
 
         let persistence = config.persistence;
         let (image, mem) = match config.memory {
@@ -114,7 +114,8 @@ impl Machine {
         let exit = exit_device.handle();
         let mut pio = PioBus::new();
         let overlap = Error::PortBus;
-        pio.register(ports::COM1, ports::COM1_LEN, Box::new(SerialConsole::new(irq, console))).map_err(overlap)?;
+        pio.register(ports::COM1, ports::COM1_LEN, Box::new(SerialConsole::new(irq, console.clone())))
+            .map_err(overlap)?;
         pio.register(ports::EXIT, 4, Box::new(exit_device)).map_err(overlap)?;
         // The guest's TSC rate, so that it need not calibrate (an emulated loop under PVM).
         let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
@@ -157,6 +158,7 @@ impl Machine {
             .with_barrier_counter(barriers.clone()),
         ));
         let control = MachineControl::new(mem.clone(), tsc_khz)
+            .with_console(console)
             .with_barrier_counter(barriers.clone())
             .with_domain(domain.clone());
         let status = control.status();

@@ -178,3 +178,44 @@ fn summaries_are_exact_while_the_ring_holds_everything() {
     assert_eq!(status.summary(Operation::WriteOut), None);
     assert_eq!(status.nth_of(Operation::Restore, 4).map(|r| r.total), Some(ms(5)));
 }
+
+/// A writer the test reads back.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn put_console(dev: &MachineControl, addr: u64, text: &[u8]) {
+    dev.mem.write_slice(nvram::control::console_header(text.len()).as_bytes(), GuestAddress(addr)).unwrap();
+    dev.mem.write_slice(text, GuestAddress(addr + 8)).unwrap();
+}
+
+/// Console text reaches the console the UART prints on, in order with the UART's bytes;
+/// a console message with no text, or claiming more than a message holds, prints nothing.
+#[test]
+fn console_text_is_printed_between_the_uarts_bytes() {
+    let captured = Captured::default();
+    let console = crate::SharedConsole::new(Box::new(captured.clone()));
+    let mut dev = device().with_console(console.clone());
+    let mut uart = console.clone();
+    uart.write_all(b"A").unwrap();
+    put_console(&dev, 0x1000, b"NVM: restored generation 2\r\n");
+    ring(&mut dev, 0x1000);
+    uart.write_all(b"B").unwrap();
+    dev.mem.write_slice(nvram::control::console_header(0).as_bytes(), GuestAddress(0x2000)).unwrap();
+    ring(&mut dev, 0x2000);
+    dev.mem.write_slice(nvram::control::console_header(MAX_MESSAGE as usize).as_bytes(), GuestAddress(0x3000)).unwrap();
+    ring(&mut dev, 0x3000);
+    assert_eq!(captured.0.lock().unwrap().as_slice(), b"ANVM: restored generation 2\r\nB");
+    let status = lock(&dev.status);
+    assert_eq!((status.accepted, status.rejected), (0, 2), "text is not a report; the bad two are refused");
+}

@@ -4,8 +4,8 @@
 //! mode with paging off and `ebx` holding the physical address of `hvm_start_info`. We switch
 //! to long mode with identity-mapped page tables that are *data in the ELF image*: the loader
 //! writes them into RAM, so no emulated guest instruction is spent building them (kernel mode
-//! is emulated at about 1 µs an instruction under PVM). Then we zero `.bss` and call
-//! [`crate::kmain`].
+//! is emulated at about 1 µs an instruction under PVM). The same goes for the zeroed statics
+//! (the image has no `.bss`: `linker.ld`). Then we call [`crate::kmain`].
 //!
 //! The boot page tables map the first 4 GiB (the first 2 MiB with 4 KiB pages, the rest with
 //! 2 MiB pages): all of RAM (`nvram::layout::MAX_RAM` is 3 GiB) and the local APIC and
@@ -95,13 +95,8 @@ long_mode_entry:
     mov %ax, %fs
     mov %ax, %gs
     mov $__stack_top, %rsp
-    /* Zero .bss, 8 bytes a step: the loader leaves whatever the image held there. */
-    mov $__bss_start, %rdi
-    mov $__bss_end, %rcx
-    sub %rdi, %rcx
-    shr $3, %rcx
-    xor %eax, %eax
-    rep stosq
+    /* No .bss to zero: the linker script puts the zeroed statics in .data, which the
+       loader writes whole. */
     mov %esi, %edi                  /* kmain(start_info) */
     xor %ebp, %ebp
     call kmain

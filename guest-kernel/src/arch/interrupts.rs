@@ -13,7 +13,6 @@
 //! `syscall` instruction lands at LSTAR still in user mode, `int n` from ring 3 kills the
 //! VM and `sysretq` raises #GP, while a trap instruction and `iretq` work; they work on
 //! VT-x/SVM alike.
-use spin::Once;
 use x86_64::structures::idt::InterruptDescriptorTable;
 use x86_64::VirtAddr;
 
@@ -96,12 +95,23 @@ extern "C" {
     static trap_stubs: [u64; STUBS];
 }
 
-static IDT: Once<InterruptDescriptorTable> = Once::new();
+/// The IDT, every entry missing until [`init`]: a static built at compile time, so that the
+/// loader writes its 4 KiB and no emulated instruction does (building it on the stack and
+/// moving it into place took 2 ms of every boot under PVM).
+static IDT: IdtCell = IdtCell(core::cell::UnsafeCell::new(InterruptDescriptorTable::new()));
+
+/// [`IDT`]'s cell: written once by [`init`], then only read by the CPU.
+struct IdtCell(core::cell::UnsafeCell<InterruptDescriptorTable>);
+
+// SAFETY: one CPU, and the only write is `init`'s, at boot, before interrupts are enabled.
+unsafe impl Sync for IdtCell {}
 
 /// Installs the exception and interrupt handlers.
 pub fn init() {
-    let idt = IDT.call_once(|| {
-        let mut idt = InterruptDescriptorTable::new();
+    {
+        // SAFETY: called once, at boot, on the only CPU and before interrupts are enabled:
+        // nothing else refers to the IDT while its handlers are filled in.
+        let idt = unsafe { &mut *IDT.0.get() };
         // SAFETY: `trap_stubs` is an immutable table in .rodata filled by the linker.
         let stubs = unsafe { &trap_stubs };
         let addr = |vector: usize| VirtAddr::new(stubs[vector]);
@@ -137,9 +147,9 @@ pub fn init() {
                 idt[IRQ_BASE + irq].set_handler_addr(addr(usize::from(IRQ_BASE + irq)));
             }
         }
-        idt
-    });
-    idt.load();
+    }
+    // SAFETY: from here on the IDT is only read (by the CPU).
+    unsafe { (*IDT.0.get()).load() };
 }
 
 /// Loads an empty IDT and faults: with no handler the CPU escalates to a triple fault,

@@ -64,6 +64,28 @@ fn send<T: IntoBytes + Immutable>(message: &T) {
     unsafe { Port::<u32>::new(BASE + REG_DOORBELL).write(addr as u32) };
 }
 
+/// Sends a console message (`nvram::control::console_header`, then the text) that the
+/// caller built in place: a line is one doorbell, not a copy.
+pub fn console(message: &ConsoleMessage) {
+    if !present() {
+        return;
+    }
+    // SAFETY: as in `send`: `message` is identity-mapped kernel memory, 8-byte aligned, and
+    // stays put while the VMM reads it.
+    unsafe { Port::<u32>::new(BASE + REG_DOORBELL).write(message as *const ConsoleMessage as u64 as u32) };
+}
+
+/// Console text as the doorbell takes it: a header and the text after it.
+#[repr(C, align(8))]
+pub struct ConsoleMessage {
+    pub header: nvram::control::MessageHeader,
+    pub text: [u8; CONSOLE_TEXT],
+}
+
+/// Text a console message carries at most here: a long line goes out in pieces.
+pub const CONSOLE_TEXT: usize = 1024;
+const _: () = assert!(CONSOLE_TEXT <= nvram::control::CONSOLE_TEXT_MAX);
+
 pub fn booted(message: Booted) {
     send(&message);
 }

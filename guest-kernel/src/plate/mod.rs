@@ -46,7 +46,9 @@ pub fn format(mut areas: Areas) -> Plating {
     for slot in &mut areas.slots {
         slot.magic = 0;
     }
-    areas.stale.fill(u64::MAX);
+    // At CPL 3: the bitmap grows with RAM, and kernel mode is slow under PVM.
+    let stale = &mut *areas.stale;
+    ring3::run(|| stale.fill(u64::MAX));
     persist::persist(layout::PLATE_LIVE, PAGE);
     persist::persist(layout::PLATE_SLOTS[0], 64);
     persist::persist(layout::PLATE_SLOTS[1], 64);
@@ -94,8 +96,9 @@ pub fn resume(areas: Areas) -> Result<Plating, Areas> {
         return Err(areas);
     }
     // Pages written after the last write-out, before the shutdown, are in no dirty log this
-    // VMM keeps: the next write-out copies every page.
-    areas.stale.fill(u64::MAX);
+    // VMM keeps: the next write-out copies every page. (At CPL 3, as in `format`.)
+    let stale = &mut *areas.stale;
+    ring3::run(|| stale.fill(u64::MAX));
     let committed = areas.committed().map(|i| (i, areas.slots[i].generation));
     install_ops();
     Ok(areas.into_plating(committed))
@@ -107,12 +110,15 @@ pub fn resume(areas: Areas) -> Result<Plating, Areas> {
 pub fn choose(areas: &mut Areas) -> plates::Choice {
     let frames = areas.frames;
     let Areas { slots, dirty, .. } = areas;
-    let choice = ring3::run(|| {
-        plates::choose([&*slots[0], &*slots[1]], layout::FRAMES_BASE, frames, dirty, &GuestPersist::default())
-    });
-    // The dirty bitmap was the check's scratch: a write-out expects it clear.
-    dirty.fill(0);
-    choice
+    ring3::run(|| {
+        let choice =
+            plates::choose([&*slots[0], &*slots[1]], layout::FRAMES_BASE, frames, dirty, &GuestPersist::default());
+        // The dirty bitmap was the check's scratch: a write-out expects it clear. Here, at
+        // CPL 3: the bitmap grows with RAM (8 KiB a 256 MiB), and clearing it in kernel mode
+        // took milliseconds under PVM.
+        dirty.fill(0);
+        choice
+    })
 }
 
 /// After a crash: copies every plate's committed area back (the tables first, so that the
@@ -158,10 +164,12 @@ pub fn check_restored(plating: &mut Plating, res: &Resources, frames: &FrameBitm
         committed: true,
     };
     let dirty: &mut [u64] = plating.dirty;
-    let found =
-        ring3::run(|| nvram::fsck::check_state(&state, dirty, |v| crate::println!("NVM: check: VIOLATION: {v}")));
-    // The dirty bitmap was the check's scratch: a write-out expects it clear.
-    dirty.fill(0);
+    let found = ring3::run(|| {
+        let found = nvram::fsck::check_state(&state, dirty, |v| crate::println!("NVM: check: VIOLATION: {v}"));
+        // The dirty bitmap was the check's scratch: a write-out expects it clear.
+        dirty.fill(0);
+        found
+    });
     if found == 0 {
         crate::println!("NVM: check: the restored state is consistent");
     }

@@ -82,13 +82,17 @@ pub fn handle(frame: &mut TrapFrame) {
 }
 
 /// The bytes `addr..addr + len` of the current process, if it may read them; borrowed as
-/// long as the kernel's state is, so that no unmap can free them meanwhile.
+/// long as the kernel's state is, so that no unmap can free them meanwhile. Read through
+/// the identity map of their frames (a user space is one run of frames), not at their user
+/// address: the kernel's work at CPL 3, which formats what is printed (`dev::console`),
+/// runs in an address space without the process's mappings.
 fn user_bytes(k: &Kernel, addr: u64, len: u64) -> Option<&[u8]> {
     let space = k.procs.get(k.current?)?.space;
-    let readable = resources::user_space_at(k.res, space, addr, len).is_some();
-    // SAFETY: the range lies in a user space of the current process (mapped, since its
-    // space is loaded).
-    readable.then(|| unsafe { core::slice::from_raw_parts(addr as *const u8, len as usize) })
+    let (id, user) = resources::user_space_at(k.res, space, addr, len)?;
+    let phys = resources::user_space_phys(k.res, id)? + (addr - user.vaddr);
+    // SAFETY: the range lies in a user space of the current process, whose frames are
+    // identity-mapped RAM in the kernel's and the work's address spaces.
+    Some(unsafe { core::slice::from_raw_parts(phys as *const u8, len as usize) })
 }
 
 fn write(k: &mut Kernel, addr: u64, len: u64) -> u64 {

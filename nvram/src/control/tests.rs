@@ -152,3 +152,27 @@ fn random_bytes_never_panic() {
         let _ = decode(&buf[..len]);
     }
 }
+
+/// A console message as the guest builds it: the header for its text, then the text.
+fn console_message(text: &[u8]) -> std::vec::Vec<u8> {
+    let mut m = console_header(text.len()).as_bytes().to_vec();
+    m.extend_from_slice(text);
+    m
+}
+
+#[test]
+fn console_text_decodes_to_its_length_and_bad_lengths_are_refused() {
+    let m = console_message(b"NVM: restored generation 2\r\n");
+    assert_eq!(decode(&m), Ok(Message::Console { len: 28 }));
+    let longest = console_message(&[b'x'; CONSOLE_TEXT_MAX]);
+    assert_eq!(longest.len(), MAX_MESSAGE as usize);
+    assert_eq!(decode(&longest), Ok(Message::Console { len: CONSOLE_TEXT_MAX }));
+    // No text, more text than a message holds, and a header claiming more than was read.
+    assert!(matches!(decode(&console_message(b"")), Err(DecodeError::Length { kind: KIND_CONSOLE, len: 8 })));
+    let mut over = console_message(&[b'x'; CONSOLE_TEXT_MAX]);
+    over.push(b'y');
+    over[4..8].copy_from_slice(&(MAX_MESSAGE + 1).to_le_bytes());
+    assert!(matches!(decode(&over), Err(DecodeError::Length { .. })));
+    let m = console_message(b"cut short");
+    assert_eq!(decode(&m[..12]), Err(DecodeError::Truncated { have: 12, need: 17 }));
+}
