@@ -170,6 +170,13 @@ pub trait Persist {
     fn can_sum(&self) -> bool {
         true
     }
+    /// RAM that a copy may overwrite at will (address, bytes; whole pages), for checking save
+    /// areas by copying them there with their sums ([`Persist::copy_summed`]): a copier that
+    /// sums as it copies outside the CPU (the copy engine) checks an area without the CPU
+    /// reading a byte of it. `None`: areas are checked by reading them ([`Persist::read`]).
+    fn scratch(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// What a write-out did.
@@ -362,10 +369,80 @@ pub fn restore<P: Persist>(committed: &PlateTable, nvm: &mut P) -> u64 {
 pub use nvram::plate_check::{Choice, Rejection};
 
 /// [`nvram::plate_check::choose`] over `nvm`'s memory: the slot a restore follows (its
-/// save areas checked where [`Persist::can_sum`]).
-pub fn choose<P: Persist>(slots: [&PlateTable; 2], base: u64, frames: u64, scratch: &mut [u64], nvm: &P) -> Choice {
-    let read = nvm.can_sum().then_some(|addr, len| Some(nvm.read(addr, len)));
-    plate_check::choose(slots, base, frames, scratch, read)
+/// save areas checked where [`Persist::can_sum`]: by copying them onto
+/// [`Persist::scratch`] with their sums when there is one, else by reading them).
+pub fn choose<P: Persist>(slots: [&PlateTable; 2], base: u64, frames: u64, scratch: &mut [u64], nvm: &mut P) -> Choice {
+    let buffer = nvm.scratch().filter(|&(_, len)| len >= PAGE);
+    let summing = nvm.can_sum();
+    let verify = |t: &PlateTable| match buffer {
+        Some(buffer) => verify_by_copy(t, nvm, buffer),
+        None => plate_check::verify_areas(t, |addr, len| Some(nvm.read(addr, len))),
+    };
+    plate_check::choose(slots, base, frames, scratch, summing.then_some(verify))
+}
+
+/// [`nvram::plate_check::verify_areas`] by copies: each valid, summed save area of `table`
+/// is copied in pieces onto `buffer` (`(address, bytes)`, whole pages) with its sums asked
+/// for, [`BATCH`] pieces a call, and the sums of each area's pieces added up (the sum is one
+/// of pages, each hashed with its index in the plate) are compared with the table's. Gives
+/// the first plate whose area does not match.
+fn verify_by_copy<P: Persist>(table: &PlateTable, nvm: &mut P, (buffer, len): (u64, u64)) -> Result<(), usize> {
+    let piece_pages = len / PAGE;
+    let mut ranges = [CopyRange { dst: 0, src: 0, len: 0 }; BATCH];
+    let mut sums = [RangeSum::new(0, false); BATCH];
+    let mut owners = [0usize; BATCH];
+    let mut used = 0;
+    // The area being summed: its plate's index, what its finished pieces add up to.
+    let mut current: Option<(usize, u64)> = None;
+    let expected = |i: usize| {
+        let p = &table.plates()[i];
+        p.sum[(p.valid - 1) as usize & 1]
+    };
+    let mut settle =
+        |ranges: &[CopyRange], sums: &mut [RangeSum], owners: &[usize], current: &mut Option<(usize, u64)>| {
+            if !ranges.is_empty() {
+                // A copy that fails leaves the sums at 0: no area then matches, as it should.
+                let _ = nvm.copy_summed(ranges, sums);
+            }
+            for (&owner, sum) in owners.iter().zip(sums.iter()) {
+                match current {
+                    Some((i, acc)) if *i == owner => *acc = acc.wrapping_add(sum.written),
+                    _ => {
+                        if let Some((i, acc)) = *current {
+                            if acc != expected(i) {
+                                return Err(i);
+                            }
+                        }
+                        *current = Some((owner, sum.written));
+                    }
+                }
+            }
+            Ok(())
+        };
+    for (i, plate) in table.plates().iter().enumerate().filter(|(_, p)| p.valid != 0) {
+        let v = (plate.valid - 1) as usize & 1;
+        if plate.summed & (1 << v) == 0 || plate.pages == 0 {
+            continue;
+        }
+        let mut first = 0;
+        while first < plate.pages {
+            if used == BATCH {
+                settle(&ranges, &mut sums, &owners, &mut current)?;
+                used = 0;
+            }
+            let pages = (plate.pages - first).min(piece_pages);
+            ranges[used] = CopyRange { dst: buffer, src: plate.area[v] + first * PAGE, len: pages * PAGE };
+            sums[used] = RangeSum::new(first, false);
+            owners[used] = i;
+            used += 1;
+            first += pages;
+        }
+    }
+    settle(&ranges[..used], &mut sums[..used], &owners[..used], &mut current)?;
+    match current {
+        Some((i, acc)) if acc != expected(i) => Err(i),
+        _ => Ok(()),
+    }
 }
 
 /// Copies `ranges` and writes their lines back, unless the copier made them durable

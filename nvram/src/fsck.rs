@@ -246,7 +246,8 @@ pub fn check_image(bytes: &[u8], scratch: &mut [u64], mut report: impl FnMut(Vio
     } else {
         let slots = [table_at(layout::PLATE_SLOTS[0]), table_at(layout::PLATE_SLOTS[1])];
         let [Some(a), Some(b)] = slots else { return Err(Unchecked::Bytes) };
-        let choice = plate_check::choose([a, b], FRAMES_BASE, frames, scratch, Some(at));
+        let verify = |t: &PlateTable| plate_check::verify_areas(t, at);
+        let choice = plate_check::choose([a, b], FRAMES_BASE, frames, scratch, Some(verify));
         for r in choice.rejected.iter().flatten() {
             match *r {
                 Rejection::Entry(e) => say(Violation::Entry(e)),

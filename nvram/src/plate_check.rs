@@ -257,14 +257,16 @@ impl Choice {
 /// (`layout::FRAMES_BASE`) and whose valid save areas hold what was written there
 /// ([`verify_areas`]), the one with the highest generation. The slot claiming the higher
 /// generation is looked at first; the other only if the first is passed over. `scratch`:
-/// at least `frames.div_ceil(64)` words, left dirty. `read: None`: the save areas are not
-/// checked (where reading them costs too much: PVM's emulated kernel mode).
-pub fn choose<'a>(
+/// at least `frames.div_ceil(64)` words, left dirty. `verify`: checks a table's valid save
+/// areas, giving the first plate whose area does not hold what was written there
+/// ([`verify_areas`] over the bytes, or a copier that sums as it copies); `None`: the save
+/// areas are not checked (where that costs too much: PVM's emulated kernel mode).
+pub fn choose(
     slots: [&PlateTable; 2],
     base: u64,
     frames: u64,
     scratch: &mut [u64],
-    read: Option<impl Fn(u64, u64) -> Option<&'a [u8]>>,
+    mut verify: Option<impl FnMut(&PlateTable) -> Result<(), usize>>,
 ) -> Choice {
     let mut choice = Choice { index: None, rejected: [None; 2], generations: slots.map(|t| t.generation) };
     let order = if slots[1].generation > slots[0].generation { [1, 0] } else { [0, 1] };
@@ -274,7 +276,7 @@ pub fn choose<'a>(
             .check()
             .map_err(Rejection::Table)
             .and_then(|()| check_entries(t, base, frames, scratch).map_err(Rejection::Entry))
-            .and_then(|()| read.as_ref().map_or(Ok(()), |read| verify_areas(t, read)).map_err(Rejection::Content));
+            .and_then(|()| verify.as_mut().map_or(Ok(()), |verify| verify(t)).map_err(Rejection::Content));
         match verdict {
             Ok(()) => {
                 choice.index = Some(i);

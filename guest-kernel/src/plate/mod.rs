@@ -112,7 +112,7 @@ pub fn choose(areas: &mut Areas) -> plates::Choice {
     let Areas { slots, dirty, .. } = areas;
     ring3::run(|| {
         let choice =
-            plates::choose([&*slots[0], &*slots[1]], layout::FRAMES_BASE, frames, dirty, &GuestPersist::default());
+            plates::choose([&*slots[0], &*slots[1]], layout::FRAMES_BASE, frames, dirty, &mut GuestPersist::default());
         // The dirty bitmap was the check's scratch: a write-out expects it clear. Here, at
         // CPL 3: the bitmap grows with RAM (8 KiB a 256 MiB), and clearing it in kernel mode
         // took milliseconds under PVM.

@@ -34,6 +34,9 @@ struct SimNvm {
     flushed: BTreeSet<u64>,
     stores: usize,
     budget: usize,
+    /// What [`Persist::scratch`] offers: `None`, areas are checked by reading them; else by
+    /// copies onto it, as with the copy engine.
+    scratch: Option<(u64, u64)>,
 }
 
 impl SimNvm {
@@ -45,6 +48,7 @@ impl SimNvm {
             flushed: BTreeSet::new(),
             stores: 0,
             budget: usize::MAX,
+            scratch: None,
         }
     }
 
@@ -96,7 +100,15 @@ impl SimNvm {
             flushed: BTreeSet::new(),
             stores: 0,
             budget: usize::MAX,
+            scratch: None,
         }
+    }
+
+    /// Checks save areas by copies onto a page of its own (above the slots), as the guest
+    /// does with the copy engine: areas of two pages take two pieces.
+    fn with_scratch(mut self) -> Self {
+        self.scratch = Some((MEM - PAGE, PAGE));
+        self
     }
 
     fn table(&self, addr: u64) -> Box<PlateTable> {
@@ -148,6 +160,10 @@ impl Persist for SimNvm {
 
     fn read(&self, addr: u64, len: u64) -> &[u8] {
         &self.mem[addr as usize..(addr + len) as usize]
+    }
+
+    fn scratch(&self) -> Option<(u64, u64)> {
+        self.scratch
     }
 }
 
@@ -259,7 +275,7 @@ impl World {
 fn recover_and_restore(image: Vec<u8>) -> Option<(u64, Vec<Vec<u8>>)> {
     let mut nvm = SimNvm::from_image(image);
     let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
-    let i = choose_slot(&slots, &nvm).index?;
+    let i = choose_slot(&slots, &mut nvm).index?;
     let table = &slots[i];
     restore(table, &mut nvm);
     let regions =
@@ -268,7 +284,7 @@ fn recover_and_restore(image: Vec<u8>) -> Option<(u64, Vec<Vec<u8>>)> {
 }
 
 /// [`choose`] over the simulated memory: its frame area is all of it.
-fn choose_slot(slots: &[Box<PlateTable>; 2], nvm: &SimNvm) -> Choice {
+fn choose_slot(slots: &[Box<PlateTable>; 2], nvm: &mut SimNvm) -> Choice {
     let mut scratch = [0u64; (MEM / PAGE).div_ceil(64) as usize];
     choose([&slots[0], &slots[1]], 0, MEM / PAGE, &mut scratch, nvm)
 }
@@ -514,7 +530,7 @@ fn after_a_crash_inside_a_write_out_the_next_one_sums_the_scribbled_area_afresh(
     let image = w.nvm.crash_image(&w.nvm.volatile_lines());
     let mut nvm = SimNvm::from_image(image);
     let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
-    let i = choose_slot(&slots, &nvm).index.expect("generation 2 is intact");
+    let i = choose_slot(&slots, &mut nvm).index.expect("generation 2 is intact");
     assert_eq!(slots[i].generation, 2);
     restore(&slots[i], &mut nvm);
     let mut live = new_table();
@@ -525,8 +541,11 @@ fn after_a_crash_inside_a_write_out_the_next_one_sums_the_scribbled_area_afresh(
     w.touch(0, 1, 4);
     w.write_out(&[(0, 1)].into_iter().collect());
     let image = w.nvm.durable.clone();
-    let nvm = SimNvm::from_image(image.clone());
-    let choice = choose_slot(&[nvm.table(SLOTS[0]), nvm.table(SLOTS[1])], &nvm);
+    let mut nvm = SimNvm::from_image(image.clone());
+    let choice = {
+        let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
+        choose_slot(&slots, &mut nvm)
+    };
     assert_eq!(choice.rejected, [None, None], "both generations intact");
     check_recovery(image, &w.history, 3);
 }

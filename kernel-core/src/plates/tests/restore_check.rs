@@ -25,23 +25,51 @@ fn flipped_area_image(both: bool) -> (Vec<u8>, History) {
     (image, w.history)
 }
 
+/// The image as a machine boots on it: save areas checked by reading them, or (`scratch`)
+/// by copies onto a scratch page with their sums, as with the copy engine.
+fn booting(image: Vec<u8>, scratch: bool) -> SimNvm {
+    let nvm = SimNvm::from_image(image);
+    if scratch {
+        nvm.with_scratch()
+    } else {
+        nvm
+    }
+}
+
 #[test]
 fn a_flipped_bit_in_a_save_area_falls_back_to_the_older_generation_or_is_refused() {
-    let (image, history) = flipped_area_image(false);
-    let nvm = SimNvm::from_image(image.clone());
+    for scratch in [false, true] {
+        let (image, history) = flipped_area_image(false);
+        let mut nvm = booting(image.clone(), scratch);
+        let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
+        let choice = choose_slot(&slots, &mut nvm);
+        assert_eq!(choice.index, Some(0), "generation 1, in slot 0, is intact (scratch {scratch})");
+        assert_eq!(choice.rejected[1], Some(Rejection::Content(1)), "generation 2's plate 1 is named");
+        assert!(choice.damaged());
+        // What is restored is generation 1 exactly.
+        check_recovery(image, &history, 1);
+        let (image, _) = flipped_area_image(true);
+        let mut nvm = booting(image, scratch);
+        let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
+        let choice = choose_slot(&slots, &mut nvm);
+        assert_eq!(choice.index, None, "neither generation is intact: refused (scratch {scratch})");
+        assert_eq!(choice.rejected, [Some(Rejection::Content(1)), Some(Rejection::Content(1))]);
+    }
+}
+
+/// The check by copies adds up an area's pieces: a flip in the second page of a two-page
+/// area is caught, and intact areas of one and two pages pass, with the scratch a page.
+#[test]
+fn the_check_by_copies_sums_an_area_piece_by_piece() {
+    let (image, _) = flipped_area_image(false);
+    let mut nvm = booting(image.clone(), true);
     let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
-    let choice = choose_slot(&slots, &nvm);
-    assert_eq!(choice.index, Some(0), "generation 1, in slot 0, is intact");
-    assert_eq!(choice.rejected[1], Some(Rejection::Content(1)), "generation 2's plate 1 is named");
-    assert!(choice.damaged());
-    // What is restored is generation 1 exactly.
-    check_recovery(image, &history, 1);
-    let (image, _) = flipped_area_image(true);
-    let nvm = SimNvm::from_image(image);
-    let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
-    let choice = choose_slot(&slots, &nvm);
-    assert_eq!(choice.index, None, "neither generation is intact: refused");
-    assert_eq!(choice.rejected, [Some(Rejection::Content(1)), Some(Rejection::Content(1))]);
+    assert_eq!(slots[1].plates()[1].pages, 2, "the flipped plate spans two scratch pieces");
+    assert_eq!(verify_by_copy(&slots[1], &mut nvm, (MEM - PAGE, PAGE)), Err(1));
+    assert_eq!(verify_by_copy(&slots[0], &mut nvm, (MEM - PAGE, PAGE)), Ok(()));
+    // The same with a scratch of two pages: one piece an area.
+    assert_eq!(verify_by_copy(&slots[1], &mut nvm, (MEM - 2 * PAGE, 2 * PAGE)), Err(1));
+    assert_eq!(verify_by_copy(&slots[0], &mut nvm, (MEM - 2 * PAGE, 2 * PAGE)), Ok(()));
 }
 
 #[test]
@@ -59,7 +87,7 @@ fn a_wrong_entry_with_its_checksum_recomputed_is_refused_before_anything_is_copi
     bad.seal();
     nvm.mem[SLOTS[1] as usize..][..TABLE_SIZE].copy_from_slice(bad.as_bytes());
     let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
-    let choice = choose_slot(&slots, &nvm);
+    let choice = choose_slot(&slots, &mut nvm);
     assert!(
         matches!(choice.rejected[1], Some(Rejection::Entry(e)) if matches!(e.problem, nvram::plate_check::Problem::Overlap(..))),
         "{choice:?}"
