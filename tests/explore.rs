@@ -74,3 +74,98 @@ fn bad_explore_arguments_are_usage_errors() {
         assert_eq!(code, Some(2), "{extra:?}: {out:?}");
     }
 }
+
+/// `vmm explore` with `args`: exit status and JSON report (or record summary).
+fn explore_json(args: &[&str]) -> (Option<i32>, Value, Finished) {
+    let out = run(&mut vmm(args), Duration::from_secs(300));
+    let report = serde_json::from_str(&out.stdout).unwrap_or(Value::Null);
+    (out.code(), report, out)
+}
+
+/// A shard of a run from `dir` (or the whole run with `None`), its report also written to
+/// `NAME.json` beside it.
+fn shard(scratch: &Scratch, dir: &str, shard: Option<&str>, name: &str) -> Value {
+    let mut args = vec!["explore", "run", "--from", dir, "--json", "--keep-going", "--max-images-per-point", "4"];
+    args.extend(shard.map(|s| ["--shard", s]).into_iter().flatten());
+    let (code, r, out) = explore_json(&args);
+    let failed = r["failures"].as_u64().unwrap_or_else(|| panic!("{out:?}")) > 0;
+    assert_eq!(code, Some(i32::from(failed)), "exit status 1 if an image failed: {out:?}");
+    std::fs::write(scratch.path(&format!("{name}.json")), &out.stdout).unwrap();
+    r
+}
+
+/// What follows from the record and the options alone, not from timing.
+fn determined(r: &Value) -> Value {
+    let failed: Vec<Value> = r["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| serde_json::json!([f["item"], f["point"], f["subset"], f["why"]]))
+        .collect();
+    let images: Vec<Value> = r["points"].as_array().unwrap().iter().map(|p| p["images"].clone()).collect();
+    serde_json::json!({
+        "record": r["record"], "items": r["items"], "images": r["images"], "boots": r["boots"],
+        "failures": r["failures"], "failed": failed, "per_point": images,
+    })
+}
+
+/// One record, explored whole and in two shards: the merge counts what the whole run
+/// counts, failure for failure; a merge refuses a shard twice, a shard missing, and shards
+/// of another record; a run refuses a truncated record.
+#[test]
+fn two_shards_of_one_record_merged_give_the_whole_run() {
+    let scratch = Scratch::new();
+    let dir = scratch.path("rec").display().to_string();
+    let record = ["explore", "record", "--out", &dir, "--mem", "64M", "--json", "--write-out", "2"];
+    let (code, rec, out) = explore_json(&[&record[..], &["--plant", "fence:commit"]].concat());
+    assert_eq!(code, Some(0), "{out:?}");
+    assert!(rec["record"].is_string() && rec["barriers"].as_u64().unwrap() >= 2, "{rec:#}");
+
+    let whole = shard(&scratch, &dir, None, "whole");
+    assert_eq!(whole["record"], rec["record"], "{whole:#}");
+    assert!(whole["failures"].as_u64().unwrap() >= 1, "{whole:#}");
+    assert!(whole["items"].as_u64().unwrap() > 2 * rec["crash_points"].as_u64().unwrap(), "{whole:#}");
+    let a = shard(&scratch, &dir, Some("0/2"), "a");
+    let b = shard(&scratch, &dir, Some("1/2"), "b");
+    assert_ne!(a["images"], whole["images"], "a shard runs a share: {a:#}");
+    assert_ne!(b["images"], whole["images"], "a shard runs a share: {b:#}");
+    let files = ["b", "a", "whole"].map(|n| scratch.path(&format!("{n}.json")).display().to_string());
+    let (code, merged, out) = explore_json(&["explore", "merge", "--json", &files[0], &files[1]]);
+    assert_eq!(code, Some(1), "a shard failed: {out:?}");
+    assert_eq!(merged["shards"]["run"], serde_json::json!([0, 1]), "{merged:#}");
+    assert_eq!(determined(&merged), determined(&whole), "{merged:#}\nagainst\n{whole:#}");
+    let out = run(&mut vmm(&["explore", "merge", &files[0], &files[1]]), Duration::from_secs(30));
+    assert!(out.stdout.contains("shards 2 of 2") && out.stdout.contains("FAILED at crash point"), "{out:?}");
+
+    let out = run(&mut vmm(&["explore", "merge", &files[0], &files[0], &files[1]]), Duration::from_secs(30));
+    assert!(out.stderr.contains("shard 1/2 is in both"), "{out:?}");
+    let out = run(&mut vmm(&["explore", "merge", &files[1]]), Duration::from_secs(30));
+    assert!(out.stderr.contains("shard(s) 1 of 2 missing"), "{out:?}");
+    let out = run(&mut vmm(&["explore", "merge", &files[1], &files[2]]), Duration::from_secs(30));
+    assert!(out.stderr.contains("split in 2 shards"), "{out:?}");
+
+    // Another recording of the same settings is another record: timing decides what it holds.
+    let other = scratch.path("other").display().to_string();
+    let (code, _, out) = explore_json(&["explore", "record", "--out", &other, "--mem", "64M", "--write-out", "2"]);
+    assert_eq!(code, Some(0), "{out:?}");
+    let args = ["explore", "run", "--from", &other, "--json", "--keep-going", "--max-images-per-point", "4"];
+    let out = run(&mut vmm(&[&args[..], &["--shard", "1/2", "--point", "0"]].concat()), Duration::from_secs(120));
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let foreign = scratch.path("other.json");
+    std::fs::write(&foreign, &out.stdout).unwrap();
+    let out = run(&mut vmm(&["explore", "merge", &files[1], &foreign.display().to_string()]), Duration::from_secs(30));
+    assert!(out.stderr.contains("different records"), "{out:?}");
+
+    // A record cut short, and a base written since, are refused with what is wrong.
+    let bin = scratch.path("other/record.bin");
+    let bytes = std::fs::read(&bin).unwrap();
+    std::fs::write(&bin, &bytes[..bytes.len() / 2]).unwrap();
+    let out = run(&mut vmm(&["explore", "run", "--from", &other]), Duration::from_secs(30));
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("record.bin is not a usable record") && out.stderr.contains("truncated"), "{out:?}");
+    std::fs::write(&bin, &bytes).unwrap();
+    let base = std::fs::OpenOptions::new().write(true).open(scratch.path("other/base.img")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&base, b"scribble", 1 << 20).unwrap();
+    let out = run(&mut vmm(&["explore", "run", "--from", &other]), Duration::from_secs(30));
+    assert!(out.stderr.contains("not the image this record was made from"), "{out:?}");
+}
