@@ -169,3 +169,38 @@ fn two_shards_of_one_record_merged_give_the_whole_run() {
     let out = run(&mut vmm(&["explore", "run", "--from", &other]), Duration::from_secs(30));
     assert!(out.stderr.contains("not the image this record was made from"), "{out:?}");
 }
+
+/// The guest's own copier: its stores, flushes and fences recorded as the guest announces
+/// them, every point explored with no failure; the fence before the commit left out in the
+/// guest (a test knob on its command line) is found just before the commit, in the image
+/// that keeps the commit slot's lines and none of the save areas' (which only the
+/// checksums can tell: nothing was announced durable before the commit); a flush left out
+/// is found too.
+#[test]
+fn the_cpu_copier_s_write_out_is_explored_and_its_planted_bugs_found() {
+    let scratch = Scratch::new();
+    let few = ["--copier", "cpu", "--max-images-per-point", "4", "--keep-going"];
+    let (code, r, out) = explore(&scratch, &few);
+    assert_eq!(code, Some(0), "{out:?}");
+    assert_eq!(r["settings"]["cmdline"].as_str().map(|c| c.ends_with("plate_copy=cpu")), Some(true), "{r:#}");
+    assert_eq!(r["failures"], 0, "{r:#}");
+    assert!(r["points"].as_array().unwrap().iter().all(|p| p["images"].as_u64().unwrap() >= 1), "{r:#}");
+
+    let (code, r, out) = explore(&scratch, &[&few[..], &["--plant", "cpu-fence:commit"]].concat());
+    assert_eq!(code, Some(1), "{out:?}");
+    let failed = r["failed"].as_array().unwrap();
+    assert!(
+        failed
+            .iter()
+            .all(|f| f["point"] == r["commit_barrier"] && f["subset"] == "the commit slot's pending lines alone"),
+        "only the commit without its save areas: {r:#}"
+    );
+    let why = failed[0]["why"].as_str().unwrap();
+    assert!(why.contains("checksum") || why.contains("rolled back"), "{r:#}");
+    let console = std::fs::read_to_string(scratch.path("nvm.console.log")).unwrap_or_default();
+    assert!(console.contains("TEST KNOB"), "the guest says a bug is planted: {console}");
+
+    let (code, r, out) = explore(&scratch, &["--copier", "cpu", "--quick", "--plant", "cpu-flush:0"]);
+    assert_eq!(code, Some(1), "{out:?}");
+    assert!(r["failed"][0]["why"].as_str().unwrap().contains("checksum"), "{r:#}");
+}

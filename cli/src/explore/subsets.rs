@@ -4,7 +4,10 @@
 //! each on its own: 2^n crash states for n lines, too many beyond a few. What is built:
 //!
 //! - at most `--subsets-up-to K` pending lines: every subset of the lines;
-//! - else, by extents (runs of contiguous lines, a structure the kernel wrote in one go):
+//! - else, when some of the pending lines are a commit slot's: those alone, and all but
+//!   those (the commit evicted before what it declares valid, or held back after it: a
+//!   commit slot's changed lines are seldom contiguous, so no extent holds them all);
+//! - then, by extents (runs of contiguous lines, a structure the kernel wrote in one go):
 //!   none, all, and every subset of the extents when there are at most K of them, else each
 //!   extent alone and `--sample` seeded subsets of them; then, within the extents, each
 //!   line alone and each proper prefix of a run (a torn run: the first lines of a structure
@@ -34,6 +37,10 @@ pub enum Subset {
         extent: usize,
         lines: usize,
     },
+    /// The commit slots' lines alone.
+    CommitAlone,
+    /// Every line but the commit slots'.
+    AllButCommit,
 }
 
 impl std::fmt::Display for Subset {
@@ -44,6 +51,8 @@ impl std::fmt::Display for Subset {
             Subset::Extents(v) => write!(f, "pending extents {v:?}"),
             Subset::Lines(v) => write!(f, "pending lines {v:?}"),
             Subset::Prefix { extent, lines } => write!(f, "the first {lines} line(s) of pending extent {extent}"),
+            Subset::CommitAlone => f.write_str("the commit slot's pending lines alone"),
+            Subset::AllButCommit => f.write_str("every pending line but the commit slot's"),
         }
     }
 }
@@ -80,6 +89,10 @@ pub fn subsets(extents: &[Vec<Line>], limits: Limits, seed: u64) -> (Vec<Subset>
     if lines <= up_to {
         classes.push(every(lines, Subset::Lines));
     } else {
+        let commit = extents.iter().flatten().filter(|l| commit_line(l.0)).count();
+        if commit > 0 && commit < lines {
+            classes.push(vec![Subset::CommitAlone, Subset::AllButCommit]);
+        }
         let n = extents.len();
         if n <= up_to {
             classes.push(every(n, Subset::Extents));
@@ -134,6 +147,11 @@ fn capped(classes: Vec<Vec<Subset>>, max: usize, seed: u64) -> Vec<Subset> {
     out
 }
 
+/// Whether the line at `addr` is a commit slot's.
+fn commit_line(addr: u64) -> bool {
+    devices::record::is_commit(&[nvram::persist::FlushedRange { addr, len: 1 }])
+}
+
 /// The pending lines `subset` keeps, of a point cut into `extents`.
 pub fn kept<'a>(extents: &'a [Vec<Line>], subset: &'a Subset) -> Box<dyn Iterator<Item = &'a Line> + 'a> {
     match subset {
@@ -147,6 +165,8 @@ pub fn kept<'a>(extents: &'a [Vec<Line>], subset: &'a Subset) -> Box<dyn Iterato
         Subset::Prefix { extent, lines } => {
             Box::new(extents.get(*extent).into_iter().flat_map(move |run| run.iter().take(*lines)))
         }
+        Subset::CommitAlone => Box::new(extents.iter().flatten().filter(|l| commit_line(l.0))),
+        Subset::AllButCommit => Box::new(extents.iter().flatten().filter(|l| !commit_line(l.0))),
     }
 }
 
@@ -189,6 +209,20 @@ mod tests {
         assert_eq!(torn, [20, 21, 22]);
         let one: Vec<u64> = kept(&extents, &Subset::Lines(vec![6])).map(|l| l.0 / 64).collect();
         assert_eq!(one, [21]);
+    }
+
+    #[test]
+    fn a_commit_slot_s_lines_go_alone_and_are_held_back_alone() {
+        let slot = nvram::layout::PLATE_SLOTS[1] / 64;
+        // The slot's header line and a plate's line, apart, and two runs of other lines.
+        let extents = [run(100, 3), vec![(slot * 64, [1; 64])], vec![((slot + 6) * 64, [2; 64])], run(200, 6)];
+        let (got, _) = subsets(&extents, LIMITS, 1);
+        assert_eq!(got[2..4], [Subset::CommitAlone, Subset::AllButCommit], "{got:?}");
+        let alone: Vec<u64> = kept(&extents, &Subset::CommitAlone).map(|l| l.0 / 64 - slot).collect();
+        assert_eq!(alone, [0, 6]);
+        assert_eq!(kept(&extents, &Subset::AllButCommit).count(), 9);
+        let (without, _) = subsets(&[run(100, 3), run(200, 6)], LIMITS, 1);
+        assert!(!without.contains(&Subset::CommitAlone), "no commit line pending: {without:?}");
     }
 
     #[test]
