@@ -77,7 +77,16 @@ fn a_commit_left_unflushed_is_found() {
 #[test]
 fn bad_explore_arguments_are_usage_errors() {
     let scratch = Scratch::new();
-    for extra in [&["--write-out", "1"][..], &["--plant", "flush:x"][..], &["--plant", "oops"][..]] {
+    let bad: [&[&str]; 7] = [
+        &["--plant", "cpu-fence:commit"],
+        &["--write-out", "1"],
+        &["--plant", "flush:x"],
+        &["--plant", "oops"],
+        &["--plant", "cpu-flush:x"],
+        &["--plant", "cpu-fence:3"],
+        &["--cmdline", "apps=kv test_plant=fence:1"],
+    ];
+    for extra in bad {
         let (code, _, out) = explore(&scratch, extra);
         assert_eq!(code, Some(2), "{extra:?}: {out:?}");
     }

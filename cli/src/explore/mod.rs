@@ -177,6 +177,13 @@ fn record(nvram: &Path, opts: &RecordOpts) -> anyhow::Result<(ImageHold, (Settin
     if opts.copier == Copier::Cpu {
         cmdline.push_str(" plate_copy=cpu");
     }
+    let cpu = cmdline.split_whitespace().any(|w| w == "plate_copy=cpu");
+    if matches!(plant, Some(Planted::Guest(_))) && !cpu {
+        return Err(crate::args::UsageError(
+            "--plant cpu-...: the bug goes into the guest's CPU copier, which only --copier cpu uses".into(),
+        )
+        .into());
+    }
     let started = Instant::now();
     let (hold, mem) = crate::torture::claim(nvram, opts.mem, opts.force)?;
     let mut config = VmConfig::new(nvram);
