@@ -289,3 +289,59 @@ impl Oracle {
 fn reproduce(image: &Path, mem: u64, cmdline: &str) -> String {
     format!("vmm inspect --check {0} && vmm boot --nvram {0} --mem {mem} --cmdline '{cmdline}'", image.display())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::record::{BarrierRecord, Line};
+
+    fn run_of(first: u64, n: u64) -> Vec<Line> {
+        (0..n).map(|i| ((first + i) * 64, [0xa0 + i as u8; 64])).collect()
+    }
+
+    /// A synthetic write-out whose only bug shows in one line: a 12-line structure (a run
+    /// of adjacent pending lines) whose line 5 must never be durable without line 4, among
+    /// ten other runs. No subset of whole runs can keep one without the other; the plan,
+    /// with its cap, still builds an image that does.
+    #[test]
+    fn a_bug_that_only_one_line_shows_is_in_the_plan() {
+        let mut pending = run_of(1000, 12);
+        for k in 0..10 {
+            pending.extend(run_of(2000 + 100 * k, 3));
+        }
+        pending.sort_by_key(|l| l.0);
+        let record = WriteOutRecord {
+            generation: 4,
+            barriers: vec![BarrierRecord { pending: pending.clone(), ..BarrierRecord::default() }],
+            pending_at_end: pending,
+            done: true,
+        };
+        let points = images::points(&record);
+        let options = Options {
+            subsets_up_to: 8,
+            sample: 8,
+            seed: 1,
+            max_images_per_point: 100,
+            quick: false,
+            points: vec![],
+            keep_going: false,
+        };
+        let (items, candidates) = plan(&points, &options);
+        assert_eq!(candidates.len(), 2);
+        let exposes = |point: &Point, subset: &Subset| {
+            let kept: Vec<u64> = images::kept(point, subset).map(|l| l.0 / 64).collect();
+            kept.contains(&1005) && !kept.contains(&1004)
+        };
+        for point in &points {
+            let found: Vec<&Subset> =
+                items.iter().filter(|(i, s)| *i == point.index && exposes(point, s)).map(|(_, s)| s).collect();
+            assert!(found.contains(&&Subset::Lines(vec![5])), "point {}: {found:?}", point.index);
+            let by_extents = items.iter().filter(|(i, s)| *i == point.index && matches!(s, Subset::Extents(_)));
+            assert!(by_extents.clone().count() > 10 && !by_extents.clone().any(|(_, s)| exposes(point, s)));
+        }
+        // The same plan from the same record and options: what makes shards agree.
+        assert_eq!(plan(&points, &options).0, items);
+        let quick = Options { quick: true, ..options };
+        assert_eq!(plan(&points, &quick).0.len(), 4, "none and all, at both points");
+    }
+}
