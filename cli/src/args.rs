@@ -113,12 +113,66 @@ pub struct TortureArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct ExploreArgs {
+    #[command(subcommand)]
+    pub command: Option<ExploreCommand>,
     /// The NVM image the workloads run on, started afresh (as for torture); the crash
     /// images are built next to it (IMG.crash.img), failing ones kept (IMG.fail-N.img).
-    #[arg(long, value_name = "IMG")]
-    pub nvram: PathBuf,
-    /// Overwrite an `--nvram` that is not an image of this format, or of another size.
+    #[arg(long, value_name = "IMG", required = true)]
+    pub nvram: Option<PathBuf>,
+    #[command(flatten)]
+    pub record: RecordOpts,
+    #[command(flatten)]
+    pub run: RunOpts,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExploreCommand {
+    /// Record a write-out into a directory (its base image and its barrier record), for
+    /// runs of its crash points on many hosts.
+    Record(ExploreRecordArgs),
+    /// Explore the crash points of a recorded write-out, or one shard of them.
+    Run(ExploreRunArgs),
+    /// Add up the `--json` reports of a run's shards (all of them, each once) into the
+    /// run's report.
+    Merge(MergeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExploreRecordArgs {
+    /// The directory to record into (created if missing): DIR/base.img, the image the
+    /// workloads run on (started afresh, as for torture), and DIR/record.bin.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub record: RecordOpts,
+    /// Print what was recorded as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExploreRunArgs {
+    /// The directory `vmm explore record --out` wrote (only read).
+    #[arg(long, value_name = "DIR")]
+    pub from: PathBuf,
+    /// Run only shard I of N (from 0): the work items (crash point and subset, in the
+    /// order of the whole run) whose index is I modulo N.
+    #[arg(long, value_name = "I/N", value_parser = crate::torture::shard::parse_shard)]
+    pub shard: Option<crate::torture::shard::Shard>,
+    /// Where the crash images are built and failing ones kept (default: the record's
+    /// directory, so that they can be reflinked from its base).
+    #[arg(long, value_name = "DIR")]
+    pub scratch: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: RunOpts,
+}
+
+/// How a write-out is recorded.
+#[derive(Debug, Clone, Args)]
+pub struct RecordOpts {
+    /// Overwrite an image that is not an image of this format, or of another size.
     #[arg(long)]
     pub force: bool,
     /// RAM of the image (default: the size of the image given, 128M for a new one).
@@ -130,11 +184,35 @@ pub struct ExploreArgs {
     /// The guest's command line (default: kv and memtouch, a write-out every 50 ms).
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
-    /// Build every subset of a crash point's pending extents when there are at most K;
-    /// otherwise none, all, each alone, all but each one, and `--sample` more.
+    /// What copies the write-out's bytes: the copy engine (its durable batches are the
+    /// barriers), or the guest kernel's own loop, cache-line flushes and fences
+    /// (`plate_copy=cpu` on the guest's command line).
+    #[arg(long, value_enum, default_value = "engine")]
+    pub copier: Copier,
+    /// Testing: plant a bug in the recorded write-out, flush:K (barrier K's lines never
+    /// written back), fence:K (written back only at the next barrier), flush:commit (the
+    /// commit never written back), fence:commit (nothing durable before the commit's
+    /// barrier), or in the guest's CPU copier (`--copier cpu`), cpu-fence:commit (the
+    /// fence before the commit left out) or cpu-flush:K (the write-out's Kth flush, from
+    /// 0, left out); refused unless the VMM is built with the `test-knobs` feature.
+    #[arg(long, value_name = "KIND:K", hide = true)]
+    pub plant: Option<String>,
+}
+
+/// How a recorded write-out is explored.
+#[derive(Debug, Clone, Args)]
+pub struct RunOpts {
+    /// Build every subset of a crash point's pending lines when there are at most K, else
+    /// of its extents (runs of adjacent lines) when there are at most K; otherwise none,
+    /// all, each extent alone and `--sample` more, then each line alone and each run's
+    /// prefixes.
     #[arg(long, value_name = "K", default_value_t = 8)]
     pub subsets_up_to: usize,
-    /// Only none and all of each point's pending extents (two images a point).
+    /// At most this many crash images a point: the subsets beyond are thinned by a seeded
+    /// draw, the lines alone and torn runs first.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub max_images_per_point: usize,
+    /// Only none and all of each point's pending lines (two images a point).
     #[arg(long)]
     pub quick: bool,
     /// Explore only these crash points (0: before the first barrier; repeatable).
@@ -143,21 +221,15 @@ pub struct ExploreArgs {
     /// Go on after a failure (by default the first one stops the exploration).
     #[arg(long)]
     pub keep_going: bool,
-    /// Random subsets per crash point beyond `--subsets-up-to`.
+    /// Random subsets of the extents per crash point beyond `--subsets-up-to`.
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub sample: usize,
-    /// Seed of the sampled subsets.
+    /// Seed of the sampled subsets and of the cap's draw.
     #[arg(long, value_name = "S", default_value_t = 1)]
     pub seed: u64,
-    /// Print the report as JSON.
+    /// Print the report as JSON (what `vmm explore merge` adds up).
     #[arg(long)]
     pub json: bool,
-    /// Testing: plant a bug in the recorded write-out, flush:K (barrier K's lines never
-    /// written back), fence:K (written back only at the next barrier), flush:commit (the
-    /// commit never written back) or fence:commit (nothing durable before the commit's
-    /// barrier); refused unless the VMM is built with the `test-knobs` feature.
-    #[arg(long, value_name = "KIND:K", hide = true)]
-    pub plant: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

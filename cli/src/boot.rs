@@ -87,7 +87,9 @@ pub fn usage(e: ConfigError) -> UsageError {
             "--crash-evict needs --persistence adr: under eadr every line is durable already".into()
         }
         ConfigError::EvictFraction(_) => format!("--crash-evict: {e}"),
-        ConfigError::UnknownCmdlineItem { .. } | ConfigError::BadCmdlineValue { .. } => format!("--cmdline: {e}"),
+        ConfigError::UnknownCmdlineItem { .. } | ConfigError::BadCmdlineValue { .. } | ConfigError::CmdlineTestKnob => {
+            format!("--cmdline: {e}")
+        }
         ConfigError::TestKnobsOff => format!("--engine-pause-ms: {e}"),
         ConfigError::PersistenceOfVolatileRam => {
             format!("--memory volatile: {e} (drop --persistence, --crash-evict and --sync)")

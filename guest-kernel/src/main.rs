@@ -115,6 +115,10 @@ extern "C" fn kmain(start_info: u64) -> ! {
     );
     ring3::init(cmdline.bookkeeping_ring3);
     let copier = if engine::init(cmdline.plate_copy_engine) { "copy engine" } else { "CPU" };
+    plate::plant::set(cmdline.test_plant);
+    if plate::plant::active() {
+        println!("plate: TEST KNOB: a bug is planted in the write-outs ({:?})", cmdline.test_plant);
+    }
     open_disk(cmdline.disk_test);
     if cmdline.plate {
         let mode = if ring3::enabled() { "at CPL 3" } else { "in kernel mode" };

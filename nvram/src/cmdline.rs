@@ -30,6 +30,7 @@
 //! | `poke-ports`        | read and write ports no device owns, then go on                 |
 //! | `disk_test=N`       | at boot, write N sectors (1 to 64) at the end of the virtio disk, flush, read them back and check them |
 //! | `fault=KIND`        | provoke a CPU fault in the kernel: `ud`, `pf` or `triple`; in ring-3 kernel work: `work-ud` or `work-panic` |
+//! | `test_plant=BUG`    | test knob (the VMM refuses it unless built with `test-knobs`): the CPU copier's write-outs leave out `fence:commit` (the fence before the commit) or `flush:K` (their Kth flush, from 0) |
 //!
 //! [`Cmdline::parse`] reports each unknown or malformed item through a callback and goes
 //! on, as a kernel must (it cannot refuse to boot over a typo); the VMM turns the first
@@ -113,6 +114,15 @@ impl Flush {
     }
 }
 
+/// A bug planted in the CPU copier's write-outs (`test_plant=`), for `vmm explore` to find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestPlant {
+    /// The fence between the save areas' flushes and the commit is left out.
+    UnfencedCommit,
+    /// The write-out's flush number K (from 0) is left out.
+    DropFlush(u64),
+}
+
 /// Most pages of one of `churn`'s regions: the most one `map` gives.
 pub const MAX_CHURN_PAGES: u64 = 8192;
 
@@ -144,6 +154,7 @@ pub const KEYS: &[&str] = &[
     "poke-ports",
     "fault",
     "disk_test",
+    "test_plant",
 ];
 
 /// Most sectors `disk_test` writes: what fits the kernel's buffer for it (32 KiB).
@@ -181,6 +192,8 @@ pub struct Cmdline {
     /// `check=on`: after a restore, the kernel checks the state it restored
     /// (`nvram::fsck`) and prints each violation.
     pub check: bool,
+    /// A bug planted in the CPU copier's write-outs (a test knob).
+    pub test_plant: Option<TestPlant>,
 }
 
 impl Default for Cmdline {
@@ -209,6 +222,7 @@ impl Default for Cmdline {
             plate_copy_engine: true,
             bookkeeping_ring3: true,
             check: false,
+            test_plant: None,
         }
     }
 }
@@ -282,6 +296,14 @@ impl Cmdline {
             ("plate_copy", copier @ ("engine" | "cpu")) => self.plate_copy_engine = copier == "engine",
             ("bookkeeping", mode @ ("ring3" | "ring0")) => self.bookkeeping_ring3 = mode == "ring3",
             ("check", on @ ("on" | "off")) => self.check = on == "on",
+            ("test_plant", "fence:commit") => self.test_plant = Some(TestPlant::UnfencedCommit),
+            ("test_plant", bug) => {
+                return bug
+                    .strip_prefix("flush:")
+                    .and_then(number)
+                    .map(|k| self.test_plant = Some(TestPlant::DropFlush(k)))
+                    .is_some()
+            }
             _ => return false,
         }
         true
@@ -347,7 +369,7 @@ mod tests {
     fn every_item_sets_its_field() {
         let line = "apps=kv,memtouch kv_seed=0x10 kv_pages=8 kv_verify_every=1 memtouch=32,32,256 memtouch_ms=20 \
                     fault_ms=5 counter_shutdown=3 deleter=600 run_ms=800 checkpoint_ms=50 plate=off plate_copy=cpu \
-                    bookkeeping=ring0 poweroff flush=clwb poke-ports fault=work-panic disk_test=64 check=on";
+                    bookkeeping=ring0 poweroff flush=clwb poke-ports fault=work-panic disk_test=64 check=on test_plant=flush:7";
         let (c, bad) = parse_all(line);
         assert_eq!(bad, 0);
         assert_eq!(c.apps().collect::<Vec<_>>(), [App::Kv, App::Memtouch]);
@@ -359,6 +381,9 @@ mod tests {
         assert!(c.poweroff && c.poke_ports && c.check);
         assert_eq!(c.disk_test, 64);
         assert_eq!((c.flush, c.fault), (Some(Flush::Clwb), Some(Fault::WorkPanic)));
+        assert_eq!(c.test_plant, Some(TestPlant::DropFlush(7)));
+        assert_eq!(parse_all("test_plant=fence:commit").0.test_plant, Some(TestPlant::UnfencedCommit));
+        assert_eq!(parse_all("test_plant=fence:1 test_plant=flush:x test_plant=").1, 3);
     }
 
     #[test]

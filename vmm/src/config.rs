@@ -129,6 +129,8 @@ pub enum ConfigError {
     BadCmdlineValue { item: String },
     #[error("the copy engine's pause is a test knob, and this build has none (cargo feature `test-knobs`)")]
     TestKnobsOff,
+    #[error("`test_plant` plants a bug in the guest's write-outs: a test knob, and this build has none (cargo feature `test-knobs`)")]
+    CmdlineTestKnob,
     #[error("volatile RAM has no persistence model to choose: nothing of it outlives the VMM, so ADR, evicted lines and syncs to an image do not apply")]
     PersistenceOfVolatileRam,
     #[error("volatile RAM has no image to map ahead, reserve or reformat")]
@@ -162,6 +164,8 @@ pub fn validate_cmdline(line: &str) -> Result<Cmdline, ConfigError> {
         first_bad.get_or_insert_with(|| item.to_string());
     });
     match first_bad {
+        // No production VMM boots a guest told to lose a flush or a fence.
+        None if parsed.test_plant.is_some() && !cfg!(feature = "test-knobs") => Err(ConfigError::CmdlineTestKnob),
         None => Ok(parsed),
         Some(item) => {
             let key = item.split_once('=').map_or(item.as_str(), |(key, _)| key);
@@ -317,5 +321,14 @@ mod tests {
         assert_eq!(config.set_engine_pause_ms(None), Ok(()));
         let set = config.set_engine_pause_ms(Some(30));
         assert_eq!(set.is_ok(), cfg!(feature = "test-knobs"), "{set:?}");
+    }
+
+    #[test]
+    fn a_planted_bug_on_the_command_line_is_a_test_knob() {
+        let got = validate_cmdline("apps=kv test_plant=fence:commit");
+        match cfg!(feature = "test-knobs") {
+            true => assert!(got.is_ok(), "{got:?}"),
+            false => assert_eq!(got, Err(ConfigError::CmdlineTestKnob)),
+        }
     }
 }

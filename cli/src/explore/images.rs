@@ -2,12 +2,7 @@
 //! barrier, and after the last), the durable state there, plus subsets of what was stored
 //! but not yet durable.
 //!
-//! The unit of a subset is an extent, a run of contiguous pending lines, rather than a line:
-//! the kernel writes its structures (a plate table, a run of save-area pages) in one go, and
-//! a crash that keeps a structure's lines but for one is what the checksums catch; what the
-//! protocol must survive is any structure written, or not, out of order with the others.
-//! With at most `--subsets-up-to K` extents, every subset is built; otherwise none, all,
-//! each extent alone, and a seeded sample.
+//! Which pending lines each image keeps is [`super::subsets`]'s choice.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -17,8 +12,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use devices::record::{Line, WriteOutRecord, LINE};
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
+
+use super::subsets::Subset;
 
 /// A crash point: before barrier `index` (from 0), or after the last (`index` = barriers).
 #[derive(Debug, Clone)]
@@ -28,25 +23,6 @@ pub struct Point {
     pub durable: BTreeMap<u64, [u8; LINE as usize]>,
     /// Runs of contiguous lines stored and not durable there.
     pub extents: Vec<Vec<Line>>,
-}
-
-/// Which of a point's extents an image keeps.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Subset {
-    None,
-    All,
-    /// Exactly these extents (by index).
-    Some(Vec<usize>),
-}
-
-impl std::fmt::Display for Subset {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Subset::None => f.write_str("no pending extent"),
-            Subset::All => f.write_str("every pending extent"),
-            Subset::Some(v) => write!(f, "pending extents {v:?}"),
-        }
-    }
 }
 
 /// The crash points of `record`, in order.
@@ -76,31 +52,6 @@ pub fn extents(lines: &[Line]) -> Vec<Vec<Line>> {
             Some(run) if run.last().is_some_and(|l| l.0 + LINE == line.0) => run.push(*line),
             _ => out.push(vec![*line]),
         }
-    }
-    out
-}
-
-/// The subsets of `n` extents to build: all of them when `n <= up_to`, else none, all,
-/// each alone, and `sample` drawn from `seed`.
-pub fn subsets(n: usize, up_to: usize, sample: usize, seed: u64) -> Vec<Subset> {
-    if n == 0 {
-        return vec![Subset::None];
-    }
-    if n <= up_to.min(20) {
-        return (0u64..1 << n)
-            .map(|mask| match mask {
-                0 => Subset::None,
-                m if m == (1 << n) - 1 => Subset::All,
-                m => Subset::Some((0..n).filter(|i| m & (1 << i) != 0).collect()),
-            })
-            .collect();
-    }
-    let mut out = vec![Subset::None, Subset::All];
-    out.extend((0..n).map(|i| Subset::Some(vec![i])));
-    let mut rng = StdRng::seed_from_u64(seed);
-    for _ in 0..sample {
-        let chosen: Vec<usize> = (0..n).filter(|_| rng.random::<bool>()).collect();
-        out.push(Subset::Some(chosen));
     }
     out
 }
@@ -155,12 +106,7 @@ pub fn patch<'a>(point: &'a Point, subset: &'a Subset) -> impl Iterator<Item = (
 
 /// The pending lines `subset` keeps.
 pub fn kept<'a>(point: &'a Point, subset: &'a Subset) -> impl Iterator<Item = &'a Line> {
-    let kept: Vec<&Vec<Line>> = match subset {
-        Subset::None => Vec::new(),
-        Subset::All => point.extents.iter().collect(),
-        Subset::Some(v) => v.iter().filter_map(|&i| point.extents.get(i)).collect(),
-    };
-    kept.into_iter().flatten()
+    super::subsets::kept(&point.extents, subset)
 }
 
 /// The base image in memory, 8-byte aligned, for `inspect --check` of each crash image
@@ -176,6 +122,16 @@ impl InMemory {
         let mut words = vec![0u64; len.div_ceil(8)];
         file.read_exact_at(&mut zerocopy::IntoBytes::as_mut_bytes(&mut words[..])[..len], 0)?;
         Ok(Self { words, len })
+    }
+
+    /// The image's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The checksum of the image's bytes, as a record holds it.
+    pub fn crc(&self) -> u64 {
+        super::store::image_crc(&zerocopy::IntoBytes::as_bytes(&self.words[..])[..self.len])
     }
 
     /// `inspect --check` of the base with `lines` written over it, and `also` of its bytes.
@@ -276,18 +232,6 @@ mod tests {
         assert!(points[2].durable.is_empty(), "the base is the state after the last");
         assert_eq!(points[0].extents.len(), 2, "0..128 and 4096..4160");
         assert_eq!(points[0].extents[0].len(), 2);
-    }
-
-    #[test]
-    fn few_extents_give_every_subset_many_a_sample() {
-        assert_eq!(subsets(0, 8, 4, 1), [Subset::None]);
-        let all = subsets(3, 8, 4, 1);
-        assert_eq!(all.len(), 8);
-        assert_eq!((all[0].clone(), all[7].clone()), (Subset::None, Subset::All));
-        let many = subsets(10, 8, 4, 1);
-        assert_eq!(many.len(), 2 + 10 + 4);
-        assert_eq!(many[2], Subset::Some(vec![0]));
-        assert_eq!(many, subsets(10, 8, 4, 1), "the seed decides the sample");
     }
 
     #[test]

@@ -221,7 +221,6 @@ pub fn merge(summaries: &[(PathBuf, Summary)]) -> anyhow::Result<Summary> {
         restore_us: Vec::new(),
         failures: Vec::new(),
     };
-    let mut owner: BTreeMap<u64, &Path> = BTreeMap::new();
     for (path, s) in summaries {
         let diff = differences(&first.campaign, &s.campaign);
         if !diff.is_empty() {
@@ -232,23 +231,9 @@ pub fn merge(summaries: &[(PathBuf, Summary)]) -> anyhow::Result<Summary> {
                 diff.join(", ")
             );
         }
-        if s.shards.count != first.shards.count {
-            bail!(
-                "{} is split in {} shards but {} in {}",
-                first_path.display(),
-                first.shards.count,
-                path.display(),
-                s.shards.count
-            );
-        }
-        for &i in &s.shards.run {
-            if i >= s.shards.count {
-                bail!("{} claims shard {i} of {}", path.display(), s.shards.count);
-            }
-            if let Some(other) = owner.insert(i, path) {
-                bail!("shard {i}/{} is in both {} and {}", s.shards.count, other.display(), path.display());
-            }
-        }
+    }
+    merged.shards = whole(summaries.iter().map(|(path, s)| (path.as_path(), &s.shards)))?;
+    for (_, s) in summaries {
         let (m, c) = (&mut merged.counts, &s.counts);
         m.crashes += c.crashes;
         m.aimed_inside += c.aimed_inside;
@@ -269,13 +254,40 @@ pub fn merge(summaries: &[(PathBuf, Summary)]) -> anyhow::Result<Summary> {
         merged.restore_us.extend(&s.restore_us);
         merged.failures.extend(s.failures.iter().cloned());
     }
-    let missing: Vec<String> =
-        (0..first.shards.count).filter(|i| !owner.contains_key(i)).map(|i| i.to_string()).collect();
-    if !missing.is_empty() {
-        bail!("shard(s) {} of {} missing: no file given holds them", missing.join(", "), first.shards.count);
-    }
-    merged.shards.run = owner.into_keys().collect();
     Ok(merged)
+}
+
+/// The shards that `parts` (each a file and the shards it covers) cover together, when they
+/// are all the shards of one split, each exactly once; else what is wrong, naming the files.
+/// (`vmm torture merge` and `vmm explore merge` both.)
+pub fn whole<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Shards)>) -> anyhow::Result<Shards> {
+    let mut parts = parts.into_iter();
+    let Some((first_path, first)) = parts.next() else { bail!("nothing to merge") };
+    let mut owner: BTreeMap<u64, &Path> = BTreeMap::new();
+    for (path, shards) in std::iter::once((first_path, first)).chain(parts) {
+        if shards.count != first.count {
+            bail!(
+                "{} is split in {} shards but {} in {}",
+                first_path.display(),
+                first.count,
+                path.display(),
+                shards.count
+            );
+        }
+        for &i in &shards.run {
+            if i >= shards.count {
+                bail!("{} claims shard {i} of {}", path.display(), shards.count);
+            }
+            if let Some(other) = owner.insert(i, path) {
+                bail!("shard {i}/{} is in both {} and {}", shards.count, other.display(), path.display());
+            }
+        }
+    }
+    let missing: Vec<String> = (0..first.count).filter(|i| !owner.contains_key(i)).map(|i| i.to_string()).collect();
+    if !missing.is_empty() {
+        bail!("shard(s) {} of {} missing: no file given holds them", missing.join(", "), first.count);
+    }
+    Ok(Shards { count: first.count, run: owner.into_keys().collect() })
 }
 
 /// `vmm torture merge FILES...`: the campaign's summary, as text or JSON; exit status 1 if

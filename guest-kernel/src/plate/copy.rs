@@ -14,6 +14,8 @@ use crate::dev::{engine, persist};
 /// nothing left to flush), else by the CPU.
 pub(super) struct GuestPersist {
     engine: bool,
+    /// A write-out's: where a planted bug goes ([`super::plant`]); none for a restore.
+    plant: Option<super::plant::Count>,
     pub(super) copy_ticks: u64,
     pub(super) flush_ticks: u64,
     pub(super) slot_ticks: u64,
@@ -21,11 +23,16 @@ pub(super) struct GuestPersist {
 
 impl Default for GuestPersist {
     fn default() -> Self {
-        Self { engine: engine::enabled(), copy_ticks: 0, flush_ticks: 0, slot_ticks: 0 }
+        Self { engine: engine::enabled(), plant: None, copy_ticks: 0, flush_ticks: 0, slot_ticks: 0 }
     }
 }
 
 impl GuestPersist {
+    /// A write-out's copier (a planted bug, if any, goes into its flushes and fences).
+    pub(super) fn for_write_out() -> Self {
+        Self { plant: Some(super::plant::Count::default()), ..Self::default() }
+    }
+
     pub(super) fn copier(&self) -> Copier {
         if self.engine {
             Copier::Engine
@@ -115,12 +122,18 @@ impl Persist for GuestPersist {
     }
 
     fn flush(&mut self, addr: u64, len: u64) {
+        if self.plant.as_mut().is_some_and(|p| p.skip_flush()) {
+            return;
+        }
         let t = timer::rdtsc();
         persist::flush(addr, len);
         self.flush_ticks += timer::rdtsc() - t;
     }
 
     fn fence(&mut self) {
+        if self.plant.as_mut().is_some_and(|p| p.skip_fence()) {
+            return;
+        }
         persist::fence();
     }
 

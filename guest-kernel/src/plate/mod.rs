@@ -15,6 +15,7 @@
 
 mod copy;
 mod dirty;
+pub mod plant;
 mod plateify;
 mod state;
 
@@ -266,7 +267,7 @@ fn steps(
         k_res.spaces.get(plate.id).map_or(TABLE_POOL_PAGES, |s| u64::from(s.pool_used))
     };
     let frames = plating.frames;
-    let mut nvm = GuestPersist::default();
+    let mut nvm = GuestPersist::for_write_out();
     let stats = {
         let Plating { live, stale, dirty, .. } = &mut *plating;
         let dirty_bits: &[u64] = dirty;
