@@ -20,6 +20,7 @@
 pub mod abi;
 pub mod cmdline;
 pub mod control;
+pub mod disk;
 pub mod engine;
 pub mod exit;
 pub mod fsck;
