@@ -30,7 +30,7 @@ const PAPER_WRITE_OUT_MS: f64 = 11.5;
 const PAPER_RESTORE_MS: f64 = 60.6;
 
 /// Median of each phase and of the totals of `records`, in ms.
-fn medians(records: &[OperationRecord]) -> ([f64; 6], f64, u64) {
+fn medians(records: &[OperationRecord]) -> ([f64; 7], f64, u64) {
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         quantile(&v, 0.5).unwrap_or(f64::NAN)
