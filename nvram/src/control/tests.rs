@@ -83,7 +83,10 @@ fn metrics_round_trip_and_are_checked() {
     match decode(&b[..n]) {
         Ok(Message::Metrics(r)) => {
             assert_eq!((r.operation, r.plates, r.generation, r.copier), (Operation::WriteOut, 456, 3, Copier::Engine));
-            assert_eq!((r.plated_bytes, r.copied_bytes, r.phases, r.total), (8 << 20, 1 << 20, [1, 2, 3, 4, 5, 6, 7], 30));
+            assert_eq!(
+                (r.plated_bytes, r.copied_bytes, r.phases, r.total),
+                (8 << 20, 1 << 20, [1, 2, 3, 4, 5, 6, 7], 30)
+            );
         }
         other => panic!("{other:?}"),
     }
