@@ -234,7 +234,14 @@ fn parse_fraction(text: &str) -> Result<f64, String> {
 #[derive(Debug, Args)]
 pub struct InspectArgs {
     /// The NVM image.
-    pub image: PathBuf,
+    #[arg(required_unless_present = "disk", conflicts_with = "disk")]
+    pub image: Option<PathBuf>,
+    /// Decode a plate-store disk (`vmm boot --disk FILE --cmdline plate_store=disk`)
+    /// instead of an image: its superblock, commit slots, plates and pending deletions.
+    /// With --check: save areas inside the area space, none sharing a page, no pending
+    /// area reused, a valid commit, each valid area's checksum.
+    #[arg(long, value_name = "FILE")]
+    pub disk: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
