@@ -75,8 +75,19 @@ pub struct TortureArgs {
     pub command: Option<TortureCommand>,
     /// The NVM image, started afresh: a new file, or an image of this format (one an
     /// earlier torture or boot made); anything else only with `--force`.
-    #[arg(long, value_name = "IMG", required = true)]
+    #[arg(long, value_name = "IMG", required_unless_present = "disk", conflicts_with = "disk")]
     pub nvram: Option<PathBuf>,
+    /// What RAM the machine has: `volatile` tortures the volatile plate function (each
+    /// crash kills the machine's RAM, every restore comes from `--disk`).
+    #[arg(long, value_enum, default_value = "nvm", requires_if("volatile", "disk"))]
+    pub memory: Memory,
+    /// The plate store of a volatile machine (`plate_store=disk`), started afresh: a new
+    /// file, or a disk of this plate store; anything else only with `--force`.
+    #[arg(long, value_name = "FILE")]
+    pub disk: Option<PathBuf>,
+    /// Size of the disk (default 64M).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "disk")]
+    pub disk_size: Option<u64>,
     /// Overwrite an `--nvram` that is not an image of this format, or is one of another
     /// size than `--mem`. Never an image another program holds.
     #[arg(long)]

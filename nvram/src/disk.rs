@@ -162,6 +162,11 @@ impl Superblock {
         Ok(())
     }
 
+    /// Whether `sector` starts with a superblock of this layout (whatever the disk's size).
+    pub fn read_from_prefix_checked(sector: &[u8]) -> bool {
+        Self::read_from_prefix(sector).is_ok_and(|(sb, _)| sb.check(sb.disk_bytes).is_ok())
+    }
+
     /// One past the last byte of the area space.
     pub fn area_end(&self) -> u64 {
         self.area_start + self.area_pages * PAGE_SIZE
