@@ -8,7 +8,9 @@
 //! `cargo bench --bench plate`; the copier is the copy engine unless `PLATE_COPY=cpu`;
 //! `PLATE_PREFAULT=all` maps the whole image ahead, as `vmm boot --prefault` does;
 //! `PLATE_BOOKKEEPING=ring0` keeps the guest's bookkeeping in kernel mode (by default it
-//! runs at CPL 3, natively under PVM).
+//! runs at CPL 3, natively under PVM); `PLATE_STORE=disk` measures the volatile plate
+//! function instead (volatile RAM, the save areas on a virtio disk: the paper's other
+//! column), whose storage I/O counts in the "copy + flush" column.
 //! After criterion's figures, a report: each operation's median, phase by phase, beside
 //! the paper's, with the share of the guest kernel's bookkeeping (emulated under PVM).
 
@@ -30,7 +32,7 @@ const PAPER_WRITE_OUT_MS: f64 = 11.5;
 const PAPER_RESTORE_MS: f64 = 60.6;
 
 /// Median of each phase and of the totals of `records`, in ms.
-fn medians(records: &[OperationRecord]) -> ([f64; 6], f64, u64) {
+fn medians(records: &[OperationRecord]) -> ([f64; 7], f64, u64) {
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         quantile(&v, 0.5).unwrap_or(f64::NAN)
@@ -50,7 +52,8 @@ fn report_row(what: &str, paper: Option<f64>, records: &[OperationRecord]) {
     }
     let (phases, total, copied) = medians(records);
     let copier = <&str>::from(records[0].report.copier);
-    let copy = phases[2] + phases[4];
+    // With the plates on the disk, the copies are disk requests: storage I/O.
+    let copy = phases[2] + phases[4] + phases[nvram::control::IO_PHASE];
     let bookkeeping = total - copy;
     let paper = paper.map_or("-".to_string(), |p| format!("{p} ms"));
     let phases: Vec<String> = nvram::control::PHASES
@@ -81,14 +84,20 @@ fn paper_cmdline() -> String {
     format!("apps=memtouch memtouch=450,18,1400 memtouch_ms=100 {}", copier())
 }
 
-/// The copier and bookkeeping items of the command line, which every boot needs (restores
-/// too).
+/// The copier, bookkeeping and store items of the command line, which every boot needs
+/// (restores too). `PLATE_STORE=disk` measures the volatile plate function: volatile RAM,
+/// the save areas on a virtio disk (`config`).
 fn copier() -> String {
     format!(
-        "plate_copy={} bookkeeping={}",
+        "plate_copy={} bookkeeping={}{}",
         std::env::var("PLATE_COPY").unwrap_or_else(|_| "engine".into()),
-        std::env::var("PLATE_BOOKKEEPING").unwrap_or_else(|_| "ring3".into())
+        std::env::var("PLATE_BOOKKEEPING").unwrap_or_else(|_| "ring3".into()),
+        if on_disk() { " plate_store=disk" } else { "" }
     )
+}
+
+fn on_disk() -> bool {
+    std::env::var("PLATE_STORE").is_ok_and(|v| v == "disk")
 }
 
 fn config(image: &std::path::Path, console: &std::path::Path, cmdline: &str) -> VmConfig {
@@ -98,6 +107,11 @@ fn config(image: &std::path::Path, console: &std::path::Path, cmdline: &str) -> 
     config.console = ConsoleOutput::File(console.into());
     if std::env::var("PLATE_PREFAULT").is_ok_and(|v| v == "all") {
         config.prefault = vmm::Prefault::All;
+    }
+    if on_disk() {
+        config.memory = vmm::MemoryKind::Volatile;
+        let path = image.with_extension("disk");
+        config.disk = Some(vmm::DiskConfig { path, size_if_created: 128 << 20 });
     }
     config
 }

@@ -75,8 +75,19 @@ pub struct TortureArgs {
     pub command: Option<TortureCommand>,
     /// The NVM image, started afresh: a new file, or an image of this format (one an
     /// earlier torture or boot made); anything else only with `--force`.
-    #[arg(long, value_name = "IMG", required = true)]
+    #[arg(long, value_name = "IMG", required_unless_present = "disk", conflicts_with = "disk")]
     pub nvram: Option<PathBuf>,
+    /// What RAM the machine has: `volatile` tortures the volatile plate function (each
+    /// crash kills the machine's RAM, every restore comes from `--disk`).
+    #[arg(long, value_enum, default_value = "nvm", requires_if("volatile", "disk"))]
+    pub memory: Memory,
+    /// The plate store of a volatile machine (`plate_store=disk`), started afresh: a new
+    /// file, or a disk of this plate store; anything else only with `--force`.
+    #[arg(long, value_name = "FILE")]
+    pub disk: Option<PathBuf>,
+    /// Size of the disk (default 64M).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "disk")]
+    pub disk_size: Option<u64>,
     /// Overwrite an `--nvram` that is not an image of this format, or is one of another
     /// size than `--mem`. Never an image another program holds.
     #[arg(long)]
@@ -306,7 +317,14 @@ fn parse_fraction(text: &str) -> Result<f64, String> {
 #[derive(Debug, Args)]
 pub struct InspectArgs {
     /// The NVM image.
-    pub image: PathBuf,
+    #[arg(required_unless_present = "disk", conflicts_with = "disk")]
+    pub image: Option<PathBuf>,
+    /// Decode a plate-store disk (`vmm boot --disk FILE --cmdline plate_store=disk`)
+    /// instead of an image: its superblock, commit slots, plates and pending deletions.
+    /// With --check: save areas inside the area space, none sharing a page, no pending
+    /// area reused, a valid commit, each valid area's checksum.
+    #[arg(long, value_name = "FILE")]
+    pub disk: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -29,6 +29,8 @@ pub const EXIT_GUEST_FAULT: u8 = 4;
 pub const EXIT_IMAGE_REFUSED: u8 = 5;
 /// Exit status when the guest wrote an unknown value to the exit port.
 pub const EXIT_GUEST_UNKNOWN: u8 = 6;
+/// Exit status when the guest refused the disk as a plate store (`plate_store=disk`).
+pub const EXIT_DISK_REFUSED: u8 = 9;
 /// Exit status when a signal stopped the machine (128 + SIGINT, as shells report it).
 pub const EXIT_SIGNAL: u8 = 130;
 /// Set when a crash was asked for: the run's end is then the crash's, not an orderly stop.
@@ -99,6 +101,8 @@ pub fn usage(e: ConfigError) -> UsageError {
         }
         ConfigError::RamSize(_) => format!("--mem: {e}"),
         ConfigError::DiskSize(_) => format!("--disk-size: {e}"),
+        ConfigError::DiskStoreWithoutDisk => format!("--cmdline: {e}: give it one with --disk FILE"),
+        ConfigError::DiskStoreWithoutPlates => format!("--cmdline: {e}: drop one of them"),
     })
 }
 
@@ -209,6 +213,13 @@ pub fn run(args: BootArgs) -> anyhow::Result<ExitCode> {
             format!(
                 "the guest kernel refused the image {} (its console says why); `vmm boot --reformat` starts it afresh, discarding its contents",
                 config.image.display()
+            ),
+        ),
+        Ok(RunOutcome::Guest(GuestExit::Code(GuestCode::BadDisk))) => (
+            EXIT_DISK_REFUSED,
+            format!(
+                "the guest kernel refused the disk {} as its plate store (its console says why)",
+                config.disk.as_ref().map_or_else(|| "(none)".into(), |d| d.path.display().to_string())
             ),
         ),
         Ok(RunOutcome::Guest(GuestExit::Unknown(value))) => {

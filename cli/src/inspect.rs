@@ -33,8 +33,13 @@ fn special(kind: FileType) -> Option<&'static str> {
 /// Opens `path` for reading if it is a regular file. Its type is checked before the open,
 /// which would block on a FIFO with no writer; the open is non-blocking all the same, and
 /// the type is checked again on what was opened, in case the path changed in between.
-fn open_image(path: &Path) -> anyhow::Result<std::fs::File> {
-    let refuse = |what: &str| anyhow::anyhow!("{} is {what}, not an image", path.display());
+pub(crate) fn open_image(path: &Path) -> anyhow::Result<std::fs::File> {
+    open_regular(path, "an image")
+}
+
+/// [`open_image`] for a file that should be `noun` ("an image", "a disk").
+pub(crate) fn open_regular(path: &Path, noun: &str) -> anyhow::Result<std::fs::File> {
+    let refuse = |what: &str| anyhow::anyhow!("{} is {what}, not {noun}", path.display());
     let metadata = std::fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
     if let Some(what) = special(metadata.file_type()) {
         return Err(refuse(what));
@@ -52,18 +57,22 @@ fn open_image(path: &Path) -> anyhow::Result<std::fs::File> {
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
-    let file = open_image(&args.image)?;
-    let size = file.metadata().with_context(|| format!("cannot read {}", args.image.display()))?.len();
+    if let Some(disk) = &args.disk {
+        return crate::inspect_disk::run(disk, args.json, args.check);
+    }
+    let Some(image) = &args.image else { bail!("an image or --disk FILE is needed") };
+    let file = open_image(image)?;
+    let size = file.metadata().with_context(|| format!("cannot read {}", image.display()))?.len();
     // Everything decoded lives below the first frame: no need to read guest RAM beyond.
     let mut head = Vec::new();
     file.take(nvram::layout::FRAMES_BASE)
         .read_to_end(&mut head)
-        .with_context(|| format!("cannot read {}", args.image.display()))?;
+        .with_context(|| format!("cannot read {}", image.display()))?;
     if (head.len() as u64) < size.min(nvram::layout::FRAMES_BASE) {
-        bail!("{} changed while it was read", args.image.display());
+        bail!("{} changed while it was read", image.display());
     }
     let report = inspect_file(&head, size);
-    let check = if args.check { Some(check(&args.image, &report)?) } else { None };
+    let check = if args.check { Some(check(image, &report)?) } else { None };
     if args.json {
         let mut value = serde_json::to_value(&report).context("cannot encode the report")?;
         if let (Some(check), Some(map)) = (&check, value.as_object_mut()) {
@@ -120,7 +129,7 @@ pub fn check_words(words: &[u64], len: usize) -> Check {
     Check { violations, unchecked }
 }
 
-fn print_check(c: &Check) {
+pub(crate) fn print_check(c: &Check) {
     match (&c.unchecked, c.violations.len()) {
         (Some(why), 0) => println!("check: not done: {why}"),
         (None, 0) => println!("check: consistent"),

@@ -6,6 +6,7 @@ mod boot;
 mod ctl;
 mod explore;
 mod inspect;
+mod inspect_disk;
 mod report;
 mod torture;
 

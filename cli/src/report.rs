@@ -40,6 +40,25 @@ pub struct Row {
     pub copy_ratio_to_limit: f64,
 }
 
+/// One operation of the paper's main comparison: the volatile plate function (save areas on
+/// the virtio disk, `plate_store=disk`) against the NVM one, each split into storage I/O (the
+/// time in disk requests) and the rest, as the paper splits them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreRow {
+    pub operation: String,
+    pub paper_volatile_ms: f64,
+    pub paper_nvm_ms: f64,
+    /// Ours in NVM (medians, guest-measured): no storage I/O there.
+    pub nvm_ms: f64,
+    /// Ours on the disk, all included.
+    pub disk_ms: f64,
+    /// Of which in disk requests.
+    pub disk_io_ms: f64,
+    pub disk_rest_ms: f64,
+    pub disk_copied_bytes: u64,
+    pub n: usize,
+}
+
 /// One point of the write-out-against-dirty-bytes curve.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DirtyPoint {
@@ -96,6 +115,14 @@ pub struct Report {
     pub plates: u32,
     pub plated_bytes: u64,
     pub rows: Vec<Row>,
+    /// The volatile plate function beside the NVM one (none in a report made before it).
+    #[serde(default)]
+    pub stores: Vec<StoreRow>,
+    /// Plates and bytes of the paper's configuration on the disk.
+    #[serde(default)]
+    pub disk_plates: u32,
+    #[serde(default)]
+    pub disk_plated_bytes: u64,
     pub crash_to_running: CrashToRunning,
     /// Controller checkpoint round trip (host wall time) and the guest's write-out, medians.
     pub round_trip_ms: f64,
@@ -151,7 +178,7 @@ fn measure(scratch: &perf::Scratch, quick: bool) -> Result<Report, perf::PerfErr
     } else {
         (15, 7, &[64 << 10, 1 << 20, 8 << 20, 32 << 20], &[None, Some(100), Some(10), Some(1)], 2000)
     };
-    let steps = 3 + sweep.len() + intervals.len();
+    let steps = 5 + sweep.len() + intervals.len();
     let bar = ProgressBar::new(steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} {elapsed}")
@@ -189,6 +216,22 @@ fn measure(scratch: &perf::Scratch, quick: bool) -> Result<Report, perf::PerfErr
         rest_ms: med(&|s| s.rest),
         total_ms: med(&|s| s.total),
     };
+    bar.set_message("the paper's configuration, plates on the disk: write-outs");
+    let vm = perf::boot_on_disk(scratch, "paper", perf::PAPER_MEMTOUCH)?;
+    let d = perf::write_outs(&vm, write_outs, Duration::from_millis(120))?;
+    drop(vm); // a power failure: volatile RAM is gone
+    bar.inc(1);
+    bar.set_message("the paper's configuration, plates on the disk: restores");
+    let mut disk_restores = Vec::new();
+    for _ in 0..restores {
+        disk_restores.push(perf::restore_once_on_disk(scratch, "paper", perf::PAPER_MEMTOUCH.ram())?.record);
+    }
+    bar.inc(1);
+    let stores = vec![
+        store_row("plate-ification", &rows[0], std::slice::from_ref(&d.plateification)),
+        store_row("write-out", &rows[1], &d.write_outs),
+        store_row("restore", &rows[2], &disk_restores),
+    ];
     let round_trip_ms = ms(perf::median(&mut w.round_trips.clone()));
     let round_trip_write_out_ms = ms(perf::median_of(&w.write_outs, |r| r.total));
 
@@ -232,6 +275,9 @@ fn measure(scratch: &perf::Scratch, quick: bool) -> Result<Report, perf::PerfErr
         plates: w.plateification.report.plates,
         plated_bytes: w.plateification.report.plated_bytes,
         rows,
+        stores,
+        disk_plates: d.plateification.report.plates,
+        disk_plated_bytes: d.plateification.report.plated_bytes,
         crash_to_running,
         round_trip_ms,
         round_trip_write_out_ms,
@@ -264,6 +310,24 @@ fn row(operation: &str, paper: [f64; 2], records: &[OperationRecord]) -> Row {
         ratio_to_paper_nvm: ours_ms / paper[1],
         ratio_to_limit: ours_ms / flush_ms,
         copy_ratio_to_limit: copy_ms / flush_ms,
+    }
+}
+
+/// A row of the volatile-against-NVM table: `nvm`, the NVM row of the same operation, and
+/// the disk's `records`.
+fn store_row(operation: &str, nvm: &Row, records: &[OperationRecord]) -> StoreRow {
+    let disk_ms = ms(perf::median_of(records, |r| r.total));
+    let disk_io_ms = ms(perf::median_of(records, perf::io_time));
+    StoreRow {
+        operation: operation.into(),
+        paper_volatile_ms: nvm.paper_volatile_ms,
+        paper_nvm_ms: nvm.paper_nvm_ms,
+        nvm_ms: nvm.ours_ms,
+        disk_ms,
+        disk_io_ms,
+        disk_rest_ms: ms(perf::median_of(records, |r| r.total.saturating_sub(perf::io_time(r)))),
+        disk_copied_bytes: perf::median_copied(records),
+        n: records.len(),
     }
 }
 

@@ -107,7 +107,7 @@ pub struct RunningEvent {
 pub struct OperationRecord {
     pub report: MetricsReport,
     /// Duration of each phase (`nvram::control::PHASES`).
-    pub phases: [std::time::Duration; 6],
+    pub phases: [std::time::Duration; 7],
     pub total: std::time::Duration,
     pub at: Instant,
 }
@@ -406,6 +406,7 @@ impl MachineControl {
                         commit_ms = ms(record.phases[3]),
                         flush_ms = ms(record.phases[4]),
                         free_ms = ms(record.phases[5]),
+                        io_ms = ms(record.phases[6]),
                         "{what}"
                     );
                 }

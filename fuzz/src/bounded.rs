@@ -46,6 +46,11 @@ fn image() {
 }
 
 #[test]
+fn disk() {
+    run("disk", crate::disk);
+}
+
+#[test]
 fn machine_control() {
     run("machine_control", crate::machine_control);
 }
@@ -82,6 +87,7 @@ fn the_seeds_reach_the_devices_accepting_paths() {
             "persist_barrier" => crate::persist_barrier(&bytes) == 1,
             "virtio_blk" => crate::virtio_blk(&bytes),
             "image" => crate::image(&bytes),
+            "disk" => crate::disk(&bytes),
             "program" => crate::program(&bytes),
             _ => true,
         };

@@ -82,6 +82,41 @@ pub fn image(data: &[u8]) -> bool {
     })
 }
 
+/// A plate-store disk (`vmm inspect --disk`), as its head (the superblock and both slots):
+/// the input's first two bytes choose the disk's size in 64 KiB units, the next sector is
+/// the superblock, the rest the first commit slot; any bytes give a report that serializes,
+/// and the check runs on them too. Returns whether a superblock decoded (the seeds' check).
+pub fn disk(data: &[u8]) -> bool {
+    use nvram::disk::{SECTOR, SLOTS};
+    use nvram::disk_inspect::HEAD;
+    thread_local! {
+        static HEAD_BYTES: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; HEAD as usize]);
+    }
+    let (size, rest) = match data {
+        [a, b, rest @ ..] => (u64::from(u16::from_le_bytes([*a, *b])) << 16, rest),
+        _ => (0, data),
+    };
+    let (sector, slot) = rest.split_at(rest.len().min(SECTOR as usize));
+    HEAD_BYTES.with(|head| {
+        let mut head = head.borrow_mut();
+        let slot = &slot[..slot.len().min(head.len() - SLOTS[0] as usize)];
+        let places = [(0, sector), (SLOTS[0] as usize, slot)];
+        for (at, bytes) in places {
+            head[at..at + bytes.len()].copy_from_slice(bytes);
+        }
+        let decoded = alloc_bound::within(|| {
+            let report = nvram::disk_inspect::inspect_disk(&head, size);
+            serde_json::to_string(&report).expect("a report serializes");
+            let _ = nvram::disk_inspect::check_disk(&head);
+            report.superblock.is_some()
+        });
+        for (at, bytes) in places {
+            head[at..at + bytes.len()].fill(0);
+        }
+        decoded
+    })
+}
+
 /// A user program's ELF file, as the kernel's loader checks it (`nvram::program::check`,
 /// the very function the guest runs): any bytes are refused or accepted, and what is
 /// accepted is what the loader may place without further thought: every segment inside the

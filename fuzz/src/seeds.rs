@@ -63,6 +63,10 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     header.seal();
     let mut image = 256u16.to_le_bytes().to_vec(); // a file of 256 MiB
     image.extend_from_slice(&header.to_bytes());
+    let mut disk = 256u16.to_le_bytes().to_vec(); // a disk of 16 MiB
+    let superblock = nvram::disk::Superblock::new(16 << 20).expect("16 MiB holds a plate store");
+    disk.extend_from_slice(superblock.as_bytes());
+    disk.resize(2 + nvram::disk::SECTOR as usize, 0);
     let control_base = nvram::control::REG_DOORBELL as u8;
     vec![
         (
@@ -87,6 +91,7 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ("persist_barrier", "list", device_input(&[write_op(0, 0x1000)], &[(0x1000, &barrier_bytes)])),
         ("virtio_blk", "handshake", device_input(&virtio_handshake(), &[])),
         ("image", "sealed-header", image),
+        ("disk", "superblock", disk),
         // The bundled programs: real files of the linker script users build with.
         ("program", "counter", vmm::apps::embedded("counter").expect("bundled").elf.to_vec()),
         ("program", "kv", vmm::apps::embedded("kv").expect("bundled").elf.to_vec()),

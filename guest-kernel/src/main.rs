@@ -57,6 +57,7 @@ fn open_disk(test_sectors: u64) {
             TestOutcome::Failed(e) => println!("virtio-blk: disk test FAILED: {e}"),
         }
     }
+    virtio::keep(blk);
 }
 
 /// The memory map, a line a region: one print for all of them, since each print costs a
@@ -125,7 +126,18 @@ extern "C" fn kmain(start_info: u64) -> ! {
         println!("plate: write-outs and restores copy by {copier}, their bookkeeping runs {mode}");
     }
     let mut areas = plate::Areas::take(nvm.frames.frames());
-    let (kind, restore_from) = decide(&mut nvm, cmdline.plate.then_some(&mut areas));
+    let on_disk = cmdline.plate && cmdline.plate_store_disk;
+    let (kind, restore_from) = if on_disk {
+        // The volatile plate function: what RAM holds is never used (volatile RAM holds
+        // nothing anyway); the state comes from the disk's last commit (`start_from_disk`).
+        if nvm.found != nvm_root::Found::Blank {
+            println!("NVM: plate_store=disk: RAM's contents are not used; the state comes from the disk");
+        }
+        nvm.format();
+        (BootKind::Cold, None)
+    } else {
+        decide(&mut nvm, cmdline.plate.then_some(&mut areas))
+    };
 
     match cmdline.fault {
         Some(Fault::InvalidOpcode) => {
@@ -160,7 +172,102 @@ extern "C" fn kmain(start_info: u64) -> ! {
         machine::exit(ExitCode::PowerOff);
     }
 
+    if on_disk {
+        start_from_disk(nvm, areas, &cmdline, &info, tsc_khz)
+    }
     start(nvm, areas, kind, restore_from, &cmdline, &info, tsc_khz)
+}
+
+/// Stops the machine over a disk that cannot be the plate store.
+fn refuse_disk(why: core::fmt::Arguments) -> ! {
+    println!("plate: refusing the disk as the plate store: {why}");
+    machine::exit(ExitCode::BadDisk)
+}
+
+/// `plate_store=disk`: opens the disk's plate store (a blank disk is formatted and the
+/// machine starts afresh, committing generation 1 at its first write-out), else restores
+/// its last commit into the freshly formatted RAM, whatever ended the previous run: a crash
+/// or a graceful shutdown alike (the paper's volatile plate function restores the last
+/// save). Then hands over as [`start`] does.
+fn start_from_disk(
+    nvm: nvm_root::Nvm,
+    areas: plate::Areas,
+    cmdline: &Cmdline,
+    info: &pvh::BootInfo,
+    tsc_khz: u64,
+) -> ! {
+    use plate::disk::Outcome;
+    let (store, formatted) = plate::disk::open().unwrap_or_else(|e| refuse_disk(format_args!("{e}")));
+    let area_kib = store_area_kib(&store);
+    let (kind, plating, restored) = if formatted {
+        println!("plate: blank disk: the plate store is formatted ({area_kib} KiB of area space); starting afresh");
+        (BootKind::Cold, plate::format(areas, plate::Store::Disk(store)), None)
+    } else {
+        if let Err(e) = plate::disk::read_slots() {
+            refuse_disk(format_args!("{e}"))
+        }
+        match plate::disk::restore(areas, store) {
+            Outcome::Restored(mut plating, metrics, choice) => {
+                say_passed_over(&choice);
+                let generation = metrics.generation;
+                if choice.damaged() {
+                    println!("plate: ROLLING BACK to generation {generation}: the newer commit on the disk is damaged (above)");
+                }
+                println!("plate: restoring the disk's write-out of generation {generation} into fresh RAM");
+                if let Err(e) = nvm.check() {
+                    refuse_disk(format_args!("the restored tables do not check out: {e}"))
+                }
+                let bitmap_pages = (kernel_core::frames::words_for(nvm.frames.frames()) as u64 * 8).div_ceil(4096);
+                let fixed = nvram::plate::FIXED_FRAME_BITMAP;
+                let kind = nvram::plate::PlateKind::Fixed as u32;
+                let saved = plating.live.plates().iter().find(|p| p.kind == kind && p.id == fixed).map(|p| p.pages);
+                if saved.is_some_and(|pages| pages != bitmap_pages) {
+                    refuse_disk(format_args!("the disk's commit was made by a machine of another RAM size"))
+                }
+                if cmdline.check {
+                    plate::check_restored(&mut plating, nvm.resources, &nvm.frames);
+                }
+                (BootKind::Restored, plating, Some(metrics))
+            }
+            Outcome::Refused(areas, store, choice) => {
+                say_passed_over(&choice);
+                if choice.damaged() || choice.rejected.iter().flatten().any(|r| !is_blank(r)) {
+                    refuse_disk(format_args!(
+                        "no commit slot on the disk can be restored intact (the reasons are above)"
+                    ))
+                }
+                println!("plate: the disk's plate store holds no commit yet: starting afresh");
+                (BootKind::Cold, plate::format(areas, plate::Store::Disk(store)), None)
+            }
+        }
+    };
+    let nvm_root::Nvm { header, resources, frames, .. } = nvm;
+    timer::set_hz(timer::hz_for_interval(cmdline.checkpoint_ms));
+    let checkpoint_ns = cmdline.checkpoint_ms.map_or(0, |ms| ms.saturating_mul(1_000_000));
+    boot::install(header, resources, frames, Some(plating), checkpoint_ns, restored);
+    // SAFETY: the entries come from the start info's module list.
+    let modules = info.modules.iter().map(|entry| unsafe { proc::load::Module::new(entry, info.cmdline) });
+    boot::run(kind, modules, tsc_khz, cmdline.run_ms)
+}
+
+fn store_area_kib(store: &plate::DiskStore) -> u64 {
+    store.area_pages() * 4
+}
+
+/// A slot never written (a formatted store's): its header is zeros.
+fn is_blank(r: &nvram::plate_check::Rejection) -> bool {
+    matches!(r, nvram::plate_check::Rejection::Table(nvram::plate::TableError::BadMagic))
+}
+
+/// Says on the console why each commit slot on the disk was passed over (a torn slot only
+/// when it mattered).
+fn say_passed_over(choice: &nvram::plate_check::Choice) {
+    for (slot, why) in choice.rejected.iter().enumerate() {
+        let Some(why) = why else { continue };
+        if choice.damaged() || choice.index.is_none() {
+            println!("plate: disk commit slot {slot} (generation {}) passed over: {why}", choice.generations[slot]);
+        }
+    }
 }
 
 /// Prepares the plate function as the boot's kind requires (restores a crashed run's
@@ -200,11 +307,11 @@ fn start(
         (BootKind::Resumed, Some(areas), _) => {
             let plating = plate::resume(areas).unwrap_or_else(|areas| {
                 println!("plate: no live plate table to resume: the plate function starts afresh");
-                plate::format(areas)
+                plate::format(areas, plate::Store::Nvm)
             });
             (Some(plating), None)
         }
-        (_, Some(areas), _) => (Some(plate::format(areas)), None),
+        (_, Some(areas), _) => (Some(plate::format(areas, plate::Store::Nvm)), None),
         (_, None, _) => (None, None),
     };
     let nvm_root::Nvm { header, resources, frames, .. } = nvm;

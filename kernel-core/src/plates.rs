@@ -506,6 +506,8 @@ pub fn make_plate(
     Ok(plate)
 }
 
+pub mod disk;
+
 #[cfg(test)]
 mod capacity_tests;
 #[cfg(test)]

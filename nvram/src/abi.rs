@@ -76,6 +76,8 @@ pub mod err {
     pub const NO_MEMORY: u64 = -12i64 as u64;
     /// An argument is out of range.
     pub const INVALID: u64 = -22i64 as u64;
+    /// A device failed: with `plate_store=disk`, a disk request of the write-out.
+    pub const IO: u64 = -5i64 as u64;
     /// The call is not available in this boot (for example `checkpoint` with `plate=off`).
     pub const UNSUPPORTED: u64 = -38i64 as u64;
     /// No system call has this number.

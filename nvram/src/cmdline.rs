@@ -22,6 +22,7 @@
 //! | `run_ms=N`          | shut down gracefully after N ms                                 |
 //! | `checkpoint_ms=N`   | a write-out every N ms (N > 0; default: only on request)        |
 //! | `plate=on\|off`     | the plate function (default on)                                 |
+//! | `plate_store=S`     | where the plates' save areas are: `nvm` (default, frames of RAM) or `disk` (the virtio disk: restored at every boot) |
 //! | `plate_copy=C`      | who copies plates: `engine` (default) or `cpu`                  |
 //! | `bookkeeping=M`     | where the plate function's bookkeeping runs: `ring3` (default) or `ring0` |
 //! | `poweroff`          | power off right after the banner                                |
@@ -147,6 +148,7 @@ pub const KEYS: &[&str] = &[
     "checkpoint_ms",
     "plate",
     "plate_copy",
+    "plate_store",
     "bookkeeping",
     "check",
     "poweroff",
@@ -188,6 +190,9 @@ pub struct Cmdline {
     pub checkpoint_ms: Option<u64>,
     pub plate: bool,
     pub plate_copy_engine: bool,
+    /// `plate_store=disk`: the save areas and the commit slots are on the virtio disk
+    /// (`crate::disk`), and every boot restores from it.
+    pub plate_store_disk: bool,
     pub bookkeeping_ring3: bool,
     /// `check=on`: after a restore, the kernel checks the state it restored
     /// (`nvram::fsck`) and prints each violation.
@@ -220,6 +225,7 @@ impl Default for Cmdline {
             checkpoint_ms: None,
             plate: true,
             plate_copy_engine: true,
+            plate_store_disk: false,
             bookkeeping_ring3: true,
             check: false,
             test_plant: None,
@@ -294,6 +300,7 @@ impl Cmdline {
             ("plate", "off") => self.plate = false,
             ("plate", "on") => self.plate = true,
             ("plate_copy", copier @ ("engine" | "cpu")) => self.plate_copy_engine = copier == "engine",
+            ("plate_store", store @ ("nvm" | "disk")) => self.plate_store_disk = store == "disk",
             ("bookkeeping", mode @ ("ring3" | "ring0")) => self.bookkeeping_ring3 = mode == "ring3",
             ("check", on @ ("on" | "off")) => self.check = on == "on",
             ("test_plant", "fence:commit") => self.test_plant = Some(TestPlant::UnfencedCommit),
@@ -369,7 +376,8 @@ mod tests {
     fn every_item_sets_its_field() {
         let line = "apps=kv,memtouch kv_seed=0x10 kv_pages=8 kv_verify_every=1 memtouch=32,32,256 memtouch_ms=20 \
                     fault_ms=5 counter_shutdown=3 deleter=600 run_ms=800 checkpoint_ms=50 plate=off plate_copy=cpu \
-                    bookkeeping=ring0 poweroff flush=clwb poke-ports fault=work-panic disk_test=64 check=on test_plant=flush:7";
+                    bookkeeping=ring0 poweroff flush=clwb poke-ports fault=work-panic disk_test=64 check=on \
+                    test_plant=flush:7 plate_store=disk";
         let (c, bad) = parse_all(line);
         assert_eq!(bad, 0);
         assert_eq!(c.apps().collect::<Vec<_>>(), [App::Kv, App::Memtouch]);
@@ -380,6 +388,12 @@ mod tests {
         assert!(!c.plate && !c.plate_copy_engine && !c.bookkeeping_ring3);
         assert!(c.poweroff && c.poke_ports && c.check);
         assert_eq!(c.disk_test, 64);
+        assert!(c.plate_store_disk);
+        assert!(!Cmdline::parse("plate_store=disk plate_store=nvm", |_| {}).plate_store_disk);
+        assert!(!Cmdline::default().plate_store_disk);
+        let mut bad = 0;
+        Cmdline::parse("plate_store=tape plate_store", |_| bad += 1);
+        assert_eq!(bad, 2);
         assert_eq!((c.flush, c.fault), (Some(Flush::Clwb), Some(Fault::WorkPanic)));
         assert_eq!(c.test_plant, Some(TestPlant::DropFlush(7)));
         assert_eq!(parse_all("test_plant=fence:commit").0.test_plant, Some(TestPlant::UnfencedCommit));

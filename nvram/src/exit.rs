@@ -19,6 +19,10 @@ pub enum ExitCode {
     /// The image holds state this kernel must not use (another format or build); the
     /// kernel said why on the console. `vmm boot --reformat` starts the image afresh.
     BadImage = 3,
+    /// `plate_store=disk`: the disk cannot hold the plate store (too small for the plates'
+    /// save areas, another disk's contents, or no commit that can be restored); the kernel
+    /// said why on the console.
+    BadDisk = 4,
 }
 
 impl ExitCode {
@@ -39,10 +43,10 @@ mod tests {
 
     #[test]
     fn raw_values_round_trip() {
-        for code in [ExitCode::PowerOff, ExitCode::Panic, ExitCode::Exception, ExitCode::BadImage] {
+        for code in [ExitCode::PowerOff, ExitCode::Panic, ExitCode::Exception, ExitCode::BadImage, ExitCode::BadDisk] {
             assert_eq!(ExitCode::from_raw(code.raw()), Some(code));
         }
-        assert_eq!(ExitCode::from_raw(4), None);
+        assert_eq!(ExitCode::from_raw(5), None);
         assert_eq!(ExitCode::from_raw(u32::MAX), None);
     }
 }

@@ -252,7 +252,8 @@ pub fn check_image(bytes: &[u8], scratch: &mut [u64], mut report: impl FnMut(Vio
             match *r {
                 Rejection::Entry(e) => say(Violation::Entry(e)),
                 Rejection::Content(plate) => say(Violation::Content { plate }),
-                Rejection::Table(_) => {}
+                // Not from NVM: no request reads an image's save areas.
+                Rejection::Table(_) | Rejection::Unreadable => {}
             }
         }
         let Some(i) = choice.index else {

@@ -20,6 +20,9 @@
 pub mod abi;
 pub mod cmdline;
 pub mod control;
+pub mod disk;
+#[cfg(feature = "std")]
+pub mod disk_inspect;
 pub mod engine;
 pub mod exit;
 pub mod fsck;

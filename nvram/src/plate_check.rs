@@ -57,6 +57,8 @@ pub enum Problem {
     Fixed,
     /// A range not page-aligned, or not inside the managed frames.
     Outside(Range, u64),
+    /// A save area not page-aligned, or not inside the disk's area space.
+    OutsideDisk(Range, u64),
     /// A range sharing a frame with an earlier one (or with itself across areas).
     Overlap(Range, u64),
     /// The scratch bitmap is too small for the managed frames.
@@ -82,6 +84,7 @@ impl fmt::Display for EntryError {
             Problem::Pages(p) => write!(f, "{p} pages"),
             Problem::Fixed => write!(f, "a fixed table not at its fixed place"),
             Problem::Outside(r, at) => write!(f, "{} at {at:#x} is outside the frame area", r.name()),
+            Problem::OutsideDisk(r, at) => write!(f, "{} at {at:#x} is outside the disk's area space", r.name()),
             Problem::Overlap(r, at) => write!(f, "{} at {at:#x} overlaps another plate's frames", r.name()),
             Problem::Scratch => write!(f, "no room to check the frames"),
         }
@@ -113,30 +116,83 @@ pub fn mark_frames(bitmap: &mut [u64], first: u64, n: u64) -> bool {
 /// `frames.div_ceil(64)` words, zeroed here) marks the frames taken, to find overlaps; it
 /// is left dirty.
 pub fn check_entries(table: &PlateTable, base: u64, frames: u64, scratch: &mut [u64]) -> Result<(), EntryError> {
-    let words = frames.div_ceil(64) as usize;
+    let fixed = |id| match id {
+        FIXED_RESOURCES => Some((layout::RESOURCES, layout::RESOURCES_SAVE)),
+        FIXED_FRAME_BITMAP => Some((layout::FRAME_BITMAP, layout::FRAME_BITMAP_SAVE)),
+        _ => None,
+    };
+    check_in(table, &Spaces { base, frames, areas: None }, fixed, scratch)
+}
+
+/// [`check_entries`] for a table whose save areas are on a plate-store disk
+/// (`crate::disk`): the regions inside RAM's `frames` frames from `base`, the areas inside
+/// the disk's area space (the fixed plates' at the disk's fixed places), no two regions and
+/// no two areas sharing a page. `scratch`: at least `(frames + sb.area_pages).div_ceil(64)`
+/// words (RAM's frames, then the area pages), left dirty.
+pub fn check_disk_entries(
+    table: &PlateTable,
+    base: u64,
+    frames: u64,
+    sb: &crate::disk::Superblock,
+    scratch: &mut [u64],
+) -> Result<(), EntryError> {
+    let fixed = |id| {
+        let src = match id {
+            FIXED_RESOURCES => layout::RESOURCES,
+            FIXED_FRAME_BITMAP => layout::FRAME_BITMAP,
+            _ => return None,
+        };
+        Some((src, sb.fixed_areas(id)?))
+    };
+    check_in(table, &Spaces { base, frames, areas: Some((sb.area_start, sb.area_pages)) }, fixed, scratch)
+}
+
+/// Where a table's ranges must lie: regions in `frames` frames from `base`; save areas
+/// there too (`areas: None`, NVM) or in an area space of its own (first byte, pages: a
+/// disk), marked in the scratch bitmap after the frames.
+struct Spaces {
+    base: u64,
+    frames: u64,
+    areas: Option<(u64, u64)>,
+}
+
+fn check_in(
+    table: &PlateTable,
+    spaces: &Spaces,
+    fixed: impl Fn(u32) -> Option<(u64, [u64; 2])>,
+    scratch: &mut [u64],
+) -> Result<(), EntryError> {
+    let Spaces { base, frames, areas } = *spaces;
+    let (area_base, area_pages) = areas.unwrap_or((base, frames));
+    let bits = frames + if areas.is_some() { area_pages } else { 0 };
+    let words = bits.div_ceil(64) as usize;
     let fail = |entry, problem| Err(EntryError { entry, problem });
     let Some(scratch) = scratch.get_mut(..words) else { return fail(Entry::Plate(0), Problem::Scratch) };
     scratch.fill(0);
-    let end = base + frames * PAGE_SIZE;
-    // A range of the frame area: its first frame, or the problem.
-    let frame_range = |range: Range, at: u64, pages: u64| {
+    // A range's first bit in the scratch bitmap, or the problem: `area` ranges lie in the
+    // area space, after RAM's frames when that space is a disk's.
+    let bit_of = |range: Range, at: u64, pages: u64| {
+        let is_area = range != Range::Region;
+        let (b, n, skip) = if is_area { (area_base, area_pages, bits - area_pages) } else { (base, frames, 0) };
+        let end = b + n * PAGE_SIZE;
         let inside = at.is_multiple_of(PAGE_SIZE)
-            && at >= base
+            && at >= b
             && pages.checked_mul(PAGE_SIZE).and_then(|len| at.checked_add(len)).is_some_and(|e| e <= end);
-        if inside {
-            Ok((at - base) / PAGE_SIZE)
-        } else {
-            Err(Problem::Outside(range, at))
+        match (inside, is_area && areas.is_some()) {
+            (true, _) => Ok(skip + (at - b) / PAGE_SIZE),
+            (false, true) => Err(Problem::OutsideDisk(range, at)),
+            (false, false) => Err(Problem::Outside(range, at)),
         }
     };
     let mut claim = |range: Range, at: u64, pages: u64| -> Result<(), Problem> {
-        let first = frame_range(range, at, pages)?;
+        let first = bit_of(range, at, pages)?;
         if mark_frames(scratch, first, pages) {
             Ok(())
         } else {
             Err(Problem::Overlap(range, at))
         }
     };
+    let most = frames.max(area_pages);
     for (i, p) in table.plates().iter().enumerate() {
         let entry = Entry::Plate(i);
         let Ok(kind) = PlateKind::try_from(p.kind) else { return fail(entry, Problem::Kind(p.kind)) };
@@ -144,15 +200,11 @@ pub fn check_entries(table: &PlateTable, base: u64, frames: u64, scratch: &mut [
             return fail(entry, Problem::Valid(p.valid));
         }
         // (A plate of no pages is possible: a kernel space whose region is gone. It takes no frame.)
-        if p.pages > frames {
+        if p.pages > most {
             return fail(entry, Problem::Pages(p.pages));
         }
         if kind == PlateKind::Fixed {
-            let place = match p.id {
-                FIXED_RESOURCES => (layout::RESOURCES, layout::RESOURCES_SAVE),
-                FIXED_FRAME_BITMAP => (layout::FRAME_BITMAP, layout::FRAME_BITMAP_SAVE),
-                _ => return fail(entry, Problem::Fixed),
-            };
+            let Some(place) = fixed(p.id) else { return fail(entry, Problem::Fixed) };
             if (p.src, p.area) != place {
                 return fail(entry, Problem::Fixed);
             }
@@ -167,7 +219,7 @@ pub fn check_entries(table: &PlateTable, base: u64, frames: u64, scratch: &mut [
     }
     for (i, p) in table.pending().iter().enumerate() {
         let entry = Entry::Pending(i);
-        if p.pages > frames {
+        if p.pages > most {
             return fail(entry, Problem::Pages(p.pages));
         }
         for (range, at) in [(Range::AreaA, p.area[0]), (Range::AreaB, p.area[1])] {
@@ -203,6 +255,8 @@ pub enum Rejection {
     Entry(EntryError),
     /// It checks out, but plate `n`'s valid save area does not hold what was written there.
     Content(usize),
+    /// Its save areas could not be read back from the disk (a request failed).
+    Unreadable,
 }
 
 impl fmt::Display for Rejection {
@@ -211,6 +265,7 @@ impl fmt::Display for Rejection {
             Self::Table(e) => write!(f, "the table does not check out ({e:?})"),
             Self::Entry(e) => write!(f, "an entry is wrong: {e}"),
             Self::Content(n) => write!(f, "plate {n}'s save area does not hold what was written there (checksum)"),
+            Self::Unreadable => write!(f, "its save areas could not be read back from the disk"),
         }
     }
 }

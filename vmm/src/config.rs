@@ -139,6 +139,10 @@ pub enum ConfigError {
     RamSize(u64),
     #[error("a disk size of {0} bytes is not a positive multiple of 512")]
     DiskSize(u64),
+    #[error("plate_store=disk keeps the plates' save areas on the virtio disk, and the machine has none")]
+    DiskStoreWithoutDisk,
+    #[error("plate_store=disk is the plate function's store, and plate=off turns the plate function off")]
+    DiskStoreWithoutPlates,
 }
 
 impl Persistence {
@@ -200,7 +204,16 @@ impl VmConfig {
     /// report a usage error before it does anything else.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.persistence.validate()?;
-        validate_cmdline(&self.cmdline)?;
+        let cmdline = validate_cmdline(&self.cmdline)?;
+        // The disk store on NVM RAM is allowed: the kernel then ignores what RAM holds and
+        // restores from the disk at every boot, which measures the volatile plate function
+        // on the same machine as the NVM one.
+        if cmdline.plate_store_disk && self.disk.is_none() {
+            return Err(ConfigError::DiskStoreWithoutDisk);
+        }
+        if cmdline.plate_store_disk && !cmdline.plate {
+            return Err(ConfigError::DiskStoreWithoutPlates);
+        }
         if self.memory == MemoryKind::Volatile {
             if self.persistence != Persistence::default() {
                 return Err(ConfigError::PersistenceOfVolatileRam);
@@ -311,6 +324,14 @@ mod tests {
         config.mem_size = Some(64 << 20);
         config.disk = Some(DiskConfig { path: "d.img".into(), size_if_created: 1000 });
         assert_eq!(config.validate(), Err(ConfigError::DiskSize(1000)));
+        config.disk = Some(DiskConfig { path: "d.img".into(), size_if_created: DEFAULT_DISK_SIZE });
+        assert_eq!(config.validate(), Ok(()));
+        config.cmdline = "plate_store=disk plate=off".into();
+        assert_eq!(config.validate(), Err(ConfigError::DiskStoreWithoutPlates));
+        config.cmdline = "plate_store=disk".into();
+        assert_eq!(config.validate(), Ok(()));
+        config.disk = None;
+        assert_eq!(config.validate(), Err(ConfigError::DiskStoreWithoutDisk));
         config.disk = Some(DiskConfig { path: "d.img".into(), size_if_created: DEFAULT_DISK_SIZE });
         assert_eq!(config.validate(), Ok(()));
     }

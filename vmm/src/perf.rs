@@ -122,6 +122,20 @@ impl Scratch {
     }
 }
 
+/// The volatile machine of a measurement (`--memory volatile`), the plates' save areas on
+/// the disk `name`.disk of the scratch directory (`plate_store=disk`, created at
+/// [`crate::config::DEFAULT_DISK_SIZE`] or larger when the plates need it).
+pub fn disk_config(scratch: &Scratch, name: &str, ram: u64, cmdline: &str) -> VmConfig {
+    let mut config = VmConfig::new(scratch.image(name));
+    config.memory = crate::MemoryKind::Volatile;
+    config.mem_size = Some(ram);
+    config.cmdline = format!("plate_store=disk {cmdline}");
+    config.console = ConsoleOutput::File(scratch.console());
+    let size = (ram / 2).max(crate::config::DEFAULT_DISK_SIZE);
+    config.disk = Some(crate::DiskConfig { path: scratch.dir.join(format!("{name}.disk")), size_if_created: size });
+    config
+}
+
 /// A running machine of `workload` on a fresh image, its workload started.
 pub fn boot(
     scratch: &Scratch,
@@ -131,8 +145,20 @@ pub fn boot(
 ) -> Result<RunningMachine, PerfError> {
     let image = scratch.image(name);
     let _ = std::fs::remove_file(&image);
-    let config = config(&image, &scratch.console(), workload.ram(), &workload.cmdline(), model);
-    let vm = Machine::build(&config)?.spawn()?;
+    boot_config(&config(&image, &scratch.console(), workload.ram(), &workload.cmdline(), model), workload)
+}
+
+/// [`boot`] of the volatile machine, its plates on a fresh disk (`disk_config`).
+pub fn boot_on_disk(scratch: &Scratch, name: &str, workload: Workload) -> Result<RunningMachine, PerfError> {
+    let config = disk_config(scratch, name, workload.ram(), &workload.cmdline());
+    if let Some(disk) = &config.disk {
+        let _ = std::fs::remove_file(&disk.path);
+    }
+    boot_config(&config, workload)
+}
+
+fn boot_config(config: &VmConfig, workload: Workload) -> Result<RunningMachine, PerfError> {
+    let vm = Machine::build(config)?.spawn()?;
     let app = match workload {
         Workload::Memtouch { .. } => "memtouch",
         Workload::Kv { .. } => "kv",
@@ -191,9 +217,18 @@ pub struct Restore {
 /// Boots a new machine on the crashed `image` (of `ram` bytes), waits for the first restored
 /// process to run, and crashes it again (so the next call restores the same write-out).
 pub fn restore_once(scratch: &Scratch, image: &Path, ram: u64, model: PersistenceModel) -> Result<Restore, PerfError> {
+    restore_with(&config(image, &scratch.console(), ram, "", model))
+}
+
+/// [`restore_once`] of the volatile machine whose plates are on disk `name` (as
+/// [`boot_on_disk`] made it): every boot restores from the disk.
+pub fn restore_once_on_disk(scratch: &Scratch, name: &str, ram: u64) -> Result<Restore, PerfError> {
+    restore_with(&disk_config(scratch, name, ram, ""))
+}
+
+fn restore_with(config: &VmConfig) -> Result<Restore, PerfError> {
     let t0 = Instant::now();
-    let config = config(image, &scratch.console(), ram, "", model);
-    let machine = Machine::build(&config)?;
+    let machine = Machine::build(config)?;
     let built = Instant::now();
     let vm = machine.spawn()?;
     let status = vm.wait_for(LIMIT, "the restored process to run", |s| {
@@ -303,6 +338,11 @@ pub fn median_of(records: &[OperationRecord], f: impl Fn(&OperationRecord) -> Du
 /// The copy and flush time of an operation (its copy and flush phases).
 pub fn copy_time(r: &OperationRecord) -> Duration {
     r.phases[2] + r.phases[4]
+}
+
+/// The time an operation spent in disk requests (`plate_store=disk`; zero in NVM).
+pub fn io_time(r: &OperationRecord) -> Duration {
+    r.phases[nvram::control::IO_PHASE]
 }
 
 /// The median bytes `records` copied.

@@ -8,6 +8,7 @@
 
 pub mod shard;
 pub mod summary;
+mod volatile;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -20,7 +21,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nvram::control::{BootKind, Operation, Verified};
 use vmm::{ConsoleOutput, Machine, RunningMachine, VmConfig};
 
-use crate::args::{Copier, Model, TortureArgs, TortureCommand};
+use crate::args::{Copier, Memory, Model, TortureArgs, TortureCommand};
 use shard::Shard;
 use summary::{Campaign, Counts, Coverage, Failure, Shards, Summary};
 
@@ -55,25 +56,35 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
     if let Some(TortureCommand::Merge(merge)) = &args.command {
         return summary::merge_files(&merge.files, merge.json);
     }
-    let Some(nvram) = args.nvram.clone() else { bail!("torture needs --nvram IMG") };
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
     });
     let shard = args.shard.unwrap_or(Shard::WHOLE);
-    let console = nvram.with_extension("console.log");
-    // Held to the end of the run, across every reboot (see `claim`).
-    let (_hold, mem) = claim(&nvram, args.mem, args.force)?;
-    let mut config = VmConfig::new(&nvram);
-    config.mem_size = Some(mem);
-    config.cmdline = match args.copier {
+    let cmdline = match args.copier {
         Copier::Engine => CMDLINE.into(),
         Copier::Cpu => format!("{CMDLINE} plate_copy=cpu"),
     };
+    // What the state lives in (the image, or the volatile machine's disk), its console, and
+    // the hold on the image to the end of the run, across every reboot (see `claim`).
+    let (nvram, _hold, mut config) = match (args.memory, &args.disk) {
+        (Memory::Volatile, Some(disk)) => (disk.clone(), None, volatile::config(&args, disk, &cmdline)?),
+        (Memory::Nvm, Some(_)) => bail!("--disk tortures the volatile plate function: give --memory volatile too"),
+        (_, None) => {
+            let Some(nvram) = args.nvram.clone() else { bail!("torture needs --nvram IMG") };
+            let (hold, mem) = claim(&nvram, args.mem, args.force)?;
+            let mut config = VmConfig::new(&nvram);
+            config.mem_size = Some(mem);
+            config.cmdline = cmdline;
+            config.reformat = true;
+            // Each crash reseeds the evictions from its plan (below).
+            config.persistence = crate::boot::persistence(args.persistence, Some(seed));
+            (nvram, Some(hold), config)
+        }
+    };
+    let console = nvram.with_extension("console.log");
     config.console = ConsoleOutput::File(console.clone());
-    config.reformat = true;
-    // Each crash reseeds the evictions from its plan (below).
-    config.persistence = crate::boot::persistence(args.persistence, Some(seed));
     config.validate().map_err(crate::boot::usage)?;
+    let mem = config.ram_size();
     let campaign = campaign(&args, seed, mem, &config.cmdline);
 
     let mine: Vec<u64> = shard.crashes(args.crashes).collect();
@@ -102,6 +113,8 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
         match round(&config, plan, index, &mut tally, &mut last_committed) {
             Ok(()) => {
                 config.reformat = false;
+                // The disk was started afresh once (`volatile::config`); from now on it holds
+                // the state.
                 bar.inc(1);
                 bar.set_message(format!("{} inside write-outs", tally.counts.inside));
             }
@@ -156,9 +169,10 @@ fn campaign(args: &TortureArgs, seed: u64, mem: u64, cmdline: &str) -> Campaign 
             Copier::Cpu => "cpu",
         }
         .into(),
-        persistence: match p.persistence {
-            Model::Eadr => "eadr",
-            Model::Adr => "adr",
+        persistence: match (args.memory, p.persistence) {
+            (Memory::Volatile, _) => "volatile",
+            (_, Model::Eadr) => "eadr",
+            (_, Model::Adr) => "adr",
         }
         .into(),
         crash_evict: p.crash_evict,
@@ -182,6 +196,17 @@ fn reproduce(args: &TortureArgs, nvram: &Path, seed: u64, mem: u64) -> String {
     }
     if args.copier == Copier::Cpu {
         model.push_str(" --copier cpu");
+    }
+    if args.disk.is_some() {
+        let size = args.disk_size.map_or(String::new(), |s| format!(" --disk-size {s}"));
+        return format!(
+            "vmm torture --memory volatile --disk {} --crashes {} --seed {seed} --mem {mem} --inside-share {} \
+             --max-run-ms {}{size}{model}",
+            nvram.display(),
+            args.crashes,
+            args.inside_share,
+            args.max_run_ms
+        );
     }
     if let Some(shard) = args.shard {
         model.push_str(&format!(" --shard {shard}"));
@@ -281,7 +306,10 @@ fn round(
 /// `vmm inspect --check` on the crashed image, before the boot that restores it: any
 /// violation is a failure.
 fn consistent(config: &VmConfig, crash: u64, tally: &mut Tally) -> anyhow::Result<()> {
-    let check = crate::inspect::check_file(&config.image)?;
+    let check = match &config.disk {
+        Some(disk) if config.memory == vmm::MemoryKind::Volatile => volatile::check_disk(&disk.path)?,
+        _ => crate::inspect::check_file(&config.image)?,
+    };
     tally.counts.checks += 1;
     tally.counts.violations += check.violations.len() as u64;
     if let Some(v) = check.violations.first() {

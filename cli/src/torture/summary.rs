@@ -42,6 +42,7 @@ impl Campaign {
         match (self.persistence.as_str(), self.crash_evict) {
             ("adr", None) => "ADR: only written-back lines are durable, no evictions".into(),
             ("adr", Some(f)) => format!("ADR: only written-back lines are durable, {f} of the others evicted"),
+            ("volatile", _) => "volatile RAM, lost at each crash: the plates are on the disk (plate_store=disk)".into(),
             _ => "eADR: every store is durable".into(),
         }
     }

@@ -167,3 +167,27 @@ pub fn self_test(blk: &mut Blk, sectors: usize, seed: u64) -> TestOutcome {
         None => TestOutcome::Passed { first_sector: first },
     }
 }
+
+/// The opened disk, kept for the plate store (`plate_store=disk`).
+struct Held(Blk);
+
+// SAFETY: the driver holds raw pointers to its MMIO window and DMA pages, which belong to
+// the machine, not to a thread; this kernel runs on one CPU and reaches the driver only
+// through `DISK`'s lock.
+unsafe impl Send for Held {}
+
+static DISK: spin::Mutex<Option<Held>> = spin::Mutex::new(None);
+
+/// Keeps the disk for later requests ([`with`]).
+pub fn keep(blk: Blk) {
+    *DISK.lock() = Some(Held(blk));
+}
+
+/// Runs `f` with the kept disk, if there is one. Requests are synchronous (each waits for
+/// its completion, which the device gives before the notifying write returns), so while
+/// `f` runs no other request can be in flight: one holder of the lock at a time, on one
+/// CPU. Callable from ring-3 kernel work too: the work space maps the MMIO window and the
+/// kernel's DMA pool at their physical addresses, and nothing here is privileged.
+pub fn with<R>(f: impl FnOnce(&mut Blk) -> R) -> Option<R> {
+    DISK.lock().as_mut().map(|held| f(&mut held.0))
+}

@@ -32,6 +32,9 @@ pub struct Mem<'a> {
     /// operations record there the save areas whose freeing they defer. The default
     /// operations leave it alone.
     pub plates: Option<&'a mut PlateTable>,
+    /// The allocator of save areas when it is not `frames` (`plate_store=disk`: the disk's
+    /// area space), where a deletion's save areas are freed.
+    pub areas: Option<&'a mut FrameBitmap<'static>>,
 }
 
 /// Why a resource operation failed.

@@ -15,12 +15,14 @@
 
 mod copy;
 mod dirty;
+pub mod disk;
 pub mod plant;
 mod plateify;
 mod state;
 
 use kernel_core::frames::FrameBitmap;
 use kernel_core::plates;
+pub(crate) use nvram::control::IO_PHASE;
 use nvram::control::{Metrics, Operation};
 use nvram::header::RootHeader;
 use nvram::layout;
@@ -33,16 +35,24 @@ use crate::nvm::root;
 use crate::println;
 use copy::GuestPersist;
 use plateify::{install_ops, plateify};
-pub use state::{Areas, Plating, WriteOutError};
+pub use state::{Areas, DiskStore, Plating, Store, WriteOutError};
 use state::{FIXED_PAGES_MAX, PAGE};
 
 /// `checkpoint()`'s result in the running process, and in the one restored from it.
 pub use nvram::abi::{RESTORED, SAVED};
 
-/// Enables the plate function on a freshly formatted image: an empty plate table, no
-/// commit, every save area stale; and the deletion of spaces replaced by one that defers
-/// the freeing of their save areas.
-pub fn format(mut areas: Areas) -> Plating {
+/// The allocator of save areas: the frames, or the disk's area space.
+fn area_allocator<'a>(store: &'a mut Store, frames: &'a mut FrameBitmap<'static>) -> &'a mut FrameBitmap<'static> {
+    match store {
+        Store::Disk(d) => &mut d.areas,
+        Store::Nvm => frames,
+    }
+}
+
+/// Enables the plate function on a freshly formatted image (or, with the areas on the
+/// disk, a blank plate store): an empty plate table, no commit, every save area stale; and
+/// the deletion of spaces replaced by one that defers the freeing of their save areas.
+pub fn format(mut areas: Areas, store: Store) -> Plating {
     areas.live.format();
     for slot in &mut areas.slots {
         slot.magic = 0;
@@ -54,7 +64,7 @@ pub fn format(mut areas: Areas) -> Plating {
     persist::persist(layout::PLATE_SLOTS[0], 64);
     persist::persist(layout::PLATE_SLOTS[1], 64);
     install_ops();
-    areas.into_plating(None)
+    areas.into_plating(None, store)
 }
 
 /// With `plate=off`: makes the live table and both commit slots unusable, durably, so that
@@ -102,7 +112,7 @@ pub fn resume(areas: Areas) -> Result<Plating, Areas> {
     ring3::run(|| stale.fill(u64::MAX));
     let committed = areas.committed().map(|i| (i, areas.slots[i].generation));
     install_ops();
-    Ok(areas.into_plating(committed))
+    Ok(areas.into_plating(committed, Store::Nvm))
 }
 
 /// After a crash, which slot to restore from (`kernel_core::plates::choose`): the newest
@@ -146,7 +156,7 @@ pub fn restore(areas: Areas, index: usize, rolled_back: u32) -> (Plating, Metric
         m.phases[2] = nvm.copy_ticks;
         m.phases[4] = nvm.flush_ticks;
         let generation = committed.generation;
-        (areas.into_plating(Some((index, generation))), m)
+        (areas.into_plating(Some((index, generation)), Store::Nvm), m)
     });
     install_ops();
     m.total = timer::rdtsc() - start;
@@ -179,8 +189,8 @@ pub fn check_restored(plating: &mut Plating, res: &Resources, frames: &FrameBitm
 
 /// Frees the save areas the committed table left pending (after a restore, once the kernel
 /// state with the restored frame bitmap is installed).
-pub fn free_pending_after_restore(plating: &mut Plating, frames: &mut FrameBitmap) {
-    plates::free_pending(plating.live.pending(), frames);
+pub fn free_pending_after_restore(plating: &mut Plating, frames: &mut FrameBitmap<'static>) {
+    plates::free_pending(plating.live.pending(), area_allocator(&mut plating.store, frames));
     plating.live.pending_count = 0;
 }
 
@@ -193,7 +203,7 @@ pub fn free_pending_after_restore(plating: &mut Plating, frames: &mut FrameBitma
 pub fn write_out(
     plating: &mut Plating,
     res: &Resources,
-    frames: &mut FrameBitmap,
+    frames: &mut FrameBitmap<'static>,
     header: &mut RootHeader,
     resume_first: Option<u32>,
     save: impl FnOnce(),
@@ -205,8 +215,12 @@ pub fn write_out(
     // 2. The process table holds every process's registers; the running one's are saved.
     save();
     // 3 to 11, the bookkeeping, at CPL 3 (see `ring3`): natively under PVM.
-    let mut m = ring3::run(|| steps(plating, res, frames, header, t0))?;
-    // The way back from CPL 3 counts in the last phase.
+    let m = ring3::run(|| steps(plating, res, frames, header, t0));
+    if let Err(WriteOutError::Disk(e)) = m {
+        crate::println!("plate: the write-out failed, nothing was committed: {e}");
+    }
+    let mut m = m?;
+    // The way back from CPL 3 counts in the "free" phase.
     let end = timer::rdtsc();
     m.phases[5] += end - (t0 + m.total);
     m.total = end - t0;
@@ -219,7 +233,11 @@ pub fn write_out(
 /// out of frames gets a refused `map`, not a kernel whose write-outs fail for want of save
 /// areas (and a machine that stops checkpointing). A refusal leaves frames and table as
 /// they were.
-pub fn plate_now(plating: &mut Plating, res: &Resources, frames: &mut FrameBitmap) -> Result<(), WriteOutError> {
+pub fn plate_now(
+    plating: &mut Plating,
+    res: &Resources,
+    frames: &mut FrameBitmap<'static>,
+) -> Result<(), WriteOutError> {
     plateify(plating, res, frames)
 }
 
@@ -227,7 +245,7 @@ pub fn plate_now(plating: &mut Plating, res: &Resources, frames: &mut FrameBitma
 fn steps(
     plating: &mut Plating,
     res: &Resources,
-    frame_bitmap: &mut FrameBitmap,
+    frame_bitmap: &mut FrameBitmap<'static>,
     header: &mut RootHeader,
     t0: u64,
 ) -> Result<Metrics, WriteOutError> {
@@ -263,67 +281,100 @@ fn steps(
         Some((slot, generation)) => (generation, 1 - slot),
         None => (0, 0),
     };
-    let pool_used = |k_res: &Resources, plate: &Plate| {
-        k_res.spaces.get(plate.id).map_or(TABLE_POOL_PAGES, |s| u64::from(s.pool_used))
-    };
-    let frames = plating.frames;
-    let mut nvm = GuestPersist::for_write_out();
-    let stats = {
-        let Plating { live, stale, dirty, .. } = &mut *plating;
-        let dirty_bits: &[u64] = dirty;
-        plates::write_out(
-            live,
-            generation,
-            slot_index,
-            stale,
-            |p| match PlateKind::try_from(p.kind).ok() {
-                Some(PlateKind::Fixed) => frames + u64::from(p.id) * FIXED_PAGES_MAX,
-                _ => (p.src - layout::FRAMES_BASE) / PAGE,
-            },
-            |p, first, n| match PlateKind::try_from(p.kind).ok() {
-                Some(PlateKind::UserSpace) => {
-                    plates::bits_at(dirty_bits, (p.src - layout::FRAMES_BASE) / PAGE + first, n)
-                }
-                Some(PlateKind::PageTables) => {
-                    let used = pool_used(res, p).saturating_sub(first).min(64);
-                    if used == 64 {
-                        u64::MAX
-                    } else {
-                        (1 << used) - 1
-                    }
-                }
-                _ => u64::MAX,
-            },
-            &mut nvm,
-        )
+    let (stats, timing) = if plating.on_disk() {
+        let mut disk = disk::GuestDisk::new();
+        let mut p = disk::persist(&mut disk);
+        let stats = commit(plating, res, generation, slot_index, &mut p);
+        if let Some(e) = p.error {
+            return Err(WriteOutError::Disk(e));
+        }
+        (stats, Timing { io: disk.io_ticks, copier: nvram::control::Copier::Disk, ..Timing::default() })
+    } else {
+        let mut nvm = GuestPersist::for_write_out();
+        let stats = commit(plating, res, generation, slot_index, &mut nvm);
+        let copier = nvm.copier();
+        (stats, Timing { copy: nvm.copy_ticks, flush: nvm.flush_ticks, commit: nvm.slot_ticks, io: 0, copier })
     };
     plating.committed = Some((slot_index, generation + 1));
     let t3 = timer::rdtsc();
 
     // 11. Free the save areas of deleted spaces, now that no committed table needs them.
-    plates::free_pending(plating.live.pending(), frame_bitmap);
+    let areas = area_allocator(&mut plating.store, frame_bitmap);
+    plates::free_pending(plating.live.pending(), areas);
     plating.live.pending_count = 0;
     if !logged {
         // The engine rewrites the whole bitmap at each request; the walk only sets bits.
         dirty::clear(plating);
     }
     header.generation = generation + 1;
-    header.plate_table = layout::PLATE_SLOTS[slot_index];
+    // With the areas on the disk, the slot's RAM address holds no copy of the commit.
+    header.plate_table = if plating.on_disk() { 0 } else { layout::PLATE_SLOTS[slot_index] };
     header.seal();
     root::store_header(header);
     let t4 = timer::rdtsc();
 
     let mut m = Metrics::new(Operation::WriteOut);
-    m.copier = nvm.copier() as u32;
+    m.copier = timing.copier as u32;
     m.plates = stats.plates as u32;
     m.generation = generation + 1;
     m.plated_bytes = stats.plated_pages * PAGE;
     m.copied_bytes = stats.copied_pages * PAGE;
-    let commit_ticks = nvm.slot_ticks;
-    let copy_ticks = nvm.copy_ticks;
-    let flush_ticks = nvm.flush_ticks;
-    let rest = (t3 - t2).saturating_sub(commit_ticks + copy_ticks + flush_ticks);
-    m.phases = [t1 - t0, (t2 - t1) + rest, copy_ticks, commit_ticks, flush_ticks, t4 - t3];
+    let Timing { copy, flush, commit: slot, io, .. } = timing;
+    let rest = (t3 - t2).saturating_sub(slot + copy + flush + io);
+    m.phases = [t1 - t0, (t2 - t1) + rest, copy, slot, flush, t4 - t3, io];
     m.total = t4 - t0;
     Ok(m)
+}
+
+/// Where a write-out's commit spent its time, by phase (TSC ticks), and who copied.
+#[derive(Default)]
+struct Timing {
+    copy: u64,
+    flush: u64,
+    commit: u64,
+    /// In disk requests (`plate_store=disk`): the copies, the slot and the flushes, all of
+    /// them storage I/O there.
+    io: u64,
+    copier: nvram::control::Copier,
+}
+
+/// Steps 4 to 10 of a write-out over `nvm` (NVM, or the disk): copies what changed of
+/// every plate into its inactive area, makes it durable, commits the live table into slot
+/// `slot_index` (generation `generation + 1`).
+fn commit<P: plates::Persist>(
+    plating: &mut Plating,
+    res: &Resources,
+    generation: u64,
+    slot_index: usize,
+    nvm: &mut P,
+) -> plates::WriteOutStats {
+    let pool_used = |k_res: &Resources, plate: &Plate| {
+        k_res.spaces.get(plate.id).map_or(TABLE_POOL_PAGES, |s| u64::from(s.pool_used))
+    };
+    let frames = plating.frames;
+    let Plating { live, stale, dirty, .. } = &mut *plating;
+    let dirty_bits: &[u64] = dirty;
+    plates::write_out(
+        live,
+        generation,
+        slot_index,
+        stale,
+        |p| match PlateKind::try_from(p.kind).ok() {
+            Some(PlateKind::Fixed) => frames + u64::from(p.id) * FIXED_PAGES_MAX,
+            _ => (p.src - layout::FRAMES_BASE) / PAGE,
+        },
+        |p, first, n| match PlateKind::try_from(p.kind).ok() {
+            Some(PlateKind::UserSpace) => plates::bits_at(dirty_bits, (p.src - layout::FRAMES_BASE) / PAGE + first, n),
+            Some(PlateKind::PageTables) => {
+                let used = pool_used(res, p).saturating_sub(first).min(64);
+                if used == 64 {
+                    u64::MAX
+                } else {
+                    (1 << used) - 1
+                }
+            }
+            _ => u64::MAX,
+        },
+        nvm,
+    )
 }

@@ -8,7 +8,7 @@ use nvram::layout;
 use nvram::plate::{PendingFull, Plate, PlateKind, Removed, FIXED_FRAME_BITMAP, FIXED_RESOURCES};
 use nvram::resources::{Resources, TABLE_POOL_PAGES};
 
-use super::state::{Plating, WriteOutError, PAGE};
+use super::state::{Plating, Store, WriteOutError, PAGE};
 use crate::nvm::resources::{self, Mem, ResError, OPS};
 use crate::println;
 
@@ -32,11 +32,18 @@ fn enlist(plating: &mut Plating, plate: Plate) -> Result<(), WriteOutError> {
 
 /// Gives a plate (two save areas) to every resource that has none: the paper's
 /// plate-ification, at each write-out for the spaces made since the last.
-pub(super) fn plateify(plating: &mut Plating, res: &Resources, frames: &mut FrameBitmap) -> Result<(), WriteOutError> {
+pub(super) fn plateify(
+    plating: &mut Plating,
+    res: &Resources,
+    frames: &mut FrameBitmap<'static>,
+) -> Result<(), WriteOutError> {
     // The table holds a plate for every resource that can exist (`nvram::plate::MAX_PLATES`);
     // a refusal (no frames) leaves frames and table as they were (`plates::make_plate`).
-    let add = |plating: &mut Plating, frames: &mut FrameBitmap, kind: PlateKind, id, src, pages| {
-        let plate = plates::make_plate(plating.live, frames, kind, id, src, pages)
+    // The areas come from the frames, or from the disk's area space with `plate_store=disk`
+    // (they take no frame of RAM then: the frame bitmap restored says so).
+    let add = |plating: &mut Plating, frames: &mut FrameBitmap<'static>, kind: PlateKind, id, src, pages| {
+        let areas = super::area_allocator(&mut plating.store, frames);
+        let plate = plates::make_plate(plating.live, areas, kind, id, src, pages)
             .map_err(|plates::NoRoom| WriteOutError::NoRoom)?;
         mark_stale(plating, &plate);
         Ok::<(), WriteOutError>(())
@@ -44,9 +51,14 @@ pub(super) fn plateify(plating: &mut Plating, res: &Resources, frames: &mut Fram
     if !plating.live.is_plated(PlateKind::Fixed, FIXED_RESOURCES) {
         let pages = (core::mem::size_of::<Resources>() as u64).div_ceil(PAGE);
         let bitmap_pages = (kernel_core::frames::words_for(plating.frames) as u64 * 8).div_ceil(PAGE);
+        // The roots of a restore, at fixed places: in NVM, or on the disk.
+        let (resources_save, bitmap_save) = match &plating.store {
+            Store::Nvm => (layout::RESOURCES_SAVE, layout::FRAME_BITMAP_SAVE),
+            Store::Disk(d) => (d.sb.resources_save, d.sb.bitmap_save),
+        };
         for (id, src, pages, area) in [
-            (FIXED_RESOURCES, layout::RESOURCES, pages, layout::RESOURCES_SAVE),
-            (FIXED_FRAME_BITMAP, layout::FRAME_BITMAP, bitmap_pages, layout::FRAME_BITMAP_SAVE),
+            (FIXED_RESOURCES, layout::RESOURCES, pages, resources_save),
+            (FIXED_FRAME_BITMAP, layout::FRAME_BITMAP, bitmap_pages, bitmap_save),
         ] {
             enlist(plating, Plate::new(PlateKind::Fixed, id, src, pages, area))?;
         }
@@ -95,7 +107,7 @@ fn defer(
     delete_now(m, id)?;
     let Some(live) = m.plates.as_deref_mut() else { return Ok(()) };
     match live.remove(kind, id) {
-        Ok(Removed::FreeNow(areas)) => plates::free_pending(&[areas], m.frames),
+        Ok(Removed::FreeNow(areas)) => plates::free_pending(&[areas], m.areas.as_deref_mut().unwrap_or(m.frames)),
         Ok(Removed::Pending | Removed::NoPlate) => {}
         // Ruled out by `removal_fits` above.
         Err(PendingFull) => println!("plate: deletion-pending list full after {kind:?} {id} was deleted"),

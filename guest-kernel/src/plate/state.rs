@@ -3,6 +3,8 @@
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
+use kernel_core::frames::FrameBitmap;
+use nvram::disk::Superblock;
 use nvram::layout;
 use nvram::plate::{self, Plate, PlateKind, PlateTable};
 use nvram::resources::TABLE_POOL_PAGES;
@@ -60,9 +62,43 @@ impl Areas {
     }
 
     /// Becomes the plate function's state (the slots are reached by address from now on).
-    pub(super) fn into_plating(self, committed: Option<(usize, u64)>) -> Plating {
-        Plating { live: self.live, committed, stale: self.stale, dirty: self.dirty, frames: self.frames }
+    pub(super) fn into_plating(self, committed: Option<(usize, u64)>, store: Store) -> Plating {
+        Plating { live: self.live, committed, stale: self.stale, dirty: self.dirty, frames: self.frames, store }
     }
+}
+
+/// Where the save areas and the commit slots are (`plate_store=`).
+pub enum Store {
+    /// In NVM: the areas are frames of RAM, the slots at their fixed addresses.
+    Nvm,
+    /// On the virtio disk (`nvram::disk`); the slots' RAM addresses hold what was last
+    /// read from the disk, or written to it.
+    Disk(DiskStore),
+}
+
+/// The plate store on the disk, opened for this boot.
+pub struct DiskStore {
+    pub(super) sb: Superblock,
+    /// The allocation of the disk's area space, one bit a page: rebuilt at each boot from
+    /// the committed table (`kernel_core::plates::disk::take_areas`), never stored.
+    pub(super) areas: FrameBitmap<'static>,
+}
+
+impl DiskStore {
+    /// Pages of the disk's area space.
+    pub fn area_pages(&self) -> u64 {
+        self.sb.area_pages
+    }
+}
+
+/// The dirty bitmap's whole room (`layout::PLATE_BITMAP_MAX`) from `dirty` (an
+/// [`Areas::dirty`]), as scratch for a check that marks more bits than one per frame: a
+/// disk's, which marks the area pages too.
+pub(super) fn dirty_room(dirty: &mut [u64]) -> &mut [u64] {
+    // SAFETY: an `Areas::dirty` is the start of the bitmap's fixed area of
+    // PLATE_BITMAP_MAX bytes, identity-mapped and referenced nowhere else; the slice
+    // borrows `dirty` mutably, so that is not used while it lives.
+    unsafe { core::slice::from_raw_parts_mut(dirty.as_mut_ptr(), (layout::PLATE_BITMAP_MAX / 8) as usize) }
 }
 
 /// The plate function's state for this boot.
@@ -74,9 +110,25 @@ pub struct Plating {
     pub(super) dirty: &'static mut [u64],
     /// Frames managed (bit index of the first fixed-plate page in `stale`).
     pub(super) frames: u64,
+    pub(super) store: Store,
 }
 
 impl Plating {
+    /// The live table, and the allocator of save areas when it is not the frames' (the
+    /// disk's area space): what a resource operation needs to defer a deletion.
+    pub fn split(&mut self) -> (&mut PlateTable, Option<&mut FrameBitmap<'static>>) {
+        let areas = match &mut self.store {
+            Store::Disk(d) => Some(&mut d.areas),
+            Store::Nvm => None,
+        };
+        (self.live, areas)
+    }
+
+    /// Whether the save areas are on the disk.
+    pub fn on_disk(&self) -> bool {
+        matches!(self.store, Store::Disk(_))
+    }
+
     /// Index in the stale bitmap of a plate's first page.
     pub(super) fn stale_index(&self, plate: &Plate) -> u64 {
         match PlateKind::try_from(plate.kind).ok() {
@@ -91,6 +143,10 @@ impl Plating {
 pub enum WriteOutError {
     /// `plate=off`.
     Disabled,
-    /// No frames (or table room) for the save areas of a new plate.
+    /// No frames (or table room) for the save areas of a new plate; with the areas on the
+    /// disk, no room left in its area space.
     NoRoom,
+    /// A disk request failed (`plate_store=disk`): nothing after it was written, and
+    /// nothing was committed.
+    Disk(kernel_core::plates::disk::IoError),
 }

@@ -12,7 +12,7 @@ use crate::arch::frame::TrapFrame;
 use crate::arch::{interrupts, paging, timer};
 use crate::dev::{control, machine};
 use crate::nvm::root::{self, ImageError};
-use crate::plate::{self, Plating};
+use crate::plate::{self, Plating, WriteOutError};
 use crate::println;
 use crate::proc::kernel::{self, Kernel};
 use crate::proc::load::{self, Module};
@@ -102,6 +102,14 @@ pub fn run(kind: BootKind, modules: impl Iterator<Item = Module>, tsc_khz: u64, 
                     m.plated_bytes >> 10,
                     m.copied_bytes >> 10
                 ),
+                Err(WriteOutError::NoRoom) if k.plating.as_ref().is_some_and(Plating::on_disk) => {
+                    println!(
+                        "plate: refusing the disk as the plate store: its area space cannot hold the save areas of \
+                         the plates (a disk of {} KiB needs more; two areas per plate)",
+                        plate::disk::capacity_kib()
+                    );
+                    machine::exit(nvram::exit::ExitCode::BadDisk)
+                }
                 Err(e) => println!("plate: first write-out failed: {e:?}"),
             }
         }

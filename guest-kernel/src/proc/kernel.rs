@@ -64,7 +64,11 @@ pub fn with<R>(f: impl FnOnce(&mut Kernel) -> R) -> R {
 impl Kernel {
     /// The view of the tables the resource operations work on (`nvm::resources`).
     pub fn mem(&mut self) -> Mem<'_> {
-        Mem { res: &mut *self.res, frames: &mut self.frames, plates: self.plating.as_mut().map(|p| &mut *p.live) }
+        let (plates, areas) = match self.plating.as_mut().map(Plating::split) {
+            Some((live, areas)) => (Some(live), areas),
+            None => (None, None),
+        };
+        Mem { res: &mut *self.res, frames: &mut self.frames, plates, areas }
     }
 
     /// A write-out (`plate::write_out`) that first saves the interrupted process from
@@ -112,7 +116,15 @@ impl Kernel {
         self.header.shutdown_flag = ShutdownFlag::Normal as u32;
         self.header.seal();
         root::store_header(&self.header);
-        println!("shut down: the machine's state is kept in NVM");
+        if self.plating.as_ref().is_some_and(Plating::on_disk) {
+            // The volatile plate function restores the last save, as the paper's does.
+            println!(
+                "shut down: the next boot restores the disk's last commit (generation {})",
+                self.header.generation
+            );
+        } else {
+            println!("shut down: the machine's state is kept in NVM");
+        }
         machine::exit(ExitCode::PowerOff)
     }
 }

@@ -67,6 +67,7 @@ pub fn handle(frame: &mut TrapFrame) {
                     Ok(_) => SAVED,
                     Err(WriteOutError::Disabled) => err::UNSUPPORTED,
                     Err(WriteOutError::NoRoom) => err::NO_MEMORY,
+                    Err(WriteOutError::Disk(_)) => err::IO,
                 }
             }
             nr::REPORT => report(k, pid, a, b, c, d),

@@ -76,14 +76,17 @@ fn metrics_round_trip_and_are_checked() {
     m.generation = 3;
     m.plated_bytes = 8 << 20;
     m.copied_bytes = 1 << 20;
-    m.phases = [1, 2, 3, 4, 5, 6];
+    m.phases = [1, 2, 3, 4, 5, 6, 7];
     m.total = 30;
     let (b, n) = bytes(&m);
     assert_eq!(n, core::mem::size_of::<Metrics>());
     match decode(&b[..n]) {
         Ok(Message::Metrics(r)) => {
             assert_eq!((r.operation, r.plates, r.generation, r.copier), (Operation::WriteOut, 456, 3, Copier::Engine));
-            assert_eq!((r.plated_bytes, r.copied_bytes, r.phases, r.total), (8 << 20, 1 << 20, [1, 2, 3, 4, 5, 6], 30));
+            assert_eq!(
+                (r.plated_bytes, r.copied_bytes, r.phases, r.total),
+                (8 << 20, 1 << 20, [1, 2, 3, 4, 5, 6, 7], 30)
+            );
         }
         other => panic!("{other:?}"),
     }
