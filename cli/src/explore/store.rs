@@ -367,4 +367,39 @@ mod tests {
         assert!(format!("{:#}", read(dir.path()).unwrap_err()).contains("not its base"));
         assert!(format!("{:#}", read(&dir.path().join("nowhere")).unwrap_err()).contains("cannot open"));
     }
+
+    /// A record's body edited at random and sealed again with a checksum that fits it (what
+    /// a corrupt or hostile file from another host can be): decoding never panics, and what
+    /// it accepts holds no more items than the body's bytes allow.
+    #[test]
+    fn random_bodies_with_a_fitting_checksum_are_decoded_or_refused_never_a_panic() {
+        use rand::{RngExt, SeedableRng};
+        let (settings, record) = sample();
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &settings, &record, 4096, 1).unwrap();
+        let good = std::fs::read(record_path(dir.path())).unwrap();
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(0x5eed_0f_e791);
+        let (mut accepted, mut refused) = (0, 0);
+        for round in 0..20_000u32 {
+            let mut body = good[HEADER..].to_vec();
+            for _ in 0..rng.random_range(1..=4) {
+                let at = rng.random_range(0..body.len());
+                body[at] = if round % 3 == 0 { 0xff } else { rng.random() };
+            }
+            body.truncate(rng.random_range(body.len() / 2..=body.len()));
+            let mut file = good[..HEADER].to_vec();
+            file[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
+            file[24..32].copy_from_slice(&CRC64.checksum(&body).to_le_bytes());
+            file.extend_from_slice(&body);
+            match decode(&file) {
+                Ok((got, _)) => {
+                    accepted += 1;
+                    let items: usize = got.record.barriers.iter().map(|b| b.lines.len() + b.pending.len()).sum();
+                    assert!(items * 8 <= body.len(), "more items than bytes");
+                }
+                Err(_) => refused += 1,
+            }
+        }
+        assert!(refused > 0 && accepted + refused == 20_000, "{accepted} accepted, {refused} refused");
+    }
 }
