@@ -378,7 +378,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), &settings, &record, 4096, 1).unwrap();
         let good = std::fs::read(record_path(dir.path())).unwrap();
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(0x5eed_0f_e791);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(0x005e_ed0f_e791);
         let (mut accepted, mut refused) = (0, 0);
         for round in 0..20_000u32 {
             let mut body = good[HEADER..].to_vec();
