@@ -344,7 +344,9 @@ impl AreaSum {
     /// what it wrote there last.
     pub fn add_hash(&mut self, hash: u64) {
         self.sum = self.sum.wrapping_add(hash);
-        self.next += 1;
+        // The first index comes from the guest (a copy's sum request): any value, so the
+        // count wraps rather than overflows, the same on both sides.
+        self.next = self.next.wrapping_add(1);
     }
 
     /// [`area_sum`] of the pages added.

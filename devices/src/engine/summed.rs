@@ -95,7 +95,8 @@ impl<'a> SummedCopies<'a> {
             let page_len = (len - k * PAGE).min(PAGE);
             let Ok(page) = dst.subslice(k * PAGE, page_len) else { return };
             let host: *const [u64; PAGE_WORDS] = page.ptr_guard().as_ptr().cast();
-            let index = sum.first + k as u64;
+            // The guest's first index, any value: it wraps as `AreaSum`'s count does.
+            let index = sum.first.wrapping_add(k as u64);
             if page_len == PAGE && host.cast::<u64>().is_aligned() {
                 self.wait(Waiting { host, addr: page_at(k), index, copy: i });
                 continue;
