@@ -312,3 +312,30 @@ fn the_areas_of_a_deleted_space_are_not_handed_out_before_the_commit_that_drops_
     assert!(out.stdout.contains("check: consistent"), "{out:?}");
     assert_eq!(out.code(), Some(0), "{out:?}");
 }
+
+/// `plate_store=disk` on NVM RAM: allowed, and RAM is never resumed as it is. After a
+/// graceful shutdown a boot with the disk store restores from the disk; a boot without it
+/// refuses the image rather than resume a live table whose save areas are disk offsets.
+#[test]
+fn the_disk_store_on_nvm_ram_is_never_resumed_without_it() {
+    let scratch = Scratch::new();
+    let image = scratch.image().display().to_string();
+    let disk = scratch.path("disk.img").display().to_string();
+    let console = scratch.console().display().to_string();
+    let boot = |cmdline: &str| {
+        let mut args = vec!["boot", "--nvram", &image, "--mem", "32M", "--console", &console, "--cmdline", cmdline];
+        if cmdline.contains("plate_store=disk") {
+            args.extend(["--disk", &disk]);
+        }
+        run(&mut vmm(&args), BOOT_LIMIT)
+    };
+    let out = boot("plate_store=disk apps=counter checkpoint_ms=100 run_ms=500");
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let out = boot("plate_store=disk run_ms=200");
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let text = scratch.read_console();
+    assert!(text.contains("RAM's contents are not used") && text.contains("restoring the disk's write-out"), "{text}");
+    let out = boot("run_ms=200");
+    assert_eq!(out.code(), Some(5), "refused, not resumed: {out:?}\n{}", scratch.read_console());
+    assert!(!scratch.read_console().contains("resuming where it stopped"), "{}", scratch.read_console());
+}
