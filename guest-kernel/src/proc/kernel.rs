@@ -112,19 +112,21 @@ impl Kernel {
                 }
             }
         }
-        persist::write_back_all();
-        self.header.shutdown_flag = ShutdownFlag::Normal as u32;
-        self.header.seal();
-        root::store_header(&self.header);
         if self.plating.as_ref().is_some_and(Plating::on_disk) {
-            // The volatile plate function restores the last save, as the paper's does.
+            // The volatile plate function restores the last save, as the paper's does. On
+            // NVM RAM the flag stays "abnormal": what RAM holds (a live table whose areas
+            // are disk offsets) must never be resumed by a boot without the disk store.
             println!(
                 "shut down: the next boot restores the disk's last commit (generation {})",
                 self.header.generation
             );
-        } else {
-            println!("shut down: the machine's state is kept in NVM");
+            machine::exit(ExitCode::PowerOff)
         }
+        persist::write_back_all();
+        self.header.shutdown_flag = ShutdownFlag::Normal as u32;
+        self.header.seal();
+        root::store_header(&self.header);
+        println!("shut down: the machine's state is kept in NVM");
         machine::exit(ExitCode::PowerOff)
     }
 }
