@@ -2,7 +2,10 @@
 //! memory speed. Everything in a batch is checked before anything is copied, so a bad batch
 //! changes nothing but its status; nothing outside guest RAM is ever touched. Asked to, it
 //! returns the content checksums of what it wrote and overwrote, computed as it copies
-//! (`nvram::plate::AreaSum`): a write-out then never reads a page a second time.
+//! (`nvram::plate::AreaSum`): a write-out then never reads a page a second time. It hashes
+//! eight pages at a time in vector lanes (`hash`), and keeps the hash of what it wrote last
+//! at each page (`cache`): what a copy overwrites is mostly that, and is then neither read
+//! nor hashed again.
 
 use std::sync::{Arc, Mutex};
 
@@ -11,16 +14,17 @@ use nvram::engine::{
     DIRTY_STATUS_OFFSET, ENGINE_ID, FLAG_DURABLE, MAX_DESCRIPTORS, REG_DIRTY, STATUS_BAD_BATCH, STATUS_BAD_DESCRIPTOR,
     STATUS_DONE, STATUS_UNSUPPORTED, SUM_OVERWRITTEN,
 };
-use nvram::layout::PAGE_SIZE;
 use nvram::persist::FlushedRange;
-use nvram::plate::AreaSum;
 use tracing::{warn, Level};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use zerocopy::IntoBytes;
 
 use crate::dirty::{DirtyTracker, DirtyView};
 use crate::persistence::PersistenceDomain;
 use crate::{BusDevice, LogLimit};
+use cache::SumCache;
+use hash::PAGE_WORDS;
+use summed::SummedCopies;
 
 /// What the engine has done.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -43,12 +47,26 @@ pub struct CopyEngine {
     /// A pause halfway through every batch (tests: a crash then leaves a batch half done).
     pause: Option<std::time::Duration>,
     rejects_log: LogLimit,
+    /// The hash of what the engine last wrote at each page (`cache`: why it is sound).
+    cache: SumCache,
+    /// Where a summed copy reads a page that it cannot hash in place.
+    buffer: Box<[u64; PAGE_WORDS]>,
 }
 
 impl CopyEngine {
     pub fn new(mem: GuestMemoryMmap<()>, domain: Arc<Mutex<PersistenceDomain>>) -> Self {
         let rejects_log = LogLimit::per_second("copy engine refused request", Level::WARN, 16);
-        Self { mem, stats: Arc::default(), domain, dirty_log: None, pause: None, rejects_log }
+        let ram = mem.last_addr().0 + 1;
+        Self {
+            mem,
+            stats: Arc::default(),
+            domain,
+            dirty_log: None,
+            pause: None,
+            rejects_log,
+            cache: SumCache::new(ram),
+            buffer: Box::new([0; PAGE_WORDS]),
+        }
     }
 
     /// Pauses halfway through every batch: a slow engine, for crash tests.
@@ -70,9 +88,10 @@ impl CopyEngine {
 
     /// Writes `bytes` into guest RAM at `addr` for the guest (a status, a bitmap): a store
     /// like the CPU's, not durable until the guest writes it back.
-    fn store(&self, bytes: &[u8], addr: u64) -> bool {
+    fn store(&mut self, bytes: &[u8], addr: u64) -> bool {
         let ok = self.mem.write_slice(bytes, GuestAddress(addr)).is_ok();
         if ok {
+            self.cache.forget(addr, bytes.len() as u64);
             self.domain().stored(addr, bytes.len() as u64);
         }
         ok
@@ -168,6 +187,7 @@ impl CopyEngine {
             }
         }
         let mut bytes = 0;
+        let mut summing = SummedCopies::new(sums.len(), &mut self.cache, &mut self.buffer);
         for (i, d) in descriptors.iter().enumerate() {
             if i == descriptors.len() / 2 {
                 if let Some(pause) = self.pause {
@@ -182,10 +202,16 @@ impl CopyEngine {
                 return Some((STATUS_BAD_BATCH, 0));
             };
             match sums.get_mut(i) {
-                Some(sum) => copy_summed(&src, &dst, sum),
+                Some(sum) => summing.copy(i, d, &src, &dst, sum),
                 None => src.copy_to_volatile_slice(dst),
             }
             bytes += d.len;
+        }
+        summing.finish(&mut sums);
+        if !summed {
+            for d in &descriptors {
+                self.cache.forget(d.dst, d.len);
+            }
         }
         // After the copies: a sums array that a copy overwrote gets the sums all the same.
         if summed && !self.store(sums.as_bytes(), header.sums) {
@@ -224,36 +250,6 @@ impl CopyEngine {
     }
 }
 
-/// Copies `src` to `dst` (as long, not overlapping) page by page through a buffer, hashing
-/// each page on its way (`sum.written`), and, if asked, each page of `dst` just before it is
-/// overwritten (`sum.overwritten`). The buffer stays in the host's cache, so the copy still
-/// reads and writes each byte of guest RAM once (twice `dst` with the overwritten sum).
-fn copy_summed(src: &VolatileSlice<'_, ()>, dst: &VolatileSlice<'_, ()>, sum: &mut RangeSum) {
-    const PAGE: usize = PAGE_SIZE as usize;
-    // Words, so that the hash reads them four at a time (`nvram::plate::page_hash`).
-    let mut buffer = [0u64; PAGE / 8];
-    let mut written = AreaSum::new(sum.first);
-    let mut overwritten = AreaSum::new(sum.first);
-    let len = src.len().min(dst.len());
-    let mut at = 0;
-    while at < len {
-        let n = (len - at).min(PAGE);
-        // Inside both slices: `at + n <= len`.
-        let (Ok(from), Ok(to)) = (src.subslice(at, n), dst.subslice(at, n)) else { return };
-        let bytes = &mut buffer.as_mut_bytes()[..n];
-        if sum.wants_overwritten() {
-            to.copy_to(bytes);
-            overwritten.page(bytes);
-        }
-        from.copy_to(bytes);
-        written.page(bytes);
-        to.copy_from(bytes);
-        at += n;
-    }
-    sum.written = written.sum();
-    sum.overwritten = if sum.wants_overwritten() { overwritten.sum() } else { 0 };
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -287,7 +283,13 @@ impl BusDevice<u16> for CopyEngine {
             return;
         };
         let addr = u64::from(u32::from_le_bytes([a, b, c, d]));
-        match self.run(addr) {
+        let outcome = self.run(addr);
+        if outcome.is_none_or(|(status, _)| status != STATUS_DONE) {
+            // The guest copies a batch the engine refused by itself, its CPU copier summing
+            // too: the hashes kept may no longer be what the save areas' sums count.
+            self.cache.forget_all();
+        }
+        match outcome {
             Some((status, failed)) => {
                 if status != STATUS_DONE {
                     self.reject(&format_args!("copy engine: batch at {addr:#x} failed with status {status}"));
@@ -299,5 +301,10 @@ impl BusDevice<u16> for CopyEngine {
     }
 }
 
+mod cache;
+#[cfg(test)]
+mod cache_tests;
+mod hash;
+mod summed;
 #[cfg(test)]
 mod tests;

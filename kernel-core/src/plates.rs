@@ -183,6 +183,10 @@ pub struct WriteOutStats {
 
 /// Ranges batched per `Persist::copy` call (a copy engine's doorbell each).
 const BATCH: usize = 256;
+// A batch the engine takes whole: one it would refuse unrung would be copied and summed by
+// the CPU behind its back (the engine keeps the hashes of what it wrote on the premise that
+// it sees every refusal: `devices::engine`'s cache).
+const _: () = assert!(BATCH <= nvram::engine::MAX_DESCRIPTORS as usize);
 
 /// A write-out's copies under way: up to [`BATCH`] ranges, the sums asked for each, and
 /// which plate's area each sum goes to once the batch is copied.

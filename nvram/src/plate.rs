@@ -206,14 +206,33 @@ pub fn checksum64(words: impl Iterator<Item = u64>) -> u64 {
     c.finish()
 }
 
-const CHECKSUM_LANES: usize = 4;
-const CHECKSUM_SEEDS: [u64; CHECKSUM_LANES] =
+/// The lanes of [`checksum64`].
+pub const CHECKSUM_LANES: usize = 4;
+/// Each lane's value before its first word.
+pub const CHECKSUM_SEEDS: [u64; CHECKSUM_LANES] =
     [0x6a09_e667_f3bc_c908, 0xbb67_ae85_84ca_a73b, 0x3c6e_f372_fe94_f82b, 0xa54f_f53a_5f1d_36f1];
-const CHECKSUM_MUL: u64 = 0x9e37_79b9_7f4a_7c15;
+/// The odd multiplier of a step.
+pub const CHECKSUM_MUL: u64 = 0x9e37_79b9_7f4a_7c15;
+/// The rotation of a step.
+pub const CHECKSUM_ROTATE: u32 = 23;
 
+/// One step of a lane: the lane's value after word `w`. Public, with the seeds, the
+/// multiplier and [`checksum_finish`], for a copier that computes [`page_hash`] of many
+/// pages at once, one vector lane per lane (the copy engine): `page_hash` is the
+/// definition, and such a copier's tests hold it to it.
 #[inline(always)]
-fn checksum_step(h: u64, w: u64) -> u64 {
-    (h ^ w).rotate_left(23).wrapping_mul(CHECKSUM_MUL)
+pub fn checksum_step(h: u64, w: u64) -> u64 {
+    (h ^ w).rotate_left(CHECKSUM_ROTATE).wrapping_mul(CHECKSUM_MUL)
+}
+
+/// The end of [`checksum64`]: the lanes, in order, and the count of words taken, mixed.
+#[inline(always)]
+pub fn checksum_finish(lanes: [u64; CHECKSUM_LANES], words: u64) -> u64 {
+    let mut h = words;
+    for lane in lanes {
+        h = checksum_step(h, lane);
+    }
+    h ^ (h >> 29)
 }
 
 /// [`checksum64`] under way.
@@ -258,11 +277,7 @@ impl Checksum {
     }
 
     fn finish(self) -> u64 {
-        let mut h = self.count as u64;
-        for lane in self.lanes {
-            h = checksum_step(h, lane);
-        }
-        h ^ (h >> 29)
+        checksum_finish(self.lanes, self.count as u64)
     }
 }
 
@@ -270,7 +285,8 @@ impl Checksum {
 const PAGE_BYTES: usize = crate::layout::PAGE_SIZE as usize;
 
 /// The [`checksum64`] of one page, with its index in its plate folded in first (so that two
-/// pages swapped do not go unnoticed).
+/// pages swapped do not go unnoticed). Of a whole page: lane `l` takes the index (lane 0)
+/// and words `l - 1, l + 3, l + 7, …`, and lane 0 the last word too; 513 words in all.
 pub fn page_hash(index: u64, page: &[u8]) -> u64 {
     let mut c = Checksum::new();
     c.word(index);
@@ -315,7 +331,19 @@ impl AreaSum {
 
     /// Adds the next page (a whole page but, possibly, for the last one of a run).
     pub fn page(&mut self, page: &[u8]) {
-        self.sum = self.sum.wrapping_add(page_hash(self.next, page));
+        self.add_hash(page_hash(self.next, page));
+    }
+
+    /// The index in its plate of the next page, which [`page_hash`] folds in.
+    pub fn next_index(&self) -> u64 {
+        self.next
+    }
+
+    /// Adds the next page by its [`page_hash`] (with [`AreaSum::next_index`]), computed
+    /// elsewhere: by a copier that hashes many pages at once, or that knows the hash of
+    /// what it wrote there last.
+    pub fn add_hash(&mut self, hash: u64) {
+        self.sum = self.sum.wrapping_add(hash);
         self.next += 1;
     }
 
