@@ -60,7 +60,7 @@ fn report_row(what: &str, paper: Option<f64>, records: &[OperationRecord]) {
         .map(|(name, ms)| format!("{name} {ms:.2}"))
         .collect();
     eprintln!(
-        "| {what} | {copier} | {} | {paper} | {total:.1} ms | {copy:.2} ms ({:.1} MB) | {bookkeeping:.1} ms ({:.0}%) | {} |",
+        "| {what} | {copier} | {} | {paper} | {total:.2} ms | {copy:.2} ms ({:.1} MB) | {bookkeeping:.2} ms ({:.0}%) | {} |",
         records.len(),
         copied as f64 / 1e6,
         100.0 * bookkeeping / total,
