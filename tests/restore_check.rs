@@ -164,3 +164,54 @@ fn with_both_commits_damaged_the_image_is_refused() {
     assert!(console.contains("no commit slot can be restored intact"), "{console}");
     assert_eq!(console.matches("passed over: an entry is wrong").count(), 2, "{console}");
 }
+
+/// A store over a save area while the machine runs, between two write-outs (here the
+/// test's, into the image file that is guest RAM under eADR; the copy engine has no word of
+/// it, as of a stray store of the guest's): one byte of every page of a region's area that
+/// the next write-out fills. That write-out copies the region's changed pages over some of
+/// them, and moves the area's sum by what they wrote less what the engine kept of what it
+/// wrote there before; the pages it did not copy still hold the scribble, and the restore
+/// after a crash refuses the area and rolls back, saying so.
+#[test]
+fn a_store_into_a_save_area_between_two_write_outs_is_caught_at_the_restore() {
+    use std::os::unix::fs::FileExt;
+    let scratch = Scratch::new();
+    let cmdline = format!("apps=memtouch memtouch=1,64,4 memtouch_ms=10 {ENGINE}");
+    let vm = vmm::harness::start(&config(&scratch, &cmdline));
+    let controller = vm.controller().clone();
+    let limit = Duration::from_secs(30);
+    vmm::harness::wait(&vm, limit, "memtouch's region", |s| {
+        s.workloads.get("memtouch").is_some_and(|w| w.progress >= 2)
+    });
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(50));
+        controller.checkpoint(limit).expect("a write-out");
+    }
+    controller.pause();
+    let image = std::fs::read(scratch.image()).unwrap();
+    let (_, t) = newest(&image);
+    let (n, p) = t
+        .plates()
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.kind == PlateKind::UserSpace as u32 && p.pages == 16 && p.valid != 0)
+        .expect("memtouch's region's plate");
+    let file = std::fs::OpenOptions::new().write(true).open(scratch.image()).unwrap();
+    let area = p.area[p.inactive()];
+    for page in 0..p.pages {
+        file.write_all_at(&[0xa5], area + page * layout::PAGE_SIZE + 100).unwrap();
+    }
+    controller.resume();
+    std::thread::sleep(Duration::from_millis(50));
+    let written = controller.checkpoint(limit).expect("the write-out after the scribble");
+    vmm::harness::crash(vm);
+    assert!(written.report.copied_bytes > 0, "{written:?}");
+    let (code, out) = inspect_check(&scratch);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(&format!("plate {n}'s valid save area fails its checksum")), "{out}");
+    let after = run_then_crash(&config(&scratch, &cmdline), limit, |s| s.boot_kind.is_some());
+    let console = scratch.read_console();
+    assert_eq!(after.boot_kind, Some(BootKind::Restored), "{console}");
+    assert!(console.contains(&Rejection::Content(n).to_string()), "{console}");
+    assert!(console.contains("ROLLING BACK to generation"), "{console}");
+}
