@@ -73,18 +73,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
     }
     let report = inspect_file(&head, size);
     let check = if args.check { Some(check(image, &report)?) } else { None };
-    if args.json {
-        let mut value = serde_json::to_value(&report).context("cannot encode the report")?;
-        if let (Some(check), Some(map)) = (&check, value.as_object_mut()) {
-            map.insert("check".into(), serde_json::json!(check));
-        }
-        println!("{}", serde_json::to_string_pretty(&value).context("cannot encode the report")?);
-    } else {
-        print_human(&report);
-        if let Some(check) = &check {
-            print_check(check);
-        }
-    }
+    print_report(&report, check.as_ref(), args.json, print_human)?;
     // Exit 0 exactly when `vmm boot` takes the image (and, with --check, it is consistent).
     let violations = check.as_ref().is_some_and(|c| !c.violations.is_empty());
     Ok(if report.boot == Boot::Refuse || violations { ExitCode::from(1) } else { ExitCode::SUCCESS })
@@ -127,6 +116,29 @@ pub fn check_words(words: &[u64], len: usize) -> Check {
     let unchecked =
         nvram::fsck::check_image(image, &mut scratch, |v| violations.push(v.to_string())).err().map(|e| e.to_string());
     Check { violations, unchecked }
+}
+
+/// Prints `report`, with `check`'s findings when there are any, as JSON (the check under
+/// `check`) or for people (`human`, then the findings): one way for images and disks.
+pub(crate) fn print_report<R: serde::Serialize>(
+    report: &R,
+    check: Option<&Check>,
+    json: bool,
+    human: impl FnOnce(&R),
+) -> anyhow::Result<()> {
+    if json {
+        let mut value = serde_json::to_value(report).context("cannot encode the report")?;
+        if let (Some(check), Some(map)) = (check, value.as_object_mut()) {
+            map.insert("check".into(), serde_json::json!(check));
+        }
+        println!("{}", serde_json::to_string_pretty(&value).context("cannot encode the report")?);
+    } else {
+        human(report);
+        if let Some(check) = check {
+            print_check(check);
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn print_check(c: &Check) {

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use nvram::disk_inspect::{check_disk, inspect_disk, DiskBoot, DiskReport, HEAD};
 
-use crate::inspect::{open_regular, print_check, Check};
+use crate::inspect::{open_regular, print_report, Check};
 
 pub fn run(path: &Path, json: bool, check: bool) -> anyhow::Result<ExitCode> {
     let file = open_regular(path, "a disk")?;
@@ -26,18 +26,7 @@ pub fn run(path: &Path, json: bool, check: bool) -> anyhow::Result<ExitCode> {
         let unchecked = (report.verdict != "plate store").then(|| format!("the disk is {}", report.verdict));
         Check { violations: check_disk(&bytes), unchecked }
     });
-    if json {
-        let mut value = serde_json::to_value(&report).context("cannot encode the report")?;
-        if let (Some(check), Some(map)) = (&check, value.as_object_mut()) {
-            map.insert("check".into(), serde_json::json!(check));
-        }
-        println!("{}", serde_json::to_string_pretty(&value).context("cannot encode the report")?);
-    } else {
-        print_human(&report);
-        if let Some(check) = &check {
-            print_check(check);
-        }
-    }
+    print_report(&report, check.as_ref(), json, print_human)?;
     let violations = check.as_ref().is_some_and(|c| !c.violations.is_empty());
     Ok(if report.boot == DiskBoot::Refuse || violations { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
