@@ -65,6 +65,7 @@ fn a_crashed_workload_restores_from_the_disk_and_goes_on() {
     let console = scratch.read_console();
     assert!(console.contains("restoring the disk's write-out of generation"), "{console}");
     assert!(console.contains("RAM's contents are not used") || console.contains("boot 1 of this image"));
+    assert!(console.contains("write-outs and restores copy by the virtio disk"), "{console}");
 }
 
 #[test]

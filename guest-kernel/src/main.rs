@@ -123,6 +123,8 @@ extern "C" fn kmain(start_info: u64) -> ! {
     open_disk(cmdline.disk_test);
     if cmdline.plate {
         let mode = if ring3::enabled() { "at CPL 3" } else { "in kernel mode" };
+        // The disk's store reads and writes its save areas through the disk driver.
+        let copier = if cmdline.plate_store_disk { "the virtio disk" } else { copier };
         println!("plate: write-outs and restores copy by {copier}, their bookkeeping runs {mode}");
     }
     let mut areas = plate::Areas::take(nvm.frames.frames());
