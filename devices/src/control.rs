@@ -57,6 +57,8 @@ pub struct MachineStatus {
     pub ignored_heartbeats: u64,
     pub accepted: u64,
     pub rejected: u64,
+    /// Console messages printed (`nvram::control`'s kind 7; not among `accepted`).
+    pub console_messages: u64,
     /// The requests waiting for the guest to read them (a set: none is lost to another).
     pub pending: crate::requests::PendingRequests,
     /// The last [`OPERATION_RING`] write-outs and restores reported, oldest first.
@@ -301,6 +303,7 @@ impl MachineControl {
                 // A lost console drops its bytes (`ConsoleOut`): no error to give.
                 let _ = console.write_all(text);
             }
+            lock(&self.status).console_messages += 1;
             return Ok(());
         }
         self.apply(message);

@@ -218,4 +218,5 @@ fn console_text_is_printed_between_the_uarts_bytes() {
     assert_eq!(captured.0.lock().unwrap().as_slice(), b"ANVM: restored generation 2\r\nB");
     let status = lock(&dev.status);
     assert_eq!((status.accepted, status.rejected), (0, 2), "text is not a report; the bad two are refused");
+    assert_eq!(status.console_messages, 1);
 }
