@@ -5,7 +5,8 @@
 //! (`nvram::plate::AreaSum`): a write-out then never reads a page a second time. It hashes
 //! eight pages at a time in vector lanes (`hash`), and keeps the hash of what it wrote last
 //! at each page (`cache`): what a copy overwrites is mostly that, and is then neither read
-//! nor hashed again.
+//! nor hashed again. A large batch whose copies are apart (a write-out's, a restore's) is
+//! copied and hashed on two host threads at once (`parallel`).
 
 use std::sync::{Arc, Mutex};
 
@@ -24,6 +25,7 @@ use crate::persistence::PersistenceDomain;
 use crate::{BusDevice, LogLimit};
 use cache::SumCache;
 use hash::PAGE_WORDS;
+use parallel::{copies_apart, copy_apart, Copier};
 use summed::SummedCopies;
 
 /// What the engine has done.
@@ -33,6 +35,8 @@ pub struct EngineStats {
     pub copies: u64,
     pub bytes: u64,
     pub rejected: u64,
+    /// Batches copied (and hashed) on two threads (`parallel`).
+    pub parallel: u64,
     /// Host time spent in batches, from the doorbell to the status (checks, copies,
     /// persistence): what the engine costs, apart from the guest's side of it.
     pub busy: std::time::Duration,
@@ -51,6 +55,11 @@ pub struct CopyEngine {
     cache: SumCache,
     /// Where a summed copy reads a page that it cannot hash in place.
     buffer: Box<[u64; PAGE_WORDS]>,
+    /// The second thread that copies and hashes a large batch whose copies are apart,
+    /// started at the first such batch (`None` after that: one CPU, or no thread).
+    copier: Option<Copier>,
+    /// Whether it was started (or is not wanted).
+    copier_tried: bool,
 }
 
 impl CopyEngine {
@@ -66,7 +75,17 @@ impl CopyEngine {
             rejects_log,
             cache: SumCache::new(ram),
             buffer: Box::new([0; PAGE_WORDS]),
+            copier: None,
+            copier_tried: false,
         }
+    }
+
+    /// Copies and hashes on the vCPU's thread alone, never on a second one (to measure
+    /// what the second saves; the copies and sums are the same).
+    pub fn single_threaded(mut self) -> Self {
+        self.copier_tried = true;
+        self.copier = None;
+        self
     }
 
     /// Pauses halfway through every batch: a slow engine, for crash tests.
@@ -186,28 +205,42 @@ impl CopyEngine {
                 return Some((STATUS_BAD_DESCRIPTOR, i as u32));
             }
         }
-        let mut bytes = 0;
-        let mut summing = SummedCopies::new(sums.len(), &mut self.cache, &mut self.buffer);
-        for (i, d) in descriptors.iter().enumerate() {
-            if i == descriptors.len() / 2 {
-                if let Some(pause) = self.pause {
-                    std::thread::sleep(pause);
+        let bytes: u64 = descriptors.iter().map(|d| d.len).sum();
+        // The pause cuts a batch in two halves, copied in order: one thread for it.
+        let apart = bytes >= parallel::WORTH_FROM && self.pause.is_none() && copies_apart(&descriptors);
+        if apart && !self.copier_tried {
+            self.copier_tried = true;
+            self.copier = Copier::spawn();
+        }
+        let mut parallel = false;
+        if let (true, Some(copier)) = (apart, self.copier.as_mut()) {
+            let sums = summed.then_some(&mut sums[..]);
+            if !copy_apart(&self.mem, &mut self.cache, &mut self.buffer, copier, &descriptors, sums) {
+                return Some((STATUS_BAD_BATCH, 0));
+            }
+            parallel = true;
+        } else {
+            let mut summing = SummedCopies::new(sums.len(), &mut self.cache, &mut self.buffer);
+            for (i, d) in descriptors.iter().enumerate() {
+                if i == descriptors.len() / 2 {
+                    if let Some(pause) = self.pause {
+                        std::thread::sleep(pause);
+                    }
+                }
+                // Checked above: both ranges are inside the one RAM region.
+                let (Ok(src), Ok(dst)) = (
+                    self.mem.get_slice(GuestAddress(d.src), d.len as usize),
+                    self.mem.get_slice(GuestAddress(d.dst), d.len as usize),
+                ) else {
+                    return Some((STATUS_BAD_BATCH, 0));
+                };
+                match sums.get_mut(i) {
+                    Some(sum) => summing.copy(i, d, &src, &dst, sum),
+                    None => src.copy_to_volatile_slice(dst),
                 }
             }
-            // Checked above: both ranges are inside the one RAM region.
-            let (Ok(src), Ok(dst)) = (
-                self.mem.get_slice(GuestAddress(d.src), d.len as usize),
-                self.mem.get_slice(GuestAddress(d.dst), d.len as usize),
-            ) else {
-                return Some((STATUS_BAD_BATCH, 0));
-            };
-            match sums.get_mut(i) {
-                Some(sum) => summing.copy(i, d, &src, &dst, sum),
-                None => src.copy_to_volatile_slice(dst),
-            }
-            bytes += d.len;
+            summing.finish(&mut sums);
         }
-        summing.finish(&mut sums);
         if !summed {
             for d in &descriptors {
                 self.cache.forget(d.dst, d.len);
@@ -237,6 +270,7 @@ impl CopyEngine {
         stats.batches += 1;
         stats.copies += descriptors.len() as u64;
         stats.bytes += bytes;
+        stats.parallel += u64::from(parallel);
         stats.busy += started.elapsed();
         Some((STATUS_DONE, 0))
     }
@@ -305,6 +339,7 @@ mod cache;
 #[cfg(test)]
 mod cache_tests;
 mod hash;
+mod parallel;
 mod summed;
 #[cfg(test)]
 mod tests;

@@ -195,3 +195,169 @@ fn the_copies_of_a_batch_are_summed_each_for_itself() {
     let now = [pattern(3, PAGE), pattern(7, PAGE), pattern(3, 3 * PAGE)[2 * PAGE as usize..].to_vec()].concat();
     assert_eq!(again.overwritten, area_sum(&now, 0));
 }
+
+/// A batch of `descriptors` (sources staged with `seed`'s patterns) rung with sums asked
+/// for at `first_index + 10 * i`, overwritten sums too; returns the sums.
+fn ring_batch(e: &mut CopyEngine, descriptors: &[Descriptor], seed: u64) -> Vec<RangeSum> {
+    for (i, d) in descriptors.iter().enumerate() {
+        e.mem.write_slice(&pattern(seed + i as u64, d.len), GuestAddress(d.src)).unwrap();
+    }
+    let requests: Vec<RangeSum> = (0..descriptors.len() as u64).map(|i| RangeSum::new(10 * i, true)).collect();
+    let head = BatchHeader {
+        magic: BATCH_MAGIC,
+        count: descriptors.len() as u32,
+        status: 0,
+        failed: 0,
+        flags: FLAG_DURABLE,
+        descriptors: 0x1100,
+        sums: 0x3000,
+    };
+    e.mem.write_slice(head.as_bytes(), GuestAddress(0x1000)).unwrap();
+    e.mem.write_slice(descriptors.as_bytes(), GuestAddress(0x1100)).unwrap();
+    e.mem.write_slice(requests.as_bytes(), GuestAddress(0x3000)).unwrap();
+    e.write(0, &0x1000u32.to_le_bytes());
+    let mut done = BatchHeader::default();
+    e.mem.read_slice(done.as_mut_bytes(), GuestAddress(0x1000)).unwrap();
+    assert_eq!(done.status, STATUS_DONE);
+    let mut sums = vec![RangeSum::default(); descriptors.len()];
+    e.mem.read_slice(sums.as_mut_bytes(), GuestAddress(0x3000)).unwrap();
+    sums
+}
+
+/// A write-out's batch (copies apart) is copied and hashed on two threads, a chunk of
+/// pages each at a time, and on one alike: the bytes are the copies', each copy's sums
+/// nvram's of its own bytes, written and overwritten, and the hashes kept are right for the
+/// next batch's overwritten sums (taken from them, not from the pages: a scribble would
+/// show).
+#[test]
+fn a_write_outs_batch_is_copied_and_summed_on_two_threads_as_on_one() {
+    for two in [true, false] {
+        write_outs_batch(two);
+    }
+}
+
+fn write_outs_batch(two_threads: bool) {
+    const BIG: u64 = 8 << 20;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), BIG as usize)]).unwrap();
+    let domain = Arc::new(Mutex::new(PersistenceDomain::eadr(mem.clone(), false)));
+    let mut e = CopyEngine::new(mem, domain);
+    if !two_threads {
+        e = e.single_threaded();
+    }
+    // 60 copies of 1 to 7 pages, every fifth one with a short last page, into 0x400000..
+    let mut descriptors = Vec::new();
+    let (mut src, mut dst) = (0x10000u64, 0x400000u64);
+    for i in 0..60u64 {
+        let len = (1 + i % 7) * PAGE - if i % 5 == 4 { 1000 } else { 0 };
+        descriptors.push(Descriptor { src, dst, len });
+        src += len.next_multiple_of(PAGE);
+        dst += len.next_multiple_of(PAGE) + PAGE;
+    }
+    assert!(parallel::copies_apart(&descriptors));
+    assert!(descriptors.iter().map(|d| d.len).sum::<u64>() >= parallel::WORTH_FROM);
+    let before: Vec<Vec<u8>> = descriptors.iter().map(|d| bytes_at(&e, d.dst, d.len)).collect();
+    let sums = ring_batch(&mut e, &descriptors, 1);
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus < 2 {
+        eprintln!("one CPU here: the engine copies on one thread");
+    }
+    assert_eq!(lock(&e.stats).parallel, u64::from(two_threads && cpus > 1), "on two threads, if there are two");
+    for (i, (d, sum)) in descriptors.iter().zip(&sums).enumerate() {
+        let bytes = pattern(1 + i as u64, d.len);
+        assert_eq!(bytes_at(&e, d.dst, d.len), bytes, "copy {i} made");
+        assert_eq!(sum.written, area_sum(&bytes, 10 * i as u64), "copy {i} wrote");
+        assert_eq!(sum.overwritten, area_sum(&before[i], 10 * i as u64), "copy {i} overwrote");
+    }
+    // The same batch again, from other bytes, after a scribble on a page the first wrote
+    // whole: its overwritten sums are the hashes kept of what the first batch wrote.
+    let whole = descriptors.iter().position(|d| d.len >= 2 * PAGE).unwrap();
+    e.mem.write_slice(&[0xa5; 16], GuestAddress(descriptors[whole].dst + 8)).unwrap();
+    let again = ring_batch(&mut e, &descriptors, 100);
+    for (i, (d, sum)) in descriptors.iter().zip(&again).enumerate() {
+        let bytes = pattern(100 + i as u64, d.len);
+        assert_eq!(bytes_at(&e, d.dst, d.len), bytes, "copy {i} made again");
+        assert_eq!(sum.written, area_sum(&bytes, 10 * i as u64), "copy {i} wrote again");
+        // Pages hashed whole were kept; a short last page is read (with no scribble on it).
+        let first = pattern(1 + i as u64, d.len);
+        assert_eq!(sum.overwritten, area_sum(&first, 10 * i as u64), "copy {i} overwrote the first batch's");
+    }
+}
+
+/// A large batch of copies apart without sums (a restore's) is copied on two threads too.
+#[test]
+fn a_large_batch_without_sums_is_copied_on_two_threads() {
+    const BIG: u64 = 8 << 20;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), BIG as usize)]).unwrap();
+    let domain = Arc::new(Mutex::new(PersistenceDomain::eadr(mem.clone(), false)));
+    let mut e = CopyEngine::new(mem, domain);
+    let descriptors: Vec<Descriptor> = (0..40u64)
+        .map(|i| Descriptor { src: 0x10000 + i * 0x8000, dst: 0x400000 + i * 0x9000, len: 0x8000 - 8 * i })
+        .collect();
+    for (i, d) in descriptors.iter().enumerate() {
+        e.mem.write_slice(&pattern(i as u64, d.len), GuestAddress(d.src)).unwrap();
+    }
+    let head = BatchHeader {
+        magic: BATCH_MAGIC,
+        count: descriptors.len() as u32,
+        status: 0,
+        failed: 0,
+        flags: FLAG_DURABLE,
+        descriptors: 0x1100,
+        sums: 0,
+    };
+    e.mem.write_slice(head.as_bytes(), GuestAddress(0x1000)).unwrap();
+    e.mem.write_slice(descriptors.as_bytes(), GuestAddress(0x1100)).unwrap();
+    e.write(0, &0x1000u32.to_le_bytes());
+    let mut done = BatchHeader::default();
+    e.mem.read_slice(done.as_mut_bytes(), GuestAddress(0x1000)).unwrap();
+    assert_eq!(done.status, STATUS_DONE);
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    assert_eq!(lock(&e.stats).parallel, u64::from(cpus > 1));
+    for (i, d) in descriptors.iter().enumerate() {
+        assert_eq!(bytes_at(&e, d.dst, d.len), pattern(i as u64, d.len), "copy {i}");
+    }
+}
+
+/// A batch in which a copy reads what an earlier one writes is copied in order, one copy
+/// after the other: the later copy copies (and sums) what the earlier one wrote.
+#[test]
+fn a_copy_that_reads_an_earlier_copys_bytes_sees_them() {
+    const BIG: u64 = 8 << 20;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), BIG as usize)]).unwrap();
+    let domain = Arc::new(Mutex::new(PersistenceDomain::eadr(mem.clone(), false)));
+    let mut e = CopyEngine::new(mem, domain);
+    let pages = 40;
+    let descriptors = [
+        Descriptor { src: 0x10000, dst: 0x400000, len: pages * PAGE },
+        Descriptor { src: 0x400000 + 5 * PAGE, dst: 0x600000, len: 20 * PAGE },
+    ];
+    assert!(!parallel::copies_apart(&descriptors));
+    // The second copy's source is overwritten by the first: `ring_batch` stages it, then
+    // the first copy replaces it.
+    let sums = ring_batch(&mut e, &descriptors, 1);
+    assert_eq!(lock(&e.stats).parallel, 0, "one thread, in order");
+    let first = pattern(1, pages * PAGE);
+    let seen = &first[5 * 4096..25 * 4096];
+    assert_eq!(bytes_at(&e, 0x600000, 20 * PAGE), seen, "the first copy's bytes, copied on");
+    assert_eq!(sums[1].written, area_sum(seen, 10));
+    assert_eq!(sums[0].written, area_sum(&first, 0));
+}
+
+/// Which batches may be copied in any order: none whose copies write a byte another reads
+/// or writes (or that a copy reads of itself).
+#[test]
+fn only_copies_apart_are_grouped() {
+    let d = |src: u64, dst: u64, len: u64| Descriptor { src, dst, len };
+    let cases = [
+        (vec![d(0, 0x10000, 0x2000), d(0x3000, 0x20000, 0x1000)], true),
+        (vec![d(0, 0x10000, 0x2000), d(0x3000, 0x11fff, 0x1000)], false),
+        (vec![d(0, 0x10000, 0x2000), d(0x11000, 0x20000, 0x1000)], false),
+        (vec![d(0x20fff, 0x10000, 0x10), d(0x3000, 0x20000, 0x1000)], false),
+        (vec![d(0x10000, 0x11000, 0x2000)], false),
+        (vec![d(0x5000, 0x10000, 0x2000), d(0x30000, 0x4000, 0x1000), d(0x40000, 0x50000, 0)], true),
+        (vec![d(0x12000, 0x10000, 0x2000), d(0, 0x12000, 0x1000)], false),
+    ];
+    for (i, (batch, apart)) in cases.iter().enumerate() {
+        assert_eq!(parallel::copies_apart(batch), *apart, "case {i}");
+    }
+}

@@ -34,6 +34,40 @@ struct Waiting {
 static NO_PAGE: [u64; PAGE_WORDS] = [0; PAGE_WORDS];
 const NOT_WAITING: Waiting = Waiting { host: &NO_PAGE, addr: 0, index: 0, copy: usize::MAX };
 
+/// Sets `sum.overwritten` (when asked for) to the sum of what the copy to `dst` (at guest
+/// address `at`) is about to overwrite: each page by the hash the engine kept of what it
+/// wrote there, else read into `buffer` and hashed. `false` if a page could not be read.
+pub(super) fn overwritten_sum(
+    cache: &SumCache,
+    buffer: &mut [u64; PAGE_WORDS],
+    at: u64,
+    dst: &VolatileSlice<'_, ()>,
+    sum: &mut RangeSum,
+) -> bool {
+    if !sum.wants_overwritten() {
+        sum.overwritten = 0;
+        return true;
+    }
+    let len = dst.len();
+    let mut overwritten = AreaSum::new(sum.first);
+    for k in 0..len.div_ceil(PAGE) {
+        let page_len = (len - k * PAGE).min(PAGE);
+        let page_at = at + (k * PAGE) as u64;
+        let kept = (page_len == PAGE).then(|| cache.get(page_at, overwritten.next_index())).flatten();
+        match (kept, dst.subslice(k * PAGE, page_len)) {
+            (Some(hash), _) => overwritten.add_hash(hash),
+            (None, Ok(old)) => {
+                let bytes = &mut buffer.as_mut_bytes()[..page_len];
+                old.copy_to(bytes);
+                overwritten.page(bytes);
+            }
+            (None, Err(_)) => return false,
+        }
+    }
+    sum.overwritten = overwritten.sum();
+    true
+}
+
 /// The sums of a batch's copies under way.
 pub(super) struct SummedCopies<'a> {
     cache: &'a mut SumCache,
@@ -71,24 +105,8 @@ impl<'a> SummedCopies<'a> {
         let len = src.len().min(dst.len());
         let pages = len.div_ceil(PAGE);
         let page_at = |k: usize| d.dst + (k * PAGE) as u64;
-        if sum.wants_overwritten() {
-            let mut overwritten = AreaSum::new(sum.first);
-            for k in 0..pages {
-                let page_len = (len - k * PAGE).min(PAGE);
-                let kept = (page_len == PAGE).then(|| self.cache.get(page_at(k), overwritten.next_index())).flatten();
-                match (kept, dst.subslice(k * PAGE, page_len)) {
-                    (Some(hash), _) => overwritten.add_hash(hash),
-                    (None, Ok(old)) => {
-                        let bytes = &mut self.buffer.as_mut_bytes()[..page_len];
-                        old.copy_to(bytes);
-                        overwritten.page(bytes);
-                    }
-                    (None, Err(_)) => return,
-                }
-            }
-            sum.overwritten = overwritten.sum();
-        } else {
-            sum.overwritten = 0;
+        if !overwritten_sum(self.cache, self.buffer, d.dst, dst, sum) {
+            return;
         }
         src.copy_to_volatile_slice(*dst);
         for k in 0..pages {

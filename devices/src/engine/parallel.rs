@@ -1,0 +1,268 @@
+//! A batch of copies that are apart (a write-out's, a restore's) copied, and hashed, on two
+//! host threads at once.
+//!
+//! One thread copying 3 MB of a write-out in runs of a few pages reaches about half of
+//! what the host's memory moves, and hashing what it copied, for the sums, took as long
+//! again as a third of the copy: the guest's vCPU waits for both. When no copy of a batch
+//! writes a byte that another copy reads or writes, the order of its pages makes no
+//! difference to what the batch leaves, so the vCPU's thread and a second thread take the
+//! pages a chunk at a time from the same counter, each copying its chunk and hashing it
+//! while it is in its cache. The vCPU's thread never waits for the second one to start:
+//! on a host with no core to spare it takes every chunk itself, as a single thread would.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use nvram::engine::{Descriptor, RangeSum};
+use nvram::plate::{page_hash, AreaSum};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::cache::SumCache;
+use super::hash::{hash_group, GROUP, PAGE_WORDS};
+use super::summed::overwritten_sum;
+
+const PAGE: usize = nvram::layout::PAGE_SIZE as usize;
+
+/// Pages a thread takes at once: a hashing group, a few microseconds of work, so that the
+/// vCPU's thread waits little for the other's last chunk.
+const CHUNK: usize = GROUP;
+
+/// A batch is worth two threads from this many bytes (waking the second costs a few
+/// microseconds).
+pub(super) const WORTH_FROM: u64 = 256 << 10;
+
+/// One page of a copy, or its short last part: where from, where to (host addresses), and
+/// its index in its plate.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PageCopy {
+    pub src: *const u8,
+    pub dst: *mut u8,
+    pub len: usize,
+    pub index: u64,
+}
+
+/// A batch under way, shared by the two threads.
+struct Shared {
+    pages: Vec<PageCopy>,
+    summed: bool,
+    /// Per page, its hash once its chunk is done (when summed).
+    hashes: Vec<AtomicU64>,
+    /// The next chunk to take.
+    next: AtomicUsize,
+    /// Chunks done.
+    done: AtomicUsize,
+}
+
+// SAFETY: the pages' pointers are only dereferenced by the thread that took their chunk
+// from `next`, and a chunk can be taken only while the batch's caller waits for `done` to
+// count it (`Copier::run`): a second thread that wakes late finds nothing to take.
+unsafe impl Send for Shared {}
+// SAFETY: as for `Send`; everything else is atomics.
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn chunks(&self) -> usize {
+        self.pages.len().div_ceil(CHUNK)
+    }
+
+    /// Takes chunks and does them until none is left.
+    fn work(&self) {
+        loop {
+            let chunk = self.next.fetch_add(1, Ordering::AcqRel);
+            if chunk >= self.chunks() {
+                return;
+            }
+            let start = chunk * CHUNK;
+            let end = (start + CHUNK).min(self.pages.len());
+            // No hashes without sums.
+            let hashes = self.hashes.get(start..end).unwrap_or_default();
+            // SAFETY: what `Copier::run`'s caller promises of the pages; this thread took
+            // the chunk, so no other touches its pages.
+            unsafe { copy_chunk(&self.pages[start..end], self.summed, hashes) };
+            self.done.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
+/// Copies `pages`, then, if `summed`, hashes what each wrote into `out`.
+///
+/// # Safety
+///
+/// As [`Copier::run`]'s.
+unsafe fn copy_chunk(pages: &[PageCopy], summed: bool, out: &[AtomicU64]) {
+    for p in pages {
+        // SAFETY: as the caller promises: readable `src`, writable `dst`, apart.
+        unsafe { core::ptr::copy_nonoverlapping(p.src, p.dst, p.len) };
+    }
+    if !summed || out.len() < pages.len() {
+        return;
+    }
+    let whole = |p: &PageCopy| p.len == PAGE && p.dst.cast::<u64>().is_aligned();
+    let mut group: Vec<(&[u64; PAGE_WORDS], u64, usize)> = Vec::with_capacity(GROUP);
+    for (k, p) in pages.iter().enumerate() {
+        if whole(p) {
+            // SAFETY: a whole, word-aligned page just written, that no one writes until
+            // the batch is done.
+            group.push((unsafe { &*p.dst.cast::<[u64; PAGE_WORDS]>() }, p.index, k));
+        } else {
+            // SAFETY: as above, `len` bytes.
+            let bytes = unsafe { core::slice::from_raw_parts(p.dst, p.len) };
+            out[k].store(page_hash(p.index, bytes), Ordering::Relaxed);
+        }
+    }
+    for part in group.chunks(GROUP) {
+        let words: Vec<&[u64; PAGE_WORDS]> = part.iter().map(|g| g.0).collect();
+        let indices: Vec<u64> = part.iter().map(|g| g.1).collect();
+        let mut hashes = [0; GROUP];
+        hash_group(&words, &indices, &mut hashes[..part.len()]);
+        for (g, &hash) in part.iter().zip(&hashes) {
+            out[g.2].store(hash, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The second thread.
+pub(super) struct Copier {
+    batches: Option<Sender<Arc<Shared>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Copier {
+    /// Starts the second thread; `None` when the host has one CPU or cannot start it.
+    pub(super) fn spawn() -> Option<Self> {
+        if std::thread::available_parallelism().map_or(1, usize::from) < 2 {
+            return None;
+        }
+        let (batches, inbox) = channel::<Arc<Shared>>();
+        let thread = std::thread::Builder::new()
+            .name("copy-engine".into())
+            .spawn(move || inbox.into_iter().for_each(|batch| batch.work()))
+            .ok()?;
+        Some(Self { batches: Some(batches), thread: Some(thread) })
+    }
+
+    /// Copies every page, on this thread and the second, and returns each page's hash
+    /// (`page_hash` of what was written, with the page's index) when `summed`.
+    ///
+    /// # Safety
+    ///
+    /// Every `src` is `len` readable bytes and every `dst` `len` writable bytes, and no
+    /// page's `dst` overlaps any page's `src` or `dst` (the copies are apart); nothing else
+    /// writes them until this returns.
+    pub(super) unsafe fn run(&mut self, pages: Vec<PageCopy>, summed: bool) -> Vec<u64> {
+        let hashes = if summed { (0..pages.len()).map(|_| AtomicU64::new(0)).collect() } else { Vec::new() };
+        let batch = Arc::new(Shared { pages, summed, hashes, next: AtomicUsize::new(0), done: AtomicUsize::new(0) });
+        if let Some(batches) = &self.batches {
+            let _ = batches.send(batch.clone());
+        }
+        batch.work();
+        // Every chunk is taken: wait for the one the second thread may still be copying.
+        let chunks = batch.chunks();
+        let mut spins = 0u32;
+        while batch.done.load(Ordering::Acquire) < chunks {
+            if spins < 1 << 12 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+            spins = spins.saturating_add(1);
+        }
+        batch.hashes.iter().map(|h| h.load(Ordering::Relaxed)).collect()
+    }
+}
+
+impl Drop for Copier {
+    fn drop(&mut self) {
+        self.batches = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Whether no copy writes a byte that a copy (another, or itself) reads or writes: then
+/// the order of the batch's pages makes no difference to what it leaves.
+pub(super) fn copies_apart(descriptors: &[Descriptor]) -> bool {
+    let range = |at: u64, len: u64| (at, at.saturating_add(len));
+    let mut writes: Vec<(u64, u64)> = descriptors.iter().filter(|d| d.len > 0).map(|d| range(d.dst, d.len)).collect();
+    writes.sort_unstable();
+    if writes.windows(2).any(|w| w[1].0 < w[0].1) {
+        return false;
+    }
+    // The writes are apart and sorted: a read can overlap only the last one starting at or
+    // before its start, and those starting inside it.
+    !descriptors.iter().filter(|d| d.len > 0).any(|d| {
+        let (start, end) = range(d.src, d.len);
+        let first = writes.partition_point(|w| w.0 <= start).saturating_sub(1);
+        writes[first..].iter().take_while(|w| w.0 < end).any(|w| start < w.1)
+    })
+}
+
+/// Copies a batch whose copies are apart (`copies_apart`, checked against RAM) on both
+/// threads, with their sums when `sums` has one per copy: the overwritten halves first,
+/// from the hashes kept or the bytes there before anything is copied, then the written
+/// halves from the pages' hashes, which are kept. `false` if a page could not be read
+/// (nothing copied then).
+pub(super) fn copy_apart(
+    mem: &GuestMemoryMmap<()>,
+    cache: &mut SumCache,
+    buffer: &mut [u64; PAGE_WORDS],
+    copier: &mut Copier,
+    descriptors: &[Descriptor],
+    mut sums: Option<&mut [RangeSum]>,
+) -> bool {
+    let mut pages = Vec::new();
+    // Per page: its copy and its guest address.
+    let mut owners = Vec::new();
+    for (i, d) in descriptors.iter().enumerate() {
+        let (Ok(src), Ok(dst)) =
+            (mem.get_slice(GuestAddress(d.src), d.len as usize), mem.get_slice(GuestAddress(d.dst), d.len as usize))
+        else {
+            return false;
+        };
+        let first = match sums.as_deref_mut().map(|s| s.get_mut(i)) {
+            Some(Some(sum)) => {
+                if !overwritten_sum(cache, buffer, d.dst, &dst, sum) {
+                    return false;
+                }
+                sum.first
+            }
+            Some(None) => return false,
+            None => 0,
+        };
+        let (from, to) = (src.ptr_guard().as_ptr(), dst.ptr_guard_mut().as_ptr());
+        let len = src.len().min(dst.len());
+        for k in 0..len.div_ceil(PAGE) {
+            let (at, page_len) = (k * PAGE, (len - k * PAGE).min(PAGE));
+            // SAFETY: offsets inside the two slices, which map guest RAM.
+            let (src, dst) = unsafe { (from.add(at), to.add(at)) };
+            // The guest's first index, any value: it wraps as `AreaSum`'s count does.
+            pages.push(PageCopy { src, dst, len: page_len, index: first.wrapping_add(k as u64) });
+            owners.push((i, d.dst + at as u64));
+        }
+    }
+    let summed = sums.is_some();
+    // SAFETY: every page is inside guest RAM (the slices above), which stays mapped while
+    // the engine holds the memory; the copies are apart (the caller checked); and nothing
+    // else writes guest RAM while the batch runs: the guest's one vCPU waits in the engine,
+    // the other devices run on its thread.
+    let hashes = unsafe { copier.run(pages.clone(), summed) };
+    let Some(sums) = sums else {
+        return true;
+    };
+    let mut written: Vec<AreaSum> = sums.iter().map(|s| AreaSum::new(s.first)).collect();
+    for ((page, &(copy, addr)), &hash) in pages.iter().zip(&owners).zip(&hashes) {
+        written[copy].add_hash(hash);
+        if page.len == PAGE && page.dst.cast::<u64>().is_aligned() {
+            cache.set(addr, page.index, hash);
+        } else {
+            cache.forget(addr, page.len as u64);
+        }
+    }
+    for (sum, written) in sums.iter_mut().zip(&written) {
+        sum.written = written.sum();
+    }
+    true
+}
