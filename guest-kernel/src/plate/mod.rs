@@ -259,6 +259,8 @@ fn steps(
     // frames at once, if there is an engine.
     let at_cpl3 = ring3::in_user_mode();
     let logged = !at_cpl3 && engine::dirty_log(layout::FRAMES_BASE / PAGE, plating.frames, layout::PLATE_DIRTY);
+    // Hot pages keep their dirty bits but at every so many write-outs (`kernel_core::dirty`).
+    let rearm_all = kernel_core::dirty::rearms_all(plating.committed.map_or(1, |(_, g)| g + 1));
     for plate in plating.live.plates().iter().filter(|_| !logged) {
         if plate.kind != PlateKind::UserSpace as u32 {
             continue;
@@ -266,7 +268,7 @@ fn steps(
         let Some(user) = res.user_spaces.get(plate.id) else { continue };
         let Some(space) = res.spaces.get(user.space) else { continue };
         let base = (plate.src - layout::FRAMES_BASE) / PAGE;
-        dirty::collect_into(space.root, user.vaddr, user.pages, plating.dirty, base);
+        dirty::collect_into(space.root, user.vaddr, user.pages, plating.dirty, base, rearm_all);
     }
     // The cleared dirty bits must reach the TLB. At CPL 3 there is nothing to do: the
     // switch back to the kernel's address space flushes the TLB (no page is global and
