@@ -28,7 +28,7 @@ pub const REARM_EVERY: u64 = 16;
 
 /// Whether the write-out that commits `generation` re-arms every dirty page.
 pub fn rearms_all(generation: u64) -> bool {
-    generation % REARM_EVERY == 0
+    generation.is_multiple_of(REARM_EVERY)
 }
 
 /// One entry's scan: whether its page is to be copied, and the entry to write back, if it
