@@ -24,7 +24,7 @@ pub const SEEN: u64 = 1 << 9;
 /// A write-out whose generation is a multiple of this re-arms every dirty page, hot ones
 /// included. A hot page that went quiet is copied for at most this many write-outs more (a
 /// page's copy costs well under a microsecond; a re-armed page's next write, tens).
-pub const REARM_EVERY: u64 = 16;
+pub const REARM_EVERY: u64 = 64;
 
 /// Whether the write-out that commits `generation` re-arms every dirty page.
 pub fn rearms_all(generation: u64) -> bool {
