@@ -3,6 +3,7 @@
 #![no_std]
 
 pub mod churn;
+pub mod dirty;
 pub mod frames;
 pub mod kv;
 pub mod plates;

@@ -185,14 +185,17 @@ pub fn switch_to(root: u64) {
 }
 
 /// Finds the pages of `va..va + pages * 4 KiB` (a user space of the space `root`) that were
-/// written since the last call: sets bit `i` of `dirty` for each dirty page `i`, and clears
-/// the dirty bits in the page tables so that the next call sees only newer writes. The
-/// caller flushes the TLB afterwards (a CR3 load), so the CPU sets the bits again.
+/// written since the last call: sets bit `i` of `dirty` for each dirty page `i` (a superset:
+/// hot pages are reported until re-armed), and re-arms the dirty bits in the page tables as
+/// `kernel_core::dirty` decides, so that the next call sees every newer write. The caller
+/// flushes the TLB afterwards (a CR3 load), so the CPU sets the cleared bits again.
+/// `rearm_all`: re-arm hot pages too (`kernel_core::dirty::rearms_all`).
 ///
 /// Walks each page table once per 2 MiB, not once per page: the work is one load per page,
 /// which under PVM's emulated kernel mode is what a write-out must stay proportional to.
-pub fn collect_dirty(root: u64, va: u64, pages: u64, dirty: &mut [u64]) -> u64 {
-    const DIRTY: u64 = Flags::DIRTY.bits();
+pub fn collect_dirty(root: u64, va: u64, pages: u64, dirty: &mut [u64], rearm_all: bool) -> u64 {
+    use kernel_core::dirty::{DIRTY, SEEN};
+    const _: () = assert!(DIRTY == Flags::DIRTY.bits() && SEEN == Flags::BIT_9.bits());
     let mut found = 0;
     let mut page = 0;
     while page < pages {
@@ -214,8 +217,14 @@ pub fn collect_dirty(root: u64, va: u64, pages: u64, dirty: &mut [u64]) -> u64 {
             let first = ((addr >> 12) & 511) as usize;
             let run = &mut entries[first..first + in_table as usize];
             for (i, pte) in (0..).zip(run.iter_mut()) {
-                if *pte & DIRTY != 0 {
-                    *pte &= !DIRTY;
+                if *pte & (DIRTY | SEEN) == 0 {
+                    continue;
+                }
+                let (dirty_now, new) = kernel_core::dirty::scan_entry(*pte, rearm_all);
+                if let Some(new) = new {
+                    *pte = new;
+                }
+                if dirty_now {
                     let bit = page + i;
                     if let Some(word) = dirty.get_mut((bit / 64) as usize) {
                         *word |= 1 << (bit % 64);

@@ -44,10 +44,10 @@ pub fn enabled() -> bool {
 /// (nothing was copied then, and the caller copies by itself). The ranges go to the engine
 /// where they are: kernel memory is identity-mapped, so their address is physical.
 ///
-/// From ring-3 kernel work (`ring3`), the whole of it runs in kernel mode, one trap for
-/// all the batches: the doorbell is a port.
+/// From ring-3 kernel work (`ring3`), the batches are built there, natively, and only each
+/// doorbell (a port) traps to kernel mode (`ring3::port_write`).
 pub fn copy(ranges: &[CopyRange]) -> bool {
-    crate::arch::ring3::privileged(|| copy_in_kernel_mode(ranges, None))
+    copy_batches(ranges, None)
 }
 
 /// [`copy`], and the engine returns in `sums` (one per range) the content checksums of what
@@ -58,10 +58,10 @@ pub fn copy_summed(ranges: &[CopyRange], sums: &mut [RangeSum]) -> bool {
     if ranges.len() > MAX_DESCRIPTORS as usize || sums.len() != ranges.len() {
         return false;
     }
-    crate::arch::ring3::privileged(|| copy_in_kernel_mode(ranges, Some(sums)))
+    copy_batches(ranges, Some(sums))
 }
 
-fn copy_in_kernel_mode(ranges: &[CopyRange], mut sums: Option<&mut [RangeSum]>) -> bool {
+fn copy_batches(ranges: &[CopyRange], mut sums: Option<&mut [RangeSum]>) -> bool {
     let mut batch = BATCH.lock();
     for (i, chunk) in ranges.chunks(MAX_DESCRIPTORS as usize).enumerate() {
         let at = i * MAX_DESCRIPTORS as usize;
@@ -81,7 +81,7 @@ fn copy_in_kernel_mode(ranges: &[CopyRange], mut sums: Option<&mut [RangeSum]>) 
         // put and locked while the engine reads it, as do the borrowed array of ranges and
         // the borrowed array of sums the engine writes (as many as ranges: checked above);
         // the port write returns once the batch is done.
-        unsafe { Port::<u32>::new(BASE).write(addr as u32) };
+        unsafe { crate::arch::ring3::port_write(BASE, addr as u32) };
         // SAFETY: the engine wrote the status in place; read it as it is now.
         let status = unsafe { core::ptr::read_volatile(&batch.status) };
         if status != STATUS_DONE {

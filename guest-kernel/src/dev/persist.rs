@@ -119,8 +119,8 @@ fn announce(pending: &mut BarrierList) {
     let addr = pending as *const BarrierList as u64;
     // SAFETY: the doorbell takes the physical address of the list, which stays put and
     // locked while the machine reads it (the port write returns once it is done).
-    // (From ring-3 kernel work, the port write is made in kernel mode.)
-    crate::arch::ring3::privileged(|| unsafe { Port::<u32>::new(BASE + REG_BARRIER).write(addr as u32) });
+    // (From ring-3 kernel work, the port write traps to kernel mode: `ring3::port_write`.)
+    unsafe { crate::arch::ring3::port_write(BASE + REG_BARRIER, addr as u32) };
     // SAFETY: the machine wrote the status in place.
     let status = unsafe { core::ptr::read_volatile(&pending.header.status) };
     if status != STATUS_DONE {

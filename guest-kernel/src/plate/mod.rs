@@ -211,11 +211,16 @@ pub fn write_out(
     let t0 = timer::rdtsc();
     plating.live.resume_first = resume_first.map_or(0, |pid| pid + 1);
     let next = plating.committed.map_or(1, |(_, g)| g + 1);
+    // In kernel mode: from the work, the doorbell would trap there and back, which costs more.
     control::started(nvram::control::Started::new(next, control::take_cause()));
-    // 2. The process table holds every process's registers; the running one's are saved.
-    save();
-    // 3 to 11, the bookkeeping, at CPL 3 (see `ring3`): natively under PVM.
-    let m = ring3::run(|| steps(plating, res, frames, header, t0));
+    // 2 to 11 at CPL 3 (see `ring3`): natively under PVM, where saving the process's
+    // registers in kernel mode alone took some 40 µs (a copy is emulated there).
+    let m = ring3::run(|| {
+        // 2. The process table holds every process's registers; the running one's are saved.
+        save();
+        // 3 to 11, the bookkeeping.
+        steps(plating, res, frames, header, t0)
+    });
     if let Err(WriteOutError::Disk(e)) = m {
         crate::println!("plate: the write-out failed, nothing was committed: {e}");
     }
@@ -224,7 +229,7 @@ pub fn write_out(
     let end = timer::rdtsc();
     m.phases[5] += end - (t0 + m.total);
     m.total = end - t0;
-    control::metrics(m);
+    control::metrics(&m);
     Ok(m)
 }
 
@@ -259,6 +264,8 @@ fn steps(
     // frames at once, if there is an engine.
     let at_cpl3 = ring3::in_user_mode();
     let logged = !at_cpl3 && engine::dirty_log(layout::FRAMES_BASE / PAGE, plating.frames, layout::PLATE_DIRTY);
+    // Hot pages keep their dirty bits but at every so many write-outs (`kernel_core::dirty`).
+    let rearm_all = kernel_core::dirty::rearms_all(plating.committed.map_or(1, |(_, g)| g + 1));
     for plate in plating.live.plates().iter().filter(|_| !logged) {
         if plate.kind != PlateKind::UserSpace as u32 {
             continue;
@@ -266,7 +273,7 @@ fn steps(
         let Some(user) = res.user_spaces.get(plate.id) else { continue };
         let Some(space) = res.spaces.get(user.space) else { continue };
         let base = (plate.src - layout::FRAMES_BASE) / PAGE;
-        dirty::collect_into(space.root, user.vaddr, user.pages, plating.dirty, base);
+        dirty::collect_into(space.root, user.vaddr, user.pages, plating.dirty, base, rearm_all);
     }
     // The cleared dirty bits must reach the TLB. At CPL 3 there is nothing to do: the
     // switch back to the kernel's address space flushes the TLB (no page is global and

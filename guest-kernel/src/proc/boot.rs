@@ -54,7 +54,7 @@ pub fn install(
             metrics.plates,
             metrics.copied_bytes >> 10
         );
-        control::metrics(metrics);
+        control::metrics(&metrics);
     }
 }
 
