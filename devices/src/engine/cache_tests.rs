@@ -163,26 +163,8 @@ fn the_copies_of_a_batch_are_summed_each_for_itself() {
         (0..6u64).map(|i| Descriptor { src: 0x10000 + i * 0x4000, dst: AREA + i * 0x4000, len: 3 * PAGE }).collect();
     descriptors[5].len = 100;
     descriptors.push(Descriptor { src: 0x30000, dst: AREA + 2 * 0x4000 + PAGE, len: PAGE });
-    for (i, d) in descriptors.iter().enumerate() {
-        e.mem.write_slice(&pattern(i as u64 + 1, d.len), GuestAddress(d.src)).unwrap();
-    }
     let before: Vec<Vec<u8>> = descriptors.iter().map(|d| bytes_at(&e, d.dst, d.len)).collect();
-    let requests: Vec<RangeSum> = (0..descriptors.len() as u64).map(|i| RangeSum::new(10 * i, true)).collect();
-    let head = BatchHeader {
-        magic: BATCH_MAGIC,
-        count: descriptors.len() as u32,
-        status: 0,
-        failed: 0,
-        flags: FLAG_DURABLE,
-        descriptors: 0x1100,
-        sums: 0x1400,
-    };
-    e.mem.write_slice(head.as_bytes(), GuestAddress(0x1000)).unwrap();
-    e.mem.write_slice(descriptors.as_bytes(), GuestAddress(0x1100)).unwrap();
-    e.mem.write_slice(requests.as_bytes(), GuestAddress(0x1400)).unwrap();
-    e.write(0, &0x1000u32.to_le_bytes());
-    let mut sums = vec![RangeSum::default(); descriptors.len()];
-    e.mem.read_slice(sums.as_mut_bytes(), GuestAddress(0x1400)).unwrap();
+    let sums = ring_batch(&mut e, &descriptors, 1);
     for (i, (d, sum)) in descriptors.iter().zip(&sums).enumerate() {
         let first = 10 * i as u64;
         assert_eq!(sum.written, area_sum(&pattern(i as u64 + 1, d.len), first), "copy {i} wrote");
@@ -199,6 +181,11 @@ fn the_copies_of_a_batch_are_summed_each_for_itself() {
 /// A batch of `descriptors` (sources staged with `seed`'s patterns) rung with sums asked
 /// for at `first_index + 10 * i`, overwritten sums too; returns the sums.
 fn ring_batch(e: &mut CopyEngine, descriptors: &[Descriptor], seed: u64) -> Vec<RangeSum> {
+    ring_batch_with(e, descriptors, seed, true)
+}
+
+/// [`ring_batch`], or with no sums asked for (`summed` false: none returned).
+fn ring_batch_with(e: &mut CopyEngine, descriptors: &[Descriptor], seed: u64, summed: bool) -> Vec<RangeSum> {
     for (i, d) in descriptors.iter().enumerate() {
         e.mem.write_slice(&pattern(seed + i as u64, d.len), GuestAddress(d.src)).unwrap();
     }
@@ -210,7 +197,7 @@ fn ring_batch(e: &mut CopyEngine, descriptors: &[Descriptor], seed: u64) -> Vec<
         failed: 0,
         flags: FLAG_DURABLE,
         descriptors: 0x1100,
-        sums: 0x3000,
+        sums: if summed { 0x3000 } else { 0 },
     };
     e.mem.write_slice(head.as_bytes(), GuestAddress(0x1000)).unwrap();
     e.mem.write_slice(descriptors.as_bytes(), GuestAddress(0x1100)).unwrap();
@@ -219,7 +206,7 @@ fn ring_batch(e: &mut CopyEngine, descriptors: &[Descriptor], seed: u64) -> Vec<
     let mut done = BatchHeader::default();
     e.mem.read_slice(done.as_mut_bytes(), GuestAddress(0x1000)).unwrap();
     assert_eq!(done.status, STATUS_DONE);
-    let mut sums = vec![RangeSum::default(); descriptors.len()];
+    let mut sums = vec![RangeSum::default(); if summed { descriptors.len() } else { 0 }];
     e.mem.read_slice(sums.as_mut_bytes(), GuestAddress(0x3000)).unwrap();
     sums
 }
@@ -293,24 +280,7 @@ fn a_large_batch_without_sums_is_copied_on_two_threads() {
     let descriptors: Vec<Descriptor> = (0..40u64)
         .map(|i| Descriptor { src: 0x10000 + i * 0x8000, dst: 0x400000 + i * 0x9000, len: 0x8000 - 8 * i })
         .collect();
-    for (i, d) in descriptors.iter().enumerate() {
-        e.mem.write_slice(&pattern(i as u64, d.len), GuestAddress(d.src)).unwrap();
-    }
-    let head = BatchHeader {
-        magic: BATCH_MAGIC,
-        count: descriptors.len() as u32,
-        status: 0,
-        failed: 0,
-        flags: FLAG_DURABLE,
-        descriptors: 0x1100,
-        sums: 0,
-    };
-    e.mem.write_slice(head.as_bytes(), GuestAddress(0x1000)).unwrap();
-    e.mem.write_slice(descriptors.as_bytes(), GuestAddress(0x1100)).unwrap();
-    e.write(0, &0x1000u32.to_le_bytes());
-    let mut done = BatchHeader::default();
-    e.mem.read_slice(done.as_mut_bytes(), GuestAddress(0x1000)).unwrap();
-    assert_eq!(done.status, STATUS_DONE);
+    ring_batch_with(&mut e, &descriptors, 0, false);
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     assert_eq!(lock(&e.stats).parallel, u64::from(cpus > 1));
     for (i, d) in descriptors.iter().enumerate() {
