@@ -331,3 +331,28 @@ fn only_copies_apart_are_grouped() {
         assert_eq!(parallel::copies_apart(batch), *apart, "case {i}");
     }
 }
+
+/// Copies apart whose addresses are not word-aligned, nor their lengths whole pages, go on
+/// two threads too, their pages hashed one by one: the sums are still nvram's, the bytes
+/// the copies', and nothing is kept of pages not hashed whole.
+#[test]
+fn unaligned_copies_apart_are_summed_on_two_threads() {
+    const BIG: u64 = 8 << 20;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), BIG as usize)]).unwrap();
+    let domain = Arc::new(Mutex::new(PersistenceDomain::eadr(mem.clone(), false)));
+    let mut e = CopyEngine::new(mem, domain);
+    let descriptors: Vec<Descriptor> = (0..30u64)
+        .map(|i| Descriptor { src: 0x10003 + i * 0x9000, dst: 0x400005 + i * 0xa000, len: 0x8000 + 13 * i })
+        .collect();
+    let before: Vec<Vec<u8>> = descriptors.iter().map(|d| bytes_at(&e, d.dst, d.len)).collect();
+    let sums = ring_batch(&mut e, &descriptors, 7);
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    assert_eq!(lock(&e.stats).parallel, u64::from(cpus > 1));
+    for (i, (d, sum)) in descriptors.iter().zip(&sums).enumerate() {
+        let bytes = pattern(7 + i as u64, d.len);
+        assert_eq!(bytes_at(&e, d.dst, d.len), bytes, "copy {i} made");
+        assert_eq!(sum.written, area_sum(&bytes, 10 * i as u64), "copy {i} wrote");
+        assert_eq!(sum.overwritten, area_sum(&before[i], 10 * i as u64), "copy {i} overwrote");
+        assert_eq!(e.cache.get(d.dst & !(PAGE - 1), 10 * i as u64), None, "copy {i}: nothing kept");
+    }
+}
