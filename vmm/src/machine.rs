@@ -72,11 +72,13 @@ impl Machine {
         let started = Instant::now();
         // KVM first: if it is missing, fail before touching the image.
         let kvm = vm::open_kvm(&config.kvm_device)?;
-        let (kernel_bytes, kernel_name) = match &config.kernel {
-            KernelSource::Bundled => (crate::kernel::BUNDLED_KERNEL.to_vec(), "the bundled kernel".to_string()),
+        // KVM's supported CPUID is asked for meanwhile (see `vcpu::supported_cpuid`).
+        let cpuid = vcpu::supported_cpuid(&config.kvm_device);
+        let (kernel_bytes, kernel_name): (std::borrow::Cow<'static, [u8]>, String) = match &config.kernel {
+            KernelSource::Bundled => (crate::kernel::BUNDLED_KERNEL.into(), "the bundled kernel".to_string()),
             KernelSource::File(path) => {
                 let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.clone(), source })?;
-                (bytes, path.display().to_string())
+                (bytes.into(), path.display().to_string())
             }
         };
         let console = SharedConsole::new(open_console(&config.console)?);
@@ -98,7 +100,7 @@ impl Machine {
         let kernel = loader::load_kernel(&mem, &kernel_bytes, &kernel_name)?;
         let module_list = modules::write(&mem, &boot_modules)?;
         let start_info = loader::write_boot_params(&mem, ram_size, &cmdline, module_list)?;
-        let vcpu = vcpu::create_vcpu(&kvm, &vm_fd, kernel.entry, start_info)?;
+        let vcpu = vcpu::create_vcpu(&vm_fd, cpuid.wait()?, kernel.entry, start_info)?;
 
         let serial_irq =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Setup { what: "serial interrupt", source })?;
