@@ -49,7 +49,8 @@ pub fn present() -> bool {
     PRESENT.load(Ordering::Relaxed)
 }
 
-/// Sends the bytes of a message (`nvram::control`'s records).
+/// Sends the bytes of a message (`nvram::control`'s records); from ring-3 kernel work too,
+/// where the doorbell is rung in kernel mode.
 fn send<T: IntoBytes + Immutable>(message: &T) {
     if !present() {
         return;
@@ -61,7 +62,7 @@ fn send<T: IntoBytes + Immutable>(message: &T) {
     let addr = buffer.0.as_ptr() as u64;
     // SAFETY: the doorbell takes the physical address of the message, which stays put
     // while the VMM reads it (the port write traps to the VMM synchronously).
-    unsafe { Port::<u32>::new(BASE + REG_DOORBELL).write(addr as u32) };
+    crate::arch::ring3::privileged(|| unsafe { Port::<u32>::new(BASE + REG_DOORBELL).write(addr as u32) });
 }
 
 /// Sends a console message (`nvram::control::console_header`, then the text) that the
