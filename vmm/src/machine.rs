@@ -93,6 +93,25 @@ impl Machine {
             MemoryKind::Volatile => (None, memory::map_volatile(config.ram_size())?),
         };
         let ram_size = image.as_ref().map_or(config.ram_size(), NvmImage::size);
+        // Under ADR the persistence domain writes back into a view of the image of its own
+        // (volatile RAM is always eADR: `VmConfig::validate`).
+        let image_view = match (persistence.model, &image) {
+            (PersistenceModel::Adr, Some(image)) => Some(memory::map_image(image)?),
+            _ => None,
+        };
+        // Guest RAM is a private mapping under ADR (its stores reach the image only when the
+        // domain writes them back).
+        let mut mappings = vec![memory::Mapping { memory: mem.clone(), private: image_view.is_some() }];
+        mappings.extend(image_view.clone().map(|memory| memory::Mapping { memory, private: false }));
+        // The data worker, if any, runs detached: it holds the mappings it needs. It starts
+        // as soon as the image is mapped, to work while the VM is created and the kernel
+        // boots: mapping the 27 MiB of data of a crashed image of the paper's configuration
+        // takes it 2.5 to 3.5 ms (much more on a busy host), the restore begins 6 to 8 ms
+        // after the set-up does, and a restore that finds its save areas not mapped yet took
+        // 7 ms instead of 3.
+        if let Some(image) = &image {
+            let _ = memory::prefault(image, mappings, config.prefault)?;
+        }
         let cmdline = vm::host_cmdline_quirks(&config.cmdline);
         let boot_modules = programs::boot_modules(config, &cmdline, &mem)?;
         let mem = modules::add_window(mem, modules::window_size(&boot_modules)?)?;
@@ -116,8 +135,6 @@ impl Machine {
         let exit = exit_device.handle();
         let mut pio = PioBus::new();
         let overlap = Error::PortBus;
-        pio.register(ports::COM1, ports::COM1_LEN, Box::new(SerialConsole::new(irq, console.clone())))
-            .map_err(overlap)?;
         pio.register(ports::EXIT, 4, Box::new(exit_device)).map_err(overlap)?;
         // The guest's TSC rate, so that it need not calibrate (an emulated loop under PVM).
         let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
@@ -132,20 +149,6 @@ impl Machine {
             ram_size,
             Some(Box::new(move || log_vm.get_dirty_log(0, ram).ok())),
         )));
-        // Under ADR the persistence domain writes back into a view of the image of its own
-        // (volatile RAM is always eADR: `VmConfig::validate`).
-        let image_view = match (persistence.model, &image) {
-            (PersistenceModel::Adr, Some(image)) => Some(memory::map_image(image)?),
-            _ => None,
-        };
-        // Guest RAM is a private mapping under ADR (its stores reach the image only when the
-        // domain writes them back).
-        let mut mappings = vec![memory::Mapping { memory: mem.clone(), private: image_view.is_some() }];
-        mappings.extend(image_view.clone().map(|memory| memory::Mapping { memory, private: false }));
-        // The data worker, if any, runs detached: it holds the mappings it needs.
-        if let Some(image) = &image {
-            let _ = memory::prefault(image, mappings, config.prefault)?;
-        }
         let domain = Arc::new(Mutex::new(
             match image_view.clone() {
                 None => PersistenceDomain::eadr(mem.clone(), persistence.sync),
@@ -160,10 +163,12 @@ impl Machine {
             .with_barrier_counter(barriers.clone()),
         ));
         let control = MachineControl::new(mem.clone(), tsc_khz)
-            .with_console(console)
+            .with_console(console.clone())
             .with_barrier_counter(barriers.clone())
             .with_domain(domain.clone());
         let status = control.status();
+        let serial = SerialConsole::new(irq, console.clone()).with_status(status.clone());
+        pio.register(ports::COM1, ports::COM1_LEN, Box::new(serial)).map_err(overlap)?;
         pio.register(nvram::control::BASE, nvram::control::LEN, Box::new(control)).map_err(overlap)?;
         let barrier = PersistBarrier::new(mem.clone(), domain.clone());
         pio.register(nvram::persist::BASE, nvram::persist::LEN, Box::new(barrier)).map_err(overlap)?;
