@@ -108,7 +108,7 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
 }
 
 /// Gives `vm` its in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT, and registers guest RAM
-/// (in the order of [`CREATE_STEPS`]).
+/// (in the order of `CREATE_STEPS`).
 ///
 /// The PIT stays: the guest's timer tick is the PIT's channel 0 (through the PIC), and
 /// under QEMU the guest calibrates the TSC with its channel 2.
