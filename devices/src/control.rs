@@ -59,6 +59,10 @@ pub struct MachineStatus {
     pub rejected: u64,
     /// Console messages printed (`nvram::control`'s kind 7; not among `accepted`).
     pub console_messages: u64,
+    /// Runs of ring-3 kernel work up to the guest's boot report (`nvram::control::Booted`).
+    pub boot_work_runs: u32,
+    /// Accesses to COM1's registers (the UART), reads and writes.
+    pub uart_accesses: u64,
     /// The requests waiting for the guest to read them (a set: none is lost to another).
     pub pending: crate::requests::PendingRequests,
     /// The last [`OPERATION_RING`] write-outs and restores reported, oldest first.
@@ -330,11 +334,12 @@ impl MachineControl {
         match message {
             // Printed at the doorbell, which holds its bytes.
             Message::Console { .. } => {}
-            Message::Booted { boot_kind, boot_count, generation } => {
+            Message::Booted { boot_kind, boot_count, generation, work_runs } => {
                 if logs.booted.allow(now) {
-                    info!(kind = <&str>::from(boot_kind), boot_count, generation, "guest booted");
+                    info!(kind = <&str>::from(boot_kind), boot_count, generation, work_runs, "guest booted");
                 }
                 status.boot_kind = Some(boot_kind);
+                status.boot_work_runs = work_runs;
                 status.boot_count = boot_count;
                 status.committed_generation = generation;
                 status.workloads.clear();

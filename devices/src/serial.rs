@@ -29,12 +29,27 @@ impl Trigger for EventFdTrigger {
 /// The guest's console.
 pub struct SerialConsole {
     uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, SharedConsole>,
+    /// Where the accesses to the UART's registers are counted
+    /// ([`crate::MachineStatus::uart_accesses`]), when somewhere.
+    status: Option<crate::StatusHandle>,
 }
 
 impl SerialConsole {
     /// A UART whose transmitted bytes go to `out`.
     pub fn new(interrupt: EventFd, out: SharedConsole) -> Self {
-        Self { uart: Serial::new(EventFdTrigger::new(interrupt), out) }
+        Self { uart: Serial::new(EventFdTrigger::new(interrupt), out), status: None }
+    }
+
+    /// Counts the accesses to its registers in `status`: each is a VM exit, and a kernel
+    /// that prints through the machine-control device has no reason to make them.
+    pub fn with_status(self, status: crate::StatusHandle) -> Self {
+        Self { status: Some(status), ..self }
+    }
+
+    fn count(&self) {
+        if let Some(status) = &self.status {
+            crate::control::lock(status).uart_accesses += 1;
+        }
     }
 }
 
@@ -105,6 +120,7 @@ impl Write for ConsoleOut {
 
 impl BusDevice<u16> for SerialConsole {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
+        self.count();
         match (u8::try_from(offset), data) {
             (Ok(offset), [byte]) => *byte = self.uart.read(offset),
             (_, data) => data.fill(0xff),
@@ -112,6 +128,7 @@ impl BusDevice<u16> for SerialConsole {
     }
 
     fn write(&mut self, offset: u16, data: &[u8]) {
+        self.count();
         if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
             // The output cannot fail (a lost console drops its bytes); an error here could
             // only come from raising the interrupt, which the guest then does not get.

@@ -7,8 +7,9 @@
 //!
 //! 1. open and lock the image, create it sparse when missing ([`image`]);
 //! 2. map it as guest RAM ([`memory`]);
-//! 3. create the VM with KVM's in-kernel irqchip and PIT ([`vm`]);
-//! 4. load the kernel ELF and write the PVH boot parameters ([`loader`]);
+//! 3. load the kernel ELF and write the PVH boot parameters ([`loader`]);
+//! 4. give the VM (created empty before the image is opened) guest RAM and KVM's in-kernel
+//!    irqchip and PIT ([`vm`]), while a thread maps the image's data ahead;
 //! 5. set the vCPU up for the PVH entry ([`vcpu`]);
 //! 6. run until the guest stops the machine or the user stops the VMM ([`Machine::run`], or
 //!    [`Machine::spawn`] for a thread of its own, driven through its [`Controller`]).

@@ -80,14 +80,56 @@ pub fn host_cmdline_quirks(cmdline: &str) -> String {
     }
 }
 
-/// Creates the VM with an in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT, and registers
-/// guest RAM.
-pub fn create_vm(kvm: &Kvm, mem: &GuestMemory) -> Result<VmFd, VmError> {
-    let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-    vm.set_tss_address(TSS_ADDRESS).map_err(kvm_err("set the TSS address"))?;
-    vm.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-    vm.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
+/// One step of [`set_up_vm`], in the order [`CREATE_STEPS`] gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CreateStep {
+    TssAddress,
+    RegisterRam,
+    Irqchip,
+    Pit,
+}
+
+/// The order of the VM's set-up ioctls. Guest RAM is registered first, into a VM that has
+/// no device yet: its memory-slot ioctl waits for a grace period of the VM's SRCU
+/// (`synchronize_srcu_expedited`), and once the irqchip and the PIT have registered their
+/// devices on the VM's buses that wait took 4 to 12 ms here (one to three host timer ticks
+/// at 250 Hz), against 0.1 ms before them; the irqchip and the PIT cost the same (about
+/// 0.05 ms) either way. Measured with a probe timing each ioctl, 15 runs of each order.
+const CREATE_STEPS: [CreateStep; 4] =
+    [CreateStep::TssAddress, CreateStep::RegisterRam, CreateStep::Irqchip, CreateStep::Pit];
+
+/// Creates the VM, empty: [`set_up_vm`] gives it its devices and RAM.
+///
+/// Before guest RAM is mapped ahead (`memory::prefault`): creating a VM registers KVM's MMU
+/// notifier, which takes the process's address space for writing and so waited for the
+/// mapping ahead, 3 to 4 ms here, when it came second.
+pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+    kvm.create_vm().map_err(kvm_err("create a VM"))
+}
+
+/// Gives `vm` its in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT, and registers guest RAM
+/// (in the order of `CREATE_STEPS`).
+///
+/// The PIT stays: the guest's timer tick is the PIT's channel 0 (through the PIC), and
+/// under QEMU the guest calibrates the TSC with its channel 2.
+pub fn set_up_vm(vm: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
+    for step in CREATE_STEPS {
+        match step {
+            CreateStep::TssAddress => vm.set_tss_address(TSS_ADDRESS).map_err(kvm_err("set the TSS address"))?,
+            CreateStep::RegisterRam => register_ram(vm, mem)?,
+            CreateStep::Irqchip => vm.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?,
+            CreateStep::Pit => {
+                let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+                vm.create_pit2(pit).map_err(kvm_err("create the in-kernel PIT"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Registers each region of guest RAM as a memory slot (one for the image, one for the
+/// module window when there are programs), with KVM's dirty log on.
+fn register_ram(vm: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region.as_ptr() as u64;
         let region = kvm_userspace_memory_region {
@@ -103,5 +145,24 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemory) -> Result<VmFd, VmError> {
         // as long as the VM exists; KVM accesses it only within `memory_size`.
         unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register guest RAM"))?;
     }
-    Ok(vm)
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{CreateStep, CREATE_STEPS};
+
+    fn position(step: CreateStep) -> usize {
+        CREATE_STEPS.iter().position(|&s| s == step).expect("every step is taken")
+    }
+
+    /// Guest RAM goes in before any in-kernel device: after them, its ioctl waits for the
+    /// host (see [`CREATE_STEPS`]).
+    #[test]
+    fn guest_ram_is_registered_before_the_in_kernel_devices() {
+        assert!(position(CreateStep::RegisterRam) < position(CreateStep::Irqchip));
+        assert!(position(CreateStep::RegisterRam) < position(CreateStep::Pit));
+        assert!(position(CreateStep::Irqchip) < position(CreateStep::Pit), "the PIT needs the irqchip");
+        assert_eq!(CREATE_STEPS.len(), 4, "each step once");
+    }
 }

@@ -23,7 +23,7 @@
 //! The work is the kernel's own code, trusted as the kernel is; no process can reach the
 //! work space, which is loaded only between [`run`] and its return.
 
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use x86_64::registers::control::Cr3;
 
@@ -82,6 +82,16 @@ static mut SAVED_CR3: u64 = 0;
 /// fast path of DONE, which puts it back.
 static mut TSS_SLOT: u64 = 0;
 static mut KERNEL_ENTRY_STACK: u64 = 0;
+
+/// Runs of the work since the kernel started ([`runs`]).
+static RUNS: AtomicU32 = AtomicU32::new(0);
+
+/// Runs of the work since the kernel started (a trip to CPL 3 and back each; a run inside
+/// a run is not one): what the boot reports, so that a boot that crosses more often than
+/// it must shows.
+pub fn runs() -> u32 {
+    RUNS.load(Ordering::Relaxed)
+}
 
 /// Timer ticks taken while the work ran.
 static MISSED_TICKS: AtomicU64 = AtomicU64::new(0);
@@ -276,6 +286,7 @@ pub fn run<R>(f: impl FnOnce() -> R) -> R {
     }
     as_work(f, |work| {
         let sel = gdt::selectors();
+        RUNS.fetch_add(1, Ordering::Relaxed);
         ACTIVE.store(true, Ordering::SeqCst);
         // SAFETY: the work space maps all of RAM (the kernel's code, data, stacks and NVM)
         // at the kernel's addresses, so everything the work refers to stays reachable; the

@@ -27,10 +27,11 @@ static BATCH: Mutex<BatchHeader> = Mutex::new(BatchHeader {
 });
 
 /// Detects the engine; `wanted` is false with `plate_copy=cpu`. Returns whether it is used.
+/// From ring-3 kernel work too (the port is read in kernel mode).
 pub fn init(wanted: bool) -> bool {
     // SAFETY: reading the identification register has no side effect; without the device
     // the port reads all ones.
-    let present = unsafe { Port::<u32>::new(BASE).read() } == ENGINE_ID;
+    let present = crate::arch::ring3::privileged(|| unsafe { Port::<u32>::new(BASE).read() }) == ENGINE_ID;
     let on = present && wanted;
     ENABLED.store(on, Ordering::Relaxed);
     on

@@ -19,11 +19,16 @@ pub fn power_off_due(tick: u64) -> bool {
 }
 
 /// Stops the machine with `code`. If no exit device answers (a machine without one), the
-/// CPU halts with interrupts off.
+/// CPU halts with interrupts off. From ring-3 kernel work too: the port is written, and
+/// the CPU halted, in kernel mode.
 pub fn exit(code: ExitCode) -> ! {
-    let mut port = Port::<u32>::new(nvram::ports::EXIT);
-    // SAFETY: the exit port has no other user; writing it stops the machine.
-    unsafe { port.write(code.raw()) };
+    crate::arch::ring3::privileged(|| {
+        let mut port = Port::<u32>::new(nvram::ports::EXIT);
+        // SAFETY: the exit port has no other user; writing it stops the machine.
+        unsafe { port.write(code.raw()) };
+        crate::arch::halt_forever()
+    });
+    // Not reached: the closure does not return.
     crate::arch::halt_forever()
 }
 

@@ -43,12 +43,15 @@ static PENDING: Mutex<BarrierList> = Mutex::new(BarrierList::new());
 
 /// Picks the flush instruction: `forced` if given, else the best CPUID offers; and finds
 /// out whether the machine wants barriers announced. Returns the instruction and that.
+/// From ring-3 kernel work too (the ports are read in kernel mode).
 pub fn init(forced: Option<Flush>) -> (Flush, bool) {
     let insn = forced.unwrap_or_else(best_by_cpuid);
     FLUSH.store(code(insn), Ordering::Relaxed);
     // SAFETY: reading the device's registers has no side effect; without the device the
     // ports read all ones.
-    let (id, mode) = unsafe { (Port::<u32>::new(BASE + REG_BARRIER).read(), Port::<u32>::new(BASE + REG_MODE).read()) };
+    let (id, mode) = crate::arch::ring3::privileged(|| unsafe {
+        (Port::<u32>::new(BASE + REG_BARRIER).read(), Port::<u32>::new(BASE + REG_MODE).read())
+    });
     let announce = id == DEVICE_ID && mode & MODE_ANNOUNCE != 0;
     ANNOUNCE.store(announce, Ordering::Relaxed);
     (insn, announce)

@@ -74,21 +74,25 @@ pub fn run(kind: BootKind, modules: impl Iterator<Item = Module>, tsc_khz: u64, 
                 load::start(k, &module);
             }
         } else {
-            let table = k.res.kernel_spaces.iter().find(|(_, s)| s.usage == KernelSpaceUse::ProcessTable as u32);
-            let Some(addr) = table.map(|(_, s)| s.vaddr) else { root::refuse(ImageError::Table(Kind::Process)) };
-            // SAFETY: the kernel space holding the process table, identity-mapped, ours alone.
-            k.procs = unsafe { &mut *(addr as *mut ProcessTable) };
-            if let Err(e) = k.procs.check(Kind::Process as u32) {
-                println!("NVM: process table header {e:?}");
-                root::refuse(ImageError::Table(Kind::Process));
-            }
-            process::wake_all(k);
-            paging::refresh_kernel_entries(k.res.spaces.iter().map(|(_, s)| s.root));
-            let ignored = modules.count();
-            if ignored > 0 {
-                println!("{ignored} boot modules ignored: the image holds its programs already");
-            }
-            println!("NVM: {} processes to resume", k.procs.live());
+            // Computation over the tables and prints: at CPL 3 (see `arch::ring3`), one run
+            // instead of one per print.
+            crate::arch::ring3::run(|| {
+                let table = k.res.kernel_spaces.iter().find(|(_, s)| s.usage == KernelSpaceUse::ProcessTable as u32);
+                let Some(addr) = table.map(|(_, s)| s.vaddr) else { root::refuse(ImageError::Table(Kind::Process)) };
+                // SAFETY: the kernel space holding the process table, identity-mapped, ours alone.
+                k.procs = unsafe { &mut *(addr as *mut ProcessTable) };
+                if let Err(e) = k.procs.check(Kind::Process as u32) {
+                    println!("NVM: process table header {e:?}");
+                    root::refuse(ImageError::Table(Kind::Process));
+                }
+                process::wake_all(k);
+                paging::refresh_kernel_entries(k.res.spaces.iter().map(|(_, s)| s.root));
+                let ignored = modules.count();
+                if ignored > 0 {
+                    println!("{ignored} boot modules ignored: the image holds its programs already");
+                }
+                println!("NVM: {} processes to resume", k.procs.live());
+            });
         }
         if kind == BootKind::Cold && k.plating.is_some() {
             // Plate-ify everything and commit the initial state: a crash from here on
@@ -113,7 +117,8 @@ pub fn run(kind: BootKind, modules: impl Iterator<Item = Module>, tsc_khz: u64, 
                 Err(e) => println!("plate: first write-out failed: {e:?}"),
             }
         }
-        control::booted(Booted::new(kind, k.header.boot_count, k.header.generation));
+        let booted = Booted::new(kind, k.header.boot_count, k.header.generation);
+        control::booted(booted.with_work_runs(crate::arch::ring3::runs()));
     });
     timer::init(tsc_khz);
     println!("timer at {} Hz, TSC {} kHz", timer::hz(), timer::tsc_khz());
