@@ -106,6 +106,10 @@ fn bench(c: &mut Criterion) {
                 BatchSize::PerIteration,
             )
         });
+        let stats = *engine.stats().lock().expect("stats");
+        if stats.chunks > 0 {
+            eprintln!("{name}: the second thread did {} of {} chunks", stats.second_thread_chunks, stats.chunks);
+        }
     }
     group.finish();
 }

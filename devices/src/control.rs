@@ -247,6 +247,8 @@ pub struct MachineControl {
     barriers: Option<crate::persistence::BarrierCounter>,
     /// Told when write-outs start and report, for the one it may record.
     domain: Option<Arc<Mutex<crate::PersistenceDomain>>>,
+    /// Told when a write-out starts: the copy engine's second thread wakes for its batch.
+    batch_ahead: Option<crate::engine::BatchAhead>,
     /// Where console text goes (dropped without one).
     console: Option<crate::SharedConsole>,
 }
@@ -261,6 +263,7 @@ impl MachineControl {
             logs: LogLimits::default(),
             barriers: None,
             domain: None,
+            batch_ahead: None,
             console: None,
         }
     }
@@ -272,6 +275,12 @@ impl MachineControl {
     }
 
     /// Prints the guest's console text on `console`, the UART's output.
+    /// Tells the copy engine when a write-out starts (`CopyEngine::batch_ahead`).
+    pub fn with_batch_ahead(mut self, ahead: Option<crate::engine::BatchAhead>) -> Self {
+        self.batch_ahead = ahead;
+        self
+    }
+
     pub fn with_console(mut self, console: crate::SharedConsole) -> Self {
         self.console = Some(console);
         self
@@ -315,6 +324,10 @@ impl MachineControl {
     }
 
     fn apply(&mut self, message: Message) {
+        if let (Message::Started { .. }, Some(ahead)) = (&message, &self.batch_ahead) {
+            // Not told before the engine's first batch for two threads: nothing to wake.
+            let _ = ahead.write_out_started();
+        }
         // The domain first, its lock apart from the status's.
         if let Some(domain) = &self.domain {
             match &message {

@@ -25,6 +25,7 @@ use crate::persistence::PersistenceDomain;
 use crate::{BusDevice, LogLimit};
 use cache::SumCache;
 use hash::PAGE_WORDS;
+pub use parallel::BatchAhead;
 use parallel::{copies_apart, copy_apart, Copier};
 use summed::SummedCopies;
 
@@ -35,8 +36,11 @@ pub struct EngineStats {
     pub copies: u64,
     pub bytes: u64,
     pub rejected: u64,
-    /// Batches copied (and hashed) on two threads (`parallel`).
+    /// Batches copied (and hashed) on two threads (`parallel`), their chunks of pages, and
+    /// of those the chunks the second thread did.
     pub parallel: u64,
+    pub chunks: u64,
+    pub second_thread_chunks: u64,
     /// Host time spent in batches, from the doorbell to the status (checks, copies,
     /// persistence): what the engine costs, apart from the guest's side of it.
     pub busy: std::time::Duration,
@@ -86,6 +90,17 @@ impl CopyEngine {
         self.copier_tried = true;
         self.copier = None;
         self
+    }
+
+    /// A handle for the machine-control device, which tells the engine when a write-out
+    /// starts so that its second thread is awake for the batch (`parallel`). `None` when
+    /// the engine copies on one thread. Starts the second thread.
+    pub fn batch_ahead(&mut self) -> Option<BatchAhead> {
+        if !self.copier_tried {
+            self.copier_tried = true;
+            self.copier = Copier::spawn();
+        }
+        self.copier.as_ref().and_then(Copier::ahead)
     }
 
     /// Pauses halfway through every batch: a slow engine, for crash tests.
@@ -212,13 +227,13 @@ impl CopyEngine {
             self.copier_tried = true;
             self.copier = Copier::spawn();
         }
-        let mut parallel = false;
+        let mut chunks = None;
         if let (true, Some(copier)) = (apart, self.copier.as_mut()) {
             let sums = summed.then_some(&mut sums[..]);
-            if !copy_apart(&self.mem, &mut self.cache, &mut self.buffer, copier, &descriptors, sums) {
+            chunks = copy_apart(&self.mem, &mut self.cache, &mut self.buffer, copier, &descriptors, sums);
+            if chunks.is_none() {
                 return Some((STATUS_BAD_BATCH, 0));
             }
-            parallel = true;
         } else {
             let mut summing = SummedCopies::new(sums.len(), &mut self.cache, &mut self.buffer);
             for (i, d) in descriptors.iter().enumerate() {
@@ -270,7 +285,11 @@ impl CopyEngine {
         stats.batches += 1;
         stats.copies += descriptors.len() as u64;
         stats.bytes += bytes;
-        stats.parallel += u64::from(parallel);
+        if let Some([all, second]) = chunks {
+            stats.parallel += 1;
+            stats.chunks += all;
+            stats.second_thread_chunks += second;
+        }
         stats.busy += started.elapsed();
         Some((STATUS_DONE, 0))
     }

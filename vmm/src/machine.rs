@@ -164,7 +164,9 @@ impl Machine {
             }
             .with_barrier_counter(barriers.clone()),
         ));
+        let mut engine = CopyEngine::new(mem.clone(), domain.clone()).with_dirty_log(tracker.clone());
         let control = MachineControl::new(mem.clone(), tsc_khz)
+            .with_batch_ahead(engine.batch_ahead())
             .with_console(console.clone())
             .with_barrier_counter(barriers.clone())
             .with_domain(domain.clone());
@@ -185,7 +187,6 @@ impl Machine {
                 )
                 .map_err(Error::MmioBus)?,
         }
-        let engine = CopyEngine::new(mem.clone(), domain.clone()).with_dirty_log(tracker);
         let engine_stats = engine.stats();
         #[cfg(feature = "test-knobs")]
         let engine = match config.engine_pause_ms {

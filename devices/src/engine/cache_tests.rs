@@ -356,3 +356,35 @@ fn unaligned_copies_apart_are_summed_on_two_threads() {
         assert_eq!(e.cache.get(d.dst & !(PAGE - 1), 10 * i as u64), None, "copy {i}: nothing kept");
     }
 }
+
+/// The second thread is told of a write-out's start only once the engine has had a batch
+/// for two threads (a machine whose write-outs never use it is never woken), and is then
+/// told at every start; a batch after a start is copied as any other.
+#[test]
+fn a_write_outs_start_wakes_the_second_thread_once_the_engine_uses_it() {
+    if std::thread::available_parallelism().map_or(1, usize::from) < 2 {
+        eprintln!("one CPU here: no second thread to wake");
+        return;
+    }
+    const BIG: u64 = 8 << 20;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), BIG as usize)]).unwrap();
+    let domain = Arc::new(Mutex::new(PersistenceDomain::eadr(mem.clone(), false)));
+    let mut e = CopyEngine::new(mem, domain);
+    let ahead = e.batch_ahead().expect("a second thread");
+    assert!(!ahead.write_out_started(), "no batch for two threads yet");
+    let descriptors: Vec<Descriptor> = (0..20u64)
+        .map(|i| Descriptor { src: 0x10000 + i * 0x10000, dst: 0x400000 + i * 0x10000, len: 0x10000 })
+        .collect();
+    ring_batch(&mut e, &descriptors, 1);
+    assert!(ahead.write_out_started(), "told once the engine used it");
+    let sums = ring_batch(&mut e, &descriptors, 50);
+    assert_eq!(lock(&e.stats).parallel, 2);
+    for (i, (d, sum)) in descriptors.iter().zip(&sums).enumerate() {
+        assert_eq!(bytes_at(&e, d.dst, d.len), pattern(50 + i as u64, d.len));
+        assert_eq!(sum.written, area_sum(&pattern(50 + i as u64, d.len), 10 * i as u64));
+    }
+    assert!(CopyEngine::new(e.mem.clone(), Arc::new(Mutex::new(PersistenceDomain::eadr(e.mem.clone(), false))))
+        .single_threaded()
+        .batch_ahead()
+        .is_none());
+}

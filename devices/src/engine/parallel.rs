@@ -9,11 +9,16 @@
 //! pages a chunk at a time from the same counter, each copying its chunk and hashing it
 //! while it is in its cache. The vCPU's thread never waits for the second one to start:
 //! on a host with no core to spare it takes every chunk itself, as a single thread would.
+//!
+//! Waking a sleeping thread takes this host tens of microseconds, a good part of a batch:
+//! the machine-control device tells the engine when a write-out starts ([`BatchAhead`]),
+//! and the second thread then waits for the batch awake, for at most [`AHEAD_SPIN`].
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{channel, Sender};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nvram::engine::{Descriptor, RangeSum};
 use nvram::plate::{page_hash, AreaSum};
@@ -53,6 +58,8 @@ struct Shared {
     next: AtomicUsize,
     /// Chunks done.
     done: AtomicUsize,
+    /// Chunks the second thread did.
+    second: AtomicUsize,
 }
 
 // SAFETY: the pages' pointers are only dereferenced by the thread that took their chunk
@@ -67,8 +74,8 @@ impl Shared {
         self.pages.len().div_ceil(CHUNK)
     }
 
-    /// Takes chunks and does them until none is left.
-    fn work(&self) {
+    /// Takes chunks and does them until none is left (`second`: on the second thread).
+    fn work(&self, second: bool) {
         loop {
             let chunk = self.next.fetch_add(1, Ordering::AcqRel);
             if chunk >= self.chunks() {
@@ -81,6 +88,9 @@ impl Shared {
             // SAFETY: what `Copier::run`'s caller promises of the pages; this thread took
             // the chunk, so no other touches its pages.
             unsafe { copy_chunk(&self.pages[start..end], self.summed, hashes) };
+            if second {
+                self.second.fetch_add(1, Ordering::Relaxed);
+            }
             self.done.fetch_add(1, Ordering::Release);
         }
     }
@@ -123,10 +133,65 @@ unsafe fn copy_chunk(pages: &[PageCopy], summed: bool, out: &[AtomicU64]) {
     }
 }
 
+/// The longest the second thread waits awake for a batch after a write-out started: a
+/// write-out's copies come within a millisecond of its start.
+pub(super) const AHEAD_SPIN: Duration = Duration::from_millis(1);
+
+/// What the second thread is told.
+enum Message {
+    Batch(Arc<Shared>),
+    /// A write-out started: its batch comes soon.
+    Soon,
+}
+
+/// Tells the copy engine's second thread that a write-out started, so that it is awake
+/// when the write-out's batch comes (`MachineControl::with_batch_ahead`).
+#[derive(Clone)]
+pub struct BatchAhead {
+    messages: Sender<Message>,
+    /// Whether the engine has had a batch for two threads yet: a machine whose write-outs
+    /// do not use the engine (the CPU copier, a disk) never wakes the thread.
+    used: Arc<AtomicBool>,
+}
+
+impl BatchAhead {
+    /// A write-out started; returns whether the second thread was told (not before the
+    /// engine's first batch for two threads, nor once the thread is gone).
+    pub fn write_out_started(&self) -> bool {
+        self.used.load(Ordering::Relaxed) && self.messages.send(Message::Soon).is_ok()
+    }
+}
+
 /// The second thread.
 pub(super) struct Copier {
-    batches: Option<Sender<Arc<Shared>>>,
+    messages: Option<Sender<Message>>,
     thread: Option<JoinHandle<()>>,
+    used: Arc<AtomicBool>,
+}
+
+/// The second thread's life: batches as they come, and after a write-out's start, awake
+/// until its batch (or [`AHEAD_SPIN`]).
+fn second_thread(inbox: Receiver<Message>) {
+    while let Ok(message) = inbox.recv() {
+        let batch = match message {
+            Message::Batch(batch) => Some(batch),
+            Message::Soon => {
+                let until = Instant::now() + AHEAD_SPIN;
+                loop {
+                    match inbox.try_recv() {
+                        Ok(Message::Batch(batch)) => break Some(batch),
+                        Ok(Message::Soon) => {}
+                        Err(TryRecvError::Disconnected) => return,
+                        Err(TryRecvError::Empty) if Instant::now() >= until => break None,
+                        Err(TryRecvError::Empty) => std::hint::spin_loop(),
+                    }
+                }
+            }
+        };
+        if let Some(batch) = batch {
+            batch.work(true);
+        }
+    }
 }
 
 impl Copier {
@@ -135,29 +200,35 @@ impl Copier {
         if std::thread::available_parallelism().map_or(1, usize::from) < 2 {
             return None;
         }
-        let (batches, inbox) = channel::<Arc<Shared>>();
-        let thread = std::thread::Builder::new()
-            .name("copy-engine".into())
-            .spawn(move || inbox.into_iter().for_each(|batch| batch.work()))
-            .ok()?;
-        Some(Self { batches: Some(batches), thread: Some(thread) })
+        let (messages, inbox) = channel();
+        let thread = std::thread::Builder::new().name("copy-engine".into()).spawn(move || second_thread(inbox)).ok()?;
+        Some(Self { messages: Some(messages), thread: Some(thread), used: Arc::default() })
+    }
+
+    /// A handle that wakes this thread ahead of a write-out's batch.
+    pub(super) fn ahead(&self) -> Option<BatchAhead> {
+        let messages = self.messages.clone()?;
+        Some(BatchAhead { messages, used: self.used.clone() })
     }
 
     /// Copies every page, on this thread and the second, and returns each page's hash
-    /// (`page_hash` of what was written, with the page's index) when `summed`.
+    /// (`page_hash` of what was written, with the page's index) when `summed`, and the
+    /// chunks done, of them by the second thread.
     ///
     /// # Safety
     ///
     /// Every `src` is `len` readable bytes and every `dst` `len` writable bytes, and no
     /// page's `dst` overlaps any page's `src` or `dst` (the copies are apart); nothing else
     /// writes them until this returns.
-    pub(super) unsafe fn run(&mut self, pages: Vec<PageCopy>, summed: bool) -> Vec<u64> {
+    pub(super) unsafe fn run(&mut self, pages: Vec<PageCopy>, summed: bool) -> (Vec<u64>, [u64; 2]) {
         let hashes = if summed { (0..pages.len()).map(|_| AtomicU64::new(0)).collect() } else { Vec::new() };
-        let batch = Arc::new(Shared { pages, summed, hashes, next: AtomicUsize::new(0), done: AtomicUsize::new(0) });
-        if let Some(batches) = &self.batches {
-            let _ = batches.send(batch.clone());
+        let (next, done, second) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
+        let batch = Arc::new(Shared { pages, summed, hashes, next, done, second });
+        self.used.store(true, Ordering::Relaxed);
+        if let Some(messages) = &self.messages {
+            let _ = messages.send(Message::Batch(batch.clone()));
         }
-        batch.work();
+        batch.work(false);
         // Every chunk is taken: wait for the one the second thread may still be copying.
         let chunks = batch.chunks();
         let mut spins = 0u32;
@@ -169,13 +240,14 @@ impl Copier {
             }
             spins = spins.saturating_add(1);
         }
-        batch.hashes.iter().map(|h| h.load(Ordering::Relaxed)).collect()
+        let hashes = batch.hashes.iter().map(|h| h.load(Ordering::Relaxed)).collect();
+        (hashes, [chunks as u64, batch.second.load(Ordering::Relaxed) as u64])
     }
 }
 
 impl Drop for Copier {
     fn drop(&mut self) {
-        self.batches = None;
+        self.messages = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -203,8 +275,8 @@ pub(super) fn copies_apart(descriptors: &[Descriptor]) -> bool {
 /// Copies a batch whose copies are apart (`copies_apart`, checked against RAM) on both
 /// threads, with their sums when `sums` has one per copy: the overwritten halves first,
 /// from the hashes kept or the bytes there before anything is copied, then the written
-/// halves from the pages' hashes, which are kept. `false` if a page could not be read
-/// (nothing copied then).
+/// halves from the pages' hashes, which are kept. Gives the chunks done and, of them, by
+/// the second thread; `None` if a page could not be read (nothing copied then).
 pub(super) fn copy_apart(
     mem: &GuestMemoryMmap<()>,
     cache: &mut SumCache,
@@ -212,7 +284,7 @@ pub(super) fn copy_apart(
     copier: &mut Copier,
     descriptors: &[Descriptor],
     mut sums: Option<&mut [RangeSum]>,
-) -> bool {
+) -> Option<[u64; 2]> {
     let mut pages = Vec::new();
     // Per page: its copy and its guest address.
     let mut owners = Vec::new();
@@ -220,16 +292,16 @@ pub(super) fn copy_apart(
         let (Ok(src), Ok(dst)) =
             (mem.get_slice(GuestAddress(d.src), d.len as usize), mem.get_slice(GuestAddress(d.dst), d.len as usize))
         else {
-            return false;
+            return None;
         };
         let first = match sums.as_deref_mut().map(|s| s.get_mut(i)) {
             Some(Some(sum)) => {
                 if !overwritten_sum(cache, buffer, d.dst, &dst, sum) {
-                    return false;
+                    return None;
                 }
                 sum.first
             }
-            Some(None) => return false,
+            Some(None) => return None,
             None => 0,
         };
         let (from, to) = (src.ptr_guard().as_ptr(), dst.ptr_guard_mut().as_ptr());
@@ -248,9 +320,9 @@ pub(super) fn copy_apart(
     // the engine holds the memory; the copies are apart (the caller checked); and nothing
     // else writes guest RAM while the batch runs: the guest's one vCPU waits in the engine,
     // the other devices run on its thread.
-    let hashes = unsafe { copier.run(pages.clone(), summed) };
+    let (hashes, chunks) = unsafe { copier.run(pages.clone(), summed) };
     let Some(sums) = sums else {
-        return true;
+        return Some(chunks);
     };
     let mut written: Vec<AreaSum> = sums.iter().map(|s| AreaSum::new(s.first)).collect();
     for ((page, &(copy, addr)), &hash) in pages.iter().zip(&owners).zip(&hashes) {
@@ -264,5 +336,5 @@ pub(super) fn copy_apart(
     for (sum, written) in sums.iter_mut().zip(&written) {
         sum.written = written.sum();
     }
-    true
+    Some(chunks)
 }
