@@ -60,6 +60,8 @@ struct Shared {
     done: AtomicUsize,
     /// Chunks the second thread did.
     second: AtomicUsize,
+    /// The second thread panicked in a chunk: that chunk is not done.
+    failed: AtomicBool,
 }
 
 // SAFETY: the pages' pointers are only dereferenced by the thread that took their chunk
@@ -189,7 +191,11 @@ fn second_thread(inbox: Receiver<Message>) {
             }
         };
         if let Some(batch) = batch {
-            batch.work(true);
+            // A panic here would leave the batch's caller waiting for the chunk forever.
+            let work = std::panic::AssertUnwindSafe(|| batch.work(true));
+            if std::panic::catch_unwind(work).is_err() {
+                batch.failed.store(true, Ordering::Release);
+            }
         }
     }
 }
@@ -223,7 +229,8 @@ impl Copier {
     pub(super) unsafe fn run(&mut self, pages: Vec<PageCopy>, summed: bool) -> (Vec<u64>, [u64; 2]) {
         let hashes = if summed { (0..pages.len()).map(|_| AtomicU64::new(0)).collect() } else { Vec::new() };
         let (next, done, second) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
-        let batch = Arc::new(Shared { pages, summed, hashes, next, done, second });
+        let failed = AtomicBool::new(false);
+        let batch = Arc::new(Shared { pages, summed, hashes, next, done, second, failed });
         self.used.store(true, Ordering::Relaxed);
         if let Some(messages) = &self.messages {
             let _ = messages.send(Message::Batch(batch.clone()));
@@ -233,6 +240,18 @@ impl Copier {
         let chunks = batch.chunks();
         let mut spins = 0u32;
         while batch.done.load(Ordering::Acquire) < chunks {
+            if batch.failed.load(Ordering::Acquire) {
+                // The second thread died in a chunk (not seen): every page again, here. The
+                // copies are apart, so copying a page twice leaves what copying it once does.
+                for (pages, hashes) in
+                    batch.pages.chunks(CHUNK).zip(batch.hashes.chunks(CHUNK).chain(std::iter::repeat(&[][..])))
+                {
+                    // SAFETY: as this function's caller promises; the second thread has left
+                    // this batch (its `work` ended with the panic).
+                    unsafe { copy_chunk(pages, batch.summed, hashes) };
+                }
+                break;
+            }
             if spins < 1 << 12 {
                 std::hint::spin_loop();
             } else {
