@@ -359,6 +359,8 @@ mod cache;
 mod cache_tests;
 mod hash;
 mod parallel;
+#[cfg(test)]
+mod parallel_tests;
 mod summed;
 #[cfg(test)]
 mod tests;
