@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use devices::{BusDevice, CopyEngine, PersistenceDomain};
-use nvram::engine::{BatchHeader, Descriptor, RangeSum, BATCH_MAGIC, FLAG_DURABLE};
+use nvram::engine::{BatchHeader, Descriptor, RangeSum};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::IntoBytes;
 
@@ -54,15 +54,7 @@ fn machine(engine: impl FnOnce(CopyEngine) -> CopyEngine) -> (GuestMemoryMmap<()
 
 /// Rings the batch (sums asked for, overwritten ones too, if `summed`).
 fn ring(mem: &GuestMemoryMmap<()>, engine: &mut CopyEngine, descriptors: &[Descriptor], summed: bool) {
-    let header = BatchHeader {
-        magic: BATCH_MAGIC,
-        count: descriptors.len() as u32,
-        status: 0,
-        failed: 0,
-        flags: FLAG_DURABLE,
-        descriptors: DESCRIPTORS,
-        sums: if summed { SUMS } else { 0 },
-    };
+    let header = BatchHeader::durable(descriptors.len() as u32, DESCRIPTORS, if summed { SUMS } else { 0 });
     mem.write_slice(header.as_bytes(), GuestAddress(HEADER)).expect("header");
     if summed {
         let sums: Vec<RangeSum> = (0..descriptors.len() as u64).map(|i| RangeSum::new(i * 8, true)).collect();

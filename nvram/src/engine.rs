@@ -139,6 +139,14 @@ pub struct BatchHeader {
     pub sums: u64,
 }
 
+impl BatchHeader {
+    /// A batch to ring: `count` descriptors at `descriptors`, durable, with their sums at
+    /// `sums` (0: none asked for), its status pending.
+    pub const fn durable(count: u32, descriptors: u64, sums: u64) -> Self {
+        Self { magic: BATCH_MAGIC, count, status: STATUS_PENDING, failed: 0, flags: FLAG_DURABLE, descriptors, sums }
+    }
+}
+
 /// The content checksums of one descriptor's copy, asked for (`first`, `flags`) and
 /// returned (`written`, `overwritten`) in place.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]

@@ -32,15 +32,7 @@ fn bytes_at(e: &CopyEngine, at: u64, len: u64) -> Vec<u8> {
 /// Rings a one-descriptor batch at 0x1000 (sums at 0x1200 if `sum`); returns its status
 /// and the sum left.
 fn ring(e: &mut CopyEngine, d: Descriptor, sum: Option<RangeSum>) -> (u32, RangeSum) {
-    let head = BatchHeader {
-        magic: BATCH_MAGIC,
-        count: 1,
-        status: 0,
-        failed: 0,
-        flags: FLAG_DURABLE,
-        descriptors: 0x1100,
-        sums: if sum.is_some() { 0x1200 } else { 0 },
-    };
+    let head = BatchHeader::durable(1, 0x1100, if sum.is_some() { 0x1200 } else { 0 });
     e.mem.write_slice(head.as_bytes(), GuestAddress(0x1000)).unwrap();
     e.mem.write_slice(d.as_bytes(), GuestAddress(0x1100)).unwrap();
     e.mem.write_slice(sum.unwrap_or_default().as_bytes(), GuestAddress(0x1200)).unwrap();
@@ -190,15 +182,7 @@ fn ring_batch_with(e: &mut CopyEngine, descriptors: &[Descriptor], seed: u64, su
         e.mem.write_slice(&pattern(seed + i as u64, d.len), GuestAddress(d.src)).unwrap();
     }
     let requests: Vec<RangeSum> = (0..descriptors.len() as u64).map(|i| RangeSum::new(10 * i, true)).collect();
-    let head = BatchHeader {
-        magic: BATCH_MAGIC,
-        count: descriptors.len() as u32,
-        status: 0,
-        failed: 0,
-        flags: FLAG_DURABLE,
-        descriptors: 0x1100,
-        sums: if summed { 0x3000 } else { 0 },
-    };
+    let head = BatchHeader::durable(descriptors.len() as u32, 0x1100, if summed { 0x3000 } else { 0 });
     e.mem.write_slice(head.as_bytes(), GuestAddress(0x1000)).unwrap();
     e.mem.write_slice(descriptors.as_bytes(), GuestAddress(0x1100)).unwrap();
     e.mem.write_slice(requests.as_bytes(), GuestAddress(0x3000)).unwrap();

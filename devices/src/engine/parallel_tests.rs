@@ -24,15 +24,7 @@ fn machine(single: bool) -> CopyEngine {
 /// Rings `descriptors` with `requests` (none: no sums) at fixed places in slot 0; returns the
 /// status and the sums.
 fn ring(e: &mut CopyEngine, descriptors: &[Descriptor], requests: Option<&[RangeSum]>) -> (u32, Vec<RangeSum>) {
-    let head = BatchHeader {
-        magic: BATCH_MAGIC,
-        count: descriptors.len() as u32,
-        status: 0,
-        failed: 0,
-        flags: FLAG_DURABLE,
-        descriptors: 0x1000,
-        sums: if requests.is_some() { 0x4000 } else { 0 },
-    };
+    let head = BatchHeader::durable(descriptors.len() as u32, 0x1000, if requests.is_some() { 0x4000 } else { 0 });
     e.mem.write_slice(head.as_bytes(), GuestAddress(0)).unwrap();
     e.mem.write_slice(descriptors.as_bytes(), GuestAddress(0x1000)).unwrap();
     let requests = requests.unwrap_or_default();
