@@ -372,3 +372,21 @@ fn a_write_outs_start_wakes_the_second_thread_once_the_engine_uses_it() {
         .batch_ahead()
         .is_none());
 }
+
+/// An engine dropped while a `BatchAhead` of its second thread lives on (the machine-control
+/// device, dropped after it when a machine's set-up fails) ends the thread and returns:
+/// it used to wait for the thread, which waited for the other sender, forever.
+#[test]
+fn an_engine_dropped_before_its_batch_ahead_returns() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+        let domain = Arc::new(Mutex::new(PersistenceDomain::eadr(mem.clone(), false)));
+        let mut e = CopyEngine::new(mem, domain);
+        let ahead = e.batch_ahead();
+        drop(e);
+        let _ = done.send(());
+        drop(ahead);
+    });
+    finished.recv_timeout(std::time::Duration::from_secs(20)).expect("the engine's drop returned");
+}

@@ -144,6 +144,8 @@ enum Message {
     Batch(Arc<Shared>),
     /// A write-out started: its batch comes soon.
     Soon,
+    /// The engine is gone: end (the machine-control device may still hold a sender).
+    Stop,
 }
 
 /// Tells the copy engine's second thread that a write-out started, so that it is awake
@@ -176,6 +178,7 @@ pub(super) struct Copier {
 fn second_thread(inbox: Receiver<Message>) {
     while let Ok(message) = inbox.recv() {
         let batch = match message {
+            Message::Stop => return,
             Message::Batch(batch) => Some(batch),
             Message::Soon => {
                 let until = Instant::now() + AHEAD_SPIN;
@@ -183,6 +186,7 @@ fn second_thread(inbox: Receiver<Message>) {
                     match inbox.try_recv() {
                         Ok(Message::Batch(batch)) => break Some(batch),
                         Ok(Message::Soon) => {}
+                        Ok(Message::Stop) => return,
                         Err(TryRecvError::Disconnected) => return,
                         Err(TryRecvError::Empty) if Instant::now() >= until => break None,
                         Err(TryRecvError::Empty) => std::hint::spin_loop(),
@@ -266,7 +270,11 @@ impl Copier {
 
 impl Drop for Copier {
     fn drop(&mut self) {
-        self.messages = None;
+        // The thread's inbox has other senders (`BatchAhead`s, which the machine-control
+        // device may drop after this): tell it to end rather than wait for them all.
+        if let Some(messages) = self.messages.take() {
+            let _ = messages.send(Message::Stop);
+        }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
