@@ -3,7 +3,7 @@
 //! changes nothing but its status; nothing outside guest RAM is ever touched. Asked to, it
 //! returns the content checksums of what it wrote and overwrote, computed as it copies
 //! (`nvram::plate::AreaSum`): a write-out then never reads a page a second time. It hashes
-//! eight pages at a time in vector lanes (`hash`), and keeps the hash of what it wrote last
+//! sixteen pages at a time in vector lanes (`hash`), and keeps the hash of what it wrote last
 //! at each page (`cache`): what a copy overwrites is mostly that, and is then neither read
 //! nor hashed again. A large batch whose copies are apart (a write-out's, a restore's) is
 //! copied and hashed on two host threads at once (`parallel`).

@@ -111,29 +111,33 @@ unsafe fn copy_chunk(pages: &[PageCopy], summed: bool, out: &[AtomicU64]) {
     if !summed || out.len() < pages.len() {
         return;
     }
-    let whole = |p: &PageCopy| p.len == PAGE && p.dst.cast::<u64>().is_aligned();
-    let mut group: Vec<(&[u64; PAGE_WORDS], u64, usize)> = Vec::with_capacity(GROUP);
-    for (k, p) in pages.iter().enumerate() {
-        if whole(p) {
+    // A chunk is at most one hashing group: its whole pages side by side, with no
+    // allocation on the write-out's path.
+    const _: () = assert!(CHUNK <= GROUP);
+    let mut words: [&[u64; PAGE_WORDS]; GROUP] = [&NO_PAGE; GROUP];
+    let (mut indices, mut slots, mut n) = ([0u64; GROUP], [0usize; GROUP], 0);
+    for (k, p) in pages.iter().enumerate().take(CHUNK) {
+        if p.len == PAGE && p.dst.cast::<u64>().is_aligned() {
             // SAFETY: a whole, word-aligned page just written, that no one writes until
             // the batch is done.
-            group.push((unsafe { &*p.dst.cast::<[u64; PAGE_WORDS]>() }, p.index, k));
+            words[n] = unsafe { &*p.dst.cast::<[u64; PAGE_WORDS]>() };
+            (indices[n], slots[n]) = (p.index, k);
+            n += 1;
         } else {
             // SAFETY: as above, `len` bytes.
             let bytes = unsafe { core::slice::from_raw_parts(p.dst, p.len) };
             out[k].store(page_hash(p.index, bytes), Ordering::Relaxed);
         }
     }
-    for part in group.chunks(GROUP) {
-        let words: Vec<&[u64; PAGE_WORDS]> = part.iter().map(|g| g.0).collect();
-        let indices: Vec<u64> = part.iter().map(|g| g.1).collect();
-        let mut hashes = [0; GROUP];
-        hash_group(&words, &indices, &mut hashes[..part.len()]);
-        for (g, &hash) in part.iter().zip(&hashes) {
-            out[g.2].store(hash, Ordering::Relaxed);
-        }
+    let mut hashes = [0; GROUP];
+    hash_group(&words[..n], &indices[..n], &mut hashes[..n]);
+    for (&k, &hash) in slots[..n].iter().zip(&hashes) {
+        out[k].store(hash, Ordering::Relaxed);
     }
 }
+
+/// What fills the unused places of a group.
+static NO_PAGE: [u64; PAGE_WORDS] = [0; PAGE_WORDS];
 
 /// The longest the second thread waits awake for a batch after a write-out started: a
 /// write-out's copies come within a millisecond of its start.
