@@ -160,13 +160,19 @@ pub struct BatchAhead {
     /// Whether the engine has had a batch for two threads yet: a machine whose write-outs
     /// do not use the engine (the CPU copier, a disk) never wakes the thread.
     used: Arc<AtomicBool>,
+    /// A `Soon` is in the thread's inbox: a guest that reports starts faster than the thread
+    /// takes them queues one, not one per report.
+    soon: Arc<AtomicBool>,
 }
 
 impl BatchAhead {
     /// A write-out started; returns whether the second thread was told (not before the
-    /// engine's first batch for two threads, nor once the thread is gone).
+    /// engine's first batch for two threads, nor while it has not taken the last word yet,
+    /// nor once it is gone).
     pub fn write_out_started(&self) -> bool {
-        self.used.load(Ordering::Relaxed) && self.messages.send(Message::Soon).is_ok()
+        self.used.load(Ordering::Relaxed)
+            && !self.soon.swap(true, Ordering::AcqRel)
+            && self.messages.send(Message::Soon).is_ok()
     }
 }
 
@@ -175,12 +181,16 @@ pub(super) struct Copier {
     messages: Option<Sender<Message>>,
     thread: Option<JoinHandle<()>>,
     used: Arc<AtomicBool>,
+    soon: Arc<AtomicBool>,
 }
 
 /// The second thread's life: batches as they come, and after a write-out's start, awake
 /// until its batch (or [`AHEAD_SPIN`]).
-fn second_thread(inbox: Receiver<Message>) {
+fn second_thread(inbox: Receiver<Message>, soon: &AtomicBool) {
     while let Ok(message) = inbox.recv() {
+        if matches!(message, Message::Soon) {
+            soon.store(false, Ordering::Release);
+        }
         let batch = match message {
             Message::Stop => return,
             Message::Batch(batch) => Some(batch),
@@ -189,7 +199,7 @@ fn second_thread(inbox: Receiver<Message>) {
                 loop {
                     match inbox.try_recv() {
                         Ok(Message::Batch(batch)) => break Some(batch),
-                        Ok(Message::Soon) => {}
+                        Ok(Message::Soon) => soon.store(false, Ordering::Release),
                         Ok(Message::Stop) => return,
                         Err(TryRecvError::Disconnected) => return,
                         Err(TryRecvError::Empty) if Instant::now() >= until => break None,
@@ -215,14 +225,17 @@ impl Copier {
             return None;
         }
         let (messages, inbox) = channel();
-        let thread = std::thread::Builder::new().name("copy-engine".into()).spawn(move || second_thread(inbox)).ok()?;
-        Some(Self { messages: Some(messages), thread: Some(thread), used: Arc::default() })
+        let soon = Arc::new(AtomicBool::new(false));
+        let flag = soon.clone();
+        let thread =
+            std::thread::Builder::new().name("copy-engine".into()).spawn(move || second_thread(inbox, &flag)).ok()?;
+        Some(Self { messages: Some(messages), thread: Some(thread), used: Arc::default(), soon })
     }
 
     /// A handle that wakes this thread ahead of a write-out's batch.
     pub(super) fn ahead(&self) -> Option<BatchAhead> {
         let messages = self.messages.clone()?;
-        Some(BatchAhead { messages, used: self.used.clone() })
+        Some(BatchAhead { messages, used: self.used.clone(), soon: self.soon.clone() })
     }
 
     /// Copies every page, on this thread and the second, and returns each page's hash
