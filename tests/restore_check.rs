@@ -215,3 +215,26 @@ fn a_store_into_a_save_area_between_two_write_outs_is_caught_at_the_restore() {
     assert!(console.contains(&Rejection::Content(n).to_string()), "{console}");
     assert!(console.contains("ROLLING BACK to generation"), "{console}");
 }
+
+/// `sums=off` (the way `vmm report` measures what the sums cost): the boot says so, the
+/// write-outs leave every committed area's sum unknown, where the default sums them all.
+#[test]
+fn with_sums_off_no_area_is_summed_and_by_default_every_one_is() {
+    let summed_bits = |extra: &str| {
+        let scratch = Scratch::new();
+        crashed_image_with(&scratch, extra);
+        let console = scratch.read_console();
+        let image = std::fs::read(scratch.image()).unwrap();
+        let (_, t) = newest(&image);
+        let valid: Vec<_> = t.plates().iter().filter(|p| p.valid != 0).collect();
+        assert!(valid.len() > 4, "kv's plates and the kernel's: {}", valid.len());
+        let summed = valid.iter().filter(|p| p.summed & (1 << (p.valid - 1)) != 0).count();
+        (summed, valid.len(), console)
+    };
+    let (summed, valid, console) = summed_bits("sums=off");
+    assert!(console.contains("with no content sums (sums=off)"), "{console}");
+    assert_eq!(summed, 0, "of {valid} committed areas");
+    let (summed, valid, console) = summed_bits("");
+    assert!(!console.contains("sums=off"), "{console}");
+    assert_eq!(summed, valid, "every committed area summed");
+}

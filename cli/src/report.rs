@@ -89,6 +89,28 @@ pub struct CrashToRunning {
     pub total_ms: f64,
 }
 
+/// What the save areas' content sums cost a write-out (`perf::sums_cost`): pairs of boots
+/// with and without them (`sums=off`), in turn, medians.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SumsCost {
+    pub pairs: usize,
+    pub write_outs: usize,
+    pub with_ms: f64,
+    pub without_ms: f64,
+    pub with_copied_bytes: u64,
+    pub without_copied_bytes: u64,
+    /// The copy phase's medians (copy + flush), where the sums are computed.
+    pub with_copy_ms: f64,
+    pub without_copy_ms: f64,
+    /// What the sums cost a write-out: `(with_copy_ms - without_copy_ms) / without_ms`. The
+    /// copier computes them inside the copy phase, and the other phases run the same code
+    /// either way, so their medians differ only by the host's noise, which between two boots
+    /// here is larger than the sums (the whole write-out's ratio is `total_cost`).
+    pub cost: f64,
+    /// `with_ms / without_ms - 1`.
+    pub total_cost: f64,
+}
+
 /// A target of the issue and our figure.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Target {
@@ -127,6 +149,9 @@ pub struct Report {
     /// Controller checkpoint round trip (host wall time) and the guest's write-out, medians.
     pub round_trip_ms: f64,
     pub round_trip_write_out_ms: f64,
+    /// None in a report made before it was measured.
+    #[serde(default)]
+    pub sums: Option<SumsCost>,
     pub dirty_sweep: Vec<DirtyPoint>,
     pub throughput: Vec<ThroughputPoint>,
     pub targets: Vec<Target>,
@@ -178,7 +203,8 @@ fn measure(scratch: &perf::Scratch, quick: bool) -> Result<Report, perf::PerfErr
     } else {
         (15, 7, &[64 << 10, 1 << 20, 8 << 20, 32 << 20], &[None, Some(100), Some(10), Some(1)], 2000)
     };
-    let steps = 5 + sweep.len() + intervals.len();
+    let sums_pairs = if quick { 1 } else { 4 };
+    let steps = 6 + sweep.len() + intervals.len();
     let bar = ProgressBar::new(steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} {elapsed}")
@@ -232,6 +258,24 @@ fn measure(scratch: &perf::Scratch, quick: bool) -> Result<Report, perf::PerfErr
         store_row("write-out", &rows[1], &d.write_outs),
         store_row("restore", &rows[2], &disk_restores),
     ];
+    bar.set_message("4 MB write-outs with and without the content sums");
+    let [with, without] = perf::sums_cost(scratch, sums_pairs, if quick { 3 } else { 10 })?;
+    let (with_ms, without_ms) = (ms(perf::median_of(&with, |r| r.total)), ms(perf::median_of(&without, |r| r.total)));
+    let with_copy_ms = ms(perf::median_of(&with, perf::copy_time));
+    let without_copy_ms = ms(perf::median_of(&without, perf::copy_time));
+    let sums = SumsCost {
+        pairs: sums_pairs,
+        write_outs: with.len(),
+        with_ms,
+        without_ms,
+        with_copied_bytes: perf::median_copied(&with),
+        without_copied_bytes: perf::median_copied(&without),
+        with_copy_ms,
+        without_copy_ms,
+        cost: (with_copy_ms - without_copy_ms) / without_ms,
+        total_cost: with_ms / without_ms - 1.0,
+    };
+    bar.inc(1);
     let round_trip_ms = ms(perf::median(&mut w.round_trips.clone()));
     let round_trip_write_out_ms = ms(perf::median_of(&w.write_outs, |r| r.total));
 
@@ -281,6 +325,7 @@ fn measure(scratch: &perf::Scratch, quick: bool) -> Result<Report, perf::PerfErr
         crash_to_running,
         round_trip_ms,
         round_trip_write_out_ms,
+        sums: Some(sums),
         dirty_sweep,
         throughput,
         targets: Vec::new(),

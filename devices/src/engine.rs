@@ -24,10 +24,9 @@ use crate::dirty::{DirtyTracker, DirtyView};
 use crate::persistence::PersistenceDomain;
 use crate::{BusDevice, LogLimit};
 use cache::SumCache;
-use hash::PAGE_WORDS;
 pub use parallel::BatchAhead;
 use parallel::{copies_apart, copy_apart, Copier};
-use summed::SummedCopies;
+use summed::{SummedCopies, PAGE};
 
 /// What the engine has done.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -58,7 +57,7 @@ pub struct CopyEngine {
     /// The hash of what the engine last wrote at each page (`cache`: why it is sound).
     cache: SumCache,
     /// Where a summed copy reads a page that it cannot hash in place.
-    buffer: Box<[u64; PAGE_WORDS]>,
+    buffer: Box<[u8; PAGE]>,
     /// The second thread that copies and hashes a large batch whose copies are apart,
     /// started at the first such batch (`None` after that: one CPU, or no thread).
     copier: Option<Copier>,
@@ -78,7 +77,7 @@ impl CopyEngine {
             pause: None,
             rejects_log,
             cache: SumCache::new(ram),
-            buffer: Box::new([0; PAGE_WORDS]),
+            buffer: Box::new([0; PAGE]),
             copier: None,
             copier_tried: false,
         }
@@ -357,7 +356,6 @@ impl BusDevice<u16> for CopyEngine {
 mod cache;
 #[cfg(test)]
 mod cache_tests;
-mod hash;
 mod parallel;
 #[cfg(test)]
 mod parallel_tests;

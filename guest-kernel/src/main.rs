@@ -128,6 +128,7 @@ extern "C" fn kmain(start_info: u64) -> ! {
     let (areas, kind, restore_from) = ring3::run(|| {
         let copier = if engine::init(cmdline.plate_copy_engine) { "copy engine" } else { "CPU" };
         plate::plant::set(cmdline.test_plant);
+        plate::set_sums(cmdline.sums);
         if plate::plant::active() {
             println!("plate: TEST KNOB: a bug is planted in the write-outs ({:?})", cmdline.test_plant);
         }
@@ -136,7 +137,8 @@ extern "C" fn kmain(start_info: u64) -> ! {
             let mode = if ring3::enabled() { "at CPL 3" } else { "in kernel mode" };
             // The disk's store reads and writes its save areas through the disk driver.
             let copier = if cmdline.plate_store_disk { "the virtio disk" } else { copier };
-            println!("plate: write-outs and restores copy by {copier}, their bookkeeping runs {mode}");
+            let sums = if cmdline.sums { "" } else { ", with no content sums (sums=off)" };
+            println!("plate: write-outs and restores copy by {copier}, their bookkeeping runs {mode}{sums}");
         }
         let mut areas = plate::Areas::take(nvm.frames.frames());
         let (kind, restore_from) = if on_disk {

@@ -197,6 +197,9 @@ pub struct Cmdline {
     /// `check=on`: after a restore, the kernel checks the state it restored
     /// (`nvram::fsck`) and prints each violation.
     pub check: bool,
+    /// `sums=off`: the copiers compute no content sums of the save areas, so the restore
+    /// checks no area's bytes (on by default; off measures what they cost).
+    pub sums: bool,
     /// A bug planted in the CPU copier's write-outs (a test knob).
     pub test_plant: Option<TestPlant>,
 }
@@ -228,6 +231,7 @@ impl Default for Cmdline {
             plate_store_disk: false,
             bookkeeping_ring3: true,
             check: false,
+            sums: true,
             test_plant: None,
         }
     }
@@ -303,6 +307,7 @@ impl Cmdline {
             ("plate_store", store @ ("nvm" | "disk")) => self.plate_store_disk = store == "disk",
             ("bookkeeping", mode @ ("ring3" | "ring0")) => self.bookkeeping_ring3 = mode == "ring3",
             ("check", on @ ("on" | "off")) => self.check = on == "on",
+            ("sums", on @ ("on" | "off")) => self.sums = on == "on",
             ("test_plant", "fence:commit") => self.test_plant = Some(TestPlant::UnfencedCommit),
             ("test_plant", bug) => {
                 return bug
@@ -377,7 +382,7 @@ mod tests {
         let line = "apps=kv,memtouch kv_seed=0x10 kv_pages=8 kv_verify_every=1 memtouch=32,32,256 memtouch_ms=20 \
                     fault_ms=5 counter_shutdown=3 deleter=600 run_ms=800 checkpoint_ms=50 plate=off plate_copy=cpu \
                     bookkeeping=ring0 poweroff flush=clwb poke-ports fault=work-panic disk_test=64 check=on \
-                    test_plant=flush:7 plate_store=disk";
+                    test_plant=flush:7 plate_store=disk sums=off";
         let (c, bad) = parse_all(line);
         assert_eq!(bad, 0);
         assert_eq!(c.apps().collect::<Vec<_>>(), [App::Kv, App::Memtouch]);
@@ -386,7 +391,7 @@ mod tests {
         assert_eq!((c.counter_shutdown, c.run_ms, c.checkpoint_ms), (3, Some(800), Some(50)));
         assert_eq!(c.deleter, 600);
         assert!(!c.plate && !c.plate_copy_engine && !c.bookkeeping_ring3);
-        assert!(c.poweroff && c.poke_ports && c.check);
+        assert!(c.poweroff && c.poke_ports && c.check && !c.sums && Cmdline::default().sums);
         assert_eq!(c.disk_test, 64);
         assert!(c.plate_store_disk);
         assert!(!Cmdline::parse("plate_store=disk plate_store=nvm", |_| {}).plate_store_disk);

@@ -48,7 +48,7 @@ use crate::plate::{checksum64, TABLE_SIZE};
 /// Magic of a plate-store disk.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"TNDRDSK1");
 /// Version of the disk layout.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The disk's sector: the unit of every request.
 pub const SECTOR: u64 = 512;
 /// Room for one commit slot: a plate table, rounded up to pages.

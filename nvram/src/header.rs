@@ -41,7 +41,7 @@ pub const MAGIC: [u8; 8] = *b"TNDRNVM\0";
 
 /// Version of the image format. Bumped at every incompatible change of any structure kept
 /// in NVM; a kernel refuses to resume an image of another version.
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 
 /// How the previous run of the kernel on this image ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, TryFromPrimitive, IntoPrimitive, strum::IntoStaticStr)]

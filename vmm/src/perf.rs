@@ -143,9 +143,40 @@ pub fn boot(
     workload: Workload,
     model: PersistenceModel,
 ) -> Result<RunningMachine, PerfError> {
+    boot_with(scratch, name, workload, model, "")
+}
+
+/// [`boot`] with `extra` on the kernel command line.
+pub fn boot_with(
+    scratch: &Scratch,
+    name: &str,
+    workload: Workload,
+    model: PersistenceModel,
+    extra: &str,
+) -> Result<RunningMachine, PerfError> {
     let image = scratch.image(name);
     let _ = std::fs::remove_file(&image);
-    boot_config(&config(&image, &scratch.console(), workload.ram(), &workload.cmdline(), model), workload)
+    let cmdline = format!("{} {extra}", workload.cmdline());
+    boot_config(&config(&image, &scratch.console(), workload.ram(), cmdline.trim_end(), model), workload)
+}
+
+/// The workload of [`sums_cost`]: as many bytes copied as the paper's configuration's
+/// write-outs copy (about 4 MB), the same bytes at every write-out (every page of 16 regions
+/// dirtied between two), so that the two sides differ in the sums alone.
+pub const SUMS_WORKLOAD: Workload = Workload::Memtouch { regions: 16, region_kib: 256, dirty_kib: 4096, ms: 50 };
+
+/// What the save areas' content sums cost a write-out: the write-outs of `pairs` pairs of
+/// boots of [`SUMS_WORKLOAD`], one with the sums and one with `sums=off`, in turn (so that a
+/// busier host weighs on both alike), `n` write-outs each after plate-ification.
+pub fn sums_cost(scratch: &Scratch, pairs: usize, n: usize) -> Result<[Vec<OperationRecord>; 2], PerfError> {
+    let mut runs = [Vec::new(), Vec::new()];
+    for _ in 0..pairs {
+        for (side, extra) in ["", "sums=off"].into_iter().enumerate() {
+            let vm = boot_with(scratch, "sums", SUMS_WORKLOAD, PersistenceModel::Eadr, extra)?;
+            runs[side].extend(write_outs(&vm, n, Duration::from_millis(60))?.write_outs);
+        }
+    }
+    Ok(runs)
 }
 
 /// [`boot`] of the volatile machine, its plates on a fresh disk (`disk_config`).

@@ -25,14 +25,11 @@ use nvram::plate::{page_hash, AreaSum};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::cache::SumCache;
-use super::hash::{hash_group, GROUP, PAGE_WORDS};
-use super::summed::overwritten_sum;
+use super::summed::{overwritten_sum, PAGE};
 
-const PAGE: usize = nvram::layout::PAGE_SIZE as usize;
-
-/// Pages a thread takes at once: a hashing group, a few microseconds of work, so that the
-/// vCPU's thread waits little for the other's last chunk.
-const CHUNK: usize = GROUP;
+/// Pages a thread takes at once: a few microseconds of work, so that the vCPU's thread
+/// waits little for the other's last chunk.
+const CHUNK: usize = 16;
 
 /// A batch is worth two threads from this many bytes (waking the second costs a few
 /// microseconds).
@@ -98,7 +95,8 @@ impl Shared {
     }
 }
 
-/// Copies `pages`, then, if `summed`, hashes what each wrote into `out`.
+/// Copies `pages`, then, if `summed`, hashes what each wrote into `out`, while the chunk is
+/// in the cache.
 ///
 /// # Safety
 ///
@@ -108,36 +106,15 @@ unsafe fn copy_chunk(pages: &[PageCopy], summed: bool, out: &[AtomicU64]) {
         // SAFETY: as the caller promises: readable `src`, writable `dst`, apart.
         unsafe { core::ptr::copy_nonoverlapping(p.src, p.dst, p.len) };
     }
-    if !summed || out.len() < pages.len() {
+    if !summed {
         return;
     }
-    // A chunk is at most one hashing group: its whole pages side by side, with no
-    // allocation on the write-out's path.
-    const _: () = assert!(CHUNK <= GROUP);
-    let mut words: [&[u64; PAGE_WORDS]; GROUP] = [&NO_PAGE; GROUP];
-    let (mut indices, mut slots, mut n) = ([0u64; GROUP], [0usize; GROUP], 0);
-    for (k, p) in pages.iter().enumerate().take(CHUNK) {
-        if p.len == PAGE && p.dst.cast::<u64>().is_aligned() {
-            // SAFETY: a whole, word-aligned page just written, that no one writes until
-            // the batch is done.
-            words[n] = unsafe { &*p.dst.cast::<[u64; PAGE_WORDS]>() };
-            (indices[n], slots[n]) = (p.index, k);
-            n += 1;
-        } else {
-            // SAFETY: as above, `len` bytes.
-            let bytes = unsafe { core::slice::from_raw_parts(p.dst, p.len) };
-            out[k].store(page_hash(p.index, bytes), Ordering::Relaxed);
-        }
-    }
-    let mut hashes = [0; GROUP];
-    hash_group(&words[..n], &indices[..n], &mut hashes[..n]);
-    for (&k, &hash) in slots[..n].iter().zip(&hashes) {
-        out[k].store(hash, Ordering::Relaxed);
+    for (p, out) in pages.iter().zip(out) {
+        // SAFETY: `len` bytes just written, that no one writes until the batch is done.
+        let bytes = unsafe { core::slice::from_raw_parts(p.dst, p.len) };
+        out.store(page_hash(p.index, bytes), Ordering::Relaxed);
     }
 }
-
-/// What fills the unused places of a group.
-static NO_PAGE: [u64; PAGE_WORDS] = [0; PAGE_WORDS];
 
 /// The longest the second thread waits awake for a batch after a write-out started: a
 /// write-out's copies come within a millisecond of its start.
@@ -324,7 +301,7 @@ pub(super) fn copies_apart(descriptors: &[Descriptor]) -> bool {
 pub(super) fn copy_apart(
     mem: &GuestMemoryMmap<()>,
     cache: &mut SumCache,
-    buffer: &mut [u64; PAGE_WORDS],
+    buffer: &mut [u8; PAGE],
     copier: &mut Copier,
     descriptors: &[Descriptor],
     mut sums: Option<&mut [RangeSum]>,
@@ -371,7 +348,7 @@ pub(super) fn copy_apart(
     let mut written: Vec<AreaSum> = sums.iter().map(|s| AreaSum::new(s.first)).collect();
     for ((page, &(copy, addr)), &hash) in pages.iter().zip(&owners).zip(&hashes) {
         written[copy].add_hash(hash);
-        if page.len == PAGE && page.dst.cast::<u64>().is_aligned() {
+        if page.len == PAGE {
             cache.set(addr, page.index, hash);
         } else {
             cache.forget(addr, page.len as u64);

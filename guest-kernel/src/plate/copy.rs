@@ -158,9 +158,10 @@ impl Persist for GuestPersist {
     /// At CPL 3, where the CPU reads natively (a restore checks the save areas then) and the
     /// bookkeeping of the sums costs nothing to speak of. The engine could sum in kernel mode
     /// too, but there each plate's share of the bookkeeping is emulated, instruction by
-    /// instruction: the sums stay unknown, as the restore's check is off there.
+    /// instruction: the sums stay unknown, as the restore's check is off there. And not
+    /// with `sums=off`.
     fn can_sum(&self) -> bool {
-        ring3::in_user_mode()
+        super::sums_on() && ring3::in_user_mode()
     }
 
     /// With the engine: the restore's check copies the save areas onto [`CHECK_SCRATCH`]

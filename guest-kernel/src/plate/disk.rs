@@ -104,9 +104,10 @@ impl Disk for GuestDisk {
         ram(addr, len)
     }
 
-    /// At CPL 3, where the CPU reads natively (see `copy::GuestPersist::can_sum`).
+    /// At CPL 3, where the CPU reads natively, unless `sums=off` (see
+    /// `copy::GuestPersist::can_sum`).
     fn can_sum(&self) -> bool {
-        ring3::in_user_mode()
+        super::sums_on() && ring3::in_user_mode()
     }
 }
 

@@ -38,6 +38,21 @@ use plateify::{install_ops, plateify};
 pub use state::{Areas, DiskStore, Plating, Store, WriteOutError};
 use state::{FIXED_PAGES_MAX, PAGE};
 
+/// Whether the copiers compute the save areas' content sums (`sums=off` on the command line
+/// turns them off: a write-out then leaves its areas' sums unknown, and a restore does not
+/// check those areas' bytes; the way to measure what the sums cost, in one build).
+static SUMS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(true);
+
+/// Turns the content sums on or off (`sums=on|off`), before the first write-out or restore.
+pub fn set_sums(on: bool) {
+    SUMS.store(on, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the copiers sum (and the restore checks what they summed), where they can.
+fn sums_on() -> bool {
+    SUMS.load(core::sync::atomic::Ordering::Relaxed)
+}
+
 /// `checkpoint()`'s result in the running process, and in the one restored from it.
 pub use nvram::abi::{RESTORED, SAVED};
 

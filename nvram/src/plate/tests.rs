@@ -212,3 +212,49 @@ fn a_run_may_start_at_any_index() {
     assert_eq!(sum.next_index(), 1);
     assert_eq!(sum.sum(), page_hash(u64::MAX, &page).wrapping_add(page_hash(0, &page)));
 }
+
+/// The page hash's CRC is the catalogued CRC-64/NVME (its check value), and the host's
+/// vector path (`crc-fast`, with `std`) and the guest's table (`crc`) agree on every length
+/// up to a page and past it, at every alignment: a page the engine hashed on the host is
+/// checked in the guest by the other.
+#[test]
+fn the_page_crc_is_crc64_nvme_on_both_paths() {
+    assert_eq!(crc64_nvme(b"123456789"), 0xae8b_1486_0a79_9888);
+    let bytes: Vec<u8> =
+        (0..2 * PAGE_BYTES + 64).map(|i| (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d) as u8).collect();
+    for len in (0..=PAGE_BYTES + 200).step_by(37).chain([PAGE_BYTES - 1, PAGE_BYTES, PAGE_BYTES + 1]) {
+        for at in [0, 1, 8, 63] {
+            let part = &bytes[at..at + len];
+            assert_eq!(crc64_nvme(part), CRC64_NVME_TABLE.checksum(part), "{len} bytes at offset {at}");
+        }
+    }
+}
+
+/// Every single-bit flip anywhere in a page, and every two-bit flip in the last words of a
+/// page (where a sum of words would lose the carry: the kind of change a wrapping checksum
+/// misses), changes the page's hash; so does its index, and a swap of two pages changes
+/// their area's sum.
+#[test]
+fn any_flip_of_one_bit_or_two_changes_the_page_hash() {
+    let page: Vec<u8> =
+        (0..PAGE_BYTES).map(|i| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(17) as u8).collect();
+    let hash = page_hash(3, &page);
+    let mut flipped = page.clone();
+    for bit in 0..8 * PAGE_BYTES {
+        flipped[bit / 8] ^= 1 << (bit % 8);
+        assert_ne!(page_hash(3, &flipped), hash, "bit {bit}");
+        flipped[bit / 8] ^= 1 << (bit % 8);
+    }
+    // Bit 63 of two words of the same lane (eight words apart): a sum of words misses it.
+    for (a, b) in [(7, 15), (7, 4095), (4087, 4095), (0, 4088)] {
+        flipped[a] ^= 0x80;
+        flipped[b] ^= 0x80;
+        assert_ne!(page_hash(3, &flipped), hash, "bytes {a} and {b}");
+        flipped[a] ^= 0x80;
+        flipped[b] ^= 0x80;
+    }
+    assert_ne!(page_hash(4, &page), hash, "the index is folded in");
+    let other: Vec<u8> = page.iter().map(|b| b ^ 0x5a).collect();
+    let two = |first: &[u8], second: &[u8]| page_hash(0, first).wrapping_add(page_hash(1, second));
+    assert_ne!(two(&page, &other), two(&other, &page), "a swap is seen");
+}
