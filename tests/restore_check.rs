@@ -238,3 +238,30 @@ fn with_sums_off_no_area_is_summed_and_by_default_every_one_is() {
     assert!(!console.contains("sums=off"), "{console}");
     assert_eq!(summed, valid, "every committed area summed");
 }
+
+/// With the copy engine, the restore's check has the engine sum every committed save area
+/// where it is (`FLAG_SUM_ONLY`), copying none: at least the summed areas' bytes are summed
+/// alone, before the restore copies anything back.
+#[test]
+fn the_engine_sums_the_save_areas_in_place_at_a_restore() {
+    let scratch = Scratch::new();
+    crashed_image(&scratch);
+    let image = std::fs::read(scratch.image()).unwrap();
+    let (_, t) = newest(&image);
+    let summed: u64 = t
+        .plates()
+        .iter()
+        .filter(|p| p.valid != 0 && p.summed & (1 << (p.valid - 1)) != 0)
+        .map(|p| p.pages * layout::PAGE_SIZE)
+        .sum();
+    let vm = vmm::harness::start(&config(&scratch, ""));
+    let status = vmm::harness::wait(&vm, Duration::from_secs(30), "the restore", |s| s.boot_kind.is_some());
+    let engine = vm.controller().metrics().engine.expect("the copy engine's metrics");
+    vmm::harness::crash(vm);
+    assert_eq!(status.boot_kind, Some(BootKind::Restored));
+    assert!(
+        summed > 0 && engine.summed_only >= summed,
+        "{} bytes summed alone, {summed} summed in the commit",
+        engine.summed_only
+    );
+}

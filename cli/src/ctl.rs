@@ -115,8 +115,8 @@ fn print_human(command: CtlCommand, reply: Value) -> anyhow::Result<()> {
             println!("bytes copied: {}", m.bytes_copied);
             if let Some(e) = &m.engine {
                 println!(
-                    "copy engine: {} batches, {} copies, {} bytes, {} ms of host time",
-                    e.batches, e.copies, e.bytes, e.busy_ms
+                    "copy engine: {} batches, {} copies, {} bytes (and {} only summed), {} ms of host time",
+                    e.batches, e.copies, e.bytes, e.summed_only, e.busy_ms
                 );
             }
             if let Some(p) = &m.persistence {

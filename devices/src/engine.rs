@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use nvram::engine::{
     BatchHeader, Completion, Descriptor, DirtyRequest, RangeSum, BATCH_MAGIC, COMPLETION_OFFSET, DIRTY_MAGIC,
-    DIRTY_STATUS_OFFSET, ENGINE_ID, FLAG_DURABLE, MAX_DESCRIPTORS, REG_DIRTY, STATUS_BAD_BATCH, STATUS_BAD_DESCRIPTOR,
-    STATUS_DONE, STATUS_UNSUPPORTED, SUM_OVERWRITTEN,
+    DIRTY_STATUS_OFFSET, ENGINE_ID, FLAG_DURABLE, FLAG_SUM_ONLY, MAX_DESCRIPTORS, REG_DIRTY, STATUS_BAD_BATCH,
+    STATUS_BAD_DESCRIPTOR, STATUS_DONE, STATUS_UNSUPPORTED, SUM_OVERWRITTEN,
 };
 use nvram::persist::FlushedRange;
 use tracing::{warn, Level};
@@ -25,8 +25,8 @@ use crate::persistence::PersistenceDomain;
 use crate::{BusDevice, LogLimit};
 use cache::SumCache;
 pub use parallel::BatchAhead;
-use parallel::{copies_apart, copy_apart, Copier};
-use summed::{SummedCopies, PAGE};
+use parallel::{copies_apart, copy_apart, sum_apart, Copier};
+use summed::{source_sum, SummedCopies, PAGE};
 
 /// What the engine has done.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -40,6 +40,8 @@ pub struct EngineStats {
     pub parallel: u64,
     pub chunks: u64,
     pub second_thread_chunks: u64,
+    /// Bytes summed by batches of sums alone (`FLAG_SUM_ONLY`), not in `bytes`.
+    pub summed_only: u64,
     /// Host time spent in batches, from the doorbell to the status (checks, copies,
     /// persistence): what the engine costs, apart from the guest's side of it.
     pub busy: std::time::Duration,
@@ -185,10 +187,12 @@ impl CopyEngine {
             // No header to write a status into.
             return None;
         }
+        let sum_only = header.flags & FLAG_SUM_ONLY != 0;
         if header.magic != BATCH_MAGIC
             || header.count > MAX_DESCRIPTORS
-            || header.flags & !FLAG_DURABLE != 0
+            || header.flags & !(FLAG_DURABLE | FLAG_SUM_ONLY) != 0
             || !header.descriptors.is_multiple_of(8)
+            || (sum_only && header.sums == 0)
         {
             return Some((STATUS_BAD_BATCH, 0));
         }
@@ -206,9 +210,11 @@ impl CopyEngine {
             return Some((STATUS_BAD_BATCH, 0));
         }
         let ram = self.ram();
+        // Sums alone read only the sources, and move nothing that they could overwrite.
+        let known_flags = if sum_only { 0 } else { SUM_OVERWRITTEN };
         for (i, &d) in descriptors.iter().enumerate() {
-            let unknown_flags = sums.get(i).is_some_and(|s| s.flags & !SUM_OVERWRITTEN != 0);
-            if let Err(e) = d.check(ram) {
+            let unknown_flags = sums.get(i).is_some_and(|s| s.flags & !known_flags != 0);
+            if let Err(e) = if sum_only { d.check_source(ram) } else { d.check(ram) } {
                 self.reject(&format_args!(
                     "copy engine: descriptor {i} of the batch at {addr:#x} refused ({e:?}): {d:x?}"
                 ));
@@ -220,6 +226,9 @@ impl CopyEngine {
             }
         }
         let bytes: u64 = descriptors.iter().map(|d| d.len).sum();
+        if sum_only {
+            return Some(self.sums_alone(&header, &descriptors, &mut sums, bytes, started));
+        }
         // The pause cuts a batch in two halves, copied in order: one thread for it.
         let apart = bytes >= parallel::WORTH_FROM && self.pause.is_none() && copies_apart(&descriptors);
         if apart && !self.copier_tried {
@@ -291,6 +300,55 @@ impl CopyEngine {
         }
         stats.busy += started.elapsed();
         Some((STATUS_DONE, 0))
+    }
+
+    /// A checked [`FLAG_SUM_ONLY`] batch: the sums of its sources, on both threads when it is
+    /// large (nothing is written, so the descriptors are always apart), into the batch's
+    /// sums array; its status.
+    fn sums_alone(
+        &mut self,
+        header: &BatchHeader,
+        descriptors: &[Descriptor],
+        sums: &mut [RangeSum],
+        bytes: u64,
+        started: std::time::Instant,
+    ) -> (u32, u32) {
+        if bytes >= parallel::WORTH_FROM && !self.copier_tried {
+            self.copier_tried = true;
+            self.copier = Copier::spawn();
+        }
+        let mut chunks = None;
+        match self.copier.as_mut().filter(|_| bytes >= parallel::WORTH_FROM) {
+            Some(copier) => {
+                chunks = sum_apart(&self.mem, copier, descriptors, sums);
+                if chunks.is_none() {
+                    return (STATUS_BAD_BATCH, 0);
+                }
+            }
+            None => {
+                for (d, sum) in descriptors.iter().zip(sums.iter_mut()) {
+                    // Checked above: the source is inside RAM.
+                    let Ok(src) = self.mem.get_slice(GuestAddress(d.src), d.len as usize) else {
+                        return (STATUS_BAD_BATCH, 0);
+                    };
+                    (sum.written, sum.overwritten) = (source_sum(&src, sum.first), 0);
+                }
+            }
+        }
+        if !self.store(sums.as_bytes(), header.sums) {
+            return (STATUS_BAD_BATCH, 0);
+        }
+        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        stats.batches += 1;
+        stats.copies += descriptors.len() as u64;
+        stats.summed_only += bytes;
+        if let Some([all, second]) = chunks {
+            stats.parallel += 1;
+            stats.chunks += all;
+            stats.second_thread_chunks += second;
+        }
+        stats.busy += started.elapsed();
+        (STATUS_DONE, 0)
     }
 
     fn reject(&mut self, why: &dyn std::fmt::Display) {

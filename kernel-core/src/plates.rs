@@ -170,12 +170,14 @@ pub trait Persist {
     fn can_sum(&self) -> bool {
         true
     }
-    /// RAM that a copy may overwrite at will (address, bytes; whole pages), for checking save
-    /// areas by copying them there with their sums ([`Persist::copy_summed`]): a copier that
-    /// sums as it copies outside the CPU (the copy engine) checks an area without the CPU
-    /// reading a byte of it. `None`: areas are checked by reading them ([`Persist::read`]).
-    fn scratch(&self) -> Option<(u64, u64)> {
-        None
+    /// The content sums of the ranges' bytes where they are (`sums[i].written`, with
+    /// `sums[i].first`, as [`Persist::copy_summed`] returns them), computed outside the CPU:
+    /// a copy engine checks a save area this way without the CPU reading a byte of it
+    /// (under PVM, every page the CPL-3 work touches first costs a shadow-paging fault), and
+    /// without copying it anywhere. `false`: not offered, or refused; the restore then checks
+    /// the areas by reading them ([`Persist::read`]).
+    fn sum_in_place(&mut self, _ranges: &[CopyRange], _sums: &mut [RangeSum]) -> bool {
+        false
     }
 }
 
@@ -373,25 +375,27 @@ pub fn restore<P: Persist>(committed: &PlateTable, nvm: &mut P) -> u64 {
 pub use nvram::plate_check::{Choice, Rejection};
 
 /// [`nvram::plate_check::choose`] over `nvm`'s memory: the slot a restore follows (its
-/// save areas checked where [`Persist::can_sum`]: by copying them onto
-/// [`Persist::scratch`] with their sums when there is one, else by reading them).
+/// save areas checked where [`Persist::can_sum`]: by their sums in place
+/// ([`Persist::sum_in_place`]) where the copier offers them, else by reading them).
 pub fn choose<P: Persist>(slots: [&PlateTable; 2], base: u64, frames: u64, scratch: &mut [u64], nvm: &mut P) -> Choice {
-    let buffer = nvm.scratch().filter(|&(_, len)| len >= PAGE);
     let summing = nvm.can_sum();
-    let verify = |t: &PlateTable| match buffer {
-        Some(buffer) => verify_by_copy(t, nvm, buffer),
+    let verify = |t: &PlateTable| match verify_in_place(t, nvm, IN_PLACE_PIECE) {
+        Some(verdict) => verdict,
         None => plate_check::verify_areas(t, |addr, len| Some(nvm.read(addr, len))),
     };
     plate_check::choose(slots, base, frames, scratch, summing.then_some(verify))
 }
 
-/// [`nvram::plate_check::verify_areas`] by copies: each valid, summed save area of `table`
-/// is copied in pieces onto `buffer` (`(address, bytes)`, whole pages) with its sums asked
-/// for, [`BATCH`] pieces a call, and the sums of each area's pieces added up (the sum is one
-/// of pages, each hashed with its index in the plate) are compared with the table's. Gives
-/// the first plate whose area does not match.
-fn verify_by_copy<P: Persist>(table: &PlateTable, nvm: &mut P, (buffer, len): (u64, u64)) -> Result<(), usize> {
-    let piece_pages = len / PAGE;
+/// The most pages of one range of [`verify_in_place`]: an area is summed in pieces of this
+/// many (a copy engine takes a range of at most `nvram::engine::MAX_LEN`).
+const IN_PLACE_PIECE: u64 = 16 << 10;
+
+/// [`nvram::plate_check::verify_areas`] by sums in place: each valid, summed save area of
+/// `table` in pieces of at most `piece_pages`, [`BATCH`] pieces a call, the sums of each
+/// area's pieces added up (the sum is one of pages, each hashed with its index in the
+/// plate) and compared with the table's. Gives the first plate whose area does not match;
+/// `None` if the copier does not sum in place (or refused a batch).
+fn verify_in_place<P: Persist>(table: &PlateTable, nvm: &mut P, piece_pages: u64) -> Option<Result<(), usize>> {
     let mut ranges = [CopyRange { dst: 0, src: 0, len: 0 }; BATCH];
     let mut sums = [RangeSum::new(0, false); BATCH];
     let mut owners = [0usize; BATCH];
@@ -404,9 +408,8 @@ fn verify_by_copy<P: Persist>(table: &PlateTable, nvm: &mut P, (buffer, len): (u
     };
     let mut settle =
         |ranges: &[CopyRange], sums: &mut [RangeSum], owners: &[usize], current: &mut Option<(usize, u64)>| {
-            if !ranges.is_empty() {
-                // A copy that fails leaves the sums at 0: no area then matches, as it should.
-                let _ = nvm.copy_summed(ranges, sums);
+            if !ranges.is_empty() && !nvm.sum_in_place(ranges, sums) {
+                return None;
             }
             for (&owner, sum) in owners.iter().zip(sums.iter()) {
                 match current {
@@ -414,14 +417,14 @@ fn verify_by_copy<P: Persist>(table: &PlateTable, nvm: &mut P, (buffer, len): (u
                     _ => {
                         if let Some((i, acc)) = *current {
                             if acc != expected(i) {
-                                return Err(i);
+                                return Some(Err(i));
                             }
                         }
                         *current = Some((owner, sum.written));
                     }
                 }
             }
-            Ok(())
+            Some(Ok(()))
         };
     for (i, plate) in table.plates().iter().enumerate().filter(|(_, p)| p.valid != 0) {
         let v = (plate.valid - 1) as usize & 1;
@@ -431,21 +434,25 @@ fn verify_by_copy<P: Persist>(table: &PlateTable, nvm: &mut P, (buffer, len): (u
         let mut first = 0;
         while first < plate.pages {
             if used == BATCH {
-                settle(&ranges, &mut sums, &owners, &mut current)?;
+                if let verdict @ (None | Some(Err(_))) = settle(&ranges, &mut sums, &owners, &mut current) {
+                    return verdict;
+                }
                 used = 0;
             }
-            let pages = (plate.pages - first).min(piece_pages);
-            ranges[used] = CopyRange { dst: buffer, src: plate.area[v] + first * PAGE, len: pages * PAGE };
+            let pages = (plate.pages - first).min(piece_pages.max(1));
+            ranges[used] = CopyRange { dst: 0, src: plate.area[v] + first * PAGE, len: pages * PAGE };
             sums[used] = RangeSum::new(first, false);
             owners[used] = i;
             used += 1;
             first += pages;
         }
     }
-    settle(&ranges[..used], &mut sums[..used], &owners[..used], &mut current)?;
+    if let verdict @ (None | Some(Err(_))) = settle(&ranges[..used], &mut sums[..used], &owners[..used], &mut current) {
+        return verdict;
+    }
     match current {
-        Some((i, acc)) if acc != expected(i) => Err(i),
-        _ => Ok(()),
+        Some((i, acc)) if acc != expected(i) => Some(Err(i)),
+        _ => Some(Ok(())),
     }
 }
 

@@ -42,12 +42,19 @@
 //! just before. A batch refused writes no sum. The sums array is checked with the batch
 //! (inside guest RAM, 8-byte aligned: else [`STATUS_BAD_BATCH`]; an unknown flag:
 //! [`STATUS_BAD_DESCRIPTOR`]); the engine writes it after the copies.
+//!
+//! Sums alone ([`FLAG_SUM_ONLY`]): the engine copies nothing and writes nothing but the sums:
+//! `sums[i].written` is `area_sum` of descriptor `i`'s source bytes (its `dst` is ignored,
+//! and only its source is checked against RAM). A restore checks the save areas it is about
+//! to trust this way, without reading them in the guest or copying them anywhere. A batch
+//! with this flag and no sums array, or a sum asking for [`SUM_OVERWRITTEN`], is refused.
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Version of this interface.
 /// 3: the batch header's `sums` (content checksums computed while copying).
-pub const ABI_VERSION: u32 = 3;
+/// 4: [`FLAG_SUM_ONLY`]; a page's hash is its CRC-32C (`crate::plate::page_hash`).
+pub const ABI_VERSION: u32 = 4;
 /// What offset 0 reads as: "NVCE" with the version in the low byte.
 pub const ENGINE_ID: u32 = 0x4e56_4300 | ABI_VERSION;
 /// First port.
@@ -89,6 +96,8 @@ pub const MAX_DESCRIPTORS: u32 = 256;
 pub const MAX_LEN: u64 = 256 << 20;
 /// Batch flag: the destinations must reach the persistence domain before completion.
 pub const FLAG_DURABLE: u64 = 1;
+/// Batch flag: no copy, only the sums of the sources (see the module docs).
+pub const FLAG_SUM_ONLY: u64 = 2;
 
 /// Status: written by the guest before ringing; never left by the engine.
 pub const STATUS_PENDING: u32 = 0;
@@ -192,6 +201,18 @@ pub enum DescriptorError {
 }
 
 impl Descriptor {
+    /// Checks the source of a descriptor of a [`FLAG_SUM_ONLY`] batch against guest RAM
+    /// `0..ram` (its `dst` is ignored).
+    pub fn check_source(&self, ram: u64) -> Result<(), DescriptorError> {
+        if self.len == 0 || self.len > MAX_LEN {
+            return Err(DescriptorError::Length);
+        }
+        if self.src.checked_add(self.len).is_none_or(|end| end > ram) {
+            return Err(DescriptorError::OutOfRam);
+        }
+        Ok(())
+    }
+
     /// Checks the descriptor against guest RAM `0..ram`.
     pub fn check(&self, ram: u64) -> Result<(), DescriptorError> {
         if self.len == 0 || self.len > MAX_LEN {
@@ -211,6 +232,18 @@ impl Descriptor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sum_only_descriptor_is_checked_by_its_source() {
+        let ram = 1 << 20;
+        let ok = Descriptor { src: 0x1000, dst: u64::MAX, len: 0x2000 };
+        assert_eq!(ok.check_source(ram), Ok(()));
+        assert_eq!(Descriptor { dst: 0x1800, ..ok }.check_source(ram), Ok(()), "dst ignored");
+        assert_eq!(Descriptor { len: 0, ..ok }.check_source(ram), Err(DescriptorError::Length));
+        assert_eq!(Descriptor { len: MAX_LEN + 1, ..ok }.check_source(ram), Err(DescriptorError::Length));
+        assert_eq!(Descriptor { src: ram - 0x1000, ..ok }.check_source(ram), Err(DescriptorError::OutOfRam));
+        assert_eq!(Descriptor { src: u64::MAX - 1, ..ok }.check_source(ram), Err(DescriptorError::OutOfRam));
+    }
 
     #[test]
     fn descriptors_are_checked() {

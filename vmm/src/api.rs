@@ -408,6 +408,7 @@ impl Controller {
             batches: stats.batches,
             copies: stats.copies,
             bytes: stats.bytes,
+            summed_only: stats.summed_only,
             rejected: stats.rejected,
             busy_ms: ms(stats.busy),
         })

@@ -35,6 +35,16 @@ const CHUNK: usize = 16;
 /// microseconds).
 pub(super) const WORTH_FROM: u64 = 256 << 10;
 
+/// What a batch's pages get.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Work {
+    Copy,
+    /// Copied, then what was written hashed.
+    CopyAndHash,
+    /// Only the source hashed (`nvram::engine::FLAG_SUM_ONLY`; `dst` is not used).
+    Hash,
+}
+
 /// One page of a copy, or its short last part: where from, where to (host addresses), and
 /// its index in its plate.
 #[derive(Clone, Copy, Debug)]
@@ -48,8 +58,8 @@ pub(super) struct PageCopy {
 /// A batch under way, shared by the two threads.
 struct Shared {
     pages: Vec<PageCopy>,
-    summed: bool,
-    /// Per page, its hash once its chunk is done (when summed).
+    work: Work,
+    /// Per page, its hash once its chunk is done (when hashed).
     hashes: Vec<AtomicU64>,
     /// The next chunk to take.
     next: AtomicUsize,
@@ -86,7 +96,7 @@ impl Shared {
             let hashes = self.hashes.get(start..end).unwrap_or_default();
             // SAFETY: what `Copier::run`'s caller promises of the pages; this thread took
             // the chunk, so no other touches its pages.
-            unsafe { copy_chunk(&self.pages[start..end], self.summed, hashes) };
+            unsafe { do_chunk(&self.pages[start..end], self.work, hashes) };
             if second {
                 self.second.fetch_add(1, Ordering::Relaxed);
             }
@@ -95,23 +105,24 @@ impl Shared {
     }
 }
 
-/// Copies `pages`, then, if `summed`, hashes what each wrote into `out`, while the chunk is
-/// in the cache.
+/// Copies `pages`, then hashes what each wrote into `out` while the chunk is in the cache;
+/// or only hashes their sources.
 ///
 /// # Safety
 ///
 /// As [`Copier::run`]'s.
-unsafe fn copy_chunk(pages: &[PageCopy], summed: bool, out: &[AtomicU64]) {
-    for p in pages {
-        // SAFETY: as the caller promises: readable `src`, writable `dst`, apart.
-        unsafe { core::ptr::copy_nonoverlapping(p.src, p.dst, p.len) };
-    }
-    if !summed {
-        return;
+unsafe fn do_chunk(pages: &[PageCopy], work: Work, out: &[AtomicU64]) {
+    if work != Work::Hash {
+        for p in pages {
+            // SAFETY: as the caller promises: readable `src`, writable `dst`, apart.
+            unsafe { core::ptr::copy_nonoverlapping(p.src, p.dst, p.len) };
+        }
     }
     for (p, out) in pages.iter().zip(out) {
-        // SAFETY: `len` bytes just written, that no one writes until the batch is done.
-        let bytes = unsafe { core::slice::from_raw_parts(p.dst, p.len) };
+        let at = if work == Work::Hash { p.src } else { p.dst.cast_const() };
+        // SAFETY: `len` bytes just written (or read), that no one writes until the batch is
+        // done.
+        let bytes = unsafe { core::slice::from_raw_parts(at, p.len) };
         out.store(page_hash(p.index, bytes), Ordering::Relaxed);
     }
 }
@@ -215,20 +226,21 @@ impl Copier {
         Some(BatchAhead { messages, used: self.used.clone(), soon: self.soon.clone() })
     }
 
-    /// Copies every page, on this thread and the second, and returns each page's hash
-    /// (`page_hash` of what was written, with the page's index) when `summed`, and the
-    /// chunks done, of them by the second thread.
+    /// Does `work` to every page, on this thread and the second, and returns each page's
+    /// hash (`page_hash` of what was written, or of the source, with the page's index) unless
+    /// the work is a plain copy, and the chunks done, of them by the second thread.
     ///
     /// # Safety
     ///
-    /// Every `src` is `len` readable bytes and every `dst` `len` writable bytes, and no
-    /// page's `dst` overlaps any page's `src` or `dst` (the copies are apart); nothing else
-    /// writes them until this returns.
-    pub(super) unsafe fn run(&mut self, pages: Vec<PageCopy>, summed: bool) -> (Vec<u64>, [u64; 2]) {
-        let hashes = if summed { (0..pages.len()).map(|_| AtomicU64::new(0)).collect() } else { Vec::new() };
+    /// Every `src` is `len` readable bytes and, unless only hashed, every `dst` `len`
+    /// writable bytes, and no page's `dst` overlaps any page's `src` or `dst` (the copies are
+    /// apart); nothing else writes them until this returns.
+    pub(super) unsafe fn run(&mut self, pages: Vec<PageCopy>, work: Work) -> (Vec<u64>, [u64; 2]) {
+        let hashes =
+            if work == Work::Copy { Vec::new() } else { (0..pages.len()).map(|_| AtomicU64::new(0)).collect() };
         let (next, done, second) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
         let failed = AtomicBool::new(false);
-        let batch = Arc::new(Shared { pages, summed, hashes, next, done, second, failed });
+        let batch = Arc::new(Shared { pages, work, hashes, next, done, second, failed });
         self.used.store(true, Ordering::Relaxed);
         if let Some(messages) = &self.messages {
             let _ = messages.send(Message::Batch(batch.clone()));
@@ -246,7 +258,7 @@ impl Copier {
                 {
                     // SAFETY: as this function's caller promises; the second thread has left
                     // this batch (its `work` ended with the panic).
-                    unsafe { copy_chunk(pages, batch.summed, hashes) };
+                    unsafe { do_chunk(pages, batch.work, hashes) };
                 }
                 break;
             }
@@ -341,7 +353,7 @@ pub(super) fn copy_apart(
     // the engine holds the memory; the copies are apart (the caller checked); and nothing
     // else writes guest RAM while the batch runs: the guest's one vCPU waits in the engine,
     // the other devices run on its thread.
-    let (hashes, chunks) = unsafe { copier.run(pages.clone(), summed) };
+    let (hashes, chunks) = unsafe { copier.run(pages.clone(), if summed { Work::CopyAndHash } else { Work::Copy }) };
     let Some(sums) = sums else {
         return Some(chunks);
     };
@@ -356,6 +368,41 @@ pub(super) fn copy_apart(
     }
     for (sum, written) in sums.iter_mut().zip(&written) {
         sum.written = written.sum();
+    }
+    Some(chunks)
+}
+
+/// The sums of a [`FLAG_SUM_ONLY`](nvram::engine::FLAG_SUM_ONLY) batch's sources (checked
+/// against RAM), hashed on both threads: `sums[i].written`. `None` if a source could not be
+/// mapped (no sum written then).
+pub(super) fn sum_apart(
+    mem: &GuestMemoryMmap<()>,
+    copier: &mut Copier,
+    descriptors: &[Descriptor],
+    sums: &mut [RangeSum],
+) -> Option<[u64; 2]> {
+    let mut pages = Vec::new();
+    for (d, sum) in descriptors.iter().zip(sums.iter()) {
+        let src = mem.get_slice(GuestAddress(d.src), d.len as usize).ok()?;
+        let from = src.ptr_guard().as_ptr();
+        for k in 0..src.len().div_ceil(PAGE) {
+            let (at, len) = (k * PAGE, (src.len() - k * PAGE).min(PAGE));
+            // SAFETY: an offset inside the slice, which maps guest RAM.
+            let src = unsafe { from.add(at) };
+            pages.push(PageCopy { src, dst: core::ptr::null_mut(), len, index: sum.first.wrapping_add(k as u64) });
+        }
+    }
+    // SAFETY: every page is inside guest RAM (the slices above), mapped while the engine
+    // holds the memory, only read; nothing writes guest RAM while the batch runs (as for
+    // `copy_apart`).
+    let (hashes, chunks) = unsafe { copier.run(pages, Work::Hash) };
+    let mut hashes = hashes.into_iter();
+    for (d, sum) in descriptors.iter().zip(sums.iter_mut()) {
+        let mut written = AreaSum::new(sum.first);
+        for hash in hashes.by_ref().take((d.len as usize).div_ceil(PAGE)) {
+            written.add_hash(hash);
+        }
+        (sum.written, sum.overwritten) = (written.sum(), 0);
     }
     Some(chunks)
 }

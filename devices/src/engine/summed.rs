@@ -48,6 +48,23 @@ pub(super) fn overwritten_sum(
     true
 }
 
+/// `area_sum` of `src` (guest RAM, its first page page `first` of its plate), hashed in
+/// place: a [`FLAG_SUM_ONLY`](nvram::engine::FLAG_SUM_ONLY) batch's descriptor on one
+/// thread.
+pub(super) fn source_sum(src: &VolatileSlice<'_, ()>, first: u64) -> u64 {
+    let mut sum = AreaSum::new(first);
+    let from = src.ptr_guard().as_ptr();
+    for k in 0..src.len().div_ceil(PAGE) {
+        let len = (src.len() - k * PAGE).min(PAGE);
+        // SAFETY: `len` bytes of guest RAM inside the slice, mapped for as long as the
+        // engine holds the memory, only read; nothing writes guest RAM while the batch runs
+        // (the guest's one vCPU waits in the engine, the other devices run on its thread).
+        let bytes = unsafe { core::slice::from_raw_parts(from.add(k * PAGE), len) };
+        sum.page(bytes);
+    }
+    sum.sum()
+}
+
 /// The sums of a batch's copies under way.
 pub(super) struct SummedCopies<'a> {
     cache: &'a mut SumCache,

@@ -292,3 +292,72 @@ fn a_refused_batch_returns_no_sum() {
     }
     assert_eq!(e.stats.lock().unwrap().batches, 0);
 }
+
+/// Sums alone (`FLAG_SUM_ONLY`): each descriptor's `written` is `area_sum` of its source
+/// (whole pages and a short last one, with its first index), on one thread for a small batch
+/// and on two for a large one; the destinations are ignored (here outside RAM) and nothing
+/// but the sums array is written.
+#[test]
+fn sums_alone_are_the_sources_sums_and_write_nothing_else() {
+    use nvram::engine::FLAG_SUM_ONLY;
+    use nvram::plate::area_sum;
+    let mut e = engine();
+    let ram: Vec<u8> = (0..1u64 << 20).map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 57) as u8).collect();
+    e.mem.write_slice(&ram, GuestAddress(0)).unwrap();
+    let descriptors = [
+        Descriptor { src: 0x10000, dst: u64::MAX - 4096, len: 3 * 4096 + 100 },
+        Descriptor { src: 0x40000, dst: 0x40000, len: 80 * 4096 },
+    ];
+    for (n, first) in [(1, 7), (2, 0)] {
+        let (at, array, sums_at_addr) = (0x1000, 0x1100, 0x2000);
+        put_batch_with(&e, at, FLAG_SUM_ONLY, array, &descriptors[..n]);
+        let requests = [RangeSum::new(first, false); 2];
+        e.mem.write_slice(requests[..n].as_bytes(), GuestAddress(sums_at_addr)).unwrap();
+        poke(&e, at, |h| h.sums = sums_at_addr);
+        let before = bytes_at(&e, 0, 1 << 20);
+        e.write(0, &(at as u32).to_le_bytes());
+        assert_eq!(status(&e, at), (STATUS_DONE, 0), "{n} descriptors");
+        let sums = sums_at(&e, sums_at_addr, n);
+        for (d, sum) in descriptors[..n].iter().zip(&sums) {
+            let src = &ram[d.src as usize..(d.src + d.len) as usize];
+            assert_eq!(sum.written, area_sum(src, first), "{n} descriptors: {d:x?}");
+            assert_eq!(sum.overwritten, 0);
+        }
+        // Nothing else changed: not the sources, not a destination inside RAM.
+        let mut after = bytes_at(&e, 0, 1 << 20);
+        after[sums_at_addr as usize..sums_at_addr as usize + n * 32]
+            .copy_from_slice(&before[sums_at_addr as usize..sums_at_addr as usize + n * 32]);
+        after[at as usize..at as usize + 16].copy_from_slice(&before[at as usize..at as usize + 16]);
+        assert!(after == before, "{n} descriptors: only the sums and the status are written");
+    }
+    let stats = *e.stats().lock().unwrap();
+    assert_eq!(stats.summed_only, 2 * (3 * 4096 + 100) + 80 * 4096);
+    assert_eq!(stats.bytes, 0, "nothing copied");
+    if std::thread::available_parallelism().map_or(1, usize::from) > 1 {
+        assert_eq!(stats.parallel, 1, "the large batch on two threads");
+    }
+}
+
+/// A batch of sums alone is refused without a sums array, with a sum asking for what a copy
+/// overwrites, with a source outside RAM, and so is an unknown batch flag.
+#[test]
+fn a_bad_batch_of_sums_alone_is_refused() {
+    use nvram::engine::FLAG_SUM_ONLY;
+    let mut e = engine();
+    let ok = Descriptor { src: 0x10000, dst: 0, len: 4096 };
+    let ring = |e: &mut CopyEngine, flags: u64, d: Descriptor, sum: Option<RangeSum>| {
+        put_batch_with(e, 0x1000, flags, 0x1100, &[d]);
+        if let Some(sum) = sum {
+            e.mem.write_slice(sum.as_bytes(), GuestAddress(0x2000)).unwrap();
+            poke(e, 0x1000, |h| h.sums = 0x2000);
+        }
+        e.write(0, &0x1000u32.to_le_bytes());
+        status(e, 0x1000)
+    };
+    assert_eq!(ring(&mut e, FLAG_SUM_ONLY, ok, Some(RangeSum::new(0, false))), (STATUS_DONE, 0));
+    assert_eq!(ring(&mut e, FLAG_SUM_ONLY, ok, None), (STATUS_BAD_BATCH, 0), "no sums array");
+    assert_eq!(ring(&mut e, FLAG_SUM_ONLY, ok, Some(RangeSum::new(0, true))), (STATUS_BAD_DESCRIPTOR, 0));
+    let outside = Descriptor { src: (1 << 20) - 100, ..ok };
+    assert_eq!(ring(&mut e, FLAG_SUM_ONLY, outside, Some(RangeSum::new(0, false))), (STATUS_BAD_DESCRIPTOR, 0));
+    assert_eq!(ring(&mut e, 4, ok, Some(RangeSum::new(0, false))), (STATUS_BAD_BATCH, 0), "unknown flag");
+}

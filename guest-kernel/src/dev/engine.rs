@@ -7,8 +7,8 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use kernel_core::plates::{CopyRange, RangeSum};
 use nvram::engine::{
-    BatchHeader, DirtyRequest, BASE, BATCH_MAGIC, DIRTY_MAGIC, ENGINE_ID, FLAG_DURABLE, MAX_DESCRIPTORS, REG_DIRTY,
-    STATUS_DONE, STATUS_PENDING,
+    BatchHeader, DirtyRequest, BASE, BATCH_MAGIC, DIRTY_MAGIC, ENGINE_ID, FLAG_DURABLE, FLAG_SUM_ONLY, MAX_DESCRIPTORS,
+    REG_DIRTY, STATUS_DONE, STATUS_PENDING,
 };
 use spin::Mutex;
 use x86_64::instructions::port::Port;
@@ -48,7 +48,7 @@ pub fn enabled() -> bool {
 /// From ring-3 kernel work (`ring3`), the batches are built there, natively, and only each
 /// doorbell (a port) traps to kernel mode (`ring3::port_write`).
 pub fn copy(ranges: &[CopyRange]) -> bool {
-    copy_batches(ranges, None)
+    copy_batches(ranges, None, FLAG_DURABLE)
 }
 
 /// [`copy`], and the engine returns in `sums` (one per range) the content checksums of what
@@ -59,17 +59,27 @@ pub fn copy_summed(ranges: &[CopyRange], sums: &mut [RangeSum]) -> bool {
     if ranges.len() > MAX_DESCRIPTORS as usize || sums.len() != ranges.len() {
         return false;
     }
-    copy_batches(ranges, Some(sums))
+    copy_batches(ranges, Some(sums), FLAG_DURABLE)
 }
 
-fn copy_batches(ranges: &[CopyRange], mut sums: Option<&mut [RangeSum]>) -> bool {
+/// The content checksums of the ranges' bytes where they are (`sums[i].written`), copying
+/// nothing (`FLAG_SUM_ONLY`: the ranges' `dst` is ignored): how a restore checks the save
+/// areas it is about to trust without touching them. One batch, as [`copy_summed`]'s.
+pub fn sum_in_place(ranges: &[CopyRange], sums: &mut [RangeSum]) -> bool {
+    if ranges.len() > MAX_DESCRIPTORS as usize || sums.len() != ranges.len() {
+        return false;
+    }
+    copy_batches(ranges, Some(sums), FLAG_SUM_ONLY)
+}
+
+fn copy_batches(ranges: &[CopyRange], mut sums: Option<&mut [RangeSum]>, flags: u64) -> bool {
     let mut batch = BATCH.lock();
     for (i, chunk) in ranges.chunks(MAX_DESCRIPTORS as usize).enumerate() {
         let at = i * MAX_DESCRIPTORS as usize;
         batch.magic = BATCH_MAGIC;
         batch.count = chunk.len() as u32;
         batch.status = STATUS_PENDING;
-        batch.flags = FLAG_DURABLE;
+        batch.flags = flags;
         batch.descriptors = chunk.as_ptr() as u64;
         // With sums, one chunk only (`copy_summed`), as long as the ranges.
         batch.sums = match sums.as_deref_mut().map(|s| s.get_mut(at..at + chunk.len())) {

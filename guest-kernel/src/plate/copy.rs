@@ -56,21 +56,6 @@ impl GuestPersist {
     }
 }
 
-/// Bytes of [`CHECK_SCRATCH`]: a piece of a save area per copy (the engine's buffer stays in
-/// the host's cache).
-const CHECK_SCRATCH_BYTES: usize = 64 << 10;
-
-/// Where the restore's check copies save areas ([`Persist::scratch`]): never read, so it
-/// is neither loaded nor zeroed (`.noinit`, `linker.ld`).
-#[link_section = ".noinit"]
-static CHECK_SCRATCH: Scratch = Scratch(core::cell::UnsafeCell::new(core::mem::MaybeUninit::uninit()));
-
-#[repr(C, align(4096))]
-struct Scratch(core::cell::UnsafeCell<core::mem::MaybeUninit<[u8; CHECK_SCRATCH_BYTES]>>);
-
-// SAFETY: only the copy engine writes it, and nothing reads it.
-unsafe impl Sync for Scratch {}
-
 /// Copies `r` page by page, hashing each page of the source as it goes (`sum.written`) and,
 /// if asked, each page of the destination just before it is overwritten (`sum.overwritten`):
 /// a page is hashed while it is in the cache for its copy, not read again afterwards.
@@ -164,12 +149,13 @@ impl Persist for GuestPersist {
         super::sums_on() && ring3::in_user_mode()
     }
 
-    /// With the engine: the restore's check copies the save areas onto [`CHECK_SCRATCH`]
-    /// with their sums, so the CPU touches none of their pages. (At CPL 3 every page the
-    /// work touches first costs a fault of the hypervisor's shadow paging: reading the
-    /// paper's 9.5 MB took 28 ms that way, the engine's copies a few.)
-    fn scratch(&self) -> Option<(u64, u64)> {
-        self.engine.then(|| (CHECK_SCRATCH.0.get() as u64, CHECK_SCRATCH_BYTES as u64))
+    /// With the engine: the restore's check has the engine sum the save areas where they
+    /// are, so the CPU touches none of their pages. (At CPL 3 every page the work touches
+    /// first costs a fault of the hypervisor's shadow paging: reading the paper's 9.5 MB
+    /// took 28 ms that way; copying them onto a scratch buffer to have them summed, which
+    /// this replaced, cost a copy of every byte.)
+    fn sum_in_place(&mut self, ranges: &[CopyRange], sums: &mut [RangeSum]) -> bool {
+        self.engine && engine::sum_in_place(ranges, sums)
     }
 
     fn read(&self, addr: u64, len: u64) -> &[u8] {

@@ -34,9 +34,10 @@ struct SimNvm {
     flushed: BTreeSet<u64>,
     stores: usize,
     budget: usize,
-    /// What [`Persist::scratch`] offers: `None`, areas are checked by reading them; else by
-    /// copies onto it, as with the copy engine.
-    scratch: Option<(u64, u64)>,
+    /// Whether [`Persist::sum_in_place`] is offered (as with the copy engine; else areas
+    /// are checked by reading them), and whether it then refuses every batch.
+    in_place: bool,
+    refuse_in_place: bool,
 }
 
 impl SimNvm {
@@ -48,7 +49,8 @@ impl SimNvm {
             flushed: BTreeSet::new(),
             stores: 0,
             budget: usize::MAX,
-            scratch: None,
+            in_place: false,
+            refuse_in_place: false,
         }
     }
 
@@ -100,14 +102,14 @@ impl SimNvm {
             flushed: BTreeSet::new(),
             stores: 0,
             budget: usize::MAX,
-            scratch: None,
+            in_place: false,
+            refuse_in_place: false,
         }
     }
 
-    /// Checks save areas by copies onto a page of its own (above the slots), as the guest
-    /// does with the copy engine: areas of two pages take two pieces.
-    fn with_scratch(mut self) -> Self {
-        self.scratch = Some((MEM - PAGE, PAGE));
+    /// Checks save areas by their sums in place, as the guest does with the copy engine.
+    fn with_sums_in_place(mut self) -> Self {
+        self.in_place = true;
         self
     }
 
@@ -162,8 +164,14 @@ impl Persist for SimNvm {
         &self.mem[addr as usize..(addr + len) as usize]
     }
 
-    fn scratch(&self) -> Option<(u64, u64)> {
-        self.scratch
+    fn sum_in_place(&mut self, ranges: &[CopyRange], sums: &mut [RangeSum]) -> bool {
+        if !self.in_place || self.refuse_in_place {
+            return false;
+        }
+        for (r, s) in ranges.iter().zip(sums.iter_mut()) {
+            s.written = area_sum(self.read(r.src, r.len), s.first);
+        }
+        true
     }
 }
 

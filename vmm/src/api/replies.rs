@@ -228,6 +228,9 @@ pub struct EngineReply {
     pub batches: u64,
     pub copies: u64,
     pub bytes: u64,
+    /// Bytes only summed, not copied (the restore's check of the save areas).
+    #[serde(default)]
+    pub summed_only: u64,
     pub rejected: u64,
     pub busy_ms: f64,
 }

@@ -25,12 +25,12 @@ fn flipped_area_image(both: bool) -> (Vec<u8>, History) {
     (image, w.history)
 }
 
-/// The image as a machine boots on it: save areas checked by reading them, or (`scratch`)
-/// by copies onto a scratch page with their sums, as with the copy engine.
-fn booting(image: Vec<u8>, scratch: bool) -> SimNvm {
+/// The image as a machine boots on it: save areas checked by reading them, or (`in_place`)
+/// by their sums in place, as with the copy engine.
+fn booting(image: Vec<u8>, in_place: bool) -> SimNvm {
     let nvm = SimNvm::from_image(image);
-    if scratch {
-        nvm.with_scratch()
+    if in_place {
+        nvm.with_sums_in_place()
     } else {
         nvm
     }
@@ -38,38 +38,43 @@ fn booting(image: Vec<u8>, scratch: bool) -> SimNvm {
 
 #[test]
 fn a_flipped_bit_in_a_save_area_falls_back_to_the_older_generation_or_is_refused() {
-    for scratch in [false, true] {
+    for in_place in [false, true] {
         let (image, history) = flipped_area_image(false);
-        let mut nvm = booting(image.clone(), scratch);
+        let mut nvm = booting(image.clone(), in_place);
         let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
         let choice = choose_slot(&slots, &mut nvm);
-        assert_eq!(choice.index, Some(0), "generation 1, in slot 0, is intact (scratch {scratch})");
+        assert_eq!(choice.index, Some(0), "generation 1, in slot 0, is intact (in place {in_place})");
         assert_eq!(choice.rejected[1], Some(Rejection::Content(1)), "generation 2's plate 1 is named");
         assert!(choice.damaged());
         // What is restored is generation 1 exactly.
         check_recovery(image, &history, 1);
         let (image, _) = flipped_area_image(true);
-        let mut nvm = booting(image, scratch);
+        let mut nvm = booting(image, in_place);
         let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
         let choice = choose_slot(&slots, &mut nvm);
-        assert_eq!(choice.index, None, "neither generation is intact: refused (scratch {scratch})");
+        assert_eq!(choice.index, None, "neither generation is intact: refused (in place {in_place})");
         assert_eq!(choice.rejected, [Some(Rejection::Content(1)), Some(Rejection::Content(1))]);
     }
 }
 
-/// The check by copies adds up an area's pieces: a flip in the second page of a two-page
-/// area is caught, and intact areas of one and two pages pass, with the scratch a page.
+/// The check by sums in place adds up an area's pieces: a flip in the second page of a
+/// two-page area is caught, and intact areas of one and two pages pass, with pieces of a
+/// page and of two; a copier that refuses leaves the check to reading, which catches it too.
 #[test]
-fn the_check_by_copies_sums_an_area_piece_by_piece() {
+fn the_check_in_place_sums_an_area_piece_by_piece_or_leaves_it_to_reading() {
     let (image, _) = flipped_area_image(false);
     let mut nvm = booting(image.clone(), true);
     let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
-    assert_eq!(slots[1].plates()[1].pages, 2, "the flipped plate spans two scratch pieces");
-    assert_eq!(verify_by_copy(&slots[1], &mut nvm, (MEM - PAGE, PAGE)), Err(1));
-    assert_eq!(verify_by_copy(&slots[0], &mut nvm, (MEM - PAGE, PAGE)), Ok(()));
-    // The same with a scratch of two pages: one piece an area.
-    assert_eq!(verify_by_copy(&slots[1], &mut nvm, (MEM - 2 * PAGE, 2 * PAGE)), Err(1));
-    assert_eq!(verify_by_copy(&slots[0], &mut nvm, (MEM - 2 * PAGE, 2 * PAGE)), Ok(()));
+    assert_eq!(slots[1].plates()[1].pages, 2, "the flipped plate spans two pieces of a page");
+    for piece in [1, 2] {
+        assert_eq!(verify_in_place(&slots[1], &mut nvm, piece), Some(Err(1)), "pieces of {piece}");
+        assert_eq!(verify_in_place(&slots[0], &mut nvm, piece), Some(Ok(())), "pieces of {piece}");
+    }
+    nvm.refuse_in_place = true;
+    assert_eq!(verify_in_place(&slots[1], &mut nvm, 1), None, "refused: no verdict");
+    let choice = choose_slot(&slots, &mut nvm);
+    assert_eq!(choice.index, Some(0), "read instead, generation 2's flip is still caught");
+    assert_eq!(choice.rejected[1], Some(Rejection::Content(1)));
 }
 
 #[test]
