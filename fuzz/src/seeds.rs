@@ -3,7 +3,9 @@
 //! `corpus/` (the text seeds there are written by hand).
 
 use nvram::control::{Cause, Heartbeat, Started, Verified};
-use nvram::engine::{BatchHeader, Descriptor, DirtyRequest, RangeSum, BATCH_MAGIC, DIRTY_MAGIC, FLAG_DURABLE};
+use nvram::engine::{
+    BatchHeader, Descriptor, DirtyRequest, RangeSum, BATCH_MAGIC, DIRTY_MAGIC, FLAG_DURABLE, FLAG_SUM_ONLY,
+};
 use nvram::header::RootHeader;
 use nvram::persist::{BarrierHeader, FlushedRange, BARRIER_MAGIC};
 use zerocopy::IntoBytes;
@@ -52,6 +54,9 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         sums: 0x3000,
     };
     let sums = [RangeSum::new(0, true), RangeSum::new(3, false)];
+    // Sums alone: the same descriptors, nothing copied.
+    let sum_only = BatchHeader { flags: FLAG_SUM_ONLY, ..batch };
+    let sum_only_requests = [RangeSum::new(0, false), RangeSum::new(3, false)];
     let descriptors =
         [Descriptor { dst: 0x8000, src: 0x4000, len: 0x1000 }, Descriptor { dst: 0x9000, src: 0x100, len: 64 }];
     let dirty = DirtyRequest { magic: DIRTY_MAGIC, status: 0, first_page: 0, pages: 64, out: 0x5000 };
@@ -81,6 +86,18 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             device_input(
                 &[write_op(0, 0x1000)],
                 &[(0x1000, batch.as_bytes()), (0x2000, descriptors.as_bytes()), (0x3000, sums.as_bytes())],
+            ),
+        ),
+        (
+            "copy_engine",
+            "sum-only",
+            device_input(
+                &[write_op(0, 0x1000)],
+                &[
+                    (0x1000, sum_only.as_bytes()),
+                    (0x2000, descriptors.as_bytes()),
+                    (0x3000, sum_only_requests.as_bytes()),
+                ],
             ),
         ),
         (
