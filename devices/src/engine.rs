@@ -9,6 +9,7 @@
 //! copied and hashed on two host threads at once (`parallel`).
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use nvram::engine::{
     BatchHeader, Completion, Descriptor, DirtyRequest, RangeSum, BATCH_MAGIC, COMPLETION_OFFSET, DIRTY_MAGIC,
@@ -181,7 +182,7 @@ impl CopyEngine {
 
     /// Runs the batch at `addr`; returns its status and failing index.
     fn run(&mut self, addr: u64) -> Option<(u32, u32)> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let mut header = BatchHeader::default();
         if !addr.is_multiple_of(8) || self.mem.read_slice(header.as_mut_bytes(), GuestAddress(addr)).is_err() {
             // No header to write a status into.
@@ -289,17 +290,24 @@ impl CopyEngine {
             }
         }
         drop(domain);
+        self.count_batch(descriptors.len(), [bytes, 0], chunks, started);
+        Some((STATUS_DONE, 0))
+    }
+
+    /// Counts a batch done: its descriptors, its bytes `[copied, summed alone]`, its chunks
+    /// on two threads (all, the second thread's) if it ran there, its host time.
+    fn count_batch(&self, copies: usize, [copied, summed]: [u64; 2], chunks: Option<[u64; 2]>, started: Instant) {
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         stats.batches += 1;
-        stats.copies += descriptors.len() as u64;
-        stats.bytes += bytes;
+        stats.copies += copies as u64;
+        stats.bytes += copied;
+        stats.summed_only += summed;
         if let Some([all, second]) = chunks {
             stats.parallel += 1;
             stats.chunks += all;
             stats.second_thread_chunks += second;
         }
         stats.busy += started.elapsed();
-        Some((STATUS_DONE, 0))
     }
 
     /// A checked [`FLAG_SUM_ONLY`] batch: the sums of its sources, on both threads when it is
@@ -311,7 +319,7 @@ impl CopyEngine {
         descriptors: &[Descriptor],
         sums: &mut [RangeSum],
         bytes: u64,
-        started: std::time::Instant,
+        started: Instant,
     ) -> (u32, u32) {
         if bytes >= parallel::WORTH_FROM && !self.copier_tried {
             self.copier_tried = true;
@@ -338,16 +346,7 @@ impl CopyEngine {
         if !self.store(sums.as_bytes(), header.sums) {
             return (STATUS_BAD_BATCH, 0);
         }
-        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        stats.batches += 1;
-        stats.copies += descriptors.len() as u64;
-        stats.summed_only += bytes;
-        if let Some([all, second]) = chunks {
-            stats.parallel += 1;
-            stats.chunks += all;
-            stats.second_thread_chunks += second;
-        }
-        stats.busy += started.elapsed();
+        self.count_batch(descriptors.len(), [0, bytes], chunks, started);
         (STATUS_DONE, 0)
     }
 
