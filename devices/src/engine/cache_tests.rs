@@ -144,9 +144,9 @@ fn a_page_written_otherwise_is_read_again() {
     }
 }
 
-/// The pages of several copies of a batch are hashed in groups together: each copy's sums
-/// are still nvram's of its own bytes, and a copy over a page that an earlier copy of the
-/// same batch wrote overwrites (and sums) what that copy wrote.
+/// Several copies of a batch, each page hashed just after its copy: each copy's sums are
+/// nvram's of its own bytes, and a copy over a page that an earlier copy of the same batch
+/// wrote overwrites (and sums) what that copy wrote.
 #[test]
 fn the_copies_of_a_batch_are_summed_each_for_itself() {
     let mut e = engine();
