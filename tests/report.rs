@@ -29,6 +29,17 @@ fn a_quick_report_writes_json_and_charts() {
     assert_eq!(report["dirty_sweep"].as_array().map(Vec::len), Some(2));
     assert_eq!(report["throughput"].as_array().map(Vec::len), Some(2));
     assert!(report["targets"].as_array().is_some_and(|t| t.len() >= 5), "{report}");
+    // The sums' cost: the same bytes copied with the sums and with `sums=off`, a pair of
+    // boots of three write-outs each, and its target.
+    let sums = &report["sums"];
+    assert_eq!((sums["pairs"].as_u64(), sums["write_outs"].as_u64()), (Some(1), Some(3)), "{sums}");
+    let copied = sums["with_copied_bytes"].as_u64().unwrap_or(0);
+    assert!(copied > 4_000_000 && sums["without_copied_bytes"].as_u64() == Some(copied), "{sums}");
+    for field in ["with_ms", "without_ms", "with_copy_ms", "without_copy_ms"] {
+        assert!(sums[field].as_f64().is_some_and(|v| v > 0.0), "{field} of {sums}");
+    }
+    let targets = report["targets"].as_array().expect("targets");
+    assert!(targets.iter().any(|t| t["target"].as_str().is_some_and(|n| n.contains("content sums"))), "{report}");
     let charts = report["charts"].as_array().expect("charts");
     assert_eq!(charts.len(), 3);
     for name in ["table.svg", "write-out-vs-dirty-bytes.svg", "throughput-vs-interval.svg"] {

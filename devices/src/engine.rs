@@ -98,11 +98,17 @@ impl CopyEngine {
     /// starts so that its second thread is awake for the batch (`parallel`). `None` when
     /// the engine copies on one thread. Starts the second thread.
     pub fn batch_ahead(&mut self) -> Option<BatchAhead> {
+        self.start_second_thread();
+        self.copier.as_ref().and_then(Copier::ahead)
+    }
+
+    /// Starts the second thread, once (it stays `None` on a host with one CPU, or after
+    /// [`CopyEngine::single_threaded`]).
+    fn start_second_thread(&mut self) {
         if !self.copier_tried {
             self.copier_tried = true;
             self.copier = Copier::spawn();
         }
-        self.copier.as_ref().and_then(Copier::ahead)
     }
 
     /// Pauses halfway through every batch: a slow engine, for crash tests.
@@ -232,9 +238,8 @@ impl CopyEngine {
         }
         // The pause cuts a batch in two halves, copied in order: one thread for it.
         let apart = bytes >= parallel::WORTH_FROM && self.pause.is_none() && copies_apart(&descriptors);
-        if apart && !self.copier_tried {
-            self.copier_tried = true;
-            self.copier = Copier::spawn();
+        if apart {
+            self.start_second_thread();
         }
         let mut chunks = None;
         if let (true, Some(copier)) = (apart, self.copier.as_mut()) {
@@ -321,12 +326,12 @@ impl CopyEngine {
         bytes: u64,
         started: Instant,
     ) -> (u32, u32) {
-        if bytes >= parallel::WORTH_FROM && !self.copier_tried {
-            self.copier_tried = true;
-            self.copier = Copier::spawn();
+        let large = bytes >= parallel::WORTH_FROM;
+        if large {
+            self.start_second_thread();
         }
         let mut chunks = None;
-        match self.copier.as_mut().filter(|_| bytes >= parallel::WORTH_FROM) {
+        match self.copier.as_mut().filter(|_| large) {
             Some(copier) => {
                 chunks = sum_apart(&self.mem, copier, descriptors, sums);
                 if chunks.is_none() {
