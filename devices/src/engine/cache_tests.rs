@@ -208,10 +208,7 @@ fn a_write_outs_batch_is_copied_and_summed_on_two_threads_as_on_one() {
 }
 
 fn write_outs_batch(two_threads: bool) {
-    const BIG: u64 = 8 << 20;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), BIG as usize)]).unwrap();
-    let domain = Arc::new(Mutex::new(PersistenceDomain::eadr(mem.clone(), false)));
-    let mut e = CopyEngine::new(mem, domain);
+    let mut e = big_engine();
     if !two_threads {
         e = e.single_threaded();
     }
@@ -257,10 +254,7 @@ fn write_outs_batch(two_threads: bool) {
 /// A large batch of copies apart without sums (a restore's) is copied on two threads too.
 #[test]
 fn a_large_batch_without_sums_is_copied_on_two_threads() {
-    const BIG: u64 = 8 << 20;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), BIG as usize)]).unwrap();
-    let domain = Arc::new(Mutex::new(PersistenceDomain::eadr(mem.clone(), false)));
-    let mut e = CopyEngine::new(mem, domain);
+    let mut e = big_engine();
     let descriptors: Vec<Descriptor> = (0..40u64)
         .map(|i| Descriptor { src: 0x10000 + i * 0x8000, dst: 0x400000 + i * 0x9000, len: 0x8000 - 8 * i })
         .collect();
@@ -276,10 +270,7 @@ fn a_large_batch_without_sums_is_copied_on_two_threads() {
 /// after the other: the later copy copies (and sums) what the earlier one wrote.
 #[test]
 fn a_copy_that_reads_an_earlier_copys_bytes_sees_them() {
-    const BIG: u64 = 8 << 20;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), BIG as usize)]).unwrap();
-    let domain = Arc::new(Mutex::new(PersistenceDomain::eadr(mem.clone(), false)));
-    let mut e = CopyEngine::new(mem, domain);
+    let mut e = big_engine();
     let pages = 40;
     let descriptors = [
         Descriptor { src: 0x10000, dst: 0x400000, len: pages * PAGE },
@@ -321,10 +312,7 @@ fn only_copies_apart_are_grouped() {
 /// the copies', and nothing is kept of pages not hashed whole.
 #[test]
 fn unaligned_copies_apart_are_summed_on_two_threads() {
-    const BIG: u64 = 8 << 20;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), BIG as usize)]).unwrap();
-    let domain = Arc::new(Mutex::new(PersistenceDomain::eadr(mem.clone(), false)));
-    let mut e = CopyEngine::new(mem, domain);
+    let mut e = big_engine();
     let descriptors: Vec<Descriptor> = (0..30u64)
         .map(|i| Descriptor { src: 0x10003 + i * 0x9000, dst: 0x400005 + i * 0xa000, len: 0x8000 + 13 * i })
         .collect();
@@ -350,10 +338,7 @@ fn a_write_outs_start_wakes_the_second_thread_once_the_engine_uses_it() {
         eprintln!("one CPU here: no second thread to wake");
         return;
     }
-    const BIG: u64 = 8 << 20;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), BIG as usize)]).unwrap();
-    let domain = Arc::new(Mutex::new(PersistenceDomain::eadr(mem.clone(), false)));
-    let mut e = CopyEngine::new(mem, domain);
+    let mut e = big_engine();
     let ahead = e.batch_ahead().expect("a second thread");
     assert!(!ahead.write_out_started(), "no batch for two threads yet");
     let descriptors: Vec<Descriptor> = (0..20u64)
@@ -389,4 +374,11 @@ fn an_engine_dropped_before_its_batch_ahead_returns() {
         drop(ahead);
     });
     finished.recv_timeout(std::time::Duration::from_secs(20)).expect("the engine's drop returned");
+}
+
+/// An engine over 8 MiB of guest RAM, room for batches large enough for two threads.
+fn big_engine() -> CopyEngine {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+    let domain = Arc::new(Mutex::new(PersistenceDomain::eadr(mem.clone(), false)));
+    CopyEngine::new(mem, domain)
 }
