@@ -125,7 +125,7 @@ fn bookkeeping(c: &mut Criterion) {
         b.iter(|| {
             let slot = plate::committed([&committed, &other]).expect("a committed slot");
             let mut dry = Dry::default();
-            let pages = plates::restore(if slot == 0 { &committed } else { &other }, &mut dry);
+            let pages = plates::restore(if slot == 0 { &committed } else { &other }, &mut dry, &[], |_| false);
             assert_eq!(dry.ranges, committed.count as u64, "every plate listed");
             std::hint::black_box((pages, dry.ranges))
         })

@@ -71,6 +71,8 @@ pub struct MachineStatus {
     pub write_outs: OperationStats,
     /// All restores reported, summed up.
     pub restores: OperationStats,
+    /// All lazy restores' ends reported (`Operation::RestoreTail`), summed up.
+    pub restore_tails: OperationStats,
     /// The generation of a write-out under way (started, not yet committed).
     pub writing_out: Option<u64>,
     /// Where write-outs are among the persist barriers (when the device counts them).
@@ -134,6 +136,7 @@ impl MachineStatus {
         match operation {
             Operation::WriteOut => &self.write_outs,
             Operation::Restore => &self.restores,
+            Operation::RestoreTail => &self.restore_tails,
         }
     }
 
@@ -141,6 +144,7 @@ impl MachineStatus {
         match operation {
             Operation::WriteOut => &mut self.write_outs,
             Operation::Restore => &mut self.restores,
+            Operation::RestoreTail => &mut self.restore_tails,
         }
     }
 
@@ -181,7 +185,10 @@ impl MachineStatus {
 
     /// The bytes all operations copied.
     pub fn bytes_copied(&self) -> u64 {
-        self.write_outs.copied_bytes.saturating_add(self.restores.copied_bytes)
+        self.write_outs
+            .copied_bytes
+            .saturating_add(self.restores.copied_bytes)
+            .saturating_add(self.restore_tails.copied_bytes)
     }
 }
 
@@ -400,6 +407,7 @@ impl MachineControl {
                 let what = match report.operation {
                     Operation::WriteOut => "write-out committed",
                     Operation::Restore => "restore done",
+                    Operation::RestoreTail => "lazy restore finished: every page is back",
                 };
                 let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
                 if report.rolled_back != 0 {

@@ -312,7 +312,7 @@ fn start(
     let (plating, restored) = match (kind, areas, restore_from) {
         (BootKind::Restored, Some(areas), Some((index, rolled_back))) => {
             // Restore first: it rewrites the very tables the kernel state points into.
-            let (mut plating, metrics) = plate::restore(areas, index, rolled_back);
+            let (mut plating, metrics) = plate::restore(areas, index, rolled_back, nvm.resources, cmdline.restore_lazy);
             if let Err(e) = nvm.check() {
                 nvm_root::refuse(e);
             }

@@ -6,6 +6,7 @@ pub mod churn;
 pub mod dirty;
 pub mod frames;
 pub mod kv;
+pub mod lazy;
 pub mod plates;
 pub mod process;
 pub mod rng;

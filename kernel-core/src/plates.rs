@@ -348,14 +348,29 @@ pub fn write_out<P: Persist>(
 
 /// Copies every plate's committed area back to its region and makes it durable: the
 /// kernel's own structures first (the tables, kernel spaces, page tables), then the user
-/// spaces, as the paper does. Returns the pages copied.
-pub fn restore<P: Persist>(committed: &PlateTable, nvm: &mut P) -> u64 {
+/// spaces, as the paper does. A user plate that `leave` takes (a lazy restore maps its
+/// pages where they are, in its committed area: `crate::lazy`) is not copied; `leave` is
+/// asked once the kernel's plates are back, since it works on the restored page tables.
+/// `also`: ranges copied with the kernel's plates, in their first copier call (the live
+/// table from the committed slot: a copy engine's doorbell costs a VM exit).
+/// Returns the pages copied.
+pub fn restore<P: Persist>(
+    committed: &PlateTable,
+    nvm: &mut P,
+    also: &[CopyRange],
+    mut leave: impl FnMut(&Plate) -> bool,
+) -> u64 {
     let mut batch = [CopyRange { dst: 0, src: 0, len: 0 }; BATCH];
-    let mut used = 0;
+    assert!(also.len() < BATCH);
+    batch[..also.len()].copy_from_slice(also);
+    let mut used = also.len();
     let mut pages = 0;
     let user = PlateKind::UserSpace as u32;
     for users in [false, true] {
         for plate in committed.plates().iter().filter(|p| (p.kind == user) == users && p.valid != 0) {
+            if users && leave(plate) {
+                continue;
+            }
             if used == BATCH {
                 copy_durably(nvm, &batch);
                 used = 0;

@@ -25,6 +25,7 @@
 //! | `plate_store=S`     | where the plates' save areas are: `nvm` (default, frames of RAM) or `disk` (the virtio disk: restored at every boot) |
 //! | `plate_copy=C`      | who copies plates: `engine` (default) or `cpu`                  |
 //! | `bookkeeping=M`     | where the plate function's bookkeeping runs: `ring3` (default) or `ring0` |
+//! | `restore=M`         | after a crash: `lazy` (default: the user spaces' pages come back at their first write, the rest when the CPU idles) or `eager` (every page back before any process runs) |
 //! | `poweroff`          | power off right after the banner                                |
 //! | `flush=INSN`        | cache flush instruction: `clwb`, `clflushopt` or `clflush`      |
 //! |                     | (default: the best CPUID offers)                                |
@@ -200,6 +201,10 @@ pub struct Cmdline {
     /// `sums=off`: the copiers compute no content sums of the save areas, so the restore
     /// checks no area's bytes (on by default; off measures what they cost).
     pub sums: bool,
+    /// `restore=lazy` (the default): a restore copies the kernel's plates back and leaves
+    /// the user spaces' pages in their save areas, mapped read-only, until each is written
+    /// or the CPU idles; `restore=eager` copies every plate back before any process runs.
+    pub restore_lazy: bool,
     /// A bug planted in the CPU copier's write-outs (a test knob).
     pub test_plant: Option<TestPlant>,
 }
@@ -232,6 +237,7 @@ impl Default for Cmdline {
             bookkeeping_ring3: true,
             check: false,
             sums: true,
+            restore_lazy: true,
             test_plant: None,
         }
     }
@@ -308,6 +314,7 @@ impl Cmdline {
             ("bookkeeping", mode @ ("ring3" | "ring0")) => self.bookkeeping_ring3 = mode == "ring3",
             ("check", on @ ("on" | "off")) => self.check = on == "on",
             ("sums", on @ ("on" | "off")) => self.sums = on == "on",
+            ("restore", mode @ ("lazy" | "eager")) => self.restore_lazy = mode == "lazy",
             ("test_plant", "fence:commit") => self.test_plant = Some(TestPlant::UnfencedCommit),
             ("test_plant", bug) => {
                 return bug
@@ -382,7 +389,7 @@ mod tests {
         let line = "apps=kv,memtouch kv_seed=0x10 kv_pages=8 kv_verify_every=1 memtouch=32,32,256 memtouch_ms=20 \
                     fault_ms=5 counter_shutdown=3 deleter=600 run_ms=800 checkpoint_ms=50 plate=off plate_copy=cpu \
                     bookkeeping=ring0 poweroff flush=clwb poke-ports fault=work-panic disk_test=64 check=on \
-                    test_plant=flush:7 plate_store=disk sums=off";
+                    test_plant=flush:7 plate_store=disk sums=off restore=eager";
         let (c, bad) = parse_all(line);
         assert_eq!(bad, 0);
         assert_eq!(c.apps().collect::<Vec<_>>(), [App::Kv, App::Memtouch]);
@@ -392,6 +399,9 @@ mod tests {
         assert_eq!(c.deleter, 600);
         assert!(!c.plate && !c.plate_copy_engine && !c.bookkeeping_ring3);
         assert!(c.poweroff && c.poke_ports && c.check && !c.sums && Cmdline::default().sums);
+        assert!(!c.restore_lazy && Cmdline::default().restore_lazy);
+        assert!(parse_all("restore=eager restore=lazy").0.restore_lazy);
+        assert_eq!(parse_all("restore=later restore").1, 2);
         assert_eq!(c.disk_test, 64);
         assert!(c.plate_store_disk);
         assert!(!Cmdline::parse("plate_store=disk plate_store=nvm", |_| {}).plate_store_disk);

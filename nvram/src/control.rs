@@ -197,7 +197,13 @@ fn padded_name(name: &str) -> [u8; NAME_LEN] {
 #[repr(u32)]
 pub enum Operation {
     WriteOut = 0,
+    /// A restore: with `restore=lazy`, until the processes can run (the user spaces' pages
+    /// still in their save areas); else every byte back.
     Restore = 1,
+    /// The end of a lazy restore: the last page left in a save area is back. `total` runs
+    /// from the restore's start; `copied_bytes` are the pages brought back since the restore
+    /// (at first writes, and the rest at once), `plates` the user spaces they were in.
+    RestoreTail = 2,
 }
 
 /// What copied the bytes of a write-out or restore. Its name (`<&str>::from`) is what the

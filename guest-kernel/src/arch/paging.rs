@@ -238,6 +238,53 @@ pub fn collect_dirty(root: u64, va: u64, pages: u64, dirty: &mut [u64], rearm_al
     found
 }
 
+/// Calls `f(base, entry)` with each directory entry (level 2: 2 MiB, `base` its first
+/// address) under the user half of the space `root` (PML4 entries 1 to 511: entry 0 is the
+/// kernel's, shared by every space), where the tables above it are present. `f` may
+/// rewrite the entry; the caller flushes the TLB afterwards (a CR3 load).
+pub fn for_each_directory_entry(root: u64, mut f: impl FnMut(u64, &mut u64)) {
+    let present = |e: u64| e & Flags::PRESENT.bits() != 0 && e & Flags::HUGE_PAGE.bits() == 0;
+    // SAFETY: `root` is a space's PML4 and every table it leads to an identity-mapped frame
+    // of the space's pool (a table is 512 u64 entries), referenced by nothing else while the
+    // kernel (or its ring-3 work) runs alone.
+    let pml4 = unsafe { &*(root as *const [u64; 512]) };
+    for (i, &e4) in pml4.iter().enumerate().skip(1).filter(|(_, e)| present(**e)) {
+        // SAFETY: a present PML4 entry of the space points at one of its tables (as above).
+        let pdpt = unsafe { &*((e4 & ADDRESS) as *const [u64; 512]) };
+        for (j, &e3) in pdpt.iter().enumerate().filter(|(_, e)| present(**e)) {
+            // SAFETY: likewise, a present directory-pointer entry that is no 1 GiB page.
+            let pd = unsafe { &mut *((e3 & ADDRESS) as *mut [u64; 512]) };
+            for (k, e2) in pd.iter_mut().enumerate() {
+                f(((i as u64) << 39) | ((j as u64) << 30) | ((k as u64) << 21), e2);
+            }
+        }
+    }
+}
+
+/// The directory entry (level 2) that covers `addr` in the space `root`, if the tables
+/// above it are present.
+///
+/// # Safety
+///
+/// As [`leaf_table`]'s: `root` must be a PML4 whose tables are identity-mapped frames, and
+/// nothing else may reference the entry while it is in use.
+pub unsafe fn directory_entry<'a>(root: u64, addr: u64) -> Option<&'a mut u64> {
+    let mut table = root;
+    for shift in [39, 30] {
+        // SAFETY: per the contract, `table` is one of the space's page tables.
+        let entry = unsafe { (*(table as *const [u64; 512]))[((addr >> shift) & 511) as usize] };
+        if entry & Flags::PRESENT.bits() == 0 || entry & Flags::HUGE_PAGE.bits() != 0 {
+            return None;
+        }
+        table = entry & ADDRESS;
+    }
+    // SAFETY: per the contract.
+    Some(unsafe { &mut (*(table as *mut [u64; 512]))[((addr >> 21) & 511) as usize] })
+}
+
+/// The physical address bits of a table entry.
+const ADDRESS: u64 = 0x000f_ffff_ffff_f000;
+
 /// The page table (level 1) that maps `addr` in the space `root`, if every table on the
 /// way is present.
 ///

@@ -41,6 +41,18 @@ impl GuestPersist {
         }
     }
 
+    /// The copies that make `dst` a copy of the table `src` (a restore's live table from its
+    /// committed slot), for the copy engine to make with the restore's first batch, so that
+    /// the CPU does not touch the live table's pages (each first touch in the work space is
+    /// a fault of the hypervisor's shadow paging under PVM: about a third of a restore's time
+    /// went there). `None` without the engine: [`PlateTable::copy_from`] then.
+    pub(super) fn table_copies(&self, dst: &PlateTable, src: &PlateTable) -> Option<[CopyRange; 2]> {
+        let (to, from) = (dst as *const PlateTable as u64, src as *const PlateTable as u64);
+        let range =
+            |(at, len): (usize, usize)| CopyRange { dst: to + at as u64, src: from + at as u64, len: len as u64 };
+        self.engine.then(|| src.used_ranges().map(range))
+    }
+
     /// Copies `ranges` (by the engine if possible; durable then); returns whether the
     /// copies still need flushing. `small`: a few KiB, which at CPL 3 the CPU copies
     /// natively in less time than a trap to ring the engine takes.

@@ -16,6 +16,7 @@
 mod copy;
 mod dirty;
 pub mod disk;
+pub mod lazy;
 pub mod plant;
 mod plateify;
 mod state;
@@ -151,16 +152,29 @@ pub fn choose(areas: &mut Areas) -> plates::Choice {
 /// kernel's state is the checkpoint's), frees the save areas pending deletion, and makes the
 /// committed table the live one again. Returns the plate function's state and the metrics.
 /// `index`: the slot [`choose`] chose; `rolled_back`: the generations it went back behind
-/// the root header's (reported in the metrics).
-pub fn restore(areas: Areas, index: usize, rolled_back: u32) -> (Plating, Metrics) {
+/// the root header's (reported in the metrics). `lazy` (`restore=lazy`): the user spaces'
+/// pages stay in their save areas, mapped there, until they come back one space at a time
+/// ([`lazy`]); `res` is the resource table the kernel's plates restore, whose user spaces
+/// and page tables that maps (read only after the kernel's plates are back).
+pub fn restore(areas: Areas, index: usize, rolled_back: u32, res: &Resources, lazy: bool) -> (Plating, Metrics) {
     let start = timer::rdtsc();
     let (plating, mut m) = ring3::run(|| {
         let committed: &PlateTable = areas.slots[index];
         let mut nvm = GuestPersist::default();
-        let pages = plates::restore(committed, &mut nvm);
-        areas.live.copy_from(committed);
+        let mut tail = lazy::Tail::new(start, committed.generation);
+        let table = nvm.table_copies(areas.live, committed);
+        let also = table.as_ref().map_or(&[][..], |t| &t[..]);
+        let pages = plates::restore(committed, &mut nvm, also, |p| lazy && lazy::leave(&mut tail, committed, res, p));
+        if table.is_none() {
+            areas.live.copy_from(committed);
+        }
         // The restored areas equal their regions; the other areas are behind in unknown pages.
-        areas.stale.fill(u64::MAX);
+        // After a lazy restore, at its end (`lazy`): needed only by the next write-out, which
+        // that end precedes, and the bitmap's first touch in the work space costs faults of
+        // the hypervisor's shadow paging under PVM.
+        if !tail.pending() {
+            areas.stale.fill(u64::MAX);
+        }
         let mut m = Metrics::new(Operation::Restore);
         m.copier = nvm.copier() as u32;
         m.plates = committed.count;
@@ -171,10 +185,19 @@ pub fn restore(areas: Areas, index: usize, rolled_back: u32) -> (Plating, Metric
         m.phases[2] = nvm.copy_ticks;
         m.phases[4] = nvm.flush_ticks;
         let generation = committed.generation;
-        (areas.into_plating(Some((index, generation)), Store::Nvm), m)
+        let mut plating = areas.into_plating(Some((index, generation)), Store::Nvm);
+        plating.tail = tail.pending().then_some(tail);
+        (plating, m)
     });
     install_ops();
     m.total = timer::rdtsc() - start;
+    // Said after the restore's time is taken: a print is a trip to the VMM.
+    if let Some(tail) = &plating.tail {
+        println!(
+            "plate: lazy restore: {} KiB of user spaces left in their save areas until written",
+            (tail.pages() * PAGE) >> 10
+        );
+    }
     (plating, m)
 }
 
@@ -223,6 +246,9 @@ pub fn write_out(
     resume_first: Option<u32>,
     save: impl FnOnce(),
 ) -> Result<Metrics, WriteOutError> {
+    // The write-out copies from the regions, and commits the page tables: a lazy restore's
+    // pages must all be back first.
+    lazy::finish(plating, res);
     let t0 = timer::rdtsc();
     plating.live.resume_first = resume_first.map_or(0, |pid| pid + 1);
     let next = plating.committed.map_or(1, |(_, g)| g + 1);

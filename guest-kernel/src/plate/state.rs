@@ -63,7 +63,15 @@ impl Areas {
 
     /// Becomes the plate function's state (the slots are reached by address from now on).
     pub(super) fn into_plating(self, committed: Option<(usize, u64)>, store: Store) -> Plating {
-        Plating { live: self.live, committed, stale: self.stale, dirty: self.dirty, frames: self.frames, store }
+        Plating {
+            live: self.live,
+            committed,
+            stale: self.stale,
+            dirty: self.dirty,
+            frames: self.frames,
+            store,
+            tail: None,
+        }
     }
 }
 
@@ -111,6 +119,8 @@ pub struct Plating {
     /// Frames managed (bit index of the first fixed-plate page in `stale`).
     pub(super) frames: u64,
     pub(super) store: Store,
+    /// A lazy restore under way: user pages still in their save areas (`super::lazy`).
+    pub(super) tail: Option<super::lazy::Tail>,
 }
 
 impl Plating {

@@ -122,6 +122,10 @@ impl Kernel {
             );
             machine::exit(ExitCode::PowerOff)
         }
+        // A resume trusts the page tables as they are: none may point into a save area.
+        if let Some(plating) = self.plating.as_mut() {
+            plate::lazy::finish(plating, self.res);
+        }
         persist::write_back_all();
         self.header.shutdown_flag = ShutdownFlag::Normal as u32;
         self.header.seal();

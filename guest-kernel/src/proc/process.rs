@@ -42,6 +42,10 @@ pub fn schedule(k: &mut Kernel, frame: &mut TrapFrame) {
         Some(next) => switch(k, frame, next),
         None => {
             k.current = None;
+            // The CPU would idle: the time for the pages a lazy restore left away.
+            if let Some(plating) = k.plating.as_mut() {
+                crate::plate::lazy::finish(plating, k.res);
+            }
             *frame = idle_frame();
         }
     }

@@ -86,9 +86,13 @@ pub fn handle(frame: &mut TrapFrame) {
 /// long as the kernel's state is, so that no unmap can free them meanwhile. Read through
 /// the identity map of their frames (a user space is one run of frames), not at their user
 /// address: the kernel's work at CPL 3, which formats what is printed (`dev::console`),
-/// runs in an address space without the process's mappings.
-fn user_bytes(k: &Kernel, addr: u64, len: u64) -> Option<&[u8]> {
+/// runs in an address space without the process's mappings. A user space a lazy restore
+/// left in its save area is brought back first (its frames are behind until then).
+fn user_bytes(k: &mut Kernel, addr: u64, len: u64) -> Option<&[u8]> {
     let space = k.procs.get(k.current?)?.space;
+    if let Some(plating) = k.plating.as_mut() {
+        plate::lazy::settle(plating, k.res, space);
+    }
     let (id, user) = resources::user_space_at(k.res, space, addr, len)?;
     let phys = resources::user_space_phys(k.res, id)? + (addr - user.vaddr);
     // SAFETY: the range lies in a user space of the current process, whose frames are
@@ -112,6 +116,10 @@ fn map(k: &mut Kernel, pages: u64) -> u64 {
         return err::INVALID;
     }
     let Some(space) = k.current.and_then(|c| k.procs.get(c)).map(|p| p.space) else { return err::INVALID };
+    // The space's page tables change: nothing of it may be left away by a lazy restore.
+    if let Some(plating) = k.plating.as_mut() {
+        plate::lazy::settle(plating, k.res, space);
+    }
     let Ok(id) = res_op!(user_space.create(&mut k.mem(), space, pages, USER_WRITABLE, Place::Next)) else {
         return err::NO_MEMORY;
     };
@@ -130,6 +138,9 @@ fn map(k: &mut Kernel, pages: u64) -> u64 {
 
 fn unmap(k: &mut Kernel, addr: u64) -> u64 {
     let Some(space) = k.current.and_then(|c| k.procs.get(c)).map(|p| p.space) else { return err::INVALID };
+    if let Some(plating) = k.plating.as_mut() {
+        plate::lazy::settle(plating, k.res, space);
+    }
     match resources::user_space_at(k.res, space, addr, 1) {
         Some((id, user)) if user.vaddr == addr => match res_op!(user_space.delete(&mut k.mem(), id)) {
             Ok(()) => 0,

@@ -7,6 +7,7 @@ use crate::arch::frame::from_user;
 use crate::arch::frame::{exception_name, ShowRegs, TrapFrame, IRQ_BASE, SYSCALL_VECTOR};
 use crate::arch::{ring3, timer};
 use crate::dev::{console, control, machine};
+use crate::plate;
 use crate::println;
 use crate::proc::kernel::{self, Kernel};
 use crate::proc::process;
@@ -97,6 +98,9 @@ pub fn dispatch(frame: &mut TrapFrame) {
     }
 }
 
+/// The page fault's vector.
+const PAGE_FAULT: u64 = 14;
+
 /// A CPU exception: a user process that faults is killed and the others go on; a fault in
 /// the kernel stops the machine with everything a developer needs.
 fn exception(frame: &mut TrapFrame) {
@@ -104,6 +108,15 @@ fn exception(frame: &mut TrapFrame) {
     if from_user(frame) {
         kernel::with(|k| {
             let Some(pid) = k.current else { return };
+            // A touch of 2 MiB a lazy restore left away: brought back, the access runs again.
+            if frame.vector == PAGE_FAULT && kernel_core::lazy::is_user_not_present(frame.error_code) {
+                let space = k.procs.get(pid).map(|p| p.space);
+                if let (Some(plating), Some(space)) = (k.plating.as_mut(), space) {
+                    if plate::lazy::on_fault(plating, k.res, space, cr2) {
+                        return;
+                    }
+                }
+            }
             let name = k.procs.get(pid).map_or("?", |p| p.name());
             let mut label = [0u8; 16];
             let len = name.len().min(16);

@@ -307,7 +307,7 @@ pub fn restore<D: Disk>(
             continue;
         }
         let mut p = DiskPersist::new(disk, Direction::FromDisk, bounce);
-        pages = super::restore(t, &mut p);
+        pages = super::restore(t, &mut p, &[], |_| false);
         requests += p.requests;
         if p.error.is_some() {
             choice.rejected[i] = Some(Rejection::Unreadable);

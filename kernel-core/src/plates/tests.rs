@@ -285,7 +285,7 @@ fn recover_and_restore(image: Vec<u8>) -> Option<(u64, Vec<Vec<u8>>)> {
     let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
     let i = choose_slot(&slots, &mut nvm).index?;
     let table = &slots[i];
-    restore(table, &mut nvm);
+    restore(table, &mut nvm, &[], |_| false);
     let regions =
         table.plates().iter().map(|p| nvm.mem[p.src as usize..(p.src + p.pages * PAGE) as usize].to_vec()).collect();
     Some((table.generation, regions))
@@ -540,7 +540,7 @@ fn after_a_crash_inside_a_write_out_the_next_one_sums_the_scribbled_area_afresh(
     let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
     let i = choose_slot(&slots, &mut nvm).index.expect("generation 2 is intact");
     assert_eq!(slots[i].generation, 2);
-    restore(&slots[i], &mut nvm);
+    restore(&slots[i], &mut nvm, &[], |_| false);
     let mut live = new_table();
     live.copy_from(&slots[i]);
     let stale = vec![u64::MAX; w.stale.len()];
@@ -558,4 +558,5 @@ fn after_a_crash_inside_a_write_out_the_next_one_sums_the_scribbled_area_afresh(
     check_recovery(image, &w.history, 3);
 }
 
+mod lazy_restore;
 mod restore_check;

@@ -100,7 +100,7 @@ fn a_wrong_entry_with_its_checksum_recomputed_is_refused_before_anything_is_copi
     assert_eq!(choice.index, Some(0), "generation 1 is intact");
     let area = slots[0].plates[1].area;
     let before = nvm.mem.clone();
-    restore(&slots[0], &mut nvm);
+    restore(&slots[0], &mut nvm, &[], |_| false);
     for a in area {
         let r = a as usize..(a + 2 * PAGE) as usize;
         assert_eq!(nvm.mem[r.clone()], before[r], "plate 1's save areas untouched");

@@ -1,0 +1,275 @@
+//! The lazy restore (`restore=lazy`, the default): after a crash the kernel's plates are
+//! copied back, and every process's user address space is left *away* 2 MiB at a time
+//! (`kernel_core::lazy`): its user spaces' pages stay in their committed save areas, and
+//! the processes run as soon as the kernel's state is back. The first access to 2 MiB away
+//! faults, and the kernel copies back the pages of the user spaces there; a system call
+//! that reads a process's memory, or changes its mappings, brings its whole space back
+//! first. What is still away comes back at once when the CPU would idle, before the next
+//! write-out (which copies from the regions, and commits the page tables, which must not
+//! say "away"), and before a shutdown (whose resume trusts the page tables as they are).
+//!
+//! Why it is safe: the committed areas are only read until the next commit, so a crash
+//! anywhere before it (during a copy back included) restores the same state again. Only
+//! this boot knows a lazy restore is under way ([`Tail`], scratch of this boot); the
+//! directory entries say which 2 MiB are away. While a space has any away, its user spaces
+//! are exactly the committed ones: a `map` or `unmap` brings the space back before it
+//! changes them, and a process's death takes its page tables with it.
+
+use kernel_core::lazy;
+use kernel_core::plates::{CopyRange, Persist};
+use nvram::control::{Metrics, Operation};
+use nvram::plate::{Plate, PlateKind, PlateTable};
+use nvram::resources::{Resources, SPACES};
+
+use super::copy::GuestPersist;
+use super::state::{Plating, PAGE};
+use crate::arch::{paging, ring3, timer};
+use crate::dev::control;
+use crate::println;
+
+/// Copies batched per copier call.
+const BATCH: usize = 256;
+
+/// A lazy restore under way.
+pub struct Tail {
+    /// TSC at the restore's start.
+    started: u64,
+    generation: u64,
+    /// The spaces whose user half was left away (by id), found at the first user plate.
+    marked: [u64; SPACES.div_ceil(64)],
+    marked_yet: bool,
+    /// Every space was marked: every user plate is left.
+    all_marked: bool,
+    /// Directory entries left away, user spaces left and their pages.
+    spans: u32,
+    spaces: u32,
+    pages: u64,
+    /// Pages brought back since, faults that brought some, and TSC ticks: of the copies,
+    /// and of the copies with their walks.
+    brought: u64,
+    faults: u64,
+    copy_ticks: u64,
+    walk_ticks: u64,
+}
+
+impl Tail {
+    pub(super) fn new(started: u64, generation: u64) -> Self {
+        Self {
+            started,
+            generation,
+            marked: [0; SPACES.div_ceil(64)],
+            marked_yet: false,
+            all_marked: false,
+            spans: 0,
+            spaces: 0,
+            pages: 0,
+            brought: 0,
+            faults: 0,
+            copy_ticks: 0,
+            walk_ticks: 0,
+        }
+    }
+
+    /// The pages the restore left in save areas.
+    pub(super) fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Whether the restore left anything away (else there is nothing to end).
+    pub(super) fn pending(&self) -> bool {
+        self.pages != 0 || self.spans != 0
+    }
+
+    fn is_marked(&self, space: u32) -> bool {
+        self.marked.get(space as usize / 64).is_some_and(|w| w & (1 << (space % 64)) != 0)
+    }
+}
+
+/// Whether a restore leaves user plate `plate` of the committed table `committed` in its
+/// save area. At the first call, once the kernel's plates (the page tables among them) are
+/// back, leaves the user half of every space away; if that was done for every space there
+/// is, every user plate is left (each user space is in one of them), else none (the restore
+/// copies them back at once). The user spaces themselves are not looked up here: that
+/// would touch the resource table's pages in the work space, a fault of the hypervisor's
+/// shadow paging each under PVM. At CPL 3, from the restore's work.
+pub(super) fn leave(tail: &mut Tail, committed: &PlateTable, res: &Resources, plate: &Plate) -> bool {
+    if !tail.marked_yet {
+        tail.marked_yet = true;
+        tail.all_marked = mark_all(tail, committed, res);
+    }
+    if tail.all_marked {
+        tail.spaces += 1;
+        tail.pages += plate.pages;
+    }
+    tail.all_marked
+}
+
+/// Leaves the user half of every space of `committed`'s page-table plates away; whether
+/// every space of `res` was among them.
+fn mark_all(tail: &mut Tail, committed: &PlateTable, res: &Resources) -> bool {
+    let tables = PlateKind::PageTables as u32;
+    for p in committed.plates().iter().filter(|p| p.kind == tables && p.valid != 0) {
+        // The space's root is its pool's first frame (`nvm::resources`).
+        let Some(space) = res.spaces.get(p.id).filter(|s| s.root == p.src) else { continue };
+        let Some(word) = tail.marked.get_mut(p.id as usize / 64) else { continue };
+        *word |= 1 << (p.id % 64);
+        paging::for_each_directory_entry(space.root, |_, e| {
+            if let Some(gone) = lazy::away(*e) {
+                *e = gone;
+                tail.spans += 1;
+            }
+        });
+    }
+    res.spaces.iter().all(|(id, _)| tail.is_marked(id))
+}
+
+/// The copies back of one call, batched across user spaces: one copier call (a doorbell)
+/// per [`BATCH`] runs of pages.
+struct Copies {
+    batch: [CopyRange; BATCH],
+    used: usize,
+    nvm: GuestPersist,
+}
+
+impl Copies {
+    fn new() -> Self {
+        Self { batch: [CopyRange { dst: 0, src: 0, len: 0 }; BATCH], used: 0, nvm: GuestPersist::default() }
+    }
+
+    fn push(&mut self, range: CopyRange) {
+        if self.used == BATCH {
+            self.run();
+        }
+        self.batch[self.used] = range;
+        self.used += 1;
+    }
+
+    /// Copies what is batched. Not made durable: the regions are the live state, and a crash
+    /// restores the commit again.
+    fn run(&mut self) {
+        if self.used > 0 {
+            self.nvm.copy(&self.batch[..self.used]);
+            self.used = 0;
+        }
+    }
+}
+
+/// Queues the copies back of the pages of the user spaces of `space` that lie in the
+/// 2 MiB at `base`, from their committed areas; returns how many. The caller has made the
+/// directory entry present again: nothing runs between that and the copies (one CPU,
+/// interrupts off, and every caller runs the copies before it returns).
+fn queue_span(tail: &mut Tail, live: &PlateTable, res: &Resources, space: u32, base: u64, copies: &mut Copies) -> u64 {
+    let user = PlateKind::UserSpace as u32;
+    let mut queued = 0;
+    for plate in live.plates().iter().filter(|p| p.kind == user && p.valid != 0) {
+        let Some(u) = res.user_spaces.get(plate.id).filter(|u| u.space == space) else { continue };
+        // The plate's pages are what was saved; the user space's, where they are mapped.
+        let (first, n) = lazy::pages_in_span(u.vaddr, u.pages.min(plate.pages), base);
+        if n == 0 {
+            continue;
+        }
+        let area = plate.area[(plate.valid - 1) as usize & 1];
+        copies.push(CopyRange { dst: plate.src + first * PAGE, src: area + first * PAGE, len: n * PAGE });
+        queued += n;
+    }
+    tail.brought += queued;
+    queued
+}
+
+/// Brings back every 2 MiB away of the space `space`.
+fn open_all(tail: &mut Tail, live: &PlateTable, res: &Resources, space: u32, copies: &mut Copies) {
+    let Some(root) = res.spaces.get(space).map(|s| s.root) else { return };
+    paging::for_each_directory_entry(root, |base, e| {
+        if lazy::is_away(*e) {
+            *e = lazy::back(*e);
+            queue_span(tail, live, res, space, base, copies);
+        }
+    });
+}
+
+/// Times `f` (the copies it queues run before the time is taken) into the tail.
+fn timed(tail: &mut Tail, f: impl FnOnce(&mut Tail, &mut Copies)) {
+    let t = timer::rdtsc();
+    let mut copies = Copies::new();
+    f(tail, &mut copies);
+    copies.run();
+    tail.copy_ticks += copies.nvm.copy_ticks;
+    tail.walk_ticks += timer::rdtsc() - t;
+}
+
+/// After a user-mode fault on a page not present at `va` in the space `space` of the
+/// current process: brings its 2 MiB back if they are away; `false` if they are not (the
+/// fault is the program's own). At CPL 3.
+pub fn on_fault(plating: &mut Plating, res: &Resources, space: u32, va: u64) -> bool {
+    let Plating { tail: Some(tail), live, .. } = plating else { return false };
+    if !tail.is_marked(space) {
+        return false;
+    }
+    ring3::run(|| {
+        let Some(root) = res.spaces.get(space).map(|s| s.root) else { return false };
+        // SAFETY: `root` is a space's PML4, its tables identity-mapped frames of its pool
+        // that nothing else references while the kernel (or its work) runs alone.
+        let Some(entry) = (unsafe { paging::directory_entry(root, va) }) else { return false };
+        if !lazy::is_away(*entry) {
+            return false;
+        }
+        *entry = lazy::back(*entry);
+        timed(tail, |tail, copies| {
+            queue_span(tail, live, res, space, va & !(lazy::SPAN - 1), copies);
+        });
+        tail.faults += 1;
+        true
+    })
+}
+
+/// Before the kernel reads a process's memory through its regions' frames (a system
+/// call's buffer), or changes its mappings (`map`, `unmap`): brings back all of the space
+/// `space`.
+pub fn settle(plating: &mut Plating, res: &Resources, space: u32) {
+    let Plating { tail: Some(tail), live, .. } = plating else { return };
+    if !tail.is_marked(space) {
+        return;
+    }
+    ring3::run(|| timed(tail, |tail, copies| open_all(tail, live, res, space, copies)));
+}
+
+/// Ends a lazy restore under way, if any: brings back everything still away (at CPL 3).
+/// Called when the CPU would idle, before a write-out and before a shutdown.
+pub fn finish(plating: &mut Plating, res: &Resources) {
+    let Plating { tail: Some(tail), live, stale, .. } = plating else { return };
+    ring3::run(|| {
+        timed(tail, |tail, copies| {
+            for space in 0..SPACES as u32 {
+                if tail.is_marked(space) {
+                    open_all(tail, live, res, space, copies);
+                }
+            }
+        });
+        // What the restore left for its end: every area is behind in unknown pages.
+        stale.fill(u64::MAX);
+    });
+    end(plating);
+}
+
+/// The lazy restore is over: says so, on the console and to the VMM (`RestoreTail`).
+fn end(plating: &mut Plating) {
+    let Some(tail) = plating.tail.take() else { return };
+    let mut m = Metrics::new(Operation::RestoreTail);
+    m.plates = tail.spaces;
+    m.generation = tail.generation;
+    m.plated_bytes = tail.pages * PAGE;
+    m.copied_bytes = tail.brought * PAGE;
+    m.phases[1] = tail.walk_ticks.saturating_sub(tail.copy_ticks);
+    m.phases[2] = tail.copy_ticks;
+    m.copier = GuestPersist::default().copier() as u32;
+    m.total = timer::rdtsc() - tail.started;
+    control::metrics(&m);
+    println!(
+        "plate: restore finished: {} KiB of {} user spaces brought back from their save areas ({} of {} \
+         2 MiB spans at first touch)",
+        m.copied_bytes >> 10,
+        tail.spaces,
+        tail.faults,
+        tail.spans
+    );
+}
