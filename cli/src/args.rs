@@ -119,6 +119,11 @@ pub struct TortureArgs {
     /// kernel's own loop and cache-line flushes (slow under PVM).
     #[arg(long, value_enum, default_value = "engine")]
     pub copier: Copier,
+    /// How each boot after a crash restores: `lazy` (the kernel's default: the processes run
+    /// while the user spaces' pages come back, so crashes land in the middle of it too) or
+    /// `eager` (every page back first).
+    #[arg(long, value_enum, default_value = "lazy")]
+    pub restore: Restore,
     #[command(flatten)]
     pub persistence: PersistenceArgs,
 }
@@ -280,6 +285,12 @@ pub struct PersistenceArgs {
 pub enum Copier {
     Engine,
     Cpu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Restore {
+    Lazy,
+    Eager,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -21,7 +21,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nvram::control::{BootKind, Operation, Verified};
 use vmm::{ConsoleOutput, Machine, RunningMachine, VmConfig};
 
-use crate::args::{Copier, Memory, Model, TortureArgs, TortureCommand};
+use crate::args::{Copier, Memory, Model, Restore, TortureArgs, TortureCommand};
 use shard::Shard;
 use summary::{Campaign, Counts, Coverage, Failure, Shards, Summary};
 
@@ -60,10 +60,13 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
     });
     let shard = args.shard.unwrap_or(Shard::WHOLE);
-    let cmdline = match args.copier {
-        Copier::Engine => CMDLINE.into(),
+    let mut cmdline = match args.copier {
+        Copier::Engine => CMDLINE.to_string(),
         Copier::Cpu => format!("{CMDLINE} plate_copy=cpu"),
     };
+    if args.restore == Restore::Eager {
+        cmdline.push_str(" restore=eager");
+    }
     // What the state lives in (the image, or the volatile machine's disk), its console, and
     // the hold on the image to the end of the run, across every reboot (see `claim`).
     let (nvram, _hold, mut config) = match (args.memory, &args.disk) {
@@ -197,6 +200,9 @@ fn reproduce(args: &TortureArgs, nvram: &Path, seed: u64, mem: u64) -> String {
     if args.copier == Copier::Cpu {
         model.push_str(" --copier cpu");
     }
+    if args.restore == Restore::Eager {
+        model.push_str(" --restore eager");
+    }
     if args.disk.is_some() {
         let size = args.disk_size.map_or(String::new(), |s| format!(" --disk-size {s}"));
         return format!(
@@ -281,9 +287,12 @@ fn round(
     tally: &mut Tally,
     last_committed: &mut u64,
 ) -> anyhow::Result<()> {
-    let vm = boot_and_check(config, tally, *last_committed)?;
-    // Crash: aimed inside a write-out, or at a random moment.
-    if plan.aimed_inside {
+    let vm = boot_and_check(config, tally, *last_committed, plan.aimed_lazy)?;
+    // Crash: aimed inside a write-out, at a lazy restore, or at a random moment.
+    if plan.aimed_lazy && vm.controller().snapshot().boot_kind == Some(BootKind::Restored) {
+        let _ = vm.wait_for(Duration::from_secs(5), "the restored processes", |s| s.running.is_some());
+        thread::sleep(Duration::from_micros(plan.lazy_us));
+    } else if plan.aimed_inside {
         let _ = vm.wait_for(Duration::from_secs(5), "write-out", |s| s.writing_out.is_some());
     } else {
         thread::sleep(Duration::from_millis(plan.run_ms));
@@ -292,6 +301,8 @@ fn round(
     *last_committed = (*last_committed).max(status.committed_generation);
     let c = &mut tally.counts;
     c.crashes += 1;
+    let lazy = status.of(Operation::Restore).next().is_some() && status.of(Operation::RestoreTail).next().is_none();
+    c.during_lazy += u64::from(lazy && status.boot_kind == Some(BootKind::Restored));
     c.aimed_inside += u64::from(plan.aimed_inside);
     if let Some(point) = point {
         c.inside += 1;
@@ -323,14 +334,20 @@ fn consistent(config: &VmConfig, crash: u64, tally: &mut Tally) -> anyhow::Resul
 
 /// The boot after the last crash: checked as every other, then stopped.
 fn check_last(config: &VmConfig, tally: &mut Tally, last_committed: u64) -> anyhow::Result<()> {
-    let vm = boot_and_check(config, tally, last_committed)?;
+    let vm = boot_and_check(config, tally, last_committed, false)?;
     crash(vm)?;
     Ok(())
 }
 
 /// Boots, and after a crash checks the restore: boot kind, generation, `kv` and `churn`
-/// verified.
-fn boot_and_check(config: &VmConfig, tally: &mut Tally, last_committed: u64) -> anyhow::Result<RunningMachine> {
+/// verified (unless `early`: the crash is aimed at the restore's lazy part, and the next
+/// boot verifies what it restores).
+fn boot_and_check(
+    config: &VmConfig,
+    tally: &mut Tally,
+    last_committed: u64,
+    early: bool,
+) -> anyhow::Result<RunningMachine> {
     let vm = Machine::build(config)?.spawn()?;
     let status = vm.wait_for(Duration::from_secs(60), "boot report", |s| s.boot_kind.is_some())?;
     let kind = status.boot_kind;
@@ -356,6 +373,9 @@ fn boot_and_check(config: &VmConfig, tally: &mut Tally, last_committed: u64) -> 
             tally.counts.restores += 1;
             tally.counts.generations_checked += 1;
             tally.restore_times.push(restore.total);
+            if early {
+                return Ok(vm);
+            }
         }
         let status = vm.wait_for(Duration::from_secs(30), "kv and churn verifications", |s| {
             VERIFIED.iter().all(|name| s.workloads.get(*name).is_some_and(|w| w.last_check != Verified::Unknown))

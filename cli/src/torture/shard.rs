@@ -58,6 +58,10 @@ pub struct Plan {
     /// Aimed inside a write-out (waits for one to start), or after `run_ms`.
     pub aimed_inside: bool,
     pub run_ms: u64,
+    /// Aimed at the restore's lazy part instead (not inside a write-out): `lazy_us` after the
+    /// restored processes run, before their verification (the next boot verifies).
+    pub aimed_lazy: bool,
+    pub lazy_us: u64,
     /// Seed of the lines `--crash-evict` writes at this crash.
     pub evict_seed: u64,
 }
@@ -72,8 +76,16 @@ pub fn plan(seed: u64, index: u64, inside_share: f64, max_run_ms: u64) -> Plan {
     let aimed_inside = rng.random::<f64>() < inside_share;
     let run_ms = rng.random_range(0..max_run_ms.max(1));
     let evict_seed = rng.random();
-    Plan { aimed_inside, run_ms, evict_seed }
+    // Drawn after the others, which stay what they were for a seed.
+    let aimed_lazy = !aimed_inside && rng.random::<f64>() < LAZY_SHARE;
+    let lazy_us = rng.random_range(0..MAX_LAZY_US);
+    Plan { aimed_inside, run_ms, evict_seed, aimed_lazy, lazy_us }
 }
+
+/// The share of the crashes not aimed inside a write-out that are aimed at a lazy restore.
+const LAZY_SHARE: f64 = 0.25;
+/// How long after the restored processes run a crash aimed at a lazy restore comes, at most.
+const MAX_LAZY_US: u64 = 5000;
 
 #[cfg(test)]
 mod tests {
@@ -102,5 +114,8 @@ mod tests {
         let aimed = (0..1000).filter(|&i| plan(1, i, 0.4, 300).aimed_inside).count();
         assert!((300..500).contains(&aimed), "{aimed} of 1000 aimed inside at a share of 0.4");
         assert!((0..1000).all(|i| plan(1, i, 0.4, 300).run_ms < 300));
+        let lazy = (0..1000).filter(|&i| plan(1, i, 0.4, 300).aimed_lazy).count();
+        assert!((100..200).contains(&lazy), "{lazy} of 1000 aimed at a lazy restore");
+        assert!((0..1000).all(|i| !(plan(1, i, 0.4, 300).aimed_lazy && plan(1, i, 0.4, 300).aimed_inside)));
     }
 }

@@ -64,6 +64,10 @@ pub struct Counts {
     pub aimed_inside: u64,
     /// Crashes that fell inside a write-out (started, not yet reported committed).
     pub inside: u64,
+    /// Crashes that fell during a lazy restore (`restore=lazy`: restored, its end, every
+    /// page back, not yet reported).
+    #[serde(default)]
+    pub during_lazy: u64,
     /// Boots after a crash that restored.
     pub restores: u64,
     /// Restores whose generation was checked against the last committed one.
@@ -161,6 +165,9 @@ impl Summary {
         let share = if c.crashes == 0 { 0.0 } else { c.inside as f64 * 100.0 / c.crashes as f64 };
         let mut line =
             format!("coverage: {share:.0}% of the crashes fell inside a write-out ({} of {})", c.inside, c.crashes);
+        if c.during_lazy > 0 {
+            line.push_str(&format!(", {} during a lazy restore (pages still in their save areas)", c.during_lazy));
+        }
         let cov = &self.coverage;
         if !cov.announced {
             line.push_str("; barriers not announced (eADR), so not placed among them");
@@ -239,6 +246,7 @@ pub fn merge(summaries: &[(PathBuf, Summary)]) -> anyhow::Result<Summary> {
         m.crashes += c.crashes;
         m.aimed_inside += c.aimed_inside;
         m.inside += c.inside;
+        m.during_lazy += c.during_lazy;
         m.restores += c.restores;
         m.generations_checked += c.generations_checked;
         m.verified += c.verified;
