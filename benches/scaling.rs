@@ -115,16 +115,20 @@ fn restore_vs_plated(c: &mut Criterion) {
         vm.controller().checkpoint(LIMIT).expect("the plate-ification");
         drop(vm); // a power failure
         let image = scratch.image("restore");
-        let mut kept = Vec::new();
-        group.bench_function(BenchmarkId::from_parameter(format!("{kib} KiB plated")), |b| {
-            b.iter_custom(|iters| {
-                suite::guest_time(iters, &mut kept, || {
-                    let r = perf::restore_once(&scratch, &image, workload.ram(), PersistenceModel::Eadr);
-                    r.expect("a restore").record
+        // Until the processes run: lazily (the default, the user spaces left in their save
+        // areas) and eagerly (every byte copied first).
+        for (mode, cmdline) in [("lazy", ""), ("eager", "restore=eager")] {
+            let mut kept = Vec::new();
+            group.bench_function(BenchmarkId::from_parameter(format!("{kib} KiB plated, {mode}")), |b| {
+                b.iter_custom(|iters| {
+                    suite::guest_time(iters, &mut kept, || {
+                        let r = perf::restore_once(&scratch, &image, workload.ram(), PersistenceModel::Eadr, cmdline);
+                        r.expect("a restore").record
+                    })
                 })
-            })
-        });
-        rows.push((format!("restore, {kib} KiB plated by memtouch"), kept));
+            });
+            rows.push((format!("restore={mode}, {kib} KiB plated by memtouch"), kept));
+        }
     }
     group.finish();
     suite::table(&rows);

@@ -40,6 +40,18 @@ fn a_quick_report_writes_json_and_charts() {
     }
     let targets = report["targets"].as_array().expect("targets");
     assert!(targets.iter().any(|t| t["target"].as_str().is_some_and(|n| n.contains("content sums"))), "{report}");
+    // The restore both ways: the lazy one copies the kernel's plates only, and every page
+    // comes back after (the paper's configuration idles between its rounds); the eager one
+    // copies every plated byte.
+    let lazy = &report["lazy"];
+    let plated = report["plated_bytes"].as_u64().unwrap_or(0);
+    assert_eq!(lazy["eager_copied_bytes"].as_u64(), Some(plated), "{lazy}");
+    let copied = lazy["copied_bytes"].as_u64().unwrap_or(u64::MAX);
+    assert!(copied < plated / 10, "{lazy}");
+    assert_eq!(lazy["tails"].as_u64(), lazy["n"].as_u64(), "every lazy restore's end seen: {lazy}");
+    assert_eq!(lazy["brought_back_bytes"].as_u64().map(|b| b + copied), Some(plated), "{lazy}");
+    let (until, back) = (lazy["until_running_ms"].as_f64().unwrap_or(0.0), lazy["every_page_back_ms"].as_f64());
+    assert!(until > 0.0 && back.is_some_and(|b| b > until), "{lazy}");
     let charts = report["charts"].as_array().expect("charts");
     assert_eq!(charts.len(), 3);
     for name in ["table.svg", "write-out-vs-dirty-bytes.svg", "throughput-vs-interval.svg"] {

@@ -111,6 +111,29 @@ pub struct SumsCost {
     pub total_cost: f64,
 }
 
+/// The restore both ways (`restore=lazy`, the default, and `restore=eager`), medians of
+/// restores of the paper's configuration made in turn.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LazyRestore {
+    pub n: usize,
+    /// Lazy: until the processes run (the table's restore row), and what it copied then.
+    pub until_running_ms: f64,
+    pub copied_bytes: u64,
+    /// Lazy restores whose end (every page back) came while watched, and its median: from
+    /// the restore's start (the pages come back at first touches, the rest when the CPU
+    /// first idles); what was brought back, and the copies' time of it.
+    pub tails: usize,
+    pub every_page_back_ms: Option<f64>,
+    pub brought_back_bytes: u64,
+    pub tail_copy_ms: f64,
+    /// Eager: every byte copied before the processes run.
+    pub eager_ms: f64,
+    pub eager_copy_ms: f64,
+    pub eager_copied_bytes: u64,
+    /// memcpy + flush of the eager restore's bytes, in the same run.
+    pub limit_memcpy_flush_ms: f64,
+}
+
 /// A target of the issue and our figure.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Target {
@@ -152,6 +175,9 @@ pub struct Report {
     /// None in a report made before it was measured.
     #[serde(default)]
     pub sums: Option<SumsCost>,
+    /// The restore lazily and eagerly (None in a report made before `restore=lazy`).
+    #[serde(default)]
+    pub lazy: Option<LazyRestore>,
     pub dirty_sweep: Vec<DirtyPoint>,
     pub throughput: Vec<ThroughputPoint>,
     pub targets: Vec<Target>,
@@ -217,20 +243,25 @@ fn measure(scratch: &perf::Scratch, quick: bool) -> Result<Report, perf::PerfErr
     drop(vm); // a power failure
     bar.inc(1);
 
-    bar.set_message("the paper's configuration: restores");
+    bar.set_message("the paper's configuration: restores, lazy and eager in turn");
     let image = scratch.image("paper");
-    let mut restored = Vec::new();
+    let (mut restored, mut eager) = (Vec::new(), Vec::new());
     for _ in 0..restores {
-        restored.push(perf::restore_once(scratch, &image, perf::PAPER_MEMTOUCH.ram(), PersistenceModel::Eadr)?);
+        let ram = perf::PAPER_MEMTOUCH.ram();
+        restored.push(perf::restore_once(scratch, &image, ram, PersistenceModel::Eadr, "")?);
+        eager.push(perf::restore_once(scratch, &image, ram, PersistenceModel::Eadr, "restore=eager")?.record);
     }
     bar.inc(1);
 
     let restore_records: Vec<OperationRecord> = restored.iter().map(|r| r.record.clone()).collect();
+    let tails: Vec<OperationRecord> = restored.iter().filter_map(|r| r.tail.clone()).collect();
     let rows = vec![
         row("plate-ification", paper::PLATEIFICATION_MS, std::slice::from_ref(&w.plateification)),
         row("write-out", paper::WRITE_OUT_MS, &w.write_outs),
-        row("restore", paper::RESTORE_MS, &restore_records),
+        // Against the limit of every plated byte: what a restore brings back in the end.
+        row_of_bytes("restore", paper::RESTORE_MS, &restore_records, w.plateification.report.plated_bytes),
     ];
+    let lazy = lazy_restore(&rows[2], &tails, &eager);
     let med = |f: &dyn Fn(&perf::CrashToRunning) -> Duration| {
         ms(perf::median(&mut restored.iter().map(|r| f(&r.crash_to_running)).collect::<Vec<_>>()))
     };
@@ -326,6 +357,7 @@ fn measure(scratch: &perf::Scratch, quick: bool) -> Result<Report, perf::PerfErr
         round_trip_ms,
         round_trip_write_out_ms,
         sums: Some(sums),
+        lazy: Some(lazy),
         dirty_sweep,
         throughput,
         targets: Vec::new(),
@@ -337,10 +369,16 @@ fn measure(scratch: &perf::Scratch, quick: bool) -> Result<Report, perf::PerfErr
 
 /// A row of the table: medians of `records` and the limit of their median copied bytes.
 fn row(operation: &str, paper: [f64; 2], records: &[OperationRecord]) -> Row {
+    row_of_bytes(operation, paper, records, perf::median_copied(records))
+}
+
+/// [`row`], against the limit of `limit_bytes` (a lazy restore copies only the kernel's
+/// plates before the processes run; the others come back after).
+fn row_of_bytes(operation: &str, paper: [f64; 2], records: &[OperationRecord], limit_bytes: u64) -> Row {
     let ours_ms = ms(perf::median_of(records, |r| r.total));
     let copy_ms = ms(perf::median_of(records, perf::copy_time));
     let copied_bytes = perf::median_copied(records);
-    let limit = perf::copy_limit(copied_bytes, 9);
+    let limit = perf::copy_limit(limit_bytes, 9);
     let flush_ms = ms(limit.memcpy_flush).max(1e-6);
     Row {
         operation: operation.into(),
@@ -355,6 +393,25 @@ fn row(operation: &str, paper: [f64; 2], records: &[OperationRecord]) -> Row {
         ratio_to_paper_nvm: ours_ms / paper[1],
         ratio_to_limit: ours_ms / flush_ms,
         copy_ratio_to_limit: copy_ms / flush_ms,
+    }
+}
+
+/// The lazy restore's two figures and the eager one's, from the restore row (lazy), the
+/// lazy restores' ends and the eager restores of the same run.
+fn lazy_restore(lazy: &Row, tails: &[OperationRecord], eager: &[OperationRecord]) -> LazyRestore {
+    let eager_copied_bytes = perf::median_copied(eager);
+    LazyRestore {
+        n: lazy.n,
+        until_running_ms: lazy.ours_ms,
+        copied_bytes: lazy.copied_bytes,
+        tails: tails.len(),
+        every_page_back_ms: (!tails.is_empty()).then(|| ms(perf::median_of(tails, |r| r.total))),
+        brought_back_bytes: perf::median_copied(tails),
+        tail_copy_ms: ms(perf::median_of(tails, perf::copy_time)),
+        eager_ms: ms(perf::median_of(eager, |r| r.total)),
+        eager_copy_ms: ms(perf::median_of(eager, perf::copy_time)),
+        eager_copied_bytes,
+        limit_memcpy_flush_ms: ms(perf::copy_limit(eager_copied_bytes, 9).memcpy_flush),
     }
 }
 

@@ -238,17 +238,30 @@ pub struct CrashToRunning {
     pub total: Duration,
 }
 
+/// How long [`restore_once`] waits for a lazy restore's end once the processes run.
+const TAIL_LIMIT: Duration = Duration::from_secs(2);
+
 /// A restore after a crash, and what it took to get the restored workload running.
 #[derive(Debug, Clone)]
 pub struct Restore {
+    /// The restore, until the processes run.
     pub record: OperationRecord,
+    /// A lazy restore's end (`Operation::RestoreTail`): every page back.
+    pub tail: Option<OperationRecord>,
     pub crash_to_running: CrashToRunning,
 }
 
 /// Boots a new machine on the crashed `image` (of `ram` bytes), waits for the first restored
-/// process to run, and crashes it again (so the next call restores the same write-out).
-pub fn restore_once(scratch: &Scratch, image: &Path, ram: u64, model: PersistenceModel) -> Result<Restore, PerfError> {
-    restore_with(&config(image, &scratch.console(), ram, "", model))
+/// process to run (and a lazy restore's end, for up to [`TAIL_LIMIT`]), and crashes it again (so the next call
+/// restores the same write-out). `cmdline`: `restore=eager`, or nothing (lazy).
+pub fn restore_once(
+    scratch: &Scratch,
+    image: &Path,
+    ram: u64,
+    model: PersistenceModel,
+    cmdline: &str,
+) -> Result<Restore, PerfError> {
+    restore_with(&config(image, &scratch.console(), ram, cmdline, model))
 }
 
 /// [`restore_once`] of the volatile machine whose plates are on disk `name` (as
@@ -262,11 +275,20 @@ fn restore_with(config: &VmConfig) -> Result<Restore, PerfError> {
     let machine = Machine::build(config)?;
     let built = Instant::now();
     let vm = machine.spawn()?;
-    let status = vm.wait_for(LIMIT, "the restored process to run", |s| {
+    let mut status = vm.wait_for(LIMIT, "the restored process to run", |s| {
         s.boot_kind == Some(BootKind::Restored) && s.running.is_some() && s.of(Operation::Restore).next().is_some()
     })?;
+    // A lazy restore ends when the CPU first idles, or at the next write-out: a workload
+    // that does neither (`kv` with no periodic write-outs) has no end to wait for.
+    let lazy = status.of(Operation::Restore).any(|r| r.report.copied_bytes < r.report.plated_bytes);
+    if lazy {
+        if let Ok(s) = vm.wait_for(TAIL_LIMIT, "the lazy restore's end", |s| s.of(Operation::RestoreTail).next().is_some()) {
+            status = s;
+        }
+    }
     let _ = vm.stop();
     let record = status.of(Operation::Restore).last().cloned().ok_or(PerfError::Missing("restore"))?;
+    let tail = status.of(Operation::RestoreTail).last().cloned();
     let running = status.running.ok_or(PerfError::Missing("running event"))?.at;
     let restore_start = record.at.checked_sub(record.total).unwrap_or(built).max(built);
     let split = CrashToRunning {
@@ -276,7 +298,7 @@ fn restore_with(config: &VmConfig) -> Result<Restore, PerfError> {
         rest: running.saturating_duration_since(record.at),
         total: running - t0,
     };
-    Ok(Restore { record, crash_to_running: split })
+    Ok(Restore { record, tail, crash_to_running: split })
 }
 
 /// `kv`'s operations per second over `run`, with a write-out every `checkpoint_ms`, on a
