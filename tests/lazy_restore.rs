@@ -42,7 +42,9 @@ fn a_restore_leaves_the_user_spaces_away_and_every_page_is_back_before_the_next_
     // The restored machine idles between memtouch's rounds (the rest comes back then), and
     // commits again: from the regions, which must hold every page by then.
     let after = run_then_crash(&config(&scratch, "checkpoint_ms=100"), LIMIT, |s| {
-        kv_checked(s) && s.of(Operation::RestoreTail).next().is_some() && s.committed_generation > restored_generation(s)
+        kv_checked(s)
+            && s.of(Operation::RestoreTail).next().is_some()
+            && s.committed_generation > restored_generation(s)
     });
     let console = scratch.read_console();
     assert_eq!(after.boot_kind, Some(BootKind::Restored), "{console}");
@@ -78,7 +80,11 @@ fn a_crash_before_a_lazy_restore_ends_restores_the_same_commit_again() {
             kv_checked(s) && s.workloads["kv"].progress > 0 && s.running.is_some()
         });
         let console = scratch.read_console();
-        assert_eq!(after.of(Operation::RestoreTail).count(), 0, "round {round}: the crash came after the end: {console}");
+        assert_eq!(
+            after.of(Operation::RestoreTail).count(),
+            0,
+            "round {round}: the crash came after the end: {console}"
+        );
         assert_eq!(after.workloads["kv"].last_check, Verified::Passed, "round {round}: {console}");
         let restore = after.of(Operation::Restore).last().unwrap().report;
         assert!(restore.copied_bytes < restore.plated_bytes, "round {round}: {restore:?}");

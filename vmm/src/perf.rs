@@ -282,7 +282,9 @@ fn restore_with(config: &VmConfig) -> Result<Restore, PerfError> {
     // that does neither (`kv` with no periodic write-outs) has no end to wait for.
     let lazy = status.of(Operation::Restore).any(|r| r.report.copied_bytes < r.report.plated_bytes);
     if lazy {
-        if let Ok(s) = vm.wait_for(TAIL_LIMIT, "the lazy restore's end", |s| s.of(Operation::RestoreTail).next().is_some()) {
+        if let Ok(s) =
+            vm.wait_for(TAIL_LIMIT, "the lazy restore's end", |s| s.of(Operation::RestoreTail).next().is_some())
+        {
             status = s;
         }
     }
