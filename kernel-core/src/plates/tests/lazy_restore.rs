@@ -104,3 +104,17 @@ fn once_every_page_is_back_the_regions_are_the_commit() {
         table.plates().iter().map(|p| nvm.mem[p.src as usize..(p.src + p.pages * PAGE) as usize].to_vec()).collect();
     assert_eq!(&regions, &w.history.last().unwrap().1);
 }
+
+#[test]
+fn the_extra_ranges_are_copied_with_the_kernels_plates() {
+    let w = crashed_world();
+    let mut nvm = SimNvm::from_image(w.nvm.durable.clone());
+    let slots = [nvm.table(SLOTS[0]), nvm.table(SLOTS[1])];
+    let i = choose_slot(&slots, &mut nvm).index.expect("a commit");
+    // The committed slot's first line, copied to a spare page (as the live table is).
+    let spare = SLOTS[0] - PAGE;
+    let also = [CopyRange { dst: spare, src: SLOTS[i], len: LINE }];
+    let copied = restore(&slots[i], &mut nvm, &also, |_| true);
+    assert_eq!(copied, 0, "every plate left");
+    assert_eq!(nvm.mem[spare as usize..][..LINE as usize], nvm.mem[SLOTS[i] as usize..][..LINE as usize]);
+}
