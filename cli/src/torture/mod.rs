@@ -301,7 +301,9 @@ fn round(
     *last_committed = (*last_committed).max(status.committed_generation);
     let c = &mut tally.counts;
     c.crashes += 1;
-    let lazy = status.of(Operation::Restore).next().is_some() && status.of(Operation::RestoreTail).next().is_none();
+    // A restore that left pages in save areas (copied less than it plated), not yet ended.
+    let left = status.of(Operation::Restore).any(|r| r.report.copied_bytes < r.report.plated_bytes);
+    let lazy = left && status.of(Operation::RestoreTail).next().is_none();
     c.during_lazy += u64::from(lazy && status.boot_kind == Some(BootKind::Restored));
     c.aimed_inside += u64::from(plan.aimed_inside);
     if let Some(point) = point {
