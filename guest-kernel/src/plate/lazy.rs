@@ -42,6 +42,8 @@ pub struct Tail {
     all_marked: bool,
     /// Directory entries left away, user spaces left and their pages.
     spans: u32,
+    /// Directory entries still away: at 0 the restore ends at once, before any idle.
+    away: u32,
     spaces: u32,
     pages: u64,
     /// Pages brought back since, faults that brought some, and TSC ticks: of the copies,
@@ -61,6 +63,7 @@ impl Tail {
             marked_yet: false,
             all_marked: false,
             spans: 0,
+            away: 0,
             spaces: 0,
             pages: 0,
             brought: 0,
@@ -82,6 +85,18 @@ impl Tail {
 
     fn is_marked(&self, space: u32) -> bool {
         self.marked.get(space as usize / 64).is_some_and(|w| w & (1 << (space % 64)) != 0)
+    }
+
+    /// The space `space` has nothing away any more: its faults and system calls are its own.
+    fn unmark(&mut self, space: u32) {
+        if let Some(w) = self.marked.get_mut(space as usize / 64) {
+            *w &= !(1 << (space % 64));
+        }
+    }
+
+    /// One directory entry is back.
+    fn one_back(&mut self) {
+        self.away = self.away.saturating_sub(1);
     }
 }
 
@@ -117,6 +132,7 @@ fn mark_all(tail: &mut Tail, committed: &PlateTable, res: &Resources) -> bool {
             if let Some(gone) = lazy::away(*e) {
                 *e = gone;
                 tail.spans += 1;
+                tail.away += 1;
             }
         });
     }
@@ -182,9 +198,11 @@ fn open_all(tail: &mut Tail, live: &PlateTable, res: &Resources, space: u32, cop
     paging::for_each_directory_entry(root, |base, e| {
         if lazy::is_away(*e) {
             *e = lazy::back(*e);
+            tail.one_back();
             queue_span(tail, live, res, space, base, copies);
         }
     });
+    tail.unmark(space);
 }
 
 /// Times `f` (the copies it queues run before the time is taken) into the tail.
@@ -197,6 +215,30 @@ fn timed(tail: &mut Tail, f: impl FnOnce(&mut Tail, &mut Copies)) {
     tail.walk_ticks += timer::rdtsc() - t;
 }
 
+/// Brings back the 2 MiB holding `va` in the space `space` (rooted at `root`) if they are
+/// away: the entry present again, the copies of its user spaces' pages queued. Whether
+/// they were away.
+fn open_span(
+    tail: &mut Tail,
+    live: &PlateTable,
+    res: &Resources,
+    space: u32,
+    root: u64,
+    va: u64,
+    copies: &mut Copies,
+) -> bool {
+    // SAFETY: `root` is a space's PML4, its tables identity-mapped frames of its pool that
+    // nothing else references while the kernel (or its work) runs alone.
+    let Some(entry) = (unsafe { paging::directory_entry(root, va) }) else { return false };
+    if !lazy::is_away(*entry) {
+        return false;
+    }
+    *entry = lazy::back(*entry);
+    tail.one_back();
+    queue_span(tail, live, res, space, va & !(lazy::SPAN - 1), copies);
+    true
+}
+
 /// After a user-mode fault on a page not present at `va` in the space `space` of the
 /// current process: brings its 2 MiB back if they are away; `false` if they are not (the
 /// fault is the program's own). At CPL 3.
@@ -205,32 +247,57 @@ pub fn on_fault(plating: &mut Plating, res: &Resources, space: u32, va: u64) -> 
     if !tail.is_marked(space) {
         return false;
     }
-    ring3::run(|| {
+    let handled = ring3::run(|| {
         let Some(root) = res.spaces.get(space).map(|s| s.root) else { return false };
-        // SAFETY: `root` is a space's PML4, its tables identity-mapped frames of its pool
-        // that nothing else references while the kernel (or its work) runs alone.
-        let Some(entry) = (unsafe { paging::directory_entry(root, va) }) else { return false };
-        if !lazy::is_away(*entry) {
-            return false;
-        }
-        *entry = lazy::back(*entry);
-        timed(tail, |tail, copies| {
-            queue_span(tail, live, res, space, va & !(lazy::SPAN - 1), copies);
-        });
-        tail.faults += 1;
-        true
-    })
+        let mut opened = false;
+        timed(tail, |tail, copies| opened = open_span(tail, live, res, space, root, va, copies));
+        tail.faults += u64::from(opened);
+        opened
+    });
+    end_if_all_back(plating, res);
+    handled
 }
 
-/// Before the kernel reads a process's memory through its regions' frames (a system
-/// call's buffer), or changes its mappings (`map`, `unmap`): brings back all of the space
-/// `space`.
+/// Before the kernel reads `addr..addr + len` of the space `space` through its regions'
+/// frames (a system call's buffer): brings back the 2 MiB that hold it.
+pub fn settle_range(plating: &mut Plating, res: &Resources, space: u32, addr: u64, len: u64) {
+    let Plating { tail: Some(tail), live, .. } = plating else { return };
+    if !tail.is_marked(space) || len == 0 {
+        return;
+    }
+    ring3::run(|| {
+        let Some(root) = res.spaces.get(space).map(|s| s.root) else { return };
+        let last = addr.saturating_add(len - 1);
+        timed(tail, |tail, copies| {
+            let mut at = addr & !(lazy::SPAN - 1);
+            while at <= last {
+                open_span(tail, live, res, space, root, at, copies);
+                at = match at.checked_add(lazy::SPAN) {
+                    Some(next) => next,
+                    None => break,
+                };
+            }
+        });
+    });
+    end_if_all_back(plating, res);
+}
+
+/// Ends the lazy restore once no directory entry is away any more.
+fn end_if_all_back(plating: &mut Plating, res: &Resources) {
+    if plating.tail.as_ref().is_some_and(|t| t.away == 0) {
+        finish(plating, res);
+    }
+}
+
+/// Before the kernel changes a process's mappings (`map`, `unmap`): brings back all of
+/// the space `space`.
 pub fn settle(plating: &mut Plating, res: &Resources, space: u32) {
     let Plating { tail: Some(tail), live, .. } = plating else { return };
     if !tail.is_marked(space) {
         return;
     }
     ring3::run(|| timed(tail, |tail, copies| open_all(tail, live, res, space, copies)));
+    end_if_all_back(plating, res);
 }
 
 /// Ends a lazy restore under way, if any: brings back everything still away (at CPL 3).

@@ -86,12 +86,12 @@ pub fn handle(frame: &mut TrapFrame) {
 /// long as the kernel's state is, so that no unmap can free them meanwhile. Read through
 /// the identity map of their frames (a user space is one run of frames), not at their user
 /// address: the kernel's work at CPL 3, which formats what is printed (`dev::console`),
-/// runs in an address space without the process's mappings. A user space a lazy restore
-/// left in its save area is brought back first (its frames are behind until then).
+/// runs in an address space without the process's mappings. What a lazy restore left away
+/// there is brought back first (its frames are behind until then).
 fn user_bytes(k: &mut Kernel, addr: u64, len: u64) -> Option<&[u8]> {
     let space = k.procs.get(k.current?)?.space;
     if let Some(plating) = k.plating.as_mut() {
-        plate::lazy::settle(plating, k.res, space);
+        plate::lazy::settle_range(plating, k.res, space, addr, len);
     }
     let (id, user) = resources::user_space_at(k.res, space, addr, len)?;
     let phys = resources::user_space_phys(k.res, id)? + (addr - user.vaddr);
