@@ -42,7 +42,7 @@ fn crashed_image(scratch: &Scratch, beside: Beside) -> u64 {
     // Two commits after every workload reported (memtouch has mapped all its regions then).
     let mut reported_at = None;
     let status = run_then_crash(&config(scratch, &cmdline), LIMIT, |s| {
-        let all = ["kv", "memtouch"].iter().all(|n| !apps.contains(n) || s.workloads.get(*n).is_some());
+        let all = ["kv", "memtouch"].iter().all(|n| !apps.contains(n) || s.workloads.contains_key(*n));
         if all && reported_at.is_none() {
             reported_at = Some(s.committed_generation);
         }
