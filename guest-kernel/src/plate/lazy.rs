@@ -3,10 +3,11 @@
 //! (`kernel_core::lazy`): its user spaces' pages stay in their committed save areas, and
 //! the processes run as soon as the kernel's state is back. The first access to 2 MiB away
 //! faults, and the kernel copies back the pages of the user spaces there; a system call
-//! that reads a process's memory, or changes its mappings, brings its whole space back
-//! first. What is still away comes back at once when the CPU would idle, before the next
-//! write-out (which copies from the regions, and commits the page tables, which must not
-//! say "away"), and before a shutdown (whose resume trusts the page tables as they are).
+//! that reads a process's memory brings back the 2 MiB of its buffer first, and one that
+//! changes its mappings its whole space. What is still away comes back at once when the
+//! CPU would idle, before the next write-out (which copies from the regions, and commits
+//! the page tables, which must not say "away"), and before a shutdown (whose resume trusts
+//! the page tables as they are); the restore ends there, or once nothing is away.
 //!
 //! Why it is safe: the committed areas are only read until the next commit, so a crash
 //! anywhere before it (during a copy back included) restores the same state again. Only
