@@ -260,7 +260,8 @@ pub fn on_fault(plating: &mut Plating, res: &Resources, space: u32, va: u64) -> 
 }
 
 /// Before the kernel reads `addr..addr + len` of the space `space` through its regions'
-/// frames (a system call's buffer): brings back the 2 MiB that hold it.
+/// frames (a system call's buffer, found inside one of its user spaces): brings back the
+/// 2 MiB spans that hold it.
 pub fn settle_range(plating: &mut Plating, res: &Resources, space: u32, addr: u64, len: u64) {
     let Plating { tail: Some(tail), live, .. } = plating else { return };
     if !tail.is_marked(space) || len == 0 {

@@ -90,10 +90,10 @@ pub fn handle(frame: &mut TrapFrame) {
 /// there is brought back first (its frames are behind until then).
 fn user_bytes(k: &mut Kernel, addr: u64, len: u64) -> Option<&[u8]> {
     let space = k.procs.get(k.current?)?.space;
+    let (id, user) = resources::user_space_at(k.res, space, addr, len)?;
     if let Some(plating) = k.plating.as_mut() {
         plate::lazy::settle_range(plating, k.res, space, addr, len);
     }
-    let (id, user) = resources::user_space_at(k.res, space, addr, len)?;
     let phys = resources::user_space_phys(k.res, id)? + (addr - user.vaddr);
     // SAFETY: the range lies in a user space of the current process, whose frames are
     // identity-mapped RAM in the kernel's and the work's address spaces.
