@@ -33,38 +33,43 @@ pub mod paper {
 
 /// The paper's configuration on our machine: 450 regions of 18 KiB (456 plates, about
 /// 9 MB plated), 1400 KiB dirtied every 100 ms, in 256 MiB.
-pub const PAPER_MEMTOUCH: Workload = Workload::Memtouch { regions: 450, region_kib: 18, dirty_kib: 1400, ms: 100 };
+pub const PAPER_MEMTOUCH: Workload =
+    Workload::Memtouch { processes: 1, regions: 450, region_kib: 18, dirty_kib: 1400, ms: 100 };
 /// RAM of the paper's configuration.
 pub const PAPER_RAM: u64 = 256 << 20;
 
 /// What the measured machine runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Workload {
-    /// `memtouch`: `regions` regions of `region_kib`, `dirty_kib` dirtied every `ms`.
-    Memtouch { regions: u64, region_kib: u64, dirty_kib: u64, ms: u64 },
+    /// `memtouch`: `regions` regions of `region_kib`, `dirty_kib` dirtied every `ms`, in
+    /// each of `processes` processes (one process maps at most 58 MiB: its page-table pool).
+    Memtouch { processes: u64, regions: u64, region_kib: u64, dirty_kib: u64, ms: u64 },
     /// `kv`, with a periodic write-out every `checkpoint_ms` (none: on request only).
     Kv { checkpoint_ms: Option<u64> },
 }
 
 impl Workload {
     /// The memtouch workload whose write-outs copy about `dirty` bytes: 16 regions, every
-    /// page of them dirtied each interval.
+    /// page of them dirtied each interval; above 32 MiB in as many processes of 32 MiB.
     pub fn dirtying(dirty: u64) -> Self {
         let kib = (dirty >> 10).max(64);
-        Self::Memtouch { regions: 16, region_kib: kib / 16, dirty_kib: kib, ms: 50 }
+        let processes = kib.div_ceil(32 << 10);
+        let each = kib / processes;
+        Self::Memtouch { processes, regions: 16, region_kib: each / 16, dirty_kib: each, ms: 50 }
     }
 
     /// The memtouch workload with `plates` plates in all (the kernel has 6 of its own), of
     /// one page each, 64 KiB dirtied each interval.
     pub fn plates(plates: u64) -> Self {
-        Self::Memtouch { regions: plates.saturating_sub(6).max(1), region_kib: 4, dirty_kib: 64, ms: 50 }
+        Self::Memtouch { processes: 1, regions: plates.saturating_sub(6).max(1), region_kib: 4, dirty_kib: 64, ms: 50 }
     }
 
     /// The kernel command line of a cold boot.
     pub fn cmdline(&self) -> String {
         match *self {
-            Self::Memtouch { regions, region_kib, dirty_kib, ms } => {
-                format!("apps=memtouch memtouch={regions},{region_kib},{dirty_kib} memtouch_ms={ms}")
+            Self::Memtouch { processes, regions, region_kib, dirty_kib, ms } => {
+                let apps = vec!["memtouch"; processes.max(1) as usize].join(",");
+                format!("apps={apps} memtouch={regions},{region_kib},{dirty_kib} memtouch_ms={ms}")
             }
             Self::Kv { checkpoint_ms: None } => "apps=kv".into(),
             Self::Kv { checkpoint_ms: Some(ms) } => format!("apps=kv checkpoint_ms={ms}"),
@@ -75,8 +80,8 @@ impl Workload {
     /// the rest: the paper's 256 MiB unless more is needed.
     pub fn ram(&self) -> u64 {
         match *self {
-            Self::Memtouch { regions, region_kib, .. } => {
-                let plated = (regions * region_kib) << 10;
+            Self::Memtouch { processes, regions, region_kib, .. } => {
+                let plated = (processes.max(1) * regions * region_kib) << 10;
                 (4 * plated + (64 << 20)).next_power_of_two().max(PAPER_RAM)
             }
             Self::Kv { .. } => PAPER_RAM,
@@ -163,7 +168,8 @@ pub fn boot_with(
 /// The workload of [`sums_cost`]: as many bytes copied as the paper's configuration's
 /// write-outs copy (about 4 MB), the same bytes at every write-out (every page of 16 regions
 /// dirtied between two), so that the two sides differ in the sums alone.
-pub const SUMS_WORKLOAD: Workload = Workload::Memtouch { regions: 16, region_kib: 256, dirty_kib: 4096, ms: 50 };
+pub const SUMS_WORKLOAD: Workload =
+    Workload::Memtouch { processes: 1, regions: 16, region_kib: 256, dirty_kib: 4096, ms: 50 };
 
 /// What the save areas' content sums cost a write-out: the write-outs of `pairs` pairs of
 /// boots of [`SUMS_WORKLOAD`], one with the sums and one with `sums=off`, in turn (so that a
@@ -427,7 +433,18 @@ mod tests {
     fn workloads_have_the_sizes_asked() {
         assert_eq!(Workload::dirtying(64 << 20).ram(), 512 << 20);
         assert_eq!(Workload::dirtying(1 << 20).ram(), 256 << 20);
-        assert_eq!(Workload::plates(1024), Workload::Memtouch { regions: 1018, region_kib: 4, dirty_kib: 64, ms: 50 });
+        assert_eq!(
+            Workload::plates(1024),
+            Workload::Memtouch { processes: 1, regions: 1018, region_kib: 4, dirty_kib: 64, ms: 50 }
+        );
+        let big = Workload::dirtying(64 << 20);
+        assert_eq!(
+            big,
+            Workload::Memtouch { processes: 2, regions: 16, region_kib: 2048, dirty_kib: 32 << 10, ms: 50 }
+        );
+        assert_eq!(big.cmdline(), "apps=memtouch,memtouch memtouch=16,2048,32768 memtouch_ms=50");
+        assert_eq!(big.ram(), 512 << 20);
+        assert!(matches!(Workload::dirtying(32 << 20), Workload::Memtouch { processes: 1, region_kib: 2048, .. }));
         assert_eq!(PAPER_MEMTOUCH.cmdline(), "apps=memtouch memtouch=450,18,1400 memtouch_ms=100");
         assert_eq!(Workload::Kv { checkpoint_ms: Some(1) }.cmdline(), "apps=kv checkpoint_ms=1");
         assert_eq!(median(&mut []), Duration::ZERO);
