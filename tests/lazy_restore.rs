@@ -131,6 +131,10 @@ fn a_shutdown_during_a_lazy_restore_brings_every_page_back_and_the_resume_runs_o
     let down = controller.snapshot();
     let tail = down.of(Operation::RestoreTail).last().expect("the shutdown ended the lazy restore").report;
     assert_eq!(tail.copied_bytes, tail.plated_bytes, "{tail:?}");
+    // `vmm ctl metrics` shows it beside the restore.
+    let metrics = controller.metrics();
+    assert_eq!((metrics.restores.count, metrics.restore_tails.count), (1, 1), "{metrics:?}");
+    assert!(metrics.last_restore_tail.as_ref().is_some_and(|t| t.copied_bytes == tail.copied_bytes), "{metrics:?}");
     // The resume runs on the page tables as they were: none may say "away" any more.
     let resumed = run_then_crash(&config(&scratch, ""), LIMIT, |s| {
         s.boot_kind.is_some() && s.workloads.get("kv").is_some_and(|w| w.progress > 0)

@@ -112,6 +112,9 @@ fn print_human(command: CtlCommand, reply: Value) -> anyhow::Result<()> {
             for (what, d) in [("write-outs", &m.write_outs), ("restores", &m.restores)] {
                 print_distribution(what, d);
             }
+            if m.restore_tails.count > 0 {
+                print_distribution("lazy restores' ends (every page back, from the restore's start)", &m.restore_tails);
+            }
             println!("bytes copied: {}", m.bytes_copied);
             if let Some(e) = &m.engine {
                 println!(

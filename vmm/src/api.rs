@@ -10,7 +10,7 @@
 //! | `{"cmd":"shutdown"}` | nothing more (but a `warning` when the image is not intact); the VMM exits 0 once the guest has powered off |
 //! | `{"cmd":"crash"}` | nothing more; the VMM then exits at once (a power failure) |
 //! | `{"cmd":"pause"}`, `{"cmd":"resume"}` | `state` |
-//! | `{"cmd":"metrics"}` | count, min, median, p99, max (ms) of write-outs and restores; bytes copied; `persistence` (model, persist barriers and bytes made durable); `engine` (batches, copies, bytes, host time) |
+//! | `{"cmd":"metrics"}` | count, min, median, p99, max (ms) of write-outs, restores and lazy restores' ends (`restore_tails`); bytes copied; `persistence` (model, persist barriers and bytes made durable); `engine` (batches, copies, bytes, host time) |
 //!
 //! An error is `{"ok":false,"error":"..."}`.
 //!
@@ -438,9 +438,11 @@ impl Controller {
         MetricsReply {
             write_outs: of(Operation::WriteOut),
             restores: of(Operation::Restore),
+            restore_tails: of(Operation::RestoreTail),
             bytes_copied: status.bytes_copied(),
             last_write_out: status.of(Operation::WriteOut).last().map(Into::into),
             last_restore: status.of(Operation::Restore).last().map(Into::into),
+            last_restore_tail: status.of(Operation::RestoreTail).last().map(Into::into),
             persistence,
             engine,
         }

@@ -240,9 +240,14 @@ pub struct EngineReply {
 pub struct MetricsReply {
     pub write_outs: Distribution,
     pub restores: Distribution,
+    /// Lazy restores' ends (every page back), timed from their restore's start.
+    #[serde(default)]
+    pub restore_tails: Distribution,
     pub bytes_copied: u64,
     pub last_write_out: Option<OperationReply>,
     pub last_restore: Option<OperationReply>,
+    #[serde(default)]
+    pub last_restore_tail: Option<OperationReply>,
     pub persistence: Option<PersistenceReply>,
     pub engine: Option<EngineReply>,
 }
