@@ -17,7 +17,7 @@
 //! |------|------------------|--------------------------------------------------------------|
 //! | 1    | [`Booted`]       | the kernel has decided how it boots (cold, resumed, restored)|
 //! | 2    | [`Heartbeat`]    | a workload reports progress                                  |
-//! | 3    | [`Metrics`]      | a write-out was committed, or a restore done                 |
+//! | 3    | [`Metrics`]      | a write-out was committed, a restore done, or a lazy one ended |
 //! | 4    | [`Started`]      | a write-out begins (a crash from here to its metrics is one inside a write-out) |
 //! | 5    | [`Running`]      | the first process of this boot is entered (after a restore: the restored workload runs again) |
 //! | 6    | [`Refused`]      | a user program given at boot was not started (its ELF file, or room for it, is wanting) |
@@ -202,7 +202,8 @@ pub enum Operation {
     Restore = 1,
     /// The end of a lazy restore: the last page left in a save area is back. `total` runs
     /// from the restore's start; `copied_bytes` are the pages brought back since the restore
-    /// (at first writes, and the rest at once), `plates` the user spaces they were in.
+    /// (at first touches, and the rest at once), `plates` the user spaces they were in;
+    /// the phases: the walks of the page tables as "scan and plan", the copies as "copy".
     RestoreTail = 2,
 }
 
