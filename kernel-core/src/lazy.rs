@@ -6,8 +6,9 @@
 //! entry present again.
 //!
 //! Why the directory, not each page: under PVM, the first touch of a page by the kernel's
-//! work at CPL 3 is a fault of the hypervisor's shadow paging (about 35 µs here), so what a
-//! restore must touch before the processes run is what it costs. Marking directory entries
+//! work at CPL 3 is a fault of the hypervisor's shadow paging (35 to 45 µs here, by TSC
+//! stamps of a restore), so what a restore must touch before the processes run is what it
+//! costs. Marking directory entries
 //! touches the page-table roots and directories only (a few pages a process); marking each
 //! page's entry touched every page table, and the resource table to find them, which cost
 //! more than the copy it saved. The page tables themselves are not touched until their
