@@ -348,8 +348,8 @@ pub fn write_out<P: Persist>(
 
 /// Copies every plate's committed area back to its region and makes it durable: the
 /// kernel's own structures first (the tables, kernel spaces, page tables), then the user
-/// spaces, as the paper does. A user plate that `leave` takes (a lazy restore maps its
-/// pages where they are, in its committed area: `crate::lazy`) is not copied; `leave` is
+/// spaces, as the paper does. A user plate that `leave` takes (a lazy restore leaves its
+/// pages in its committed area until first touched: `crate::lazy`) is not copied; `leave` is
 /// asked once the kernel's plates are back, since it works on the restored page tables.
 /// `also`: ranges copied with the kernel's plates, in their first copier call (the live
 /// table from the committed slot: a copy engine's doorbell costs a VM exit).
@@ -361,9 +361,12 @@ pub fn restore<P: Persist>(
     mut leave: impl FnMut(&Plate) -> bool,
 ) -> u64 {
     let mut batch = [CopyRange { dst: 0, src: 0, len: 0 }; BATCH];
-    assert!(also.len() < BATCH);
-    batch[..also.len()].copy_from_slice(also);
-    let mut used = also.len();
+    let mut used = 0;
+    // An empty range would have a copy engine refuse the whole batch.
+    for r in also.iter().filter(|r| r.len > 0).take(BATCH - 1) {
+        batch[used] = *r;
+        used += 1;
+    }
     let mut pages = 0;
     let user = PlateKind::UserSpace as u32;
     for users in [false, true] {

@@ -25,7 +25,7 @@
 //! | `plate_store=S`     | where the plates' save areas are: `nvm` (default, frames of RAM) or `disk` (the virtio disk: restored at every boot) |
 //! | `plate_copy=C`      | who copies plates: `engine` (default) or `cpu`                  |
 //! | `bookkeeping=M`     | where the plate function's bookkeeping runs: `ring3` (default) or `ring0` |
-//! | `restore=M`         | after a crash: `lazy` (default: the user spaces' pages come back at their first write, the rest when the CPU idles) or `eager` (every page back before any process runs) |
+//! | `restore=M`         | after a crash: `lazy` (default: the user spaces' pages come back 2 MiB at a time at their first touch, the rest when the CPU idles; NVM only: `plate_store=disk` always restores eagerly) or `eager` (every page back before any process runs) |
 //! | `poweroff`          | power off right after the banner                                |
 //! | `flush=INSN`        | cache flush instruction: `clwb`, `clflushopt` or `clflush`      |
 //! |                     | (default: the best CPUID offers)                                |
@@ -202,8 +202,9 @@ pub struct Cmdline {
     /// checks no area's bytes (on by default; off measures what they cost).
     pub sums: bool,
     /// `restore=lazy` (the default): a restore copies the kernel's plates back and leaves
-    /// the user spaces' pages in their save areas, mapped read-only, until each is written
-    /// or the CPU idles; `restore=eager` copies every plate back before any process runs.
+    /// the user spaces' pages in their save areas until their 2 MiB are first touched or the
+    /// CPU idles; `restore=eager` copies every plate back before any process runs. NVM only:
+    /// a restore from the disk (`plate_store=disk`) copies everything.
     pub restore_lazy: bool,
     /// A bug planted in the CPU copier's write-outs (a test knob).
     pub test_plant: Option<TestPlant>,

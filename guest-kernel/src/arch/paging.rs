@@ -238,10 +238,19 @@ pub fn collect_dirty(root: u64, va: u64, pages: u64, dirty: &mut [u64], rearm_al
     found
 }
 
+// The lazy restore's directory-entry bits are the CPU's.
+const _: () = assert!(
+    kernel_core::lazy::PRESENT == Flags::PRESENT.bits()
+        && kernel_core::lazy::HUGE == Flags::HUGE_PAGE.bits()
+        && kernel_core::lazy::AWAY == Flags::BIT_10.bits()
+);
+
 /// Calls `f(base, entry)` with each directory entry (level 2: 2 MiB, `base` its first
 /// address) under the user half of the space `root` (PML4 entries 1 to 511: entry 0 is the
 /// kernel's, shared by every space), where the tables above it are present. `f` may
-/// rewrite the entry; the caller flushes the TLB afterwards (a CR3 load).
+/// rewrite the entry. A present entry made not present must reach the TLB before the
+/// space runs (a CR3 load: the lazy restore marks spaces no process has run in this boot);
+/// one made present needs nothing (a not-present entry is never cached).
 pub fn for_each_directory_entry(root: u64, mut f: impl FnMut(u64, &mut u64)) {
     let present = |e: u64| e & Flags::PRESENT.bits() != 0 && e & Flags::HUGE_PAGE.bits() == 0;
     // SAFETY: `root` is a space's PML4 and every table it leads to an identity-mapped frame

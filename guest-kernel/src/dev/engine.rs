@@ -51,6 +51,13 @@ pub fn copy(ranges: &[CopyRange]) -> bool {
     copy_batches(ranges, None, FLAG_DURABLE)
 }
 
+/// [`copy`], with no write-back of the destinations: for copies whose durability nothing
+/// relies on (a lazy restore's copies back to the live regions: a crash restores the
+/// commit again, and a shutdown writes every line back).
+pub fn copy_volatile(ranges: &[CopyRange]) -> bool {
+    copy_batches(ranges, None, 0)
+}
+
 /// [`copy`], and the engine returns in `sums` (one per range) the content checksums of what
 /// each copy wrote and, where asked, overwrote, computed as it copied. One batch: at most
 /// `MAX_DESCRIPTORS` ranges, so that `false` (refused) always means that nothing was copied

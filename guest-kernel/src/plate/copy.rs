@@ -53,6 +53,18 @@ impl GuestPersist {
         self.engine.then(|| src.used_ranges().map(range))
     }
 
+    /// Copies `ranges` into live memory, with no write-back (a lazy restore's copies back
+    /// to the regions: their durability matters to nothing).
+    pub(super) fn copy_volatile(&mut self, ranges: &[CopyRange]) {
+        let t = timer::rdtsc();
+        if !(self.engine && engine::copy_volatile(ranges)) {
+            for r in ranges {
+                memory::copy(r.dst, r.src, r.len);
+            }
+        }
+        self.copy_ticks += timer::rdtsc() - t;
+    }
+
     /// Copies `ranges` (by the engine if possible; durable then); returns whether the
     /// copies still need flushing. `small`: a few KiB, which at CPL 3 the CPU copies
     /// natively in less time than a trap to ring the engine takes.

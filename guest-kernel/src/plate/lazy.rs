@@ -17,7 +17,7 @@
 //! changes them, and a process's death takes its page tables with it.
 
 use kernel_core::lazy;
-use kernel_core::plates::{CopyRange, Persist};
+use kernel_core::plates::CopyRange;
 use nvram::control::{Metrics, Operation};
 use nvram::plate::{Plate, PlateKind, PlateTable};
 use nvram::resources::{Resources, SPACES};
@@ -38,9 +38,9 @@ pub struct Tail {
     generation: u64,
     /// The spaces whose user half was left away (by id), found at the first user plate.
     marked: [u64; SPACES.div_ceil(64)],
-    marked_yet: bool,
-    /// Every space was marked: every user plate is left.
-    all_marked: bool,
+    /// Whether every space was marked (every user plate is left); `None` until the first
+    /// user plate is asked about.
+    all_marked: Option<bool>,
     /// Directory entries left away, user spaces left and their pages.
     spans: u32,
     /// Directory entries still away: at 0 the restore ends at once, before any idle.
@@ -61,8 +61,7 @@ impl Tail {
             started,
             generation,
             marked: [0; SPACES.div_ceil(64)],
-            marked_yet: false,
-            all_marked: false,
+            all_marked: None,
             spans: 0,
             away: 0,
             spaces: 0,
@@ -97,6 +96,7 @@ impl Tail {
 
     /// One directory entry is back.
     fn one_back(&mut self) {
+        debug_assert!(self.away > 0, "more entries back than were away");
         self.away = self.away.saturating_sub(1);
     }
 }
@@ -109,26 +109,35 @@ impl Tail {
 /// would touch the resource table's pages in the work space, a fault of the hypervisor's
 /// shadow paging each under PVM. At CPL 3, from the restore's work.
 pub(super) fn leave(tail: &mut Tail, committed: &PlateTable, res: &Resources, plate: &Plate) -> bool {
-    if !tail.marked_yet {
-        tail.marked_yet = true;
-        tail.all_marked = mark_all(tail, committed, res);
-    }
-    if tail.all_marked {
+    let all = match tail.all_marked {
+        Some(all) => all,
+        None => {
+            let all = mark_all(tail, committed, res);
+            tail.all_marked = Some(all);
+            all
+        }
+    };
+    if all {
         tail.spaces += 1;
         tail.pages += plate.pages;
     }
-    tail.all_marked
+    all
 }
 
-/// Leaves the user half of every space of `committed`'s page-table plates away; whether
-/// every space of `res` was among them.
+/// Leaves the user half of every space away, if every space of `res` has its page-table
+/// plate in `committed` at its root; whether it did (else nothing is marked, and the
+/// restore copies every user plate back at once).
 fn mark_all(tail: &mut Tail, committed: &PlateTable, res: &Resources) -> bool {
     let tables = PlateKind::PageTables as u32;
-    for p in committed.plates().iter().filter(|p| p.kind == tables && p.valid != 0) {
-        // The space's root is its pool's first frame (`nvm::resources`).
-        let Some(space) = res.spaces.get(p.id).filter(|s| s.root == p.src) else { continue };
-        let Some(word) = tail.marked.get_mut(p.id as usize / 64) else { continue };
-        *word |= 1 << (p.id % 64);
+    let plated = |id: u32, root: u64| {
+        committed.plates().iter().any(|p| p.kind == tables && p.valid != 0 && p.id == id && p.src == root)
+    };
+    // The space's root is its pool's first frame (`nvm::resources`), its plate's `src`.
+    if !res.spaces.iter().all(|(id, s)| (id as usize) < SPACES && plated(id, s.root)) {
+        return false;
+    }
+    for (id, space) in res.spaces.iter() {
+        tail.marked[id as usize / 64] |= 1 << (id % 64);
         paging::for_each_directory_entry(space.root, |_, e| {
             if let Some(gone) = lazy::away(*e) {
                 *e = gone;
@@ -137,7 +146,7 @@ fn mark_all(tail: &mut Tail, committed: &PlateTable, res: &Resources) -> bool {
             }
         });
     }
-    res.spaces.iter().all(|(id, _)| tail.is_marked(id))
+    true
 }
 
 /// The copies back of one call, batched across user spaces: one copier call (a doorbell)
@@ -165,17 +174,17 @@ impl Copies {
     /// restores the commit again.
     fn run(&mut self) {
         if self.used > 0 {
-            self.nvm.copy(&self.batch[..self.used]);
+            self.nvm.copy_volatile(&self.batch[..self.used]);
             self.used = 0;
         }
     }
 }
 
 /// Queues the copies back of the pages of the user spaces of `space` that lie in the
-/// 2 MiB at `base`, from their committed areas; returns how many. The caller has made the
+/// 2 MiB at `base`, from their committed areas. The caller has made the
 /// directory entry present again: nothing runs between that and the copies (one CPU,
 /// interrupts off, and every caller runs the copies before it returns).
-fn queue_span(tail: &mut Tail, live: &PlateTable, res: &Resources, space: u32, base: u64, copies: &mut Copies) -> u64 {
+fn queue_span(tail: &mut Tail, live: &PlateTable, res: &Resources, space: u32, base: u64, copies: &mut Copies) {
     let user = PlateKind::UserSpace as u32;
     let mut queued = 0;
     for plate in live.plates().iter().filter(|p| p.kind == user && p.valid != 0) {
@@ -190,7 +199,6 @@ fn queue_span(tail: &mut Tail, live: &PlateTable, res: &Resources, space: u32, b
         queued += n;
     }
     tail.brought += queued;
-    queued
 }
 
 /// Brings back every 2 MiB away of the space `space`.
@@ -284,6 +292,23 @@ pub fn settle_range(plating: &mut Plating, res: &Resources, space: u32, addr: u6
     end_if_all_back(plating, res);
 }
 
+/// Before the space `space` is deleted (its process died): its entries still away go with
+/// its page tables, so they no longer count, and nothing of it is to be brought back.
+pub fn forget(plating: &mut Plating, res: &Resources, space: u32) {
+    let Plating { tail: Some(tail), .. } = plating else { return };
+    if !tail.is_marked(space) {
+        return;
+    }
+    let Some(root) = res.spaces.get(space).map(|s| s.root) else { return };
+    ring3::run(|| {
+        let mut away = 0;
+        paging::for_each_directory_entry(root, |_, e| away += u32::from(lazy::is_away(*e)));
+        tail.away = tail.away.saturating_sub(away);
+        tail.unmark(space);
+    });
+    end_if_all_back(plating, res);
+}
+
 /// Ends the lazy restore once no directory entry is away any more.
 fn end_if_all_back(plating: &mut Plating, res: &Resources) {
     if plating.tail.as_ref().is_some_and(|t| t.away == 0) {
@@ -307,13 +332,16 @@ pub fn settle(plating: &mut Plating, res: &Resources, space: u32) {
 pub fn finish(plating: &mut Plating, res: &Resources) {
     let Plating { tail: Some(tail), live, stale, .. } = plating else { return };
     ring3::run(|| {
-        timed(tail, |tail, copies| {
-            for space in 0..SPACES as u32 {
-                if tail.is_marked(space) {
-                    open_all(tail, live, res, space, copies);
+        // Nothing away (every entry back at first touches): no walk to make.
+        if tail.away > 0 {
+            timed(tail, |tail, copies| {
+                for space in 0..SPACES as u32 {
+                    if tail.is_marked(space) {
+                        open_all(tail, live, res, space, copies);
+                    }
                 }
-            }
-        });
+            });
+        }
         // What the restore left for its end: every area is behind in unknown pages.
         stale.fill(u64::MAX);
     });

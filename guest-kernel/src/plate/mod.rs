@@ -153,9 +153,9 @@ pub fn choose(areas: &mut Areas) -> plates::Choice {
 /// committed table the live one again. Returns the plate function's state and the metrics.
 /// `index`: the slot [`choose`] chose; `rolled_back`: the generations it went back behind
 /// the root header's (reported in the metrics). `lazy` (`restore=lazy`): the user spaces'
-/// pages stay in their save areas, mapped there, until they come back one space at a time
-/// ([`lazy`]); `res` is the resource table the kernel's plates restore, whose user spaces
-/// and page tables that maps (read only after the kernel's plates are back).
+/// pages stay in their save areas, their 2 MiB left away in the page tables, until they come
+/// back at first touch ([`lazy`]); `res` is the resource table the kernel's plates restore,
+/// whose spaces that marks (read only after the kernel's plates are back).
 pub fn restore(areas: Areas, index: usize, rolled_back: u32, res: &Resources, lazy: bool) -> (Plating, Metrics) {
     let start = timer::rdtsc();
     let (plating, mut m) = ring3::run(|| {
@@ -194,7 +194,7 @@ pub fn restore(areas: Areas, index: usize, rolled_back: u32, res: &Resources, la
     // Said after the restore's time is taken: a print is a trip to the VMM.
     if let Some(tail) = &plating.tail {
         println!(
-            "plate: lazy restore: {} KiB of user spaces left in their save areas until written",
+            "plate: lazy restore: {} KiB of user spaces left in their save areas until touched",
             (tail.pages() * PAGE) >> 10
         );
     }

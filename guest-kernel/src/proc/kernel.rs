@@ -122,7 +122,7 @@ impl Kernel {
             );
             machine::exit(ExitCode::PowerOff)
         }
-        // A resume trusts the page tables as they are: none may point into a save area.
+        // A resume trusts the page tables as they are: no entry may be left away (a lazy restore's).
         if let Some(plating) = self.plating.as_mut() {
             plate::lazy::finish(plating, self.res);
         }

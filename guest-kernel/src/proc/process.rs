@@ -23,6 +23,9 @@ pub fn kill(k: &mut Kernel, pid: u32) {
         k.current = None;
         paging::switch_to(paging::kernel_root());
     }
+    if let Some(plating) = k.plating.as_mut() {
+        crate::plate::lazy::forget(plating, k.res, p.space);
+    }
     if let Err(e) = res_op!(space.delete(&mut k.mem(), p.space)) {
         println!("process {pid}: freeing its space failed: {e:?}");
     }

@@ -138,16 +138,22 @@ fn map(k: &mut Kernel, pages: u64) -> u64 {
 
 fn unmap(k: &mut Kernel, addr: u64) -> u64 {
     let Some(space) = k.current.and_then(|c| k.procs.get(c)).map(|p| p.space) else { return err::INVALID };
-    if let Some(plating) = k.plating.as_mut() {
-        plate::lazy::settle(plating, k.res, space);
-    }
     match resources::user_space_at(k.res, space, addr, 1) {
-        Some((id, user)) if user.vaddr == addr => match res_op!(user_space.delete(&mut k.mem(), id)) {
+        Some((id, user)) if user.vaddr == addr => match settle_then_delete(k, space, id) {
             Ok(()) => 0,
             Err(_) => err::INVALID,
         },
         _ => err::BAD_ADDRESS,
     }
+}
+
+/// Deletes user space `id` of `space`, whose page tables change: nothing of the space may
+/// be left away by a lazy restore then.
+fn settle_then_delete(k: &mut Kernel, space: u32, id: u32) -> Result<(), crate::nvm::resources::ResError> {
+    if let Some(plating) = k.plating.as_mut() {
+        plate::lazy::settle(plating, k.res, space);
+    }
+    res_op!(user_space.delete(&mut k.mem(), id))
 }
 
 fn report(k: &mut Kernel, pid: u32, name: u64, progress: u64, checksum: u64, verified: u64) -> u64 {

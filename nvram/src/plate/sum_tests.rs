@@ -74,9 +74,8 @@ fn the_page_crc_is_crc32c_on_every_path() {
     }
 }
 
-/// Every single-bit flip anywhere in a page, and two-bit flips in the top bits of words of
-/// the same lane (where a sum of words would lose the carry: the kind of change a wrapping
-/// checksum misses), change the page's hash; so does its index, and a swap of two pages
+/// Every single-bit flip anywhere in a page, and two-bit flips of bit 63 of two words (where
+/// a sum of words would lose the carry: the kind of change a wrapping checksum misses), change the page's hash; so does its index, and a swap of two pages
 /// changes their area's sum.
 #[test]
 fn any_flip_of_one_bit_or_two_changes_the_page_hash() {
@@ -89,7 +88,7 @@ fn any_flip_of_one_bit_or_two_changes_the_page_hash() {
         assert_ne!(page_hash(3, &flipped), hash, "bit {bit}");
         flipped[bit / 8] ^= 1 << (bit % 8);
     }
-    // Bit 63 of two words of the same lane (eight words apart): a sum of words misses it.
+    // Bit 63 of two words: a sum of words misses it.
     for (a, b) in [(7, 15), (7, 4095), (4087, 4095), (0, 4088)] {
         flipped[a] ^= 0x80;
         flipped[b] ^= 0x80;
