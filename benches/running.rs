@@ -39,7 +39,7 @@ fn crash_to_running(c: &mut Criterion) {
         b.iter_custom(|iters| {
             (0..iters)
                 .map(|_| {
-                    let r = perf::restore_once(&scratch, &image, workload.ram(), PersistenceModel::Eadr, "");
+                    let r = perf::restore_once(&scratch, &image, workload.ram(), PersistenceModel::Eadr, "", false);
                     let split = r.expect("a restore").crash_to_running;
                     kept.push(split);
                     split.total

@@ -125,7 +125,8 @@ fn restore_vs_plated(c: &mut Criterion) {
             group.bench_function(BenchmarkId::from_parameter(format!("{kib} KiB plated, {mode}")), |b| {
                 b.iter_custom(|iters| {
                     suite::guest_time(iters, &mut kept, || {
-                        let r = perf::restore_once(&scratch, &image, workload.ram(), PersistenceModel::Eadr, cmdline);
+                        let r =
+                            perf::restore_once(&scratch, &image, workload.ram(), PersistenceModel::Eadr, cmdline, true);
                         let r = r.expect("a restore");
                         tails.extend(r.tail);
                         r.record

@@ -48,7 +48,7 @@ fn a_restored_process_reports_that_it_runs() {
     let vm = perf::boot(&sc, "kv", workload, PersistenceModel::Eadr).unwrap();
     let committed = vm.controller().checkpoint(LIMIT).unwrap().report.generation;
     let _ = vm.stop();
-    let restore = perf::restore_once(&sc, &sc.image("kv"), workload.ram(), PersistenceModel::Eadr, "").unwrap();
+    let restore = perf::restore_once(&sc, &sc.image("kv"), workload.ram(), PersistenceModel::Eadr, "", false).unwrap();
     assert_eq!(restore.record.report.operation, Operation::Restore);
     assert_eq!(restore.record.report.generation, committed);
     let split = restore.crash_to_running;

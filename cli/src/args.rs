@@ -121,9 +121,9 @@ pub struct TortureArgs {
     pub copier: Copier,
     /// How each boot after a crash restores: `lazy` (the kernel's default: the processes run
     /// while the user spaces' pages come back, so crashes land in the middle of it too) or
-    /// `eager` (every page back first).
-    #[arg(long, value_enum, default_value = "lazy")]
-    pub restore: Restore,
+    /// `eager` (every page back first). NVM only: a restore from the disk is always eager.
+    #[arg(long, value_enum)]
+    pub restore: Option<Restore>,
     #[command(flatten)]
     pub persistence: PersistenceArgs,
 }

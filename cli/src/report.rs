@@ -111,12 +111,12 @@ pub struct SumsCost {
     pub total_cost: f64,
 }
 
-/// The restore both ways (`restore=lazy`, the default, and `restore=eager`), medians of
-/// restores of the paper's configuration made in turn.
+/// The lazy restore (`restore=lazy`, the default), medians of restores of the paper's
+/// configuration made in turn with the eager ones of the table's restore row.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LazyRestore {
     pub n: usize,
-    /// Lazy: until the processes run (the table's restore row), and what it copied then.
+    /// Until the processes run, and what it copied then (the kernel's plates).
     pub until_running_ms: f64,
     pub copied_bytes: u64,
     /// Lazy restores whose end (every page back) came while watched, and its median: from
@@ -126,12 +126,6 @@ pub struct LazyRestore {
     pub every_page_back_ms: Option<f64>,
     pub brought_back_bytes: u64,
     pub tail_copy_ms: f64,
-    /// Eager: every byte copied before the processes run.
-    pub eager_ms: f64,
-    pub eager_copy_ms: f64,
-    pub eager_copied_bytes: u64,
-    /// memcpy + flush of the eager restore's bytes, in the same run.
-    pub limit_memcpy_flush_ms: f64,
 }
 
 /// A target of the issue and our figure.
@@ -248,20 +242,19 @@ fn measure(scratch: &perf::Scratch, quick: bool) -> Result<Report, perf::PerfErr
     let (mut restored, mut eager) = (Vec::new(), Vec::new());
     for _ in 0..restores {
         let ram = perf::PAPER_MEMTOUCH.ram();
-        restored.push(perf::restore_once(scratch, &image, ram, PersistenceModel::Eadr, "")?);
-        eager.push(perf::restore_once(scratch, &image, ram, PersistenceModel::Eadr, "restore=eager")?.record);
+        restored.push(perf::restore_once(scratch, &image, ram, PersistenceModel::Eadr, "", true)?);
+        eager.push(perf::restore_once(scratch, &image, ram, PersistenceModel::Eadr, "restore=eager", false)?.record);
     }
     bar.inc(1);
 
-    let restore_records: Vec<OperationRecord> = restored.iter().map(|r| r.record.clone()).collect();
-    let tails: Vec<OperationRecord> = restored.iter().filter_map(|r| r.tail.clone()).collect();
     let rows = vec![
         row("plate-ification", paper::PLATEIFICATION_MS, std::slice::from_ref(&w.plateification)),
         row("write-out", paper::WRITE_OUT_MS, &w.write_outs),
-        // Against the limit of every plated byte: what a restore brings back in the end.
-        row_of_bytes("restore", paper::RESTORE_MS, &restore_records, w.plateification.report.plated_bytes),
+        // The eager restore, as the paper's copies every byte before the processes run; the
+        // lazy one has its own figures (`LazyRestore`), and the target.
+        row("restore", paper::RESTORE_MS, &eager),
     ];
-    let lazy = lazy_restore(&rows[2], &tails, &eager);
+    let lazy = lazy_restore(&restored);
     let med = |f: &dyn Fn(&perf::CrashToRunning) -> Duration| {
         ms(perf::median(&mut restored.iter().map(|r| f(&r.crash_to_running)).collect::<Vec<_>>()))
     };
@@ -369,16 +362,10 @@ fn measure(scratch: &perf::Scratch, quick: bool) -> Result<Report, perf::PerfErr
 
 /// A row of the table: medians of `records` and the limit of their median copied bytes.
 fn row(operation: &str, paper: [f64; 2], records: &[OperationRecord]) -> Row {
-    row_of_bytes(operation, paper, records, perf::median_copied(records))
-}
-
-/// [`row`], against the limit of `limit_bytes` (a lazy restore copies only the kernel's
-/// plates before the processes run; the others come back after).
-fn row_of_bytes(operation: &str, paper: [f64; 2], records: &[OperationRecord], limit_bytes: u64) -> Row {
     let ours_ms = ms(perf::median_of(records, |r| r.total));
     let copy_ms = ms(perf::median_of(records, perf::copy_time));
     let copied_bytes = perf::median_copied(records);
-    let limit = perf::copy_limit(limit_bytes, 9);
+    let limit = perf::copy_limit(copied_bytes, 9);
     let flush_ms = ms(limit.memcpy_flush).max(1e-6);
     Row {
         operation: operation.into(),
@@ -396,22 +383,18 @@ fn row_of_bytes(operation: &str, paper: [f64; 2], records: &[OperationRecord], l
     }
 }
 
-/// The lazy restore's two figures and the eager one's, from the restore row (lazy), the
-/// lazy restores' ends and the eager restores of the same run.
-fn lazy_restore(lazy: &Row, tails: &[OperationRecord], eager: &[OperationRecord]) -> LazyRestore {
-    let eager_copied_bytes = perf::median_copied(eager);
+/// The lazy restores' two figures: until the processes run, and until every page is back.
+fn lazy_restore(restored: &[perf::Restore]) -> LazyRestore {
+    let records: Vec<OperationRecord> = restored.iter().map(|r| r.record.clone()).collect();
+    let tails: Vec<OperationRecord> = restored.iter().filter_map(|r| r.tail.clone()).collect();
     LazyRestore {
-        n: lazy.n,
-        until_running_ms: lazy.ours_ms,
-        copied_bytes: lazy.copied_bytes,
+        n: records.len(),
+        until_running_ms: ms(perf::median_of(&records, |r| r.total)),
+        copied_bytes: perf::median_copied(&records),
         tails: tails.len(),
-        every_page_back_ms: (!tails.is_empty()).then(|| ms(perf::median_of(tails, |r| r.total))),
-        brought_back_bytes: perf::median_copied(tails),
-        tail_copy_ms: ms(perf::median_of(tails, perf::copy_time)),
-        eager_ms: ms(perf::median_of(eager, |r| r.total)),
-        eager_copy_ms: ms(perf::median_of(eager, perf::copy_time)),
-        eager_copied_bytes,
-        limit_memcpy_flush_ms: ms(perf::copy_limit(eager_copied_bytes, 9).memcpy_flush),
+        every_page_back_ms: (!tails.is_empty()).then(|| ms(perf::median_of(&tails, |r| r.total))),
+        brought_back_bytes: perf::median_copied(&tails),
+        tail_copy_ms: ms(perf::median_of(&tails, perf::copy_time)),
     }
 }
 

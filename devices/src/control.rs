@@ -183,6 +183,13 @@ impl MachineStatus {
         })
     }
 
+    /// Whether this boot's restore left pages in their save areas (a lazy one) and has not
+    /// reported its end (every page back) yet.
+    pub fn left_pages_unrestored(&self) -> bool {
+        let left = self.of(Operation::Restore).any(|r| r.report.copied_bytes < r.report.plated_bytes);
+        left && self.of(Operation::RestoreTail).next().is_none()
+    }
+
     /// The bytes all operations copied.
     pub fn bytes_copied(&self) -> u64 {
         self.write_outs

@@ -196,12 +196,18 @@ pub fn boot_on_disk(scratch: &Scratch, name: &str, workload: Workload) -> Result
 
 fn boot_config(config: &VmConfig, workload: Workload) -> Result<RunningMachine, PerfError> {
     let vm = Machine::build(config)?.spawn()?;
-    let app = match workload {
-        Workload::Memtouch { .. } => "memtouch",
-        Workload::Kv { .. } => "kv",
+    let (app, processes) = match workload {
+        Workload::Memtouch { processes, .. } => ("memtouch", processes.max(1)),
+        Workload::Kv { .. } => ("kv", 1),
     };
-    // memtouch's first heartbeats come once its regions are mapped.
-    vm.wait_for(LIMIT, "the workload's heartbeats", |s| s.workloads.get(app).is_some_and(|w| w.heartbeats >= 2))?;
+    // memtouch's first heartbeats come once its regions are mapped: wait for every
+    // process's (they share the name; the status keeps the last sender's pid).
+    let mut seen = std::collections::BTreeSet::new();
+    vm.wait_for(LIMIT, "the workload's heartbeats", |s| {
+        let Some(w) = s.workloads.get(app) else { return false };
+        seen.insert(w.pid);
+        seen.len() as u64 >= processes && w.heartbeats >= 2 * processes
+    })?;
     Ok(vm)
 }
 
@@ -244,7 +250,8 @@ pub struct CrashToRunning {
     pub total: Duration,
 }
 
-/// How long [`restore_once`] waits for a lazy restore's end once the processes run.
+/// How long [`restore_once`] waits, when asked, for a lazy restore's end once the processes
+/// run.
 const TAIL_LIMIT: Duration = Duration::from_secs(2);
 
 /// A restore after a crash, and what it took to get the restored workload running.
@@ -258,25 +265,27 @@ pub struct Restore {
 }
 
 /// Boots a new machine on the crashed `image` (of `ram` bytes), waits for the first restored
-/// process to run (and a lazy restore's end, for up to [`TAIL_LIMIT`]), and crashes it again (so the next call
-/// restores the same write-out). `cmdline`: `restore=eager`, or nothing (lazy).
+/// process to run (and, if `tail`, a lazy restore's end, for up to [`TAIL_LIMIT`]), and
+/// crashes it again (so the next call restores the same write-out). `cmdline`:
+/// `restore=eager`, or nothing (lazy).
 pub fn restore_once(
     scratch: &Scratch,
     image: &Path,
     ram: u64,
     model: PersistenceModel,
     cmdline: &str,
+    tail: bool,
 ) -> Result<Restore, PerfError> {
-    restore_with(&config(image, &scratch.console(), ram, cmdline, model))
+    restore_with(&config(image, &scratch.console(), ram, cmdline, model), tail)
 }
 
 /// [`restore_once`] of the volatile machine whose plates are on disk `name` (as
 /// [`boot_on_disk`] made it): every boot restores from the disk.
 pub fn restore_once_on_disk(scratch: &Scratch, name: &str, ram: u64) -> Result<Restore, PerfError> {
-    restore_with(&disk_config(scratch, name, ram, ""))
+    restore_with(&disk_config(scratch, name, ram, ""), false)
 }
 
-fn restore_with(config: &VmConfig) -> Result<Restore, PerfError> {
+fn restore_with(config: &VmConfig, tail: bool) -> Result<Restore, PerfError> {
     let t0 = Instant::now();
     let machine = Machine::build(config)?;
     let built = Instant::now();
@@ -284,10 +293,10 @@ fn restore_with(config: &VmConfig) -> Result<Restore, PerfError> {
     let mut status = vm.wait_for(LIMIT, "the restored process to run", |s| {
         s.boot_kind == Some(BootKind::Restored) && s.running.is_some() && s.of(Operation::Restore).next().is_some()
     })?;
-    // A lazy restore ends when the CPU first idles, or at the next write-out: a workload
-    // that does neither (`kv` with no periodic write-outs) has no end to wait for.
-    let lazy = status.of(Operation::Restore).any(|r| r.report.copied_bytes < r.report.plated_bytes);
-    if lazy {
+    // A lazy restore ends once nothing is away, when the CPU first idles, or at the next
+    // write-out: a workload that leaves some of its memory untouched and never idles does
+    // none of these soon, hence the bound.
+    if tail && status.left_pages_unrestored() {
         if let Ok(s) =
             vm.wait_for(TAIL_LIMIT, "the lazy restore's end", |s| s.of(Operation::RestoreTail).next().is_some())
         {

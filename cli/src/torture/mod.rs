@@ -64,7 +64,7 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
         Copier::Engine => CMDLINE.to_string(),
         Copier::Cpu => format!("{CMDLINE} plate_copy=cpu"),
     };
-    if args.restore == Restore::Eager {
+    if args.restore == Some(Restore::Eager) {
         cmdline.push_str(" restore=eager");
     }
     // What the state lives in (the image, or the volatile machine's disk), its console, and
@@ -102,13 +102,19 @@ pub fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
     let mut tally = Tally::default();
     tally.coverage.announced = config.persistence.model == PersistenceModel::Adr || config.persistence.sync;
     let mut last_committed = 0u64;
+    // Crashes are aimed at a lazy restore only where there is one (NVM, `restore=lazy`),
+    // and never twice in a row: the boot after one verifies what it restored.
+    let lazy = args.memory == Memory::Nvm && args.restore != Some(Restore::Eager);
+    let mut unverified = false;
     let mut crashes = mine.iter();
     let failure = loop {
         let Some(&index) = crashes.next() else {
             // The last crash is checked too: one more boot, verified, then stopped.
             break (!mine.is_empty()).then(|| check_last(&config, &mut tally, last_committed).err()).flatten();
         };
-        let plan = shard::plan(seed, index, args.inside_share, args.max_run_ms);
+        let mut plan = shard::plan(seed, index, args.inside_share, args.max_run_ms);
+        plan.aimed_lazy &= lazy && !unverified;
+        unverified = plan.aimed_lazy;
         // Each crash evicts other lines, all following from the seed and its index.
         if let Some(evict) = config.persistence.crash_evict.as_mut() {
             evict.seed = plan.evict_seed;
@@ -200,7 +206,7 @@ fn reproduce(args: &TortureArgs, nvram: &Path, seed: u64, mem: u64) -> String {
     if args.copier == Copier::Cpu {
         model.push_str(" --copier cpu");
     }
-    if args.restore == Restore::Eager {
+    if args.restore == Some(Restore::Eager) {
         model.push_str(" --restore eager");
     }
     if args.disk.is_some() {
@@ -301,10 +307,7 @@ fn round(
     *last_committed = (*last_committed).max(status.committed_generation);
     let c = &mut tally.counts;
     c.crashes += 1;
-    // A restore that left pages in save areas (copied less than it plated), not yet ended.
-    let left = status.of(Operation::Restore).any(|r| r.report.copied_bytes < r.report.plated_bytes);
-    let lazy = left && status.of(Operation::RestoreTail).next().is_none();
-    c.during_lazy += u64::from(lazy && status.boot_kind == Some(BootKind::Restored));
+    c.during_lazy += u64::from(status.left_pages_unrestored() && status.boot_kind == Some(BootKind::Restored));
     c.aimed_inside += u64::from(plan.aimed_inside);
     if let Some(point) = point {
         c.inside += 1;

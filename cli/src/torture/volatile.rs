@@ -22,6 +22,9 @@ pub(super) fn config(args: &TortureArgs, disk: &Path, cmdline: &str) -> anyhow::
     if p.persistence != Model::Eadr || p.crash_evict.is_some() || p.sync {
         bail!("volatile RAM has no persistence model: drop --persistence, --crash-evict and --sync");
     }
+    if args.restore.is_some() {
+        bail!("a restore from the disk copies every page before the processes run: drop --restore");
+    }
     let size = args.disk_size.unwrap_or(vmm::config::DEFAULT_DISK_SIZE);
     claim(disk, size, args.force)?;
     let mut config = VmConfig::new(disk.with_extension("unused.img"));

@@ -179,6 +179,26 @@ fn summaries_are_exact_while_the_ring_holds_everything() {
     assert_eq!(status.nth_of(Operation::Restore, 4).map(|r| r.total), Some(ms(5)));
 }
 
+#[test]
+fn a_restore_that_left_pages_is_unended_until_its_tail_arrives() {
+    let mut dev = device();
+    let send = |dev: &mut MachineControl, op, plated: u64, copied: u64| {
+        let mut m = nvram::control::Metrics::new(op);
+        (m.plated_bytes, m.copied_bytes) = (plated, copied);
+        put(dev, 0x1000, &m);
+        ring(dev, 0x1000);
+    };
+    send(&mut dev, Operation::Restore, 100, 100);
+    assert!(!lock(&dev.status).left_pages_unrestored(), "an eager restore leaves nothing");
+    send(&mut dev, Operation::Restore, 100, 10);
+    assert!(lock(&dev.status).left_pages_unrestored(), "a lazy one, not ended");
+    send(&mut dev, Operation::RestoreTail, 90, 90);
+    let status = lock(&dev.status);
+    assert!(!status.left_pages_unrestored(), "ended");
+    assert_eq!(status.count(Operation::RestoreTail), 1);
+    assert_eq!(status.bytes_copied(), 200);
+}
+
 /// A writer the test reads back.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
