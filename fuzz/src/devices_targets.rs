@@ -112,9 +112,13 @@ impl devices::virtio::Interrupt for NoInterrupt {
 /// came up (its driver status reached DRIVER_OK without a need for reset).
 pub fn virtio_blk(data: &[u8]) -> bool {
     use devices::virtio::{BlockBackend, Disk, MmioBlock, MmioVersion};
+    // One scratch disk a thread: the disk is locked while open, and the test harness runs
+    // callers on several threads of one process at once.
+    static THREADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     thread_local! {
         static DIR: std::path::PathBuf = {
-            let dir = std::env::temp_dir().join(format!("fuzz-virtio-{}", std::process::id()));
+            let n = THREADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("fuzz-virtio-{}-{n}", std::process::id()));
             std::fs::create_dir_all(&dir).expect("a scratch directory");
             dir
         };
